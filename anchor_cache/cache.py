@@ -1,0 +1,85 @@
+"""AnchorCache: per-layer keys and values of the kept demonstration-context tokens.
+
+Built once from one forward over the whole context, so each kept token's K/V already carries
+what it gathered from the dropped demonstration text in every layer (paper §3.2, issue #23 of the
+reference repo). RoPE keys are stored rotated at their original positions and GPT-2 states include
+their learned position embedding, so the query just continues at `context_length`.
+
+The tensors are shared by every request and never written: each forward gets a fresh
+DynamicCache whose layers point at batch-expanded views (no copy) of these tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PretrainedConfig
+
+from anchor_cache.models import LoadedModel
+
+
+@dataclass(frozen=True, eq=False)
+class AnchorCache:
+    keys: tuple[torch.Tensor, ...]  # per layer (1, H_kv, M, D)
+    values: tuple[torch.Tensor, ...]  # per layer (1, H_kv, M, D)
+    positions: tuple[int, ...]  # original context position of each kept token
+    context_length: int  # tokens in the full context: the query's first position
+    label_slots: tuple[int, ...]  # index into the kept tokens of each kept label word
+    label_classes: tuple[int, ...]  # class of each kept label word
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.positions)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def as_dynamic_cache(self, batch_size: int, config: PretrainedConfig) -> DynamicCache:
+        """A fresh cache for one forward; layers hold expanded views, so nothing is copied here."""
+        cache = DynamicCache(config=config)
+        for layer, k, v in zip(cache.layers, self.keys, self.values, strict=True):
+            k = k.expand(batch_size, -1, -1, -1)
+            v = v.expand(batch_size, -1, -1, -1)
+            layer.lazy_initialization(k, v)
+            layer.keys, layer.values = k, v  # `update` concatenates into new tensors, leaving ours intact
+        return cache
+
+
+@torch.inference_mode()
+def build_anchor_cache(
+    lm: LoadedModel, context_ids: Sequence[int], keep: Sequence[bool], label_positions: Sequence[int],
+    label_classes: Sequence[int],
+) -> AnchorCache:
+    """Run the context once and keep K/V only where `keep` is True."""
+    if len(keep) != len(context_ids):
+        raise ValueError(f"keep mask has {len(keep)} entries for {len(context_ids)} context tokens")
+    ids = torch.tensor([list(context_ids)], device=lm.device)
+    out = lm.model.base_model(input_ids=ids, use_cache=True)
+    kept = [i for i, k in enumerate(keep) if k]
+    index = torch.tensor(kept, device=lm.device)
+    keys, values = [], []
+    for k, v, _ in out.cache:
+        keys.append(k.index_select(2, index).contiguous())
+        values.append(v.index_select(2, index).contiguous())
+    slot = {pos: i for i, pos in enumerate(kept)}
+    labels = [(slot[p], c) for p, c in zip(label_positions, label_classes, strict=True) if p in slot]
+    return AnchorCache(
+        keys=tuple(keys),
+        values=tuple(values),
+        positions=tuple(kept),
+        context_length=len(context_ids),
+        label_slots=tuple(s for s, _ in labels),
+        label_classes=tuple(c for _, c in labels),
+    )
+
+
+@torch.inference_mode()
+def kv_bytes_per_token(lm: LoadedModel) -> int:
+    """K/V bytes one token costs across all layers, measured rather than derived from config names
+    (which differ between GPT-2, Llama, GPT-J ...)."""
+    ids = torch.tensor([[lm.pad_token_id]], device=lm.device)
+    out = lm.model.base_model(input_ids=ids, use_cache=True)
+    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v, _ in out.cache)

@@ -1,0 +1,168 @@
+"""Classifier: a task bound to a loaded model, serving any method from one call.
+
+Prediction is a softmax over the C label-word logits at the query's last position (paper §7).
+Each method's prefix (cache and/or re-encoded tokens) is built on first use and then shared by
+every request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from anchor_cache.attention import AttentionPlan
+from anchor_cache.cache import AnchorCache, build_anchor_cache
+from anchor_cache.data import load_demonstrations
+from anchor_cache.errors import ValidationError
+from anchor_cache.forward import Prefix, label_logits, last_hidden
+from anchor_cache.methods import anchor_keep, random_keep
+from anchor_cache.models import LoadedModel
+from anchor_cache.prompt import TaskPrompt
+from anchor_cache.task import Demonstration, Method, TaskSpec
+
+log = logging.getLogger(__name__)
+
+CACHED_METHODS = frozenset({Method.HIDDEN_ANCHOR, Method.HIDDEN_RANDOM, Method.HIDDEN_RANDOM_TOP})
+
+
+@dataclass(frozen=True)
+class Prediction:
+    index: int
+    label: str
+    probs: dict[str, float]
+    logprobs: dict[str, float]
+
+
+class Classifier:
+    """`seed` drives Hidden_random draws; `dev_texts` are the sample Hidden_random-top is picked on."""
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        task: TaskSpec,
+        demonstrations: list[Demonstration] | None = None,
+        seed: int = 42,
+        dev_texts: Sequence[str] = (),
+        random_top_draws: int = 20,
+    ) -> None:
+        if demonstrations is None:
+            demos = task.demonstrations
+            demonstrations = demos if isinstance(demos, list) else load_demonstrations(demos, task.labels)
+        self.lm = lm
+        self.task = task
+        self.prompt = TaskPrompt.build(task, demonstrations, lm.tokenizer)
+        self.seed = seed
+        self.dev_texts = list(dev_texts)
+        self.random_top_draws = random_top_draws
+        self._prefixes: dict[Method, Prefix] = {}
+
+    # --- prefixes -------------------------------------------------------------------------------
+
+    def prefix(self, method: Method | str) -> Prefix:
+        method = Method(method)
+        if method not in self._prefixes:
+            start = time.perf_counter()
+            self._prefixes[method] = self._build_prefix(method)
+            p = self._prefixes[method]
+            log.info(
+                "task %s: %s prefix ready in %.2fs (%d cached tokens, %d bytes, %d re-encoded tokens)",
+                self.task.name, method, time.perf_counter() - start,
+                p.cache.num_tokens if p.cache else 0, p.kv_bytes, len(p.ids),
+            )
+        return self._prefixes[method]
+
+    def install_cache(self, method: Method | str, cache: AnchorCache) -> None:
+        """Use a cache loaded from storage instead of building one."""
+        method = Method(method)
+        if method not in CACHED_METHODS:
+            raise ValidationError(f"method {method} does not use an anchor cache")
+        self._prefixes[method] = Prefix(cache=cache)
+
+    def _cache(self, keep: list[bool]) -> AnchorCache:
+        ctx = self.prompt.context
+        return build_anchor_cache(self.lm, ctx.ids, keep, ctx.label_positions, ctx.classes)
+
+    def _build_prefix(self, method: Method) -> Prefix:
+        ctx = self.prompt.context
+        match method:
+            case Method.VANILLA:
+                return Prefix(ids=ctx.ids)
+            case Method.ZERO_SHOT:
+                return Prefix()
+            case Method.TEXT_ANCHOR:
+                return Prefix(ids=tuple(self.prompt.encode_text_anchor_context()))
+            case Method.HIDDEN_ANCHOR:
+                return Prefix(cache=self._cache(anchor_keep(ctx)))
+            case Method.HIDDEN_RANDOM:
+                return Prefix(cache=self._cache(random_keep(ctx, np.random.default_rng(self.seed))))
+            case Method.HIDDEN_RANDOM_TOP:
+                return self._random_top()
+
+    def _random_top(self) -> Prefix:
+        """Best of N seeded Hidden_random draws by label loyalty to vanilla on the dev texts."""
+        if not self.dev_texts:
+            raise ValidationError("hidden_random_top needs dev texts to choose among random draws")
+        reference = self.label_logits(self.dev_texts, Method.VANILLA).argmax(-1)
+        rng = np.random.default_rng(self.seed)
+        best: tuple[float, Prefix] | None = None
+        for _ in range(self.random_top_draws):
+            candidate = Prefix(cache=self._cache(random_keep(self.prompt.context, rng)))
+            preds = self._label_logits_with(candidate, self.dev_texts).argmax(-1)
+            loyalty = float((preds == reference).float().mean())
+            if best is None or loyalty > best[0]:
+                best = (loyalty, candidate)
+        log.info("task %s: hidden_random_top dev label loyalty %.3f", self.task.name, best[0])
+        return best[1]
+
+    # --- inference ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def hidden_states(
+        self, texts: Sequence[str], method: Method | str, batch_size: int = 16, plan: AttentionPlan | None = None
+    ) -> torch.Tensor:
+        return self._hidden_with(self.prefix(method), texts, batch_size, plan)
+
+    def _hidden_with(
+        self, prefix: Prefix, texts: Sequence[str], batch_size: int = 16, plan: AttentionPlan | None = None
+    ) -> torch.Tensor:
+        """Length-sorted batches (less padding), scattered back to input order."""
+        queries = [self.prompt.encode(t) for t in texts]
+        order = sorted(range(len(queries)), key=lambda i: len(queries[i]))
+        out: list[torch.Tensor | None] = [None] * len(queries)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            hidden = last_hidden(self.lm, prefix, [queries[i] for i in chunk], plan)
+            for i, h in zip(chunk, hidden, strict=True):
+                out[i] = h
+        return torch.stack(out)
+
+    def label_logits(self, texts: Sequence[str], method: Method | str, batch_size: int = 16) -> torch.Tensor:
+        """(N, C) label-word logits."""
+        return self._label_logits_with(self.prefix(method), texts, batch_size)
+
+    def _label_logits_with(self, prefix: Prefix, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+        with torch.inference_mode():
+            return label_logits(self.lm, self._hidden_with(prefix, texts, batch_size), self.prompt.label_ids)
+
+    def classify(
+        self, texts: Sequence[str], method: Method | str | None = None, batch_size: int = 16
+    ) -> list[Prediction]:
+        logprobs = torch.log_softmax(self.label_logits(texts, method or self.task.method, batch_size), -1)
+        labels = self.task.labels
+        predictions = []
+        for row in logprobs.tolist():
+            best = int(np.argmax(row))
+            predictions.append(
+                Prediction(
+                    index=best,
+                    label=labels[best],
+                    probs={label: float(np.exp(lp)) for label, lp in zip(labels, row, strict=True)},
+                    logprobs=dict(zip(labels, row, strict=True)),
+                )
+            )
+        return predictions
