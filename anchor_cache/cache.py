@@ -48,7 +48,7 @@ class AnchorCache:
         return cache
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: training β later needs these tensors inside autograd graphs
 def build_anchor_cache(
     lm: LoadedModel, context_ids: Sequence[int], keep: Sequence[bool], label_positions: Sequence[int],
     label_classes: Sequence[int],
@@ -76,7 +76,7 @@ def build_anchor_cache(
     )
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def kv_bytes_per_token(lm: LoadedModel) -> int:
     """K/V bytes one token costs across all layers, measured rather than derived from config names
     (which differ between GPT-2, Llama, GPT-J ...)."""

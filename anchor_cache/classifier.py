@@ -107,12 +107,13 @@ class Classifier:
         """Best of N seeded Hidden_random draws by label loyalty to vanilla on the dev texts."""
         if not self.dev_texts:
             raise ValidationError("hidden_random_top needs dev texts to choose among random draws")
-        reference = self.label_logits(self.dev_texts, Method.VANILLA).argmax(-1)
+        dev = self.encode(self.dev_texts)
+        reference = self.label_logits_ids(dev, Method.VANILLA).argmax(-1)
         rng = np.random.default_rng(self.seed)
         best: tuple[float, Prefix] | None = None
         for _ in range(self.random_top_draws):
             candidate = Prefix(cache=self._cache(random_keep(self.prompt.context, rng)))
-            preds = self._label_logits_with(candidate, self.dev_texts).argmax(-1)
+            preds = self._label_logits_with(candidate, dev).argmax(-1)
             loyalty = float((preds == reference).float().mean())
             if best is None or loyalty > best[0]:
                 best = (loyalty, candidate)
@@ -121,17 +122,19 @@ class Classifier:
 
     # --- inference ------------------------------------------------------------------------------
 
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.prompt.encode(t) for t in texts]
+
     @torch.inference_mode()
     def hidden_states(
         self, texts: Sequence[str], method: Method | str, batch_size: int = 16, plan: AttentionPlan | None = None
     ) -> torch.Tensor:
-        return self._hidden_with(self.prefix(method), texts, batch_size, plan)
+        return self._hidden(self.prefix(method), self.encode(texts), batch_size, plan)
 
-    def _hidden_with(
-        self, prefix: Prefix, texts: Sequence[str], batch_size: int = 16, plan: AttentionPlan | None = None
+    def _hidden(
+        self, prefix: Prefix, queries: Sequence[Sequence[int]], batch_size: int = 16, plan: AttentionPlan | None = None
     ) -> torch.Tensor:
         """Length-sorted batches (less padding), scattered back to input order."""
-        queries = [self.prompt.encode(t) for t in texts]
         order = sorted(range(len(queries)), key=lambda i: len(queries[i]))
         out: list[torch.Tensor | None] = [None] * len(queries)
         for start in range(0, len(order), batch_size):
@@ -143,16 +146,28 @@ class Classifier:
 
     def label_logits(self, texts: Sequence[str], method: Method | str, batch_size: int = 16) -> torch.Tensor:
         """(N, C) label-word logits."""
-        return self._label_logits_with(self.prefix(method), texts, batch_size)
+        return self.label_logits_ids(self.encode(texts), method, batch_size)
 
-    def _label_logits_with(self, prefix: Prefix, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+    def label_logits_ids(
+        self, queries: Sequence[Sequence[int]], method: Method | str, batch_size: int = 16
+    ) -> torch.Tensor:
+        """(N, C) label-word logits for already tokenised queries (the server tokenises before queueing)."""
+        return self._label_logits_with(self.prefix(method), queries, batch_size)
+
+    def _label_logits_with(
+        self, prefix: Prefix, queries: Sequence[Sequence[int]], batch_size: int = 16
+    ) -> torch.Tensor:
         with torch.inference_mode():
-            return label_logits(self.lm, self._hidden_with(prefix, texts, batch_size), self.prompt.label_ids)
+            return label_logits(self.lm, self._hidden(prefix, queries, batch_size), self.prompt.label_ids)
 
     def classify(
         self, texts: Sequence[str], method: Method | str | None = None, batch_size: int = 16
     ) -> list[Prediction]:
-        logprobs = torch.log_softmax(self.label_logits(texts, method or self.task.method, batch_size), -1)
+        return self.predictions(self.label_logits(texts, method or self.task.method, batch_size))
+
+    def predictions(self, logits: torch.Tensor) -> list[Prediction]:
+        """Label-word logits (N, C) to per-input label, probabilities and log-probabilities."""
+        logprobs = torch.log_softmax(logits, -1)
         labels = self.task.labels
         predictions = []
         for row in logprobs.tolist():
