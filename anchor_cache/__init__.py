@@ -1,31 +1,37 @@
 """anchorserve's engine: ICL classification over compressed "label words are anchors" caches.
 
-No HTTP here; `server/` wraps this package.
+No HTTP here; `server/` wraps this package. Exports load lazily, so light users (the HTTP
+protocol models, the clients) can import `anchor_cache.task` without pulling in torch.
 """
 
-from anchor_cache.attention import ATTENTION_NAME, AttentionPlan
-from anchor_cache.cache import AnchorCache, build_anchor_cache
-from anchor_cache.classifier import Classifier, Prediction
-from anchor_cache.errors import AnchorServeError, CacheMismatchError, ModelNotFoundError, ValidationError
-from anchor_cache.models import LoadedModel, load_model
-from anchor_cache.task import PRESETS, Demonstration, DemonstrationSource, Method, TaskSpec
+from importlib import import_module
+from typing import Any
 
-__all__ = [
-    "ATTENTION_NAME",
-    "PRESETS",
-    "AnchorCache",
-    "AnchorServeError",
-    "AttentionPlan",
-    "CacheMismatchError",
-    "Classifier",
-    "Demonstration",
-    "DemonstrationSource",
-    "LoadedModel",
-    "Method",
-    "ModelNotFoundError",
-    "Prediction",
-    "TaskSpec",
-    "ValidationError",
-    "build_anchor_cache",
-    "load_model",
-]
+_EXPORTS = {
+    "ATTENTION_NAME": "attention",
+    "AttentionPlan": "attention",
+    "AnchorCache": "cache",
+    "build_anchor_cache": "cache",
+    "Classifier": "classifier",
+    "Prediction": "classifier",
+    "AnchorServeError": "errors",
+    "CacheMismatchError": "errors",
+    "ModelNotFoundError": "errors",
+    "NotFoundError": "errors",
+    "ValidationError": "errors",
+    "LoadedModel": "models",
+    "load_model": "models",
+    "PRESETS": "task",
+    "Demonstration": "task",
+    "DemonstrationSource": "task",
+    "Method": "task",
+    "TaskSpec": "task",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'anchor_cache' has no attribute {name!r}")
+    return getattr(import_module(f"anchor_cache.{_EXPORTS[name]}"), name)

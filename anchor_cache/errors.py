@@ -27,3 +27,12 @@ class CacheMismatchError(AnchorServeError):
     """A persisted anchor cache does not belong to this model, tokenizer or task."""
 
     kind = "cache_mismatch"
+
+
+class NotFoundError(AnchorServeError, KeyError):
+    """An unknown task (or other named resource)."""
+
+    kind = "not_found"
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""

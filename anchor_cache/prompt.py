@@ -74,6 +74,22 @@ class TaskPrompt:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(self.task.render(text), add_special_tokens=False)["input_ids"]
 
+    def encode_within(self, text: str, max_tokens: int) -> list[int]:
+        """Encode `text`, cutting the end of the text (never the template) until it fits `max_tokens`."""
+        ids = self.encode(text)
+        if len(ids) <= max_tokens:
+            return ids
+        offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        keep = max(0, len(offsets) - (len(ids) - max_tokens))
+        while True:  # merges at the cut can add a token; shorten until it fits
+            ids = self.encode(text[: offsets[keep - 1][1]] if keep > 0 else "")
+            if len(ids) <= max_tokens or keep == 0:
+                break
+            keep -= 1
+        if len(ids) > max_tokens:
+            raise ValidationError(f"the template alone takes {len(ids)} tokens, more than the limit of {max_tokens}")
+        return ids
+
     def encode_text_anchor_context(self) -> list[int]:
         """Text_anchor: the demonstration lines without their inputs ("Review:\\nSentiment: Positive")."""
         before, after = self.task.template.split(TEXT_SLOT)
@@ -139,3 +155,4 @@ def encode_context(
         label_tokens=label_tokens,
         classes=tuple(task.label_index(d.label) for d in demonstrations),
     )
+

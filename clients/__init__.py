@@ -1,1 +1,5 @@
-"""Python and command-line clients for the anchorserve REST API; built in the server issue."""
+"""Python and command-line clients for the anchorserve REST API."""
+
+from clients.client import AnchorServeClient, AnchorServeError, AsyncAnchorServeClient
+
+__all__ = ["AnchorServeClient", "AnchorServeError", "AsyncAnchorServeClient"]

@@ -11,3 +11,9 @@ def test_engine_imports_no_web_framework():
     code += "{'fastapi', 'starlette', 'uvicorn', 'httpx'}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_clients_do_not_need_torch():
+    code = "import sys, clients, clients.cli; print([m for m in ('torch', 'transformers') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,149 @@
+"""Typed Python clients for anchorserve (sync and async), with retries on 429/503.
+
+    from clients import AnchorServeClient
+    with AnchorServeClient("http://127.0.0.1:8000", api_key=None) as c:
+        c.classify("sentiment", ["a wonderful film"]).data[0].label
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Any
+
+import httpx
+
+from server.protocol import ClassifyResponse, TaskInfo, TaskList
+
+RETRY_STATUSES = frozenset({429, 503})
+
+
+class AnchorServeError(Exception):
+    """An error answer from the server: its status, message and type."""
+
+    def __init__(self, status: int, message: str, kind: str) -> None:
+        super().__init__(f"{status} {kind}: {message}")
+        self.status, self.message, self.kind = status, message, kind
+
+
+def _raise_for(response: httpx.Response) -> Any:
+    if response.is_success:
+        return response.json()
+    try:
+        body = response.json()
+        raise AnchorServeError(response.status_code, body.get("error", response.text), body.get("type", "unknown"))
+    except ValueError:
+        raise AnchorServeError(response.status_code, response.text, "unknown") from None
+
+
+def _backoff(attempt: int, base: float) -> float:
+    """Exponential with jitter, capped at 10 s."""
+    return min(10.0, base * 2**attempt) * (0.5 + random.random() / 2)
+
+
+class _Base:
+    def __init__(
+        self, base_url: str, api_key: str | None = None, admin_key: str | None = None, timeout: float = 60.0,
+        retries: int = 5, backoff_s: float = 0.2,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.api_key, self.admin_key = api_key, admin_key
+        self.timeout, self.retries, self.backoff_s = timeout, retries, backoff_s
+
+    def _headers(self, admin: bool) -> dict[str, str]:
+        key = self.admin_key if admin else self.api_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    @staticmethod
+    def _classify_body(task: str, inputs: str | list[str], method: str | None) -> dict[str, Any]:
+        return {"task": task, "input": inputs} | ({"method": method} if method else {})
+
+
+class AnchorServeClient(_Base):
+    def __init__(self, base_url: str, **kwargs: Any) -> None:
+        super().__init__(base_url, **kwargs)
+        self._http = httpx.Client(base_url=self.base_url, timeout=self.timeout)
+
+    def __enter__(self) -> AnchorServeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _request(self, method: str, path: str, admin: bool = False, **kwargs: Any) -> Any:
+        for attempt in range(self.retries + 1):
+            response = self._http.request(method, path, headers=self._headers(admin), **kwargs)
+            if response.status_code not in RETRY_STATUSES or attempt == self.retries:
+                return _raise_for(response)
+            time.sleep(_backoff(attempt, self.backoff_s))
+        raise AssertionError("unreachable")
+
+    def ready(self) -> bool:
+        return self._http.get("/ready").status_code == 200
+
+    def wait_ready(self, timeout: float = 120.0, interval: float = 0.2) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if self.ready():
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(interval)
+        raise TimeoutError(f"{self.base_url} not ready after {timeout}s")
+
+    def classify(self, task: str, inputs: str | list[str], method: str | None = None) -> ClassifyResponse:
+        data = self._request("POST", "/v1/classify", json=self._classify_body(task, inputs, method))
+        return ClassifyResponse.model_validate(data)
+
+    def tasks(self) -> list[TaskInfo]:
+        return TaskList.model_validate(self._request("GET", "/v1/tasks")).data
+
+    def task(self, name: str) -> TaskInfo:
+        return TaskInfo.model_validate(self._request("GET", f"/v1/tasks/{name}"))
+
+    def create_task(self, spec: dict[str, Any]) -> dict[str, Any]:
+        return self._request("POST", "/admin/tasks", admin=True, json=spec)
+
+    def replace_task(self, spec: dict[str, Any]) -> dict[str, Any]:
+        return self._request("PUT", f"/admin/tasks/{spec['name']}", admin=True, json=spec)
+
+    def delete_task(self, name: str) -> dict[str, Any]:
+        return self._request("DELETE", f"/admin/tasks/{name}", admin=True)
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/admin/jobs/{job_id}", admin=True)
+
+
+class AsyncAnchorServeClient(_Base):
+    def __init__(self, base_url: str, **kwargs: Any) -> None:
+        super().__init__(base_url, **kwargs)
+        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout)
+
+    async def __aenter__(self) -> AsyncAnchorServeClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _request(self, method: str, path: str, admin: bool = False, **kwargs: Any) -> Any:
+        for attempt in range(self.retries + 1):
+            response = await self._http.request(method, path, headers=self._headers(admin), **kwargs)
+            if response.status_code not in RETRY_STATUSES or attempt == self.retries:
+                return _raise_for(response)
+            await asyncio.sleep(_backoff(attempt, self.backoff_s))
+        raise AssertionError("unreachable")
+
+    async def classify(self, task: str, inputs: str | list[str], method: str | None = None) -> ClassifyResponse:
+        data = await self._request("POST", "/v1/classify", json=self._classify_body(task, inputs, method))
+        return ClassifyResponse.model_validate(data)
+
+    async def tasks(self) -> list[TaskInfo]:
+        return TaskList.model_validate(await self._request("GET", "/v1/tasks")).data

@@ -1,0 +1,61 @@
+"""App assembly: settings → state → routes, handlers and middleware; lifespan starts and drains."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request, Response
+
+from server.admin import admin
+from server.errors import install_handlers
+from server.limits import PayloadLimitMiddleware
+from server.routes import public, v1
+from server.settings import Settings
+from server.state import ServerState
+
+log = logging.getLogger(__name__)
+
+
+def build_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    state = ServerState(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        log.info("starting with settings %s", settings.redacted())
+        startup = asyncio.create_task(state.start(), name="anchorserve-startup")
+        try:
+            yield
+        finally:
+            with contextlib.suppress(asyncio.CancelledError):
+                await startup  # a model load in its thread cannot be interrupted; wait for it
+            await state.stop()
+            log.info("stopped")
+
+    app = FastAPI(
+        title="anchorserve",
+        summary="ICL text classification over compressed label-word anchor caches",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.anchor = state
+    install_handlers(app)
+    app.add_middleware(PayloadLimitMiddleware, max_bytes=settings.max_payload_bytes)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next) -> Response:
+        """anchorserve_requests_total{route, task, status}; handlers name the task in request.state."""
+        response = await call_next(request)
+        route = request.scope.get("route")
+        state.metrics.requests.labels(
+            getattr(route, "path", "unmatched"), getattr(request.state, "task", ""), str(response.status_code)
+        ).inc()
+        return response
+
+    app.include_router(public)
+    app.include_router(v1)
+    app.include_router(admin)
+    return app

@@ -1,0 +1,77 @@
+"""Background jobs for slow admin work (cache builds now, analyses later): id, status, result."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from anchor_cache.errors import AnchorServeError, NotFoundError
+
+Status = Literal["pending", "running", "succeeded", "failed", "cancelled"]
+
+
+class Job(BaseModel):
+    id: str = Field(default_factory=lambda: f"job-{uuid.uuid4().hex[:16]}")
+    kind: str
+    target: str
+    status: Status = "pending"
+    created: float = Field(default_factory=time.time)
+    finished: float | None = None
+    error: dict[str, str] | None = None
+    result: dict[str, Any] | None = None
+
+
+class JobRunner:
+    """Keeps the last `keep` jobs; each runs as an asyncio task and records its outcome."""
+
+    def __init__(self, keep: int = 256) -> None:
+        self.keep = keep
+        self._jobs: dict[str, Job] = {}
+        self._tasks: dict[str, asyncio.Task] = {}
+
+    def submit(self, kind: str, target: str, work: Callable[[], Awaitable[dict[str, Any]]]) -> Job:
+        job = Job(kind=kind, target=target)
+        self._jobs[job.id] = job
+        self._tasks[job.id] = asyncio.create_task(self._run(job, work), name=job.id)
+        while len(self._jobs) > self.keep:
+            oldest = next(iter(self._jobs))
+            if self._jobs[oldest].finished is None:
+                break
+            self._jobs.pop(oldest)
+        return job
+
+    async def _run(self, job: Job, work: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+        job.status = "running"
+        try:
+            job.result = await work()
+            job.status = "succeeded"
+        except asyncio.CancelledError:
+            job.status = "cancelled"
+        except AnchorServeError as exc:
+            job.status, job.error = "failed", {"error": str(exc), "type": exc.kind}
+        except Exception as exc:  # a job's failure is reported, never lost
+            job.status, job.error = "failed", {"error": f"{type(exc).__name__}: {exc}", "type": "internal"}
+        finally:
+            job.finished = time.time()
+            self._tasks.pop(job.id, None)
+
+    async def wait(self, job: Job, timeout: float) -> None:
+        task = self._tasks.get(job.id)
+        if task is not None:
+            await asyncio.wait({task}, timeout=timeout)
+
+    def get(self, job_id: str) -> Job:
+        try:
+            return self._jobs[job_id]
+        except KeyError:
+            raise NotFoundError(f"unknown job {job_id!r}") from None
+
+    async def shutdown(self) -> None:
+        for task in list(self._tasks.values()):
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)

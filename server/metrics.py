@@ -1,0 +1,40 @@
+"""Prometheus metrics (vLLM-style names: anchorserve_* with _seconds / _total suffixes).
+
+Each app gets its own registry, so tests can build several apps in one process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# 10 µs .. ~60 s, ×2 per bucket (TEI uses ×1.5 from 10 µs).
+DURATION_BUCKETS = tuple(1e-5 * 2**i for i in range(23))
+SIZE_BUCKETS = tuple(2**i for i in range(11))
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("anchorserve_requests", "HTTP requests", ["route", "task", "status"], registry=r)
+        self.queue_seconds = Histogram(
+            "anchorserve_request_queue_seconds", "Time from enqueue to batch start", buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.tokenize_seconds = Histogram(
+            "anchorserve_request_tokenize_seconds", "Tokenisation time per request", buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "anchorserve_batch_inference_seconds", "Forward time per batch", buckets=DURATION_BUCKETS, registry=r
+        )
+        self.queue_size = Gauge("anchorserve_queue_size", "Requests waiting for the worker", registry=r)
+        self.batch_size = Histogram("anchorserve_batch_size", "Inputs per forward", buckets=SIZE_BUCKETS, registry=r)
+        self.request_tokens = Histogram(
+            "anchorserve_request_tokens", "Query tokens per input", buckets=SIZE_BUCKETS, registry=r
+        )
+        self.cache_bytes = Gauge("anchorserve_anchor_cache_bytes", "Anchor-cache bytes", ["task"], registry=r)
+        self.task_loads = Counter(
+            "anchorserve_task_loads", "Task caches made ready, by source", ["task", "source"], registry=r
+        )
+        self.failures = Counter("anchorserve_request_failure", "Failed requests", ["reason"], registry=r)

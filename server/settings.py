@@ -1,0 +1,93 @@
+"""Server settings: defaults < config file (`ANCHORSERVE_CONFIG`, YAML or JSON) < environment.
+
+Every field is also an `ANCHORSERVE_<NAME>` variable; `HOST` and `PORT` work too. Settings are
+validated before the model loads, so a bad value stops the start with a message naming it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+from anchor_cache.models import DEFAULT_MODEL, cache_dir
+from anchor_cache.task import Demonstration, TaskSpec
+
+CONFIG_ENV = "ANCHORSERVE_CONFIG"
+
+
+def builtin_task() -> TaskSpec:
+    """Sentiment with the paper's SST-2 template and demonstrations written for anchorserve."""
+    return TaskSpec(
+        name="sentiment",
+        template="Review: {text}\nSentiment:",
+        labels=["Negative", "Positive"],
+        demonstrations=[
+            Demonstration(text="i hated every minute of it", label="Negative"),
+            Demonstration(text="one of the best performances of the year", label="Positive"),
+            Demonstration(text="a boring, badly acted mess", label="Negative"),
+            Demonstration(text="an utterly delightful, warm and funny film", label="Positive"),
+        ],
+    )
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ANCHORSERVE_", env_ignore_empty=True, extra="forbid")
+
+    host: str = Field("127.0.0.1", validation_alias=AliasChoices("ANCHORSERVE_HOST", "HOST", "host"))
+    port: int = Field(8000, ge=1, le=65535, validation_alias=AliasChoices("ANCHORSERVE_PORT", "PORT", "port"))
+    model: str = Field(DEFAULT_MODEL, description="'default' (SmolLM2-135M-Instruct) or a local HF model folder")
+    device: str = "auto"
+    dtype: str = "auto"
+    state_dir: Path = Field(default_factory=lambda: cache_dir() / "state", description="persisted tasks and caches")
+    tasks: list[TaskSpec] = Field(default_factory=lambda: [builtin_task()], description="tasks served at start")
+
+    api_key: SecretStr | None = Field(None, description="Bearer key for /v1/*; unset = open")
+    admin_api_key: SecretStr | None = Field(None, description="Bearer key for /admin/*; unset = admin disabled")
+
+    max_batch_size: int = Field(32, ge=1, description="inputs per forward")
+    max_batch_tokens: int = Field(8192, ge=16, description="padded tokens per forward (inputs × longest)")
+    max_wait_ms: float = Field(2.0, ge=0, description="how long the worker waits to fill a batch")
+    max_queued_requests: int = Field(512, ge=1, description="beyond this, requests get 429 at once")
+    request_timeout_s: float = Field(30.0, gt=0, description="queue + inference deadline; past it, 504")
+    max_payload_bytes: int = Field(1_000_000, ge=1024)
+    max_inputs_per_request: int = Field(32, ge=1)
+    max_input_tokens: int = Field(512, ge=1, description="per input, after rendering the template")
+    truncate: bool = Field(False, description="truncate inputs past max_input_tokens instead of 422")
+    max_tasks: int = Field(32, ge=1)
+    max_demo_tokens: int = Field(4096, ge=1, description="demonstration-context tokens per task")
+    admin_sync_wait_s: float = Field(2.0, ge=0, description="admin builds finishing sooner answer 201, else 202")
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must be unique, got {names}")
+        if len(self.tasks) > self.max_tasks:
+            raise ValueError(f"{len(self.tasks)} tasks configured but max_tasks is {self.max_tasks}")
+        if self.max_input_tokens > self.max_batch_tokens:
+            raise ValueError("max_input_tokens must not exceed max_batch_tokens, or long inputs could never run")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources = [init_settings, env_settings]
+        config = os.environ.get(CONFIG_ENV)
+        if config:
+            if not Path(config).is_file():
+                raise ValueError(f"{CONFIG_ENV}={config} is not a file")
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config))  # YAML ⊇ JSON
+        return tuple(sources)
+
+    def redacted(self) -> dict:
+        """For the start-up log and GET /info: keys are shown only as set or unset."""
+        data = self.model_dump(mode="json", exclude={"tasks"})
+        for key in ("api_key", "admin_api_key"):
+            data[key] = "set" if getattr(self, key) else "unset"
+        return data | {"tasks": [t.name for t in self.tasks]}

@@ -1,0 +1,284 @@
+"""The HTTP server in process (TestClient runs the lifespan), on a tiny Llama model."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from fastapi.testclient import TestClient
+
+from anchor_cache import Classifier, load_model
+from server.app import build_app
+from server.protocol import ClassifyResponse, TaskInfo
+from server.settings import Settings
+from tests.conftest import QUERIES, save_tiny_model, sentiment_task
+
+ADMIN = {"Authorization": "Bearer admin-secret"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model("llama", tmp_path_factory.mktemp("server-model"))
+
+
+def settings(model_dir, state_dir, **overrides) -> Settings:
+    base = {"model": str(model_dir), "device": "cpu", "dtype": "float32", "state_dir": state_dir,
+            "tasks": [sentiment_task()]}
+    return Settings(**(base | overrides))
+
+
+def wait_ready(client: TestClient, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client.get("/ready").status_code == 200:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(client.get("/ready").json())
+
+
+@pytest.fixture()
+def serve(model_dir, tmp_path):
+    """serve(**settings) -> a ready TestClient; every client is closed (and drained) at teardown."""
+    clients = []
+
+    def start(**overrides) -> TestClient:
+        client = TestClient(build_app(settings(model_dir, tmp_path / "state", **overrides)))
+        client.__enter__()
+        clients.append(client)
+        wait_ready(client)
+        return client
+
+    yield start
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+def error_of(response, status: int, kind: str) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) >= {"error", "type"} and body["type"] == kind, body
+    return body["error"]
+
+
+def test_classify_matches_the_engine(serve, model_dir):
+    client = serve()
+    response = client.post("/v1/classify", json={"task": "sentiment", "input": QUERIES})
+    assert response.status_code == 200
+    parsed = ClassifyResponse.model_validate(response.json())
+    assert parsed.object == "list" and parsed.id.startswith("cls-") and [d.index for d in parsed.data] == [0, 1, 2]
+    expected = Classifier(load_model(str(model_dir), "cpu", "float32"), sentiment_task()).classify(QUERIES)
+    for got, want in zip(parsed.data, expected, strict=True):
+        assert got.label == want.label and got.num_classes == 2
+        assert got.probs == pytest.approx(want.probs, abs=1e-5)
+    assert parsed.usage.prompt_tokens > 0
+    single = client.post("/v1/classify", json={"task": "sentiment", "input": QUERIES[0], "method": "vanilla"})
+    assert single.status_code == 200 and len(single.json()["data"]) == 1
+
+
+def test_health_ready_info_tasks_and_docs(serve):
+    client = serve()
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/ready").json()["tasks"] == ["sentiment"]
+    info = client.get("/info").json()
+    assert info["max_inputs_per_request"] == 32 and info["api_key"] == "unset"
+    task = TaskInfo.model_validate(client.get("/v1/tasks/sentiment").json())
+    assert task.method == "hidden_anchor" and 0 < task.anchor_tokens < task.context_tokens and task.cache_bytes > 0
+    assert client.get("/v1/tasks").json()["count"] == 1
+    assert client.get("/docs").status_code == 200 and "/v1/classify" in client.get("/openapi.json").json()["paths"]
+
+
+def test_api_key_protects_v1_only(serve):
+    client = serve(api_key="user-secret")
+    body = {"task": "sentiment", "input": "x"}
+    error_of(client.post("/v1/classify", json=body), 401, "unauthorized")
+    error_of(client.post("/v1/classify", json=body, headers={"Authorization": "Bearer nope"}), 401, "unauthorized")
+    assert client.post("/v1/classify", json=body, headers={"Authorization": "Bearer user-secret"}).status_code == 200
+    for public in ("/health", "/ready", "/metrics"):
+        assert client.get(public).status_code == 200
+
+
+def test_admin_is_disabled_without_a_key(serve):
+    client = serve()
+    error_of(client.post("/admin/tasks", json=sentiment_task().model_dump(mode="json")), 404, "not_found")
+
+
+def test_admin_key_is_separate(serve):
+    client = serve(api_key="user-secret", admin_api_key="admin-secret")
+    spec = sentiment_task(name="other").model_dump(mode="json")
+    error_of(client.post("/admin/tasks", json=spec, headers={"Authorization": "Bearer user-secret"}), 401,
+             "unauthorized")
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "kind", "message"),
+    [
+        ({"task": "nope", "input": "x"}, 404, "not_found", "unknown task 'nope'"),
+        ({"task": "sentiment", "input": []}, 422, "validation", "input is empty"),
+        ({"task": "sentiment", "input": ["x"] * 3}, 422, "validation", "limit is 2"),
+        ({"task": "sentiment", "input": "word " * 80}, 422, "validation", "max_input_tokens"),
+        ({"task": "sentiment", "input": "x", "method": "magic"}, 422, "validation", "method"),
+        ({"task": "sentiment", "input": "x", "extra": 1}, 422, "validation", "extra"),
+        ({"input": "x"}, 422, "validation", "task"),
+    ],
+)
+def test_bad_requests_get_clear_errors(serve, payload, status, kind, message):
+    client = serve(max_inputs_per_request=2, max_input_tokens=40)
+    assert message in error_of(client.post("/v1/classify", json=payload), status, kind)
+
+
+def test_malformed_json_payload_size_and_media_type(serve):
+    client = serve(max_payload_bytes=2048)
+    headers = {"Content-Type": "application/json"}
+    error_of(client.post("/v1/classify", content=b'{"task": ', headers=headers), 400, "malformed_json")
+    error_of(client.post("/v1/classify", content=b"task=x", headers={"Content-Type": "text/plain"}), 415,
+             "unsupported_media_type")
+    big = json.dumps({"task": "sentiment", "input": "x" * 4096})
+    error_of(client.post("/v1/classify", content=big, headers=headers), 413, "payload_too_large")
+    assert client.post("/v1/classify", json={"task": "sentiment", "input": ""}).status_code == 200
+
+
+def test_truncation_keeps_the_template(serve):
+    client = serve(max_input_tokens=40, truncate=True)
+    response = client.post("/v1/classify", json={"task": "sentiment", "input": "word " * 500})
+    assert response.status_code == 200 and response.json()["usage"]["prompt_tokens"] <= 40
+
+
+def _slow(client: TestClient, seconds: float) -> None:
+    state = client.app.state.anchor
+    run = state._run_batch
+
+    def slow_run(*args):
+        time.sleep(seconds)
+        return run(*args)
+
+    state.scheduler.run_batch = slow_run
+
+
+def test_full_queue_answers_429_and_deadline_504(serve):
+    client = serve(max_queued_requests=1, request_timeout_s=5)
+    _slow(client, 0.5)
+    body = {"task": "sentiment", "input": "x"}
+    with ThreadPoolExecutor(4) as pool:
+        codes = sorted(r.status_code for r in pool.map(lambda _: client.post("/v1/classify", json=body), range(4)))
+    assert codes[0] == 200 and 429 in codes
+    quick = serve(request_timeout_s=0.1)
+    _slow(quick, 0.5)
+    error_of(quick.post("/v1/classify", json=body), 504, "timeout")
+
+
+def test_concurrent_requests_are_batched(serve):
+    client = serve(max_wait_ms=50)
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(lambda t: client.post("/v1/classify", json={"task": "sentiment", "input": t}).status_code,
+                              QUERIES * 4))
+    assert codes == [200] * 12
+    metrics = client.get("/metrics").text
+    batches = float(next(line.split()[-1] for line in metrics.splitlines()
+                         if line.startswith("anchorserve_batch_size_count")))
+    assert batches < 12
+    assert 'anchorserve_requests_total{route="/v1/classify",status="200",task="sentiment"} 12.0' in metrics
+    assert 'anchorserve_anchor_cache_bytes{task="sentiment"}' in metrics
+
+
+def test_admin_create_replace_delete(serve):
+    client = serve(admin_api_key="admin-secret")
+    spec = sentiment_task(name="reviews").model_dump(mode="json")
+    created = client.post("/admin/tasks", json=spec, headers=ADMIN)
+    assert created.status_code == 201, created.text
+    assert created.json()["name"] == "reviews"
+    error_of(client.post("/admin/tasks", json=spec, headers=ADMIN), 409, "conflict")
+    assert client.post("/v1/classify", json={"task": "reviews", "input": "x"}).status_code == 200
+    spec["labels"] = ["World", "Sports"]
+    spec["demonstrations"] = [{"text": "a", "label": "World"}, {"text": "b", "label": "Sports"}]
+    assert client.put("/admin/tasks/reviews", json=spec, headers=ADMIN).status_code == 201
+    out = client.post("/v1/classify", json={"task": "reviews", "input": "x"}).json()
+    assert set(out["data"][0]["probs"]) == {"World", "Sports"}
+    assert client.delete("/admin/tasks/reviews", headers=ADMIN).json() == {"deleted": "reviews"}
+    error_of(client.post("/v1/classify", json={"task": "reviews", "input": "x"}), 404, "not_found")
+    error_of(client.delete("/admin/tasks/reviews", headers=ADMIN), 404, "not_found")
+
+
+def test_failed_rebuild_keeps_the_old_task(serve):
+    client = serve(admin_api_key="admin-secret")
+    before = client.post("/v1/classify", json={"task": "sentiment", "input": QUERIES}).json()["data"]
+    bad = sentiment_task().model_dump(mode="json") | {"labels": ["Zq1", "Zq2"]}
+    bad["demonstrations"] = [{"text": "a", "label": "Zq1"}, {"text": "b", "label": "Zq2"}]
+    assert "share their first token" in error_of(client.put("/admin/tasks/sentiment", json=bad, headers=ADMIN),
+                                                 422, "validation")
+    after = client.post("/v1/classify", json={"task": "sentiment", "input": QUERIES}).json()["data"]
+    assert after == before
+
+
+def test_concurrent_admin_writes_leave_one_consistent_task(serve, tmp_path):
+    client = serve(admin_api_key="admin-secret")
+    specs = [sentiment_task(name="race", template=f"Review {i}: {{text}}\nSentiment:").model_dump(mode="json")
+             for i in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        codes = list(pool.map(lambda s: client.put("/admin/tasks/race", json=s, headers=ADMIN).status_code, specs))
+    assert set(codes) <= {201, 409} and 201 in codes
+    served = client.get("/v1/tasks/race").json()["template"]
+    persisted = json.loads((tmp_path / "state" / "tasks" / "race.json").read_text())["template"]
+    assert served == persisted
+
+
+def test_restart_loads_persisted_caches_and_tasks(serve, tmp_path):
+    first = serve(admin_api_key="admin-secret")
+    assert not first.get("/v1/tasks/sentiment").json()["loaded_from_disk"]
+    first.post("/admin/tasks", json=sentiment_task(name="extra").model_dump(mode="json"), headers=ADMIN)
+    before = first.post("/v1/classify", json={"task": "sentiment", "input": QUERIES}).json()["data"]
+    first.__exit__(None, None, None)
+    second = serve(admin_api_key="admin-secret")
+    assert second.get("/v1/tasks/sentiment").json()["loaded_from_disk"]
+    assert second.get("/v1/tasks/extra").json()["loaded_from_disk"]
+    assert 'anchorserve_task_loads_total{source="disk",task="sentiment"} 1.0' in second.get("/metrics").text
+    assert second.post("/v1/classify", json={"task": "sentiment", "input": QUERIES}).json()["data"] == before
+    second.delete("/admin/tasks/sentiment", headers=ADMIN)
+    second.__exit__(None, None, None)
+    third = serve()
+    assert third.get("/ready").json()["tasks"] == ["extra"]
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="unique"):
+        Settings(tasks=[sentiment_task(), sentiment_task()])
+    with pytest.raises(ValueError, match="max_input_tokens"):
+        Settings(max_input_tokens=10_000, max_batch_tokens=100)
+
+
+def test_missing_model_is_reported_by_ready(serve, tmp_path):
+    client = TestClient(build_app(settings(tmp_path / "no-model", tmp_path / "s2")))
+    with client:
+        deadline = time.monotonic() + 10
+        while "start-up failed" not in client.get("/ready").text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "not a local model folder" in error_of(client.get("/ready"), 503, "unavailable")
+        assert client.get("/health").status_code == 200
+
+
+def test_scheduler_drains_on_stop_and_then_refuses():
+    """Graceful shutdown: queued work finishes, later submissions get 503 (Unavailable)."""
+    import asyncio
+
+    import torch
+
+    from anchor_cache.task import Method
+    from server.errors import Unavailable
+    from server.metrics import Metrics
+    from server.scheduler import BatchLimits, Scheduler
+
+    def run(task, method, queries):
+        time.sleep(0.05)
+        return torch.zeros(len(queries), 2)
+
+    async def scenario():
+        scheduler = Scheduler(run, BatchLimits(4, 1000, 0.0, 10), Metrics())
+        scheduler.start()
+        futures = [await scheduler.submit("t", Method.HIDDEN_ANCHOR, [[1, 2]]) for _ in range(6)]
+        await scheduler.stop()
+        assert all(f.done() and f.result().shape == (1, 2) for f in futures)
+        with pytest.raises(Unavailable):
+            await scheduler.submit("t", Method.HIDDEN_ANCHOR, [[1]])
+
+    asyncio.run(scenario())

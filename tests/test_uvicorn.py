@@ -1,0 +1,87 @@
+"""A real `python -m server` process on a loopback port, driven by the Python client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from clients import AnchorServeClient, AnchorServeError, AsyncAnchorServeClient
+from clients.cli import main as client_cli
+from tests.conftest import save_tiny_model, sentiment_task
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server_url(tmp_path_factory):
+    root = tmp_path_factory.mktemp("uvicorn")
+    model = save_tiny_model("gpt2", root / "model")
+    config = root / "config.yaml"
+    config.write_text(json.dumps({  # JSON is valid YAML
+        "model": str(model), "device": "cpu", "dtype": "float32", "state_dir": str(root / "state"),
+        "tasks": [sentiment_task().model_dump(mode="json")], "api_key": "user-key", "admin_api_key": "admin-key",
+    }))
+    port = free_port()
+    env = os.environ | {"ANCHORSERVE_CONFIG": str(config), "PORT": str(port)}
+    log = (root / "server.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "server"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with AnchorServeClient(url) as client:
+            client.wait_ready(timeout=120)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after draining
+        log.close()
+        text = (root / "server.log").read_text()
+        assert "ready after" in text and "stopped" in text
+        assert "user-key" not in text and "admin-key" not in text  # keys are never logged
+
+
+def test_client_classifies_over_http(server_url):
+    with AnchorServeClient(server_url, api_key="user-key", admin_key="admin-key") as client:
+        out = client.classify("sentiment", ["a moving film", "dull"])
+        assert [d.index for d in out.data] == [0, 1]
+        assert {d.label for d in out.data} <= {"Negative", "Positive"}
+        assert [t.name for t in client.tasks()] == ["sentiment"]
+        created = client.create_task(sentiment_task(name="second").model_dump(mode="json"))
+        assert created["name"] == "second"
+        assert client.task("second").demonstrations == 3
+        with pytest.raises(AnchorServeError) as info:
+            client.classify("missing", "x")
+        assert info.value.status == 404 and info.value.kind == "not_found"
+    with AnchorServeClient(server_url) as anonymous, pytest.raises(AnchorServeError) as info:
+        anonymous.classify("sentiment", "x")
+    assert info.value.status == 401
+
+
+def test_async_client_runs_concurrently(server_url):
+    async def run():
+        async with AsyncAnchorServeClient(server_url, api_key="user-key") as client:
+            results = await asyncio.gather(*(client.classify("sentiment", f"text {i}") for i in range(16)))
+        return [r.data[0].label for r in results]
+
+    assert len(asyncio.run(run())) == 16
+
+
+def test_command_line_client(server_url, tmp_path, capsys):
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_text("\n".join(json.dumps({"text": f"review {i}"}) for i in range(5)))
+    code = client_cli(["--url", server_url, "--api-key", "user-key", "classify", "--task", "sentiment",
+                       "--file", str(inputs), "--batch", "2", "extra text"])
+    assert code == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [row["text"] for row in lines] == ["extra text"] + [f"review {i}" for i in range(5)]
+    assert client_cli(["--url", server_url, "--api-key", "user-key", "classify", "--task", "nope", "x"]) == 1
