@@ -282,3 +282,14 @@ def test_scheduler_drains_on_stop_and_then_refuses():
             await scheduler.submit("t", Method.HIDDEN_ANCHOR, [[1]])
 
     asyncio.run(scenario())
+
+
+def test_task_count_and_demonstration_token_limits(serve):
+    client = serve(admin_api_key="admin-secret", max_tasks=2, max_demo_tokens=60)
+    long_demos = sentiment_task(name="long").model_dump(mode="json")
+    long_demos["demonstrations"][0]["text"] = "the quick brown fox " * 20
+    assert "limit is 60" in error_of(client.post("/admin/tasks", json=long_demos, headers=ADMIN), 422, "validation")
+    assert client.post("/admin/tasks", json=sentiment_task(name="b").model_dump(mode="json"),
+                       headers=ADMIN).status_code == 201
+    error_of(client.post("/admin/tasks", json=sentiment_task(name="c").model_dump(mode="json"), headers=ADMIN),
+             409, "conflict")
