@@ -7,11 +7,12 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 
 from server.admin import admin
 from server.errors import install_handlers
 from server.limits import PayloadLimitMiddleware
+from server.metrics import RequestCounter
 from server.routes import public, v1
 from server.settings import Settings
 from server.state import ServerState
@@ -44,16 +45,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     app.state.anchor = state
     install_handlers(app)
     app.add_middleware(PayloadLimitMiddleware, max_bytes=settings.max_payload_bytes)
-
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next) -> Response:
-        """anchorserve_requests_total{route, task, status}; handlers name the task in request.state."""
-        response = await call_next(request)
-        route = request.scope.get("route")
-        state.metrics.requests.labels(
-            getattr(route, "path", "unmatched"), getattr(request.state, "task", ""), str(response.status_code)
-        ).inc()
-        return response
+    app.add_middleware(RequestCounter, metrics=state.metrics)
 
     app.include_router(public)
     app.include_router(v1)

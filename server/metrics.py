@@ -6,6 +6,7 @@ Each app gets its own registry, so tests can build several apps in one process.
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # 10 µs .. ~60 s, ×2 per bucket (TEI uses ×1.5 from 10 µs).
 DURATION_BUCKETS = tuple(1e-5 * 2**i for i in range(23))
@@ -38,3 +39,34 @@ class Metrics:
             "anchorserve_task_loads", "Task caches made ready, by source", ["task", "source"], registry=r
         )
         self.failures = Counter("anchorserve_request_failure", "Failed requests", ["reason"], registry=r)
+
+
+class RequestCounter:
+    """Pure ASGI middleware for anchorserve_requests_total{route, task, status}.
+
+    Handlers name the task in `request.state.task` (kept in scope["state"]). Pure ASGI rather than
+    BaseHTTPMiddleware, so the endpoint's own `receive` (used to notice disconnects) is untouched.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            task = scope.get("state", {}).get("task", "")
+            self.metrics.requests.labels(route, task, str(status)).inc()
