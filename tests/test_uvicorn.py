@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 
+import httpx
 import pytest
 
 from clients import AnchorServeClient, AnchorServeError, AsyncAnchorServeClient
@@ -23,15 +26,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server_url(tmp_path_factory):
-    root = tmp_path_factory.mktemp("uvicorn")
+@contextlib.contextmanager
+def running_server(root, **settings):
+    """`python -m server` with a config file (JSON is valid YAML); yields its URL, then SIGTERMs it."""
     model = save_tiny_model("gpt2", root / "model")
     config = root / "config.yaml"
-    config.write_text(json.dumps({  # JSON is valid YAML
+    config.write_text(json.dumps({
         "model": str(model), "device": "cpu", "dtype": "float32", "state_dir": str(root / "state"),
-        "tasks": [sentiment_task().model_dump(mode="json")], "api_key": "user-key", "admin_api_key": "admin-key",
-    }))
+        "tasks": [sentiment_task().model_dump(mode="json")],
+    } | settings))
     port = free_port()
     env = os.environ | {"ANCHORSERVE_CONFIG": str(config), "PORT": str(port)}
     log = (root / "server.log").open("w")
@@ -47,7 +50,25 @@ def server_url(tmp_path_factory):
         log.close()
         text = (root / "server.log").read_text()
         assert "ready after" in text and "stopped" in text
-        assert "user-key" not in text and "admin-key" not in text  # keys are never logged
+        for key in settings.get("api_key"), settings.get("admin_api_key"):
+            assert key is None or key not in text  # keys are never logged
+
+
+@pytest.fixture(scope="module")
+def server_url(tmp_path_factory):
+    with running_server(tmp_path_factory.mktemp("uvicorn"), api_key="user-key", admin_api_key="admin-key") as url:
+        yield url
+
+
+def test_disconnected_clients_do_not_use_a_batch_slot(tmp_path):
+    """A request whose client leaves while it waits in the queue is dropped before the forward."""
+    with running_server(tmp_path, max_wait_ms=1500) as url:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/classify", json={"task": "sentiment", "input": "x"}, timeout=0.3)
+        time.sleep(2)
+        metrics = httpx.get(f"{url}/metrics").text
+    assert 'anchorserve_request_failure_total{reason="client_disconnected"} 1.0' in metrics
+    assert "anchorserve_batch_size_count 0.0" in metrics
 
 
 def test_client_classifies_over_http(server_url):
