@@ -31,10 +31,11 @@ lint: $(STAMP)
 
 # Paper Table 2 analogue on the four datasets (see docs/RESULTS.md for the exact arguments used).
 eval: $(STAMP)
-	$(BIN)/python bench/compression.py
+	$(BIN)/python -m bench.compression --limit 200 --top-draws 5 --top-dev-size 50
 
 bench: $(STAMP)
-	$(BIN)/python bench/latency.py
+	$(BIN)/python -m bench.latency
+	$(BIN)/python -m bench.load
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

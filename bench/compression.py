@@ -1,7 +1,7 @@
 """Paper Table 2 analogue: every method on the four datasets, one JSON per dataset.
 
-    python bench/compression.py --limit 200 --seeds 42,43,44,45,46   # writes bench/results/compression-*.json
-    python bench/compression.py --report                              # prints the markdown summary only
+    python -m bench.compression --limit 200 --seeds 42,43,44,45,46   # writes bench/results/compression-*.json
+    python -m bench.compression --report                              # prints the markdown summary only
 
 Each dataset runs through the same `evaluate` as `python -m anchor_cache eval`; the summary
 averages the per-dataset means, as the paper does.
@@ -12,15 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from anchor_cache.cli import default_data_root
 from anchor_cache.evaluate import EvalConfig, evaluate
 from anchor_cache.models import load_model
 from anchor_cache.task import PRESETS, Method
+from bench.common import DATASETS, RESULTS, dataset_parser
 
-RESULTS = Path(__file__).parent / "results"
-DATASETS = ["sst2", "trec", "agnews", "emoc"]
 METRICS = ("accuracy", "label_loyalty", "word_loyalty")
 
 
@@ -67,11 +64,7 @@ def report() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--datasets", type=lambda s: s.split(","), default=DATASETS)
-    parser.add_argument("--data-root", type=Path, default=default_data_root())
-    parser.add_argument("--model", default="default")
-    parser.add_argument("--dtype", default="auto")
+    parser = dataset_parser(__doc__)
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[42, 43, 44, 45, 46])
     parser.add_argument("--limit", type=int, default=1000)
     parser.add_argument("--top-draws", type=int, default=20)

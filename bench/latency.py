@@ -1,6 +1,6 @@
 """Batch-1 latency of Hidden_anchor vs vanilla ICL, a prefix cache and zero-shot (paper Table 3).
 
-    python bench/latency.py --queries 60      # writes bench/results/latency.json, prints markdown
+    python -m bench.latency --queries 60      # writes bench/results/latency.json, prints markdown
 
 All methods run in one process on the same queries, interleaved query by query (the order rotates),
 so machine noise hits them alike; medians are reported. "prefix_cache" keeps the K/V of every
@@ -10,7 +10,6 @@ without re-encoding the demonstrations. As in the paper, building caches is not 
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -21,14 +20,12 @@ import torch
 
 from anchor_cache.cache import build_anchor_cache
 from anchor_cache.classifier import Classifier
-from anchor_cache.cli import default_data_root
 from anchor_cache.data import read_jsonl, sample_demonstrations, sample_rows
 from anchor_cache.forward import Prefix, label_logits, last_hidden
 from anchor_cache.models import load_model
 from anchor_cache.task import PRESETS, Demonstration, TaskSpec
+from bench.common import RESULTS, dataset_parser
 
-RESULTS = Path(__file__).parent / "results"
-DATASETS = ["sst2", "trec", "agnews", "emoc"]
 METHODS = ["vanilla", "prefix_cache", "hidden_anchor", "zero_shot"]
 
 
@@ -95,11 +92,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--datasets", type=lambda s: s.split(","), default=DATASETS)
-    parser.add_argument("--data-root", type=Path, default=default_data_root())
-    parser.add_argument("--model", default="default")
-    parser.add_argument("--dtype", default="auto")
+    parser = dataset_parser(__doc__)
     parser.add_argument("--queries", type=int, default=60)
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args()

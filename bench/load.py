@@ -1,7 +1,7 @@
 """Server benchmarks on loopback: load at several concurrencies, single-request overhead, start-up time.
 
-    python bench/load.py                       # writes bench/results/load.json, prints markdown
-    python bench/load.py --duration 20 --concurrency 1,8   # a quicker look
+    python -m bench.load                       # writes bench/results/load.json, prints markdown
+    python -m bench.load --duration 20 --concurrency 1,8   # a quicker look
 
 The server runs as its own process (`python -m server`, default model and task); the load comes
 from this process with asyncio + httpx, closed-loop: each of C workers sends its next request as
@@ -29,8 +29,7 @@ import httpx
 
 from anchor_cache.cli import default_data_root
 from anchor_cache.models import cache_dir
-
-RESULTS = Path(__file__).parent / "results"
+from bench.common import RESULTS
 
 
 def free_port() -> int:

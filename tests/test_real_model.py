@@ -5,23 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from anchor_cache import Classifier, Demonstration, Method, TaskSpec
+from anchor_cache import Classifier, Method
 from anchor_cache.cache import build_anchor_cache
 from anchor_cache.forward import Prefix, label_logits, last_hidden
+from server.settings import builtin_task
 
 pytestmark = pytest.mark.slow
 
-TASK = TaskSpec(
-    name="sentiment",
-    template="Review: {text}\nSentiment:",
-    labels=["Negative", "Positive"],
-    demonstrations=[
-        Demonstration(text="i hated every minute of it", label="Negative"),
-        Demonstration(text="one of the best performances of the year", label="Positive"),
-        Demonstration(text="a boring, badly acted mess", label="Negative"),
-        Demonstration(text="an utterly delightful, warm and funny film", label="Positive"),
-    ],
-)
+TASK = builtin_task()  # the task `make serve` serves
 
 
 def test_obvious_sentiment_is_classified(real_lm):
