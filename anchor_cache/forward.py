@@ -8,6 +8,7 @@ would otherwise start a compressed cache's query at M instead of at the original
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -61,6 +62,8 @@ def last_hidden(
     attention_mask[:, cached:] = torch.arange(longest, device=lm.device)[None, :] < lengths[:, None]
     position_ids = (torch.arange(longest, device=lm.device) + prefix.first_position).expand(batch, -1)
     cache = prefix.cache.as_dynamic_cache(batch, lm.model.config) if prefix.cache is not None else None
+    if plan is not None and plan.reweighting is not None:
+        plan = dataclasses.replace(plan, targets=lengths - 1)  # each row's last token is re-weighting's q
     out = lm.model.base_model(
         input_ids=input_ids,
         attention_mask=attention_mask,

@@ -1,0 +1,138 @@
+"""Anchor re-weighting (paper §3.1): learn β[l, h, c] on a few labelled examples.
+
+The model stays frozen; β is the only parameter. Training runs in the served configuration
+(Hidden_anchor cache) by default, so the β that is learned is the β that is served. Loss and
+optimiser follow the paper: cross-entropy over the label-word logits against the gold label, Adam
+with lr 0.01, 10 epochs, batch 1.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from anchor_cache.attention import AttentionPlan, Reweighting
+from anchor_cache.classifier import Classifier
+from anchor_cache.errors import ValidationError
+from anchor_cache.forward import Prefix, label_logits, last_hidden
+from anchor_cache.task import Method
+
+
+def label_keys(clf: Classifier, prefix: Prefix) -> tuple[list[int], list[int]]:
+    """Key index and class of each demonstration label word behind `prefix`."""
+    ctx = clf.prompt.context
+    if prefix.cache is not None:
+        keys, classes = list(prefix.cache.label_slots), list(prefix.cache.label_classes)
+    elif prefix.ids == ctx.ids:  # vanilla: the context tokens lead every row
+        keys, classes = list(ctx.label_positions), list(ctx.classes)
+    else:
+        keys = []
+    if not keys:
+        raise ValidationError("re-weighting needs the demonstrations' label words: use vanilla or hidden_anchor")
+    return keys, classes
+
+
+def zero_beta(clf: Classifier) -> torch.Tensor:
+    cfg = clf.lm.model.config
+    return torch.zeros(cfg.num_hidden_layers, cfg.num_attention_heads, len(clf.task.labels), device=clf.lm.device)
+
+
+def reweighting_plan(clf: Classifier, method: Method | str, beta: torch.Tensor) -> AttentionPlan:
+    keys, classes = label_keys(clf, clf.prefix(method))
+    device = clf.lm.device
+    expected = tuple(zero_beta(clf).shape)
+    if tuple(beta.shape) != expected:
+        raise ValidationError(f"β has shape {tuple(beta.shape)}; this model and task need {expected}")
+    return AttentionPlan(
+        reweighting=Reweighting(
+            beta=beta.to(device),
+            label_keys=torch.tensor(keys, device=device),
+            label_classes=torch.tensor(classes, device=device),
+        )
+    )
+
+
+@dataclass
+class TrainConfig:
+    method: Method = Method.HIDDEN_ANCHOR
+    lr: float = 0.01
+    epochs: int = 10
+    batch_size: int = 1
+    seed: int = 42
+    patience: int | None = None  # epochs without dev-loss improvement before stopping; needs dev data
+
+
+@dataclass
+class TrainResult:
+    beta: torch.Tensor
+    step_losses: list[float] = field(default_factory=list)
+    epoch_losses: list[float] = field(default_factory=list)
+    dev_losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _loss(clf: Classifier, prefix: Prefix, plan: AttentionPlan, queries: list[list[int]], gold: torch.Tensor):
+    hidden = last_hidden(clf.lm, prefix, queries, plan)
+    return F.cross_entropy(label_logits(clf.lm, hidden, clf.prompt.label_ids), gold)
+
+
+def train_reweighting(
+    clf: Classifier,
+    texts: Sequence[str],
+    labels: Sequence[int],
+    cfg: TrainConfig | None = None,
+    dev: tuple[Sequence[str], Sequence[int]] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Fit β on (texts, class indices); returns the best β (by dev loss when dev data is given)."""
+    cfg = cfg or TrainConfig()
+    if not texts:
+        raise ValidationError("re-weighting needs at least one training example")
+    start = time.perf_counter()
+    prefix = clf.prefix(cfg.method)
+    beta = zero_beta(clf).requires_grad_(True)
+    plan = reweighting_plan(clf, cfg.method, beta)
+    queries = clf.encode(texts)
+    gold = torch.tensor(list(labels), device=clf.lm.device)
+    dev_queries = clf.encode(dev[0]) if dev else None
+    dev_gold = torch.tensor(list(dev[1]), device=clf.lm.device) if dev else None
+    optimizer = torch.optim.Adam([beta], lr=cfg.lr)
+    rng = np.random.default_rng(cfg.seed)
+    result = TrainResult(beta=beta.detach().clone())
+    best, stale = float("inf"), 0
+    steps = cfg.epochs * -(-len(queries) // cfg.batch_size)
+    with tqdm(total=steps, desc="re-weighting", unit="step", disable=not progress) as bar:
+        for _ in range(cfg.epochs):
+            order = rng.permutation(len(queries))
+            epoch = []
+            for i in range(0, len(order), cfg.batch_size):
+                idx = order[i : i + cfg.batch_size]
+                loss = _loss(clf, prefix, plan, [queries[j] for j in idx], gold[idx])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                epoch.append(loss.item())
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            result.step_losses += epoch
+            result.epoch_losses.append(float(np.mean(epoch)))
+            if dev_queries is None:
+                result.beta = beta.detach().clone()
+                continue
+            with torch.no_grad():
+                dev_loss = _loss(clf, prefix, plan, dev_queries, dev_gold).item()
+            result.dev_losses.append(dev_loss)
+            if dev_loss < best:
+                best, stale, result.beta = dev_loss, 0, beta.detach().clone()
+            else:
+                stale += 1
+                if cfg.patience is not None and stale >= cfg.patience:
+                    break
+    result.seconds = time.perf_counter() - start
+    return result

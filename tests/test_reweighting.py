@@ -1,0 +1,88 @@
+"""Anchor re-weighting: β = 0 is vanilla, the fast path equals the written-out formula, only β learns."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from anchor_cache import Classifier, Method, ValidationError
+from anchor_cache.forward import label_logits, last_hidden
+from anchor_cache.reweighting import TrainConfig, reweighting_plan, train_reweighting, zero_beta
+from tests.conftest import QUERIES, sentiment_task
+
+METHODS = (Method.HIDDEN_ANCHOR, Method.VANILLA)
+
+
+def _logits(clf: Classifier, method: Method, plan=None) -> torch.Tensor:
+    queries = clf.encode(QUERIES)
+    with torch.no_grad():
+        return label_logits(clf.lm, last_hidden(clf.lm, clf.prefix(method), queries, plan), clf.prompt.label_ids)
+
+
+def _random_beta(clf: Classifier) -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn_like(zero_beta(clf))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_zero_beta_changes_nothing(tiny_lm, method):
+    clf = Classifier(tiny_lm, sentiment_task())
+    plain = _logits(clf, method)
+    torch.testing.assert_close(_logits(clf, method, reweighting_plan(clf, method, zero_beta(clf))), plain,
+                               atol=1e-5, rtol=0)
+    assert (_logits(clf, method, reweighting_plan(clf, method, _random_beta(clf))) - plain).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fast_path_matches_the_explicit_formula(tiny_lm, method):
+    """Padded batch of different lengths: SDPA + target-row correction == written-out Â·v."""
+    clf = Classifier(tiny_lm, sentiment_task())
+    plan = reweighting_plan(clf, method, _random_beta(clf))
+    fast = _logits(clf, method, plan)
+    explicit = _logits(clf, method, dataclasses.replace(plan, explicit=True))
+    torch.testing.assert_close(fast, explicit, atol=1e-5, rtol=0)
+
+
+def test_explicit_weights_scale_only_the_target_row(tiny_lm):
+    clf = Classifier(tiny_lm, sentiment_task())
+    beta = torch.full_like(zero_beta(clf), 0.5)
+    plan = dataclasses.replace(reweighting_plan(clf, Method.VANILLA, beta), record_weights=True)
+    ids = torch.tensor([list(clf.prompt.context.ids) + clf.encode(["dull"])[0]])
+    plain_plan = dataclasses.replace(plan, reweighting=None)
+    with torch.no_grad():
+        base = tiny_lm.model.base_model(input_ids=ids, output_attentions=True, anchor_plan=plain_plan).attentions
+        plan = dataclasses.replace(plan, targets=torch.tensor([ids.shape[1] - 1]))
+        scaled = tiny_lm.model.base_model(input_ids=ids, output_attentions=True, anchor_plan=plan).attentions
+    labels = list(clf.prompt.context.label_positions)
+    ratio = scaled[0][0, :, -1, labels] / base[0][0, :, -1, labels]
+    torch.testing.assert_close(ratio, torch.full_like(ratio, float(torch.exp(torch.tensor(0.5)))))
+    torch.testing.assert_close(scaled[0][0, :, :-1], base[0][0, :, :-1])  # other rows untouched, no renorm
+
+
+def test_training_moves_only_beta_and_lowers_the_loss(tiny_lm):
+    clf = Classifier(tiny_lm, sentiment_task())
+    texts = ["a wonderful film", "dull and lifeless", "moving", "a waste"] * 2
+    labels = [1, 0, 1, 0] * 2
+    result = train_reweighting(clf, texts, labels, TrainConfig(lr=0.1, epochs=5), progress=False)
+    assert result.beta.abs().sum() > 0 and not result.beta.requires_grad
+    assert result.epoch_losses[-1] < result.epoch_losses[0]
+    assert len(result.step_losses) == 5 * len(texts)
+    assert all(p.grad is None and not p.requires_grad for p in tiny_lm.model.parameters())
+
+
+def test_dev_split_keeps_the_best_beta_and_stops_early(tiny_lm):
+    clf = Classifier(tiny_lm, sentiment_task())
+    cfg = TrainConfig(lr=0.5, epochs=30, batch_size=2, patience=2)
+    result = train_reweighting(clf, ["a", "b", "c", "d"], [0, 1, 0, 1], cfg, dev=(["e", "f"], [1, 0]), progress=False)
+    assert len(result.dev_losses) < 30
+    assert len(result.epoch_losses) == len(result.dev_losses)
+
+
+def test_reweighting_needs_label_words(tiny_lm):
+    clf = Classifier(tiny_lm, sentiment_task())
+    with pytest.raises(ValidationError, match="label words"):
+        reweighting_plan(clf, Method.ZERO_SHOT, zero_beta(clf))
+    with pytest.raises(ValidationError, match="shape"):
+        reweighting_plan(clf, Method.HIDDEN_ANCHOR, torch.zeros(1, 1, 1))
