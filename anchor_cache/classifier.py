@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from anchor_cache.attention import AttentionPlan
+from anchor_cache.attention import AttentionPlan, Reweighting
 from anchor_cache.cache import AnchorCache, build_anchor_cache
 from anchor_cache.data import load_demonstrations
 from anchor_cache.errors import ValidationError
@@ -27,7 +27,16 @@ from anchor_cache.task import Demonstration, Method, TaskSpec
 
 log = logging.getLogger(__name__)
 
+# Zhao et al. (2021)'s content-free inputs for contextual calibration.
+CONTENT_FREE_INPUTS = ("N/A", "", "[MASK]")
+
 CACHED_METHODS = frozenset({Method.HIDDEN_ANCHOR, Method.HIDDEN_RANDOM, Method.HIDDEN_RANDOM_TOP})
+
+
+def calibrate(logits: torch.Tensor, content_free: torch.Tensor) -> torch.Tensor:
+    """Contextual calibration: log p − log p_cf, i.e. probabilities divided by the content-free
+    ones; a softmax of the result renormalises them."""
+    return torch.log_softmax(logits, -1) - content_free
 
 
 @dataclass(frozen=True)
@@ -120,6 +129,48 @@ class Classifier:
         log.info("task %s: hidden_random_top dev label loyalty %.3f", self.task.name, best[0])
         return best[1]
 
+    # --- re-weighting and calibration -----------------------------------------------------------
+
+    def zero_beta(self) -> torch.Tensor:
+        """β = 0 for every (layer, query head, class): exactly the unweighted model."""
+        cfg = self.lm.model.config
+        return torch.zeros(cfg.num_hidden_layers, cfg.num_attention_heads, len(self.task.labels), device=self.lm.device)
+
+    def label_keys(self, method: Method | str) -> tuple[list[int], list[int]]:
+        """Key index and class of each demonstration label word behind `method`'s prefix."""
+        prefix, ctx = self.prefix(method), self.prompt.context
+        if prefix.cache is not None:
+            keys, classes = list(prefix.cache.label_slots), list(prefix.cache.label_classes)
+        elif prefix.ids == ctx.ids:  # vanilla: the context tokens lead every row
+            keys, classes = list(ctx.label_positions), list(ctx.classes)
+        else:
+            keys, classes = [], []
+        if not keys:
+            raise ValidationError("re-weighting needs the demonstrations' label words: use vanilla or hidden_anchor")
+        return keys, classes
+
+    def reweighting_plan(self, method: Method | str, beta: torch.Tensor) -> AttentionPlan:
+        expected = tuple(self.zero_beta().shape)
+        if tuple(beta.shape) != expected:
+            raise ValidationError(f"β has shape {tuple(beta.shape)}; this model and task need {expected}")
+        keys, classes = self.label_keys(method)
+        device = self.lm.device
+        return AttentionPlan(
+            reweighting=Reweighting(
+                beta=beta.to(device),
+                label_keys=torch.tensor(keys, device=device),
+                label_classes=torch.tensor(classes, device=device),
+            )
+        )
+
+    def content_free_logprobs(self, method: Method | str, beta: torch.Tensor | None = None) -> torch.Tensor:
+        """(C,) log of the mean label distribution for content-free inputs (Zhao et al. 2021).
+
+        Dividing a prediction's probabilities by these removes the prompt's own label bias.
+        """
+        logits = self.label_logits_ids(self.encode(CONTENT_FREE_INPUTS), method, beta=beta)
+        return torch.log(torch.softmax(logits, -1).mean(0))
+
     # --- inference ------------------------------------------------------------------------------
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
@@ -144,21 +195,26 @@ class Classifier:
                 out[i] = h
         return torch.stack(out)
 
-    def label_logits(self, texts: Sequence[str], method: Method | str, batch_size: int = 16) -> torch.Tensor:
-        """(N, C) label-word logits."""
-        return self.label_logits_ids(self.encode(texts), method, batch_size)
+    def label_logits(
+        self, texts: Sequence[str], method: Method | str, batch_size: int = 16, beta: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(N, C) label-word logits, re-weighted by `beta` when given."""
+        return self.label_logits_ids(self.encode(texts), method, batch_size, beta)
 
     def label_logits_ids(
-        self, queries: Sequence[Sequence[int]], method: Method | str, batch_size: int = 16
+        self, queries: Sequence[Sequence[int]], method: Method | str, batch_size: int = 16,
+        beta: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(N, C) label-word logits for already tokenised queries (the server tokenises before queueing)."""
-        return self._label_logits_with(self.prefix(method), queries, batch_size)
+        plan = self.reweighting_plan(method, beta) if beta is not None else None
+        return self._label_logits_with(self.prefix(method), queries, batch_size, plan)
 
     def _label_logits_with(
-        self, prefix: Prefix, queries: Sequence[Sequence[int]], batch_size: int = 16
+        self, prefix: Prefix, queries: Sequence[Sequence[int]], batch_size: int = 16,
+        plan: AttentionPlan | None = None,
     ) -> torch.Tensor:
         with torch.inference_mode():
-            return label_logits(self.lm, self._hidden(prefix, queries, batch_size), self.prompt.label_ids)
+            return label_logits(self.lm, self._hidden(prefix, queries, batch_size, plan), self.prompt.label_ids)
 
     def classify(
         self, texts: Sequence[str], method: Method | str | None = None, batch_size: int = 16

@@ -2,6 +2,7 @@
 
     python -m anchor_cache eval --preset sst2 --methods vanilla,hidden_anchor --limit 200 --out r.json
     python -m anchor_cache eval --data DIR --template 'Review: {text}\\nSentiment:' --labels Negative,Positive
+    python -m anchor_cache reweight --preset sst2 --out beta/        # learn β (paper §3.1)
     python -m anchor_cache classify --preset sst2 --demos-from DIR/train.jsonl "a joyous film"
 """
 
@@ -14,10 +15,15 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+from safetensors.torch import save_file
+
 from anchor_cache.classifier import Classifier
+from anchor_cache.data import read_jsonl, sample_rows, seed_demonstrations, training_draw
 from anchor_cache.errors import AnchorServeError
-from anchor_cache.evaluate import EvalConfig, evaluate, markdown_table
+from anchor_cache.evaluate import VARIANTS, EvalConfig, evaluate, markdown_table
 from anchor_cache.models import DEFAULT_MODEL, load_model
+from anchor_cache.reweighting import TrainConfig, train_reweighting
 from anchor_cache.task import PRESETS, DemonstrationSource, Method, TaskSpec
 
 log = logging.getLogger("anchor_cache")
@@ -32,11 +38,12 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def _methods(text: str) -> list[Method]:
-    try:
-        return [Method(x.strip()) for x in text.split(",") if x.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{exc}; choose from {[m.value for m in Method]}") from exc
+def _methods(text: str) -> list[str]:
+    methods = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [m for m in methods if m not in VARIANTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown methods {unknown}; choose from {list(VARIANTS)}")
+    return methods
 
 
 def _add_task_args(p: argparse.ArgumentParser) -> None:
@@ -48,6 +55,18 @@ def _add_task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--batch-size", type=int, default=16)
+
+
+def _add_reweight_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("re-weighting (paper defaults)")
+    g.add_argument("--train-per-class", type=int, default=4, help="β training rows per class, disjoint from demos")
+    g.add_argument("--lr", type=float, default=0.01)
+    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--train-batch-size", type=int, default=1)
+
+
+def _train_config(args: argparse.Namespace, method: Method = Method.HIDDEN_ANCHOR, seed: int = 42) -> TrainConfig:
+    return TrainConfig(method=method, lr=args.lr, epochs=args.epochs, batch_size=args.train_batch_size, seed=seed)
 
 
 def _template_and_labels(args: argparse.Namespace) -> tuple[str, list[str]]:
@@ -68,14 +87,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", type=Path, help="folder with train.jsonl and test.jsonl; default: shared data/<preset>")
     _add_task_args(ev)
     ev.add_argument(
-        "--methods", type=_methods, default=[Method.VANILLA, Method.HIDDEN_ANCHOR],
-        help=f"comma-separated, from {','.join(m.value for m in Method)}",
+        "--methods", type=_methods, default=["vanilla", "hidden_anchor"],
+        help=f"comma-separated, from {','.join(VARIANTS)}",
     )
     ev.add_argument("--seeds", type=_ints, default=[42, 43, 44, 45, 46])
     ev.add_argument("--limit", type=int, default=1000, help="test examples sampled per seed")
     ev.add_argument("--top-draws", type=int, default=20, help="random draws hidden_random_top chooses from")
     ev.add_argument("--top-dev-size", type=int, default=100, help="train rows (not demos) it chooses on")
     ev.add_argument("--out", type=Path, help="write results JSON here")
+    _add_reweight_args(ev)
+
+    rw = sub.add_parser("reweight", help="learn anchor re-weighting β for a task (paper §3.1) and save it")
+    rw.add_argument("--data", type=Path, help="folder with train.jsonl (and test.jsonl); default: shared data/<preset>")
+    _add_task_args(rw)
+    rw.add_argument("--method", type=Method, default=Method.HIDDEN_ANCHOR,
+                    choices=[Method.HIDDEN_ANCHOR, Method.VANILLA])
+    rw.add_argument("--seed", type=int, default=42, help="draws the demonstrations and the training rows")
+    rw.add_argument("--limit", type=int, default=200, help="test rows to report accuracy before/after on (0: skip)")
+    rw.add_argument("--out", type=Path, required=True, help="folder for beta.safetensors and reweighting.json")
+    _add_reweight_args(rw)
 
     cl = sub.add_parser("classify", help="classify texts with demonstrations drawn from a JSONL file")
     _add_task_args(cl)
@@ -86,22 +116,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_eval(args: argparse.Namespace) -> None:
-    template, labels = _template_and_labels(args)
+def _data_dir(args: argparse.Namespace) -> Path:
     data = args.data or (default_data_root() / args.preset if args.preset else None)
     if data is None:
         raise SystemExit("error: --data is required without --preset")
+    return data
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    template, labels = _template_and_labels(args)
+    data = _data_dir(args)
     lm = load_model(args.model, args.device, args.dtype)
     cfg = EvalConfig(
         data=data, template=template, labels=labels, methods=args.methods, shots_per_class=args.shots_per_class,
         seeds=args.seeds, limit=args.limit, batch_size=args.batch_size, top_draws=args.top_draws,
-        top_dev_size=args.top_dev_size,
+        top_dev_size=args.top_dev_size, train_per_class=args.train_per_class, reweight=_train_config(args),
     )
     results = evaluate(lm, cfg)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2))
     sys.stdout.write(markdown_table(results) + "\n")
+
+
+def run_reweight(args: argparse.Namespace) -> None:
+    template, labels = _template_and_labels(args)
+    data = _data_dir(args)
+    train = read_jsonl(data / "train.jsonl", labels)
+    demos, used = seed_demonstrations(train, labels, args.shots_per_class, args.seed)
+    rows = training_draw(train, used, len(labels), args.train_per_class, args.seed)
+    task = TaskSpec(name="reweight", template=template, labels=labels, demonstrations=demos, method=args.method)
+    clf = Classifier(load_model(args.model, args.device, args.dtype), task, seed=args.seed)
+    result = train_reweighting(clf, [r.text for r in rows], [r.label for r in rows],
+                               _train_config(args, args.method, args.seed))
+    report = {"seconds": result.seconds, "epoch_losses": result.epoch_losses, "step_losses": result.step_losses,
+              "train_rows": len(rows), "method": str(args.method), "demonstrations": [d.model_dump() for d in demos]}
+    if args.limit:
+        test = sample_rows(read_jsonl(data / "test.jsonl", labels), args.limit, args.seed)
+        gold = torch.tensor([r.label for r in test])
+        texts = [r.text for r in test]
+        for name, beta in (("accuracy_before", None), ("accuracy_after", result.beta)):
+            preds = clf.label_logits(texts, args.method, args.batch_size, beta).argmax(-1).cpu()
+            report[name] = 100 * float((preds == gold).float().mean())
+    args.out.mkdir(parents=True, exist_ok=True)
+    save_file({"beta": result.beta.cpu().contiguous()}, str(args.out / "beta.safetensors"))
+    (args.out / "reweighting.json").write_text(json.dumps(report, indent=1))
+    summary = {k: report[k] for k in ("seconds", "accuracy_before", "accuracy_after") if k in report}
+    sys.stdout.write(json.dumps(summary | {"final_loss": result.epoch_losses[-1]}) + "\n")
 
 
 def run_classify(args: argparse.Namespace) -> None:
@@ -120,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        {"eval": run_eval, "classify": run_classify}[args.command](args)
+        {"eval": run_eval, "reweight": run_reweight, "classify": run_classify}[args.command](args)
     except AnchorServeError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2

@@ -66,8 +66,20 @@ def sample_rows(rows: list[Example], limit: int, seed: int, exclude: set[int] = 
 
 
 def load_demonstrations(source: DemonstrationSource, labels: list[str]) -> list[Demonstration]:
-    rows = read_jsonl(source.path, labels)
-    picked, _ = sample_demonstrations(rows, len(labels), source.shots_per_class, source.seed)
-    demos = [Demonstration(text=r.text, label=labels[r.label]) for r in picked]
+    demos, _ = seed_demonstrations(read_jsonl(source.path, labels), labels, source.shots_per_class, source.seed)
     check_demonstrations(demos, labels)
     return demos
+
+
+def seed_demonstrations(
+    train: list[Example], labels: list[str], shots_per_class: int, seed: int
+) -> tuple[list[Demonstration], set[int]]:
+    """This seed's demonstration set as task demonstrations, plus the train indices it used."""
+    picked, used = sample_demonstrations(train, len(labels), shots_per_class, seed)
+    return [Demonstration(text=r.text, label=labels[r.label]) for r in picked], used
+
+
+def training_draw(train: list[Example], used: set[int], n_classes: int, per_class: int, seed: int) -> list[Example]:
+    """The paper's re-weighting training set: `per_class` rows per class, disjoint from the demos."""
+    rest = [r for i, r in enumerate(train) if i not in used]
+    return sample_demonstrations(rest, n_classes, per_class, seed)[0]

@@ -1,15 +1,19 @@
-"""The paper's compression evaluation (Table 2): accuracy and loyalty of each method.
+"""The paper's evaluations: compression (Table 2) and re-weighting (Table 1).
 
 Per seed: demonstrations are drawn from train (first k per class in a seeded shuffle), up to
 `limit` test rows are sampled with the same seed, and every method classifies the same rows.
 Label loyalty is agreement with vanilla ICL's predicted label; word loyalty is the Jaccard
 similarity of the top-5 full-vocabulary tokens at the last position, also against vanilla.
+
+Besides the six `Method`s, the variants below add learned β and/or contextual calibration to a
+base method. β is trained per seed on `train_per_class` rows per class drawn from train,
+disjoint from that seed's demonstrations (the paper's setting).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +22,30 @@ import torch
 from tqdm import tqdm
 
 from anchor_cache.cache import kv_bytes_per_token
-from anchor_cache.classifier import Classifier
-from anchor_cache.data import read_jsonl, sample_demonstrations, sample_rows
+from anchor_cache.classifier import Classifier, calibrate
+from anchor_cache.data import Example, read_jsonl, sample_rows, seed_demonstrations, training_draw
+from anchor_cache.errors import ValidationError
 from anchor_cache.forward import label_logits, vocab_logits
 from anchor_cache.models import LoadedModel
-from anchor_cache.task import Demonstration, Method, TaskSpec
+from anchor_cache.reweighting import TrainConfig, train_reweighting
+from anchor_cache.task import Method, TaskSpec
 
 WORD_LOYALTY_TOP_K = 5
+
+
+@dataclass(frozen=True)
+class Variant:
+    base: Method
+    reweighted: bool = False
+    calibrated: bool = False
+
+
+VARIANTS = {m.value: Variant(m) for m in Method} | {
+    "vanilla_reweighted": Variant(Method.VANILLA, reweighted=True),
+    "hidden_anchor_reweighted": Variant(Method.HIDDEN_ANCHOR, reweighted=True),
+    "calibrated": Variant(Method.VANILLA, calibrated=True),
+    "hidden_anchor_reweighted_calibrated": Variant(Method.HIDDEN_ANCHOR, reweighted=True, calibrated=True),
+}
 
 
 @dataclass
@@ -32,13 +53,15 @@ class EvalConfig:
     data: Path
     template: str
     labels: list[str]
-    methods: list[Method]
+    methods: list[str]  # keys of VARIANTS
     shots_per_class: int = 1
     seeds: list[int] = field(default_factory=lambda: [42, 43, 44, 45, 46])
     limit: int = 1000
     batch_size: int = 16
     top_draws: int = 20
     top_dev_size: int = 100
+    train_per_class: int = 4
+    reweight: TrainConfig = field(default_factory=TrainConfig)
 
 
 @dataclass
@@ -52,15 +75,22 @@ class MethodRun:
 
 
 def _run_method(
-    clf: Classifier, method: Method, texts: Sequence[str], batch_size: int, bytes_per_token: int, bar: tqdm
+    clf: Classifier, variant: Variant, beta: torch.Tensor | None, texts: Sequence[str], batch_size: int,
+    bytes_per_token: int, bar: tqdm,
 ) -> MethodRun:
+    method = variant.base
+    plan = clf.reweighting_plan(method, beta) if beta is not None else None
+    content_free = clf.content_free_logprobs(method, beta) if variant.calibrated else None
     preds, topk = [], []
     chunk = batch_size * 4
     for start in range(0, len(texts), chunk):
         part = texts[start : start + chunk]
         with torch.inference_mode():
-            hidden = clf.hidden_states(part, method, batch_size)
-            preds.append(label_logits(clf.lm, hidden, clf.prompt.label_ids).argmax(-1).cpu().numpy())
+            hidden = clf.hidden_states(part, method, batch_size, plan)
+            logits = label_logits(clf.lm, hidden, clf.prompt.label_ids)
+            if content_free is not None:
+                logits = calibrate(logits, content_free)
+            preds.append(logits.argmax(-1).cpu().numpy())
             top = vocab_logits(clf.lm, hidden).topk(WORD_LOYALTY_TOP_K, dim=-1).indices.tolist()
         topk.extend(set(row) for row in top)
         bar.update(len(part))
@@ -75,6 +105,21 @@ def _run_method(
     )
 
 
+def _train_betas(
+    clf: Classifier, variants: list[Variant], train: list[Example], used: set[int], cfg: EvalConfig, seed: int
+) -> dict[Method, torch.Tensor]:
+    """One β per base method that a requested variant re-weights, trained on this seed's draw."""
+    bases = list(dict.fromkeys(v.base for v in variants if v.reweighted))
+    if not bases:
+        return {}
+    train = training_draw(train, used, len(cfg.labels), cfg.train_per_class, seed)
+    texts, labels = [r.text for r in train], [r.label for r in train]
+    return {
+        base: train_reweighting(clf, texts, labels, replace(cfg.reweight, method=base, seed=seed), progress=False).beta
+        for base in bases
+    }
+
+
 def _jaccard(a: set[int], b: set[int]) -> float:
     return len(a & b) / len(a | b)
 
@@ -82,25 +127,30 @@ def _jaccard(a: set[int], b: set[int]) -> float:
 def evaluate(lm: LoadedModel, cfg: EvalConfig, progress: bool = True) -> dict[str, Any]:
     train = read_jsonl(cfg.data / "train.jsonl", cfg.labels)
     test = read_jsonl(cfg.data / "test.jsonl", cfg.labels)
-    methods = list(dict.fromkeys([Method.VANILLA, *cfg.methods]))  # vanilla is every loyalty's reference
+    unknown = [m for m in cfg.methods if m not in VARIANTS]
+    if unknown:
+        raise ValidationError(f"unknown methods {unknown}; choose from {list(VARIANTS)}")
+    methods = list(dict.fromkeys([Method.VANILLA.value, *cfg.methods]))  # vanilla is every loyalty's reference
+    variants = [VARIANTS[m] for m in methods]
     n_test = min(cfg.limit, len(test))
     bar = tqdm(total=n_test * len(methods) * len(cfg.seeds), desc="eval", unit="ex", disable=not progress)
     bytes_per_token = kv_bytes_per_token(lm)
-    per_seed: dict[Method, list[dict[str, Any]]] = {m: [] for m in methods}
+    per_seed: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     for seed in cfg.seeds:
-        picked, used = sample_demonstrations(train, len(cfg.labels), cfg.shots_per_class, seed)
-        demos = [Demonstration(text=r.text, label=cfg.labels[r.label]) for r in picked]
+        demos, used = seed_demonstrations(train, cfg.labels, cfg.shots_per_class, seed)
         rows = sample_rows(test, cfg.limit, seed)
         dev = sample_rows(train, cfg.top_dev_size, seed, exclude=used) if Method.HIDDEN_RANDOM_TOP in methods else []
         task = TaskSpec(name="eval", template=cfg.template, labels=cfg.labels, demonstrations=demos)
         clf = Classifier(lm, task, seed=seed, dev_texts=[r.text for r in dev], random_top_draws=cfg.top_draws)
         texts = [r.text for r in rows]
         gold = np.array([r.label for r in rows])
+        betas = _train_betas(clf, variants, train, used, cfg, seed)
         runs = {}
-        for method in methods:
-            bar.set_postfix(seed=seed, method=str(method))
-            runs[method] = _run_method(clf, method, texts, cfg.batch_size, bytes_per_token, bar)
-        ref = runs[Method.VANILLA]
+        for name, variant in zip(methods, variants, strict=True):
+            bar.set_postfix(seed=seed, method=name)
+            beta = betas.get(variant.base) if variant.reweighted else None
+            runs[name] = _run_method(clf, variant, beta, texts, cfg.batch_size, bytes_per_token, bar)
+        ref = runs[Method.VANILLA.value]
         for method, run in runs.items():
             per_seed[method].append(
                 {
@@ -117,12 +167,12 @@ def evaluate(lm: LoadedModel, cfg: EvalConfig, progress: bool = True) -> dict[st
     summary = {}
     for method in methods:
         seeds = per_seed[method]
-        summary[str(method)] = {
+        summary[method] = {
             key: float(np.mean([s[key] for s in seeds]))
             for key in ("accuracy", "label_loyalty", "word_loyalty", "tokens_per_request", "kv_cache_bytes")
         } | {"per_seed": seeds}
-        summary[str(method)]["kv_cache_bytes"] = round(summary[str(method)]["kv_cache_bytes"])
-    config = asdict(cfg) | {"data": str(cfg.data), "methods": [str(m) for m in cfg.methods]}
+        summary[method]["kv_cache_bytes"] = round(summary[method]["kv_cache_bytes"])
+    config = asdict(cfg) | {"data": str(cfg.data)}
     return {"config": config | {"model": lm.name, "dtype": str(lm.dtype).removeprefix("torch.")}, "methods": summary}
 
 
@@ -137,3 +187,4 @@ def markdown_table(results: dict[str, Any]) -> str:
             f"{m['tokens_per_request']:.1f} | {int(m['kv_cache_bytes']):,} |"
         )
     return "\n".join(lines)
+

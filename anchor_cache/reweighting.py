@@ -17,45 +17,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from anchor_cache.attention import AttentionPlan, Reweighting
+from anchor_cache.attention import AttentionPlan
 from anchor_cache.classifier import Classifier
 from anchor_cache.errors import ValidationError
 from anchor_cache.forward import Prefix, label_logits, last_hidden
 from anchor_cache.task import Method
-
-
-def label_keys(clf: Classifier, prefix: Prefix) -> tuple[list[int], list[int]]:
-    """Key index and class of each demonstration label word behind `prefix`."""
-    ctx = clf.prompt.context
-    if prefix.cache is not None:
-        keys, classes = list(prefix.cache.label_slots), list(prefix.cache.label_classes)
-    elif prefix.ids == ctx.ids:  # vanilla: the context tokens lead every row
-        keys, classes = list(ctx.label_positions), list(ctx.classes)
-    else:
-        keys = []
-    if not keys:
-        raise ValidationError("re-weighting needs the demonstrations' label words: use vanilla or hidden_anchor")
-    return keys, classes
-
-
-def zero_beta(clf: Classifier) -> torch.Tensor:
-    cfg = clf.lm.model.config
-    return torch.zeros(cfg.num_hidden_layers, cfg.num_attention_heads, len(clf.task.labels), device=clf.lm.device)
-
-
-def reweighting_plan(clf: Classifier, method: Method | str, beta: torch.Tensor) -> AttentionPlan:
-    keys, classes = label_keys(clf, clf.prefix(method))
-    device = clf.lm.device
-    expected = tuple(zero_beta(clf).shape)
-    if tuple(beta.shape) != expected:
-        raise ValidationError(f"β has shape {tuple(beta.shape)}; this model and task need {expected}")
-    return AttentionPlan(
-        reweighting=Reweighting(
-            beta=beta.to(device),
-            label_keys=torch.tensor(keys, device=device),
-            label_classes=torch.tensor(classes, device=device),
-        )
-    )
 
 
 @dataclass
@@ -96,8 +62,8 @@ def train_reweighting(
         raise ValidationError("re-weighting needs at least one training example")
     start = time.perf_counter()
     prefix = clf.prefix(cfg.method)
-    beta = zero_beta(clf).requires_grad_(True)
-    plan = reweighting_plan(clf, cfg.method, beta)
+    beta = clf.zero_beta().requires_grad_(True)
+    plan = clf.reweighting_plan(cfg.method, beta)
     queries = clf.encode(texts)
     gold = torch.tensor(list(labels), device=clf.lm.device)
     dev_queries = clf.encode(dev[0]) if dev else None

@@ -20,10 +20,10 @@ import torch
 
 from anchor_cache.cache import build_anchor_cache
 from anchor_cache.classifier import Classifier
-from anchor_cache.data import read_jsonl, sample_demonstrations, sample_rows
+from anchor_cache.data import read_jsonl, sample_rows, seed_demonstrations
 from anchor_cache.forward import Prefix, label_logits, last_hidden
 from anchor_cache.models import load_model
-from anchor_cache.task import PRESETS, Demonstration, TaskSpec
+from anchor_cache.task import PRESETS, TaskSpec
 from bench.common import RESULTS, dataset_parser
 
 METHODS = ["vanilla", "prefix_cache", "hidden_anchor", "zero_shot"]
@@ -32,8 +32,7 @@ METHODS = ["vanilla", "prefix_cache", "hidden_anchor", "zero_shot"]
 def measure(lm, data_root: Path, name: str, n_queries: int, seed: int) -> dict:
     template, labels = PRESETS[name]
     train = read_jsonl(data_root / name / "train.jsonl", labels)
-    picked, _ = sample_demonstrations(train, len(labels), 1, seed)
-    demos = [Demonstration(text=r.text, label=labels[r.label]) for r in picked]
+    demos, _ = seed_demonstrations(train, labels, 1, seed)
     clf = Classifier(lm, TaskSpec(name=name, template=template, labels=labels, demonstrations=demos))
     ctx = clf.prompt.context
     prefixes = {

@@ -53,3 +53,19 @@ def test_bad_arguments_fail_cleanly(tiny_folder, dataset_dir, tmp_path):
 def test_module_entry_point_shows_help():
     out = subprocess.run([sys.executable, "-m", "anchor_cache", "eval", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--shots-per-class" in out.stdout and "--preset" in out.stdout
+
+
+def test_reweight_writes_beta_and_loss_curve(tiny_folder, dataset_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "beta"
+    code = main([
+        "reweight", "--data", str(dataset_dir), "--template", "Review: {text}\\nSentiment:",
+        "--labels", "Negative,Positive", "--model", str(tiny_folder), "--train-per-class", "2", "--epochs", "2",
+        "--limit", "4", "--out", str(out),
+    ])
+    assert code == 0
+    report = json.loads((out / "reweighting.json").read_text())
+    assert len(report["epoch_losses"]) == 2 and len(report["step_losses"]) == 8
+    assert {"accuracy_before", "accuracy_after"} <= set(report)
+    assert load_file(str(out / "beta.safetensors"))["beta"].shape == (3, 4, 2)

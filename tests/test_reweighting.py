@@ -9,7 +9,7 @@ import torch
 
 from anchor_cache import Classifier, Method, ValidationError
 from anchor_cache.forward import label_logits, last_hidden
-from anchor_cache.reweighting import TrainConfig, reweighting_plan, train_reweighting, zero_beta
+from anchor_cache.reweighting import TrainConfig, train_reweighting
 from tests.conftest import QUERIES, sentiment_task
 
 METHODS = (Method.HIDDEN_ANCHOR, Method.VANILLA)
@@ -23,23 +23,23 @@ def _logits(clf: Classifier, method: Method, plan=None) -> torch.Tensor:
 
 def _random_beta(clf: Classifier) -> torch.Tensor:
     torch.manual_seed(1)
-    return torch.randn_like(zero_beta(clf))
+    return torch.randn_like(clf.zero_beta())
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_zero_beta_changes_nothing(tiny_lm, method):
     clf = Classifier(tiny_lm, sentiment_task())
     plain = _logits(clf, method)
-    torch.testing.assert_close(_logits(clf, method, reweighting_plan(clf, method, zero_beta(clf))), plain,
+    torch.testing.assert_close(_logits(clf, method, clf.reweighting_plan(method, clf.zero_beta())), plain,
                                atol=1e-5, rtol=0)
-    assert (_logits(clf, method, reweighting_plan(clf, method, _random_beta(clf))) - plain).abs().max() > 1e-3
+    assert (_logits(clf, method, clf.reweighting_plan(method, _random_beta(clf))) - plain).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_fast_path_matches_the_explicit_formula(tiny_lm, method):
     """Padded batch of different lengths: SDPA + target-row correction == written-out Â·v."""
     clf = Classifier(tiny_lm, sentiment_task())
-    plan = reweighting_plan(clf, method, _random_beta(clf))
+    plan = clf.reweighting_plan(method, _random_beta(clf))
     fast = _logits(clf, method, plan)
     explicit = _logits(clf, method, dataclasses.replace(plan, explicit=True))
     torch.testing.assert_close(fast, explicit, atol=1e-5, rtol=0)
@@ -47,8 +47,8 @@ def test_fast_path_matches_the_explicit_formula(tiny_lm, method):
 
 def test_explicit_weights_scale_only_the_target_row(tiny_lm):
     clf = Classifier(tiny_lm, sentiment_task())
-    beta = torch.full_like(zero_beta(clf), 0.5)
-    plan = dataclasses.replace(reweighting_plan(clf, Method.VANILLA, beta), record_weights=True)
+    beta = torch.full_like(clf.zero_beta(), 0.5)
+    plan = dataclasses.replace(clf.reweighting_plan(Method.VANILLA, beta), record_weights=True)
     ids = torch.tensor([list(clf.prompt.context.ids) + clf.encode(["dull"])[0]])
     plain_plan = dataclasses.replace(plan, reweighting=None)
     with torch.no_grad():
@@ -83,6 +83,33 @@ def test_dev_split_keeps_the_best_beta_and_stops_early(tiny_lm):
 def test_reweighting_needs_label_words(tiny_lm):
     clf = Classifier(tiny_lm, sentiment_task())
     with pytest.raises(ValidationError, match="label words"):
-        reweighting_plan(clf, Method.ZERO_SHOT, zero_beta(clf))
+        clf.reweighting_plan(Method.ZERO_SHOT, clf.zero_beta())
     with pytest.raises(ValidationError, match="shape"):
-        reweighting_plan(clf, Method.HIDDEN_ANCHOR, torch.zeros(1, 1, 1))
+        clf.reweighting_plan(Method.HIDDEN_ANCHOR, torch.zeros(1, 1, 1))
+
+
+def test_calibration_matches_a_hand_computation(tiny_lm):
+    from anchor_cache.classifier import CONTENT_FREE_INPUTS, calibrate
+
+    clf = Classifier(tiny_lm, sentiment_task())
+    content_free = clf.content_free_logprobs(Method.HIDDEN_ANCHOR)
+    by_hand = torch.stack([torch.softmax(clf.label_logits([t], Method.HIDDEN_ANCHOR)[0], -1)
+                           for t in CONTENT_FREE_INPUTS]).mean(0)
+    torch.testing.assert_close(content_free.exp(), by_hand, atol=1e-6, rtol=0)
+    logits = clf.label_logits(QUERIES, Method.HIDDEN_ANCHOR)
+    expected = torch.softmax(logits, -1) / by_hand
+    expected = expected / expected.sum(-1, keepdim=True)
+    torch.testing.assert_close(torch.softmax(calibrate(logits, content_free), -1), expected, atol=1e-6, rtol=0)
+
+
+def test_eval_runs_reweighting_and_calibration_variants(tiny_lm, dataset_dir):
+    from anchor_cache.evaluate import EvalConfig, evaluate
+    from anchor_cache.reweighting import TrainConfig
+
+    methods = ["hidden_anchor", "vanilla_reweighted", "hidden_anchor_reweighted", "calibrated",
+               "hidden_anchor_reweighted_calibrated"]
+    cfg = EvalConfig(data=dataset_dir, template="Review: {text}\nSentiment:", labels=["Negative", "Positive"],
+                     methods=methods, seeds=[42], limit=6, train_per_class=2, reweight=TrainConfig(epochs=2))
+    results = evaluate(tiny_lm, cfg, progress=False)
+    assert list(results["methods"]) == ["vanilla", *methods]
+    assert results["config"]["reweight"]["epochs"] == 2
