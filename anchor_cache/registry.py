@@ -7,17 +7,29 @@ serving, and a failed build leaves the old version in place.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from anchor_cache.classifier import CACHED_METHODS, Classifier
+import torch
+
+from anchor_cache.classifier import CACHED_METHODS, Classifier, calibrate
 from anchor_cache.errors import NotFoundError, ValidationError
 from anchor_cache.models import LoadedModel
-from anchor_cache.storage import cache_identity, cache_key, find_cache, save_cache, write_atomic
-from anchor_cache.task import TaskSpec
+from anchor_cache.storage import (
+    cache_identity,
+    cache_key,
+    find_beta,
+    find_cache,
+    save_beta,
+    save_cache,
+    write_atomic,
+)
+from anchor_cache.task import Method, TaskSpec
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +38,28 @@ log = logging.getLogger(__name__)
 class ServedTask:
     spec: TaskSpec
     classifier: Classifier
-    cache_key: str | None  # None for methods without a cache (vanilla, text_anchor, zero_shot)
+    key: str  # content hash of model, tokenizer, task and method: names its cache and β
     cache_bytes: int
     anchor_tokens: int
     build_seconds: float
     loaded_from_disk: bool
+    beta: torch.Tensor | None = None  # learned re-weighting for spec.method
+    reweighting: dict[str, Any] | None = None  # how β was trained (loss curve, time, examples)
+    content_free: torch.Tensor | None = None  # (C,) log content-free probabilities when spec.calibrate
+
+    @property
+    def cached(self) -> bool:
+        return self.spec.method in CACHED_METHODS
+
+    def beta_for(self, method: Method) -> torch.Tensor | None:
+        """β applies to the method it was trained in; other methods requested per call run without."""
+        return self.beta if method == self.spec.method else None
+
+    def scores(self, logits: torch.Tensor, method: Method) -> torch.Tensor:
+        """Calibrated label scores for the task's own method when calibration is on, raw otherwise."""
+        if self.content_free is None or method != self.spec.method:
+            return logits
+        return calibrate(logits, self.content_free)
 
 
 class TaskRegistry:
@@ -51,10 +80,9 @@ class TaskRegistry:
             raise ValidationError(
                 f"task {spec.name!r}: demonstrations take {n_demo} tokens, the limit is {self.max_demo_tokens}"
             )
-        key, loaded = None, False
+        identity = cache_identity(self.lm, clf.prompt, spec.method, clf.seed)
+        key, loaded = cache_key(identity), False
         if spec.method in CACHED_METHODS:
-            identity = cache_identity(self.lm, clf.prompt, spec.method, clf.seed)
-            key = cache_key(identity)
             cache = find_cache(self.cache_dir, identity, self.lm)
             loaded = cache is not None
             if loaded:
@@ -62,20 +90,36 @@ class TaskRegistry:
             else:
                 save_cache(self.cache_dir, clf.prefix(spec.method).cache, identity, self.lm.name)
         prefix = clf.prefix(spec.method)
-        served = ServedTask(
-            spec=spec,
-            classifier=clf,
-            cache_key=key,
-            cache_bytes=prefix.kv_bytes,
-            anchor_tokens=prefix.cache.num_tokens if prefix.cache is not None else 0,
-            build_seconds=time.perf_counter() - start,
-            loaded_from_disk=loaded,
+        stored = find_beta(self.cache_dir, key, self.lm)
+        served = self.with_beta(
+            ServedTask(
+                spec=spec,
+                classifier=clf,
+                key=key,
+                cache_bytes=prefix.kv_bytes,
+                anchor_tokens=prefix.cache.num_tokens if prefix.cache is not None else 0,
+                build_seconds=0.0,
+                loaded_from_disk=loaded,
+            ),
+            *(stored or (None, None)),
         )
+        served = dataclasses.replace(served, build_seconds=time.perf_counter() - start)
         log.info(
-            "task %s ready: %s, cache %d tokens / %d bytes, %s in %.2fs", spec.name, spec.method,
+            "task %s ready: %s, cache %d tokens / %d bytes, %s in %.2fs%s", spec.name, spec.method,
             served.anchor_tokens, served.cache_bytes, "loaded from disk" if loaded else "built", served.build_seconds,
+            ", with learned β" if served.beta is not None else "",
         )
         return served
+
+    def with_beta(self, served: ServedTask, beta: torch.Tensor | None, info: dict[str, Any] | None) -> ServedTask:
+        """The task with β applied; calibration is recomputed under it (computed once, then cached)."""
+        content_free = None
+        if served.spec.calibrate:
+            content_free = served.classifier.content_free_logprobs(served.spec.method, beta)
+        return dataclasses.replace(served, beta=beta, reweighting=info, content_free=content_free)
+
+    def save_beta(self, served: ServedTask) -> None:
+        save_beta(self.cache_dir, served.key, served.beta, served.reweighting or {})
 
     def put(self, served: ServedTask) -> None:
         if served.spec.name not in self._tasks and len(self._tasks) >= self.max_tasks:

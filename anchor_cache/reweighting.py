@@ -9,7 +9,7 @@ with lr 0.01, 10 epochs, batch 1.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,9 +19,13 @@ from tqdm import tqdm
 
 from anchor_cache.attention import AttentionPlan
 from anchor_cache.classifier import Classifier
-from anchor_cache.errors import ValidationError
+from anchor_cache.errors import AnchorServeError, ValidationError
 from anchor_cache.forward import Prefix, label_logits, last_hidden
 from anchor_cache.task import Method
+
+
+class TrainingCancelled(AnchorServeError):
+    kind = "cancelled"
 
 
 @dataclass
@@ -55,8 +59,13 @@ def train_reweighting(
     cfg: TrainConfig | None = None,
     dev: tuple[Sequence[str], Sequence[int]] | None = None,
     progress: bool = True,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
-    """Fit β on (texts, class indices); returns the best β (by dev loss when dev data is given)."""
+    """Fit β on (texts, class indices); returns the best β (by dev loss when dev data is given).
+
+    `should_stop` is polled before every step; when it answers True the run raises
+    TrainingCancelled, so a cancelled run never yields a half-trained β.
+    """
     cfg = cfg or TrainConfig()
     if not texts:
         raise ValidationError("re-weighting needs at least one training example")
@@ -78,6 +87,8 @@ def train_reweighting(
             order = rng.permutation(len(queries))
             epoch = []
             for i in range(0, len(order), cfg.batch_size):
+                if should_stop is not None and should_stop():
+                    raise TrainingCancelled("re-weighting was cancelled")
                 idx = order[i : i + cfg.batch_size]
                 loss = _loss(clf, prefix, plan, [queries[j] for j in idx], gold[idx])
                 optimizer.zero_grad()

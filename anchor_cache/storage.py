@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from anchor_cache.cache import AnchorCache
@@ -117,3 +118,25 @@ def load_cache(manifest_path: Path, lm: LoadedModel, expected: dict[str, Any] | 
         label_slots=tuple(manifest["label_slots"]),
         label_classes=tuple(manifest["label_classes"]),
     )
+
+
+def save_beta(directory: Path, key: str, beta: torch.Tensor, info: dict[str, Any]) -> None:
+    """Learned β for the task variant `key` (its cache key): tensor first, then its manifest."""
+    write_atomic(directory / f"{key}.beta.safetensors", lambda p: save_file({"beta": beta.cpu().contiguous()}, str(p)))
+    text = json.dumps(info | {"key": key, "shape": list(beta.shape)}, indent=1)
+    write_atomic(directory / f"{key}.beta.json", lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def find_beta(directory: Path, key: str, lm: LoadedModel) -> tuple[torch.Tensor, dict[str, Any]] | None:
+    """The β saved for `key`, if any. The key already covers the model, tokenizer and task."""
+    manifest = directory / f"{key}.beta.json"
+    if not manifest.is_file():
+        return None
+    try:
+        info = json.loads(manifest.read_text(encoding="utf-8"))
+        beta = load_file(str(directory / f"{key}.beta.safetensors"), device=str(lm.device))["beta"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise CacheMismatchError(f"{manifest} or its tensor file is unreadable ({exc})") from exc
+    if info.get("key") != key or list(beta.shape) != info.get("shape"):
+        raise CacheMismatchError(f"{manifest} does not describe the β stored beside it")
+    return beta, info

@@ -55,6 +55,7 @@ class TaskSpec(BaseModel):
     separator: str = Field("\n", min_length=1)
     demonstrations: list[Demonstration] | DemonstrationSource
     method: Method = Method.HIDDEN_ANCHOR
+    calibrate: bool = Field(False, description="contextual calibration: divide by content-free label probabilities")
 
     @field_validator("template")
     @classmethod

@@ -1,24 +1,35 @@
-"""Admin routes: create, replace and delete tasks at runtime (builds run as jobs).
+"""Admin routes: create, replace and delete tasks, and learn their re-weighting β (as jobs).
 
 Disabled (404) unless ADMIN_API_KEY is set. A build prepares the new task off to the side (on the
 model thread, between batches) and swaps it in only when it succeeded, so the old version keeps
 serving during a replacement and stays if the build fails. Writes to one task name are
-serialised: a second write while one is building gets 409.
+serialised: a second write while one is building or training gets 409. β trains in its own
+thread while classification goes on, and is swapped in (and persisted) only when training
+finished; a failed or cancelled run leaves the previous β serving.
 """
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
 from typing import Any
 
+import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
+from anchor_cache.data import read_jsonl, sample_demonstrations
 from anchor_cache.errors import ValidationError
-from anchor_cache.task import TaskSpec
+from anchor_cache.registry import ServedTask
+from anchor_cache.reweighting import TrainConfig, train_reweighting
+from anchor_cache.task import TaskSpec, label_index
 from server.auth import require_admin_key, require_json
 from server.errors import Conflict, status_of_kind
 from server.jobs import Job
+from server.protocol import ReweightRequest
 from server.routes import state_of, task_info
+from server.settings import Settings
 from server.state import ServerState
 
 admin = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin_key), Depends(require_json)])
@@ -47,7 +58,7 @@ async def _start_build(request: Request, spec: TaskSpec, replace: bool) -> JSONR
     if not exists and len(registry.all()) >= state.settings.max_tasks:
         raise Conflict(f"already serving {state.settings.max_tasks} tasks (max_tasks); delete one first")
     state.building.add(spec.name)
-    job = state.jobs.submit("replace_task" if exists else "create_task", spec.name, lambda: _apply(state, spec))
+    job = state.jobs.submit("replace_task" if exists else "create_task", spec.name, lambda _: _apply(state, spec))
     await state.jobs.wait(job, timeout=state.settings.admin_sync_wait_s)
     return _job_response(job)
 
@@ -89,3 +100,82 @@ async def delete_task(name: str, request: Request) -> dict:
 @admin.get("/jobs/{job_id}", response_model=Job)
 async def get_job(job_id: str, request: Request) -> Job:
     return state_of(request).jobs.get(job_id)
+
+
+def _training_rows(body: ReweightRequest, served: ServedTask, settings: Settings) -> tuple[list[str], list[int]]:
+    """Training rows as (texts, classes), never including a demonstration text."""
+    labels = served.spec.labels
+    demo_texts = {d.text for d in served.classifier.prompt.demonstrations}
+    if body.examples is not None:
+        rows = [(e.text, label_index(e.label, labels)) for e in body.examples if e.text not in demo_texts]
+    else:
+        if settings.data_root is None:
+            raise ValidationError("reading datasets is disabled: start the server with ANCHORSERVE_DATA_ROOT set")
+        root = settings.data_root.resolve()
+        path = (root / body.data.path).resolve()
+        if not path.is_relative_to(root):
+            raise ValidationError(f"{body.data.path!r} is outside the data root")
+        path = path / "train.jsonl" if path.is_dir() else path
+        pool = [r for r in read_jsonl(path, labels) if r.text not in demo_texts]
+        picked, _ = sample_demonstrations(pool, len(labels), body.data.per_class, body.data.seed)
+        rows = [(r.text, r.label) for r in picked]
+    if not rows:
+        raise ValidationError("no training examples left (examples equal to demonstrations are dropped)")
+    if len(rows) > settings.max_train_examples:
+        raise ValidationError(f"{len(rows)} training examples; the limit is {settings.max_train_examples}")
+    return [t for t, _ in rows], [c for _, c in rows]
+
+
+async def _train(
+    state: ServerState, served: ServedTask, body: ReweightRequest, texts: list[str], labels: list[int],
+    cancel: threading.Event,
+) -> dict[str, Any]:
+    """Train in a worker thread (classification keeps flowing), then swap β in if the task is unchanged."""
+    registry = state.require_ready()
+    name = served.spec.name
+    n_dev = int(len(texts) * body.dev_fraction)
+    order = np.random.default_rng(body.seed).permutation(len(texts))
+    dev_idx, train_idx = order[:n_dev], order[n_dev:]
+    cfg = TrainConfig(method=served.spec.method, lr=body.lr, epochs=body.epochs, batch_size=body.batch_size,
+                      seed=body.seed, patience=body.patience)
+
+    def work() -> ServedTask:
+        result = train_reweighting(
+            served.classifier, [texts[i] for i in train_idx], [labels[i] for i in train_idx], cfg,
+            dev=([texts[i] for i in dev_idx], [labels[i] for i in dev_idx]) if n_dev else None,
+            progress=False, should_stop=cancel.is_set,
+        )
+        info = {"seconds": round(result.seconds, 3), "epoch_losses": result.epoch_losses,
+                "step_losses": result.step_losses, "dev_losses": result.dev_losses,
+                "train_examples": len(train_idx), "dev_examples": n_dev, "lr": body.lr, "epochs": body.epochs,
+                "batch_size": body.batch_size, "trained_at": time.time()}
+        return registry.with_beta(served, result.beta, info)
+
+    try:
+        trained = await asyncio.to_thread(work)
+        if registry.get(name).key != served.key:
+            raise Conflict(f"task {name!r} was replaced during training; the new β was discarded")
+        registry.save_beta(trained)
+        registry.put(trained)
+    finally:
+        state.building.discard(name)
+    return {"task": name} | trained.reweighting
+
+
+@admin.post("/tasks/{name}/reweighting", status_code=202, summary="Learn anchor re-weighting β for a task (a job)")
+async def reweight_task(name: str, body: ReweightRequest, request: Request) -> JSONResponse:
+    state = state_of(request)
+    served = state.require_ready().get(name)
+    if name in state.building:
+        raise Conflict(f"task {name!r} has a build or training job running; wait for it")
+    served.classifier.label_keys(served.spec.method)  # fails now if this method has no label words to weight
+    texts, labels = _training_rows(body, served, state.settings)
+    state.building.add(name)
+    job = state.jobs.submit("reweighting", name, lambda cancel: _train(state, served, body, texts, labels, cancel))
+    return JSONResponse(status_code=202, content={"job": job.id, "status": job.status,
+                                                  "status_url": f"/admin/jobs/{job.id}"})
+
+
+@admin.delete("/jobs/{job_id}", response_model=Job, summary="Cancel a job; a cancelled training keeps the old β")
+async def cancel_job(job_id: str, request: Request) -> Job:
+    return state_of(request).jobs.cancel(job_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -33,11 +34,14 @@ class JobRunner:
         self.keep = keep
         self._jobs: dict[str, Job] = {}
         self._tasks: dict[str, asyncio.Task] = {}
+        self._cancel: dict[str, threading.Event] = {}
 
-    def submit(self, kind: str, target: str, work: Callable[[], Awaitable[dict[str, Any]]]) -> Job:
+    def submit(self, kind: str, target: str, work: Callable[[threading.Event], Awaitable[dict[str, Any]]]) -> Job:
+        """Run `work(cancel)`; work done in threads should poll the `cancel` event."""
         job = Job(kind=kind, target=target)
         self._jobs[job.id] = job
-        self._tasks[job.id] = asyncio.create_task(self._run(job, work), name=job.id)
+        cancel = self._cancel[job.id] = threading.Event()
+        self._tasks[job.id] = asyncio.create_task(self._run(job, lambda: work(cancel)), name=job.id)
         while len(self._jobs) > self.keep:
             oldest = next(iter(self._jobs))
             if self._jobs[oldest].finished is None:
@@ -53,17 +57,26 @@ class JobRunner:
         except asyncio.CancelledError:
             job.status = "cancelled"
         except AnchorServeError as exc:
-            job.status, job.error = "failed", {"error": str(exc), "type": exc.kind}
+            job.status = "cancelled" if exc.kind == "cancelled" else "failed"
+            job.error = {"error": str(exc), "type": exc.kind}
         except Exception as exc:  # a job's failure is reported, never lost
             job.status, job.error = "failed", {"error": f"{type(exc).__name__}: {exc}", "type": "internal"}
         finally:
             job.finished = time.time()
             self._tasks.pop(job.id, None)
+            self._cancel.pop(job.id, None)
 
     async def wait(self, job: Job, timeout: float) -> None:
         task = self._tasks.get(job.id)
         if task is not None:
             await asyncio.wait({task}, timeout=timeout)
+
+    def cancel(self, job_id: str) -> Job:
+        """Ask a running job to stop; threads see the event at their next check."""
+        job = self.get(job_id)
+        if job.id in self._cancel:
+            self._cancel[job.id].set()
+        return job
 
     def get(self, job_id: str) -> Job:
         try:
@@ -72,6 +85,8 @@ class JobRunner:
             raise NotFoundError(f"unknown job {job_id!r}") from None
 
     async def shutdown(self) -> None:
+        for event in self._cancel.values():
+            event.set()
         for task in list(self._tasks.values()):
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)

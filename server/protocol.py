@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from anchor_cache.task import Method
+from anchor_cache.task import Demonstration, Method
 
 
 class ClassifyRequest(BaseModel):
@@ -28,6 +29,7 @@ class ClassificationData(BaseModel):
     probs: dict[str, float]
     logprobs: dict[str, float]
     num_classes: int
+    raw_probs: dict[str, float] | None = Field(None, description="before calibration, for calibrated tasks")
 
 
 class Usage(BaseModel):
@@ -57,6 +59,9 @@ class TaskInfo(BaseModel):
     cache_hash: str | None
     build_seconds: float
     loaded_from_disk: bool
+    calibrate: bool
+    reweighted: bool = Field(description="learned anchor re-weighting β is applied")
+    reweighting: dict[str, Any] | None = Field(None, description="how β was trained: loss curve, time, examples")
 
 
 class TaskList(BaseModel):
@@ -67,3 +72,34 @@ class TaskList(BaseModel):
 class ErrorResponse(BaseModel):
     error: str
     type: str
+
+
+class TrainingData(BaseModel):
+    """Draw training rows from a dataset under the server's data_root, disjoint from the demonstrations."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="a dataset folder (its train.jsonl) or a .jsonl file, relative to data_root")
+    per_class: int = Field(4, ge=1, le=256)
+    seed: int = 42
+
+
+class ReweightRequest(BaseModel):
+    """Learn anchor re-weighting β for a task (paper defaults: Adam, lr 0.01, 10 epochs, batch 1)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    examples: list[Demonstration] | None = Field(None, description="inline {text, label} training examples")
+    data: TrainingData | None = None
+    lr: float = Field(0.01, gt=0, le=10)
+    epochs: int = Field(10, ge=1, le=200)
+    batch_size: int = Field(1, ge=1, le=64)
+    dev_fraction: float = Field(0.0, ge=0, lt=0.9, description="held out for early stopping / best-β choice")
+    patience: int | None = Field(None, ge=1, description="epochs without dev improvement before stopping")
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ReweightRequest:
+        if (self.examples is None) == (self.data is None):
+            raise ValueError("give exactly one of examples or data")
+        return self

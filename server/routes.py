@@ -54,8 +54,10 @@ def task_info(served: ServedTask) -> TaskInfo:
     return TaskInfo(
         name=spec.name, labels=spec.labels, template=spec.template, separator=spec.separator, method=spec.method,
         demonstrations=len(prompt.demonstrations), anchor_tokens=served.anchor_tokens,
-        context_tokens=len(prompt.context.ids), cache_bytes=served.cache_bytes, cache_hash=served.cache_key,
-        build_seconds=round(served.build_seconds, 4), loaded_from_disk=served.loaded_from_disk,
+        context_tokens=len(prompt.context.ids), cache_bytes=served.cache_bytes,
+        cache_hash=served.key if served.cached else None, build_seconds=round(served.build_seconds, 4),
+        loaded_from_disk=served.loaded_from_disk, calibrate=spec.calibrate, reweighted=served.beta is not None,
+        reweighting=served.reweighting,
     )
 
 
@@ -116,13 +118,19 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
         else:
             state.metrics.failures.labels("timeout").inc()
         raise DeadlineExceeded(f"no result within {settings.request_timeout_s}s (request_timeout_s)")
-    predictions = served.classifier.predictions(waiter.result())
-    prefix_tokens = len(served.classifier.prefix(method).ids)  # built by the worker by now: a lookup
+    logits = waiter.result()
+    clf = served.classifier
+    predictions = clf.predictions(served.scores(logits, method))
+    raw = clf.predictions(logits) if served.content_free is not None and method == served.spec.method else None
+    prefix_tokens = len(clf.prefix(method).ids)  # built by the worker by now: a lookup
     used = sum(len(q) + prefix_tokens for q in queries)
     return ClassifyResponse(
         model=state.model_name,
         data=[
-            ClassificationData(index=i, label=p.label, probs=p.probs, logprobs=p.logprobs, num_classes=len(labels))
+            ClassificationData(
+                index=i, label=p.label, probs=p.probs, logprobs=p.logprobs, num_classes=len(labels),
+                raw_probs=raw[i].probs if raw else None,
+            )
             for i, p in enumerate(predictions)
         ],
         usage=Usage(prompt_tokens=used, total_tokens=used),

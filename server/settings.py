@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     truncate: bool = Field(False, description="truncate inputs past max_input_tokens instead of 422")
     max_tasks: int = Field(32, ge=1)
     max_demo_tokens: int = Field(4096, ge=1, description="demonstration-context tokens per task")
+    data_root: Path | None = Field(None, description="datasets admin jobs may read (no path outside it)")
+    max_train_examples: int = Field(512, ge=1, description="training examples per re-weighting job")
     admin_sync_wait_s: float = Field(2.0, ge=0, description="admin builds finishing sooner answer 201, else 202")
 
     @model_validator(mode="after")

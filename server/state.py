@@ -42,7 +42,9 @@ class ServerState:
         return self.ready_after_s is not None
 
     def _run_batch(self, task: ServedTask, method: Method, queries: list[list[int]]) -> torch.Tensor:
-        return task.classifier.label_logits_ids(queries, method, batch_size=self.settings.max_batch_size)
+        return task.classifier.label_logits_ids(
+            queries, method, batch_size=self.settings.max_batch_size, beta=task.beta_for(method)
+        )
 
     def _load(self) -> TaskRegistry:
         s = self.settings

@@ -293,3 +293,76 @@ def test_task_count_and_demonstration_token_limits(serve):
                        headers=ADMIN).status_code == 201
     error_of(client.post("/admin/tasks", json=sentiment_task(name="c").model_dump(mode="json"), headers=ADMIN),
              409, "conflict")
+
+
+def _wait_job(client: TestClient, job_id: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/admin/jobs/{job_id}", headers=ADMIN).json()
+        if job["finished"] is not None:
+            return job
+        time.sleep(0.05)
+    raise TimeoutError(job)
+
+
+TRAIN = [{"text": t, "label": label} for t, label in
+         [("a wonderful film", "Positive"), ("dull", "Negative"), ("moving", "Positive"), ("a waste", "Negative")]]
+
+
+def test_reweighting_job_trains_persists_and_serves_beta(serve):
+    client = serve(admin_api_key="admin-secret")
+    before = client.post("/v1/classify", json={"task": "sentiment", "input": QUERIES}).json()["data"]
+    started = client.post("/admin/tasks/sentiment/reweighting", headers=ADMIN,
+                          json={"examples": TRAIN, "lr": 0.5, "epochs": 3})
+    assert started.status_code == 202
+    job = _wait_job(client, started.json()["job"])
+    assert job["status"] == "succeeded", job
+    assert len(job["result"]["epoch_losses"]) == 3 and len(job["result"]["step_losses"]) == 12
+    info = TaskInfo.model_validate(client.get("/v1/tasks/sentiment").json())
+    assert info.reweighted and info.reweighting["train_examples"] == 4
+    after = client.post("/v1/classify", json={"task": "sentiment", "input": QUERIES}).json()["data"]
+    assert after != before
+    client.__exit__(None, None, None)
+    restarted = serve(admin_api_key="admin-secret")
+    assert restarted.get("/v1/tasks/sentiment").json()["reweighted"]
+    again = restarted.post("/v1/classify", json={"task": "sentiment", "input": QUERIES}).json()["data"]
+    for got, want in zip(again, after, strict=True):
+        assert got["probs"] == pytest.approx(want["probs"], abs=1e-6)
+
+
+def test_reweighting_refuses_bad_training_input(serve, tmp_path):
+    client = serve(admin_api_key="admin-secret", data_root=tmp_path)
+    url = "/admin/tasks/sentiment/reweighting"
+    error_of(client.post(url, headers=ADMIN, json={"examples": [{"text": "x", "label": "Maybe"}]}), 422,
+             "validation")
+    error_of(client.post(url, headers=ADMIN, json={}), 422, "validation")
+    assert "outside" in error_of(client.post(url, headers=ADMIN, json={"data": {"path": "../../etc"}}), 422,
+                                 "validation")
+    error_of(client.post("/admin/tasks/nope/reweighting", headers=ADMIN, json={"examples": TRAIN}), 404, "not_found")
+
+
+def test_reweighting_from_a_dataset_under_the_data_root(serve, dataset_dir):
+    client = serve(admin_api_key="admin-secret", data_root=dataset_dir.parent)
+    started = client.post("/admin/tasks/sentiment/reweighting", headers=ADMIN,
+                          json={"data": {"path": dataset_dir.name, "per_class": 2}, "epochs": 1})
+    assert _wait_job(client, started.json()["job"])["status"] == "succeeded"
+
+
+def test_cancelled_training_keeps_the_previous_beta(serve):
+    client = serve(admin_api_key="admin-secret")
+    before = client.post("/v1/classify", json={"task": "sentiment", "input": QUERIES}).json()["data"]
+    started = client.post("/admin/tasks/sentiment/reweighting", headers=ADMIN,
+                          json={"examples": TRAIN * 50, "epochs": 200})
+    job_id = started.json()["job"]
+    time.sleep(0.2)
+    assert client.delete(f"/admin/jobs/{job_id}", headers=ADMIN).status_code == 200
+    assert _wait_job(client, job_id)["status"] == "cancelled"
+    assert not client.get("/v1/tasks/sentiment").json()["reweighted"]
+    assert client.post("/v1/classify", json={"task": "sentiment", "input": QUERIES}).json()["data"] == before
+
+
+def test_calibrated_task_returns_raw_and_calibrated_probabilities(serve):
+    client = serve(tasks=[sentiment_task(calibrate=True)])
+    data = client.post("/v1/classify", json={"task": "sentiment", "input": QUERIES}).json()["data"]
+    assert all(d["raw_probs"] is not None and d["raw_probs"] != d["probs"] for d in data)
+    assert all(abs(sum(d["probs"].values()) - 1) < 1e-5 for d in data)
