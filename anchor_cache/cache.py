@@ -83,3 +83,33 @@ def kv_bytes_per_token(lm: LoadedModel) -> int:
     ids = torch.tensor([[lm.pad_token_id]], device=lm.device)
     out = lm.model.base_model(input_ids=ids, use_cache=True)
     return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v, _ in out.cache)
+
+
+@torch.no_grad()
+def extend_cache(lm: LoadedModel, cache: AnchorCache | None, ids: Sequence[int]) -> AnchorCache | None:
+    """`cache` with `ids` run behind it and appended, every token kept; positions continue.
+
+    Re-weighting only changes the target (last) row, so nothing before a query's last token depends
+    on β: training caches it once per example and then runs one token per step.
+    """
+    if not ids:
+        return cache
+    start = cache.context_length if cache is not None else 0
+    cached = cache.num_tokens if cache is not None else 0
+    dynamic = cache.as_dynamic_cache(1, lm.model.config) if cache is not None else DynamicCache(config=lm.model.config)
+    out = lm.model.base_model(
+        input_ids=torch.tensor([list(ids)], device=lm.device),
+        attention_mask=torch.ones((1, cached + len(ids)), dtype=torch.long, device=lm.device),
+        position_ids=torch.arange(start, start + len(ids), device=lm.device)[None],
+        cache=dynamic,
+        use_cache=True,
+    )
+    keys, values = zip(*((k.contiguous(), v.contiguous()) for k, v, _ in out.cache), strict=True)
+    return AnchorCache(
+        keys=tuple(keys),
+        values=tuple(values),
+        positions=(cache.positions if cache is not None else ()) + tuple(range(start, start + len(ids))),
+        context_length=start + len(ids),
+        label_slots=cache.label_slots if cache is not None else (),
+        label_classes=cache.label_classes if cache is not None else (),
+    )

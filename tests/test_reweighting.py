@@ -113,3 +113,17 @@ def test_eval_runs_reweighting_and_calibration_variants(tiny_lm, dataset_dir):
     results = evaluate(tiny_lm, cfg, progress=False)
     assert list(results["methods"]) == ["vanilla", *methods]
     assert results["config"]["reweight"]["epochs"] == 2
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_training_shortcut_equals_the_full_forward(tiny_lm, method):
+    """Training caches everything before the last token once; with β ≠ 0 the logits are unchanged."""
+    from anchor_cache.reweighting import _examples, _loss
+
+    clf = Classifier(tiny_lm, sentiment_task())
+    plan = clf.reweighting_plan(method, _random_beta(clf))
+    examples = _examples(clf, clf.prefix(method), QUERIES, [0, 1, 0])
+    full = torch.nn.functional.cross_entropy(_logits(clf, method, plan), torch.tensor([0, 1, 0]))
+    with torch.no_grad():
+        shortcut = _loss(clf, plan, examples)
+    torch.testing.assert_close(shortcut, full, atol=1e-5, rtol=0)
