@@ -47,19 +47,15 @@ def report() -> str:
     lines = [
         f"{cfg['model']} ({cfg['dtype']}), {cfg['shots_per_class']} demonstration per class, seeds "
         f"{','.join(map(str, cfg['seeds']))}, up to {cfg['limit']} test rows per seed; datasets: "
-        f"{', '.join(per_dataset)}.",
-        "",
-        "| method | " + " | ".join(f"{d} acc" for d in per_dataset) + " | avg acc | avg label loyalty | "
-        "avg word loyalty |",
-        "|---|" + "---|" * (len(per_dataset) + 3),
+        f"{', '.join(per_dataset)}. Means over seeds; the last column averages the datasets.",
     ]
-    for method in (m.value for m in Method):
-        rows = [r["methods"][method] for r in per_dataset.values()]
-        avg = {k: sum(r[k] for r in rows) / len(rows) for k in METRICS}
-        lines.append(
-            f"| {method} | " + " | ".join(f"{r['accuracy']:.2f}" for r in rows)
-            + f" | {avg['accuracy']:.2f} | {avg['label_loyalty']:.2f} | {avg['word_loyalty']:.2f} |"
-        )
+    for metric in METRICS:
+        lines += ["", f"{metric.replace('_', ' ')} (%)", "",
+                  "| method | " + " | ".join(per_dataset) + " | average |", "|---|" + "---|" * (len(per_dataset) + 1)]
+        for method in (m.value for m in Method):
+            values = [r["methods"][method][metric] for r in per_dataset.values()]
+            lines.append(f"| {method} | " + " | ".join(f"{v:.2f}" for v in values)
+                         + f" | **{sum(values) / len(values):.2f}** |")
     return "\n".join(lines)
 
 
