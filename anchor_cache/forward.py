@@ -62,8 +62,8 @@ def last_hidden(
     attention_mask[:, cached:] = torch.arange(longest, device=lm.device)[None, :] < lengths[:, None]
     position_ids = (torch.arange(longest, device=lm.device) + prefix.first_position).expand(batch, -1)
     cache = prefix.cache.as_dynamic_cache(batch, lm.model.config) if prefix.cache is not None else None
-    if plan is not None and plan.reweighting is not None:
-        plan = dataclasses.replace(plan, targets=lengths - 1)  # each row's last token is re-weighting's q
+    if plan is not None:
+        plan = dataclasses.replace(plan, targets=lengths - 1)  # each row's last token: the q of re-weighting
     out = lm.model.base_model(
         input_ids=input_ids,
         attention_mask=attention_mask,

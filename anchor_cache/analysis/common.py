@@ -1,0 +1,148 @@
+"""What every analysis shares: its inputs and parameters, prompts with their anchors, job control.
+
+Analyses run the full prompt (demonstrations + query, no cache): they look inside the vanilla ICL
+forward the paper studies. Each model step goes through `JobControl.step`, so a server can run it
+at low priority on its model thread and a cancelled job stops between steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from anchor_cache.attention import AttentionPlan
+from anchor_cache.data import Example, load_demonstrations, sample_rows, seed_demonstrations
+from anchor_cache.errors import AnchorServeError, ValidationError
+from anchor_cache.forward import Prefix, last_hidden
+from anchor_cache.models import LoadedModel
+from anchor_cache.prompt import TaskPrompt
+from anchor_cache.task import Demonstration, TaskSpec
+
+T = TypeVar("T")
+
+
+class AnalysisCancelled(AnchorServeError):
+    kind = "cancelled"
+
+
+class AnalysisParams(BaseModel):
+    """Settings every analysis takes; unknown keys are refused so typos do not pass silently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    limit: int = Field(1000, ge=1, description="test rows analysed per seed")
+    batch_size: int = Field(8, ge=1, le=64)
+    max_tokens: int = Field(1024, ge=8, description="longer prompts are skipped, as in the reference code")
+
+
+class SeededParams(AnalysisParams):
+    seeds: list[int] = Field(default_factory=lambda: [42, 43, 44, 45, 46], min_length=1, max_length=20)
+    shots_per_class: int = Field(1, ge=1, le=16, description="demonstrations per class when drawn from train")
+
+
+@dataclass(frozen=True)
+class AnalysisData:
+    """A task's template and label words, the rows to analyse, and where demonstrations come from.
+
+    With a `train` pool, demonstrations are drawn from it per seed (the paper's setting);
+    without one, every seed uses the task's own demonstrations.
+    """
+
+    task: TaskSpec
+    test: list[Example]
+    train: list[Example] | None = None
+
+    def task_demonstrations(self) -> list[Demonstration]:
+        demos = self.task.demonstrations
+        if not demos:
+            raise ValidationError("the task has no demonstrations and no train split was given to draw them from")
+        return demos if isinstance(demos, list) else load_demonstrations(demos, self.task.labels)
+
+    def demonstrations(self, seed: int, shots_per_class: int) -> list[Demonstration]:
+        if self.train is None:
+            return self.task_demonstrations()
+        return seed_demonstrations(self.train, self.task.labels, shots_per_class, seed)[0]
+
+    def rows(self, limit: int, seed: int) -> list[Example]:
+        return sample_rows(self.test, limit, seed)
+
+
+@dataclass(frozen=True)
+class Prompted:
+    """One full prompt: token ids, where its demonstrations' label words sit, and the gold class."""
+
+    ids: tuple[int, ...]
+    label_positions: tuple[int, ...]
+    classes: tuple[int, ...]
+    gold: int
+
+    @property
+    def target(self) -> int:
+        """q: the prompt's last position, where the prediction is read."""
+        return len(self.ids) - 1
+
+
+def prompt_rows(
+    lm: LoadedModel, task: TaskSpec, demos: list[Demonstration], rows: Sequence[Example], max_tokens: int
+) -> tuple[list[Prompted], int]:
+    """Prompts for `rows` behind one demonstration set, and how many were too long to keep."""
+    prompt = TaskPrompt.build(task, demos, lm.tokenizer)
+    ctx = prompt.context
+    kept = [
+        Prompted(ctx.ids + tuple(prompt.encode(r.text)), ctx.label_positions, ctx.classes, r.label) for r in rows
+    ]
+    short = [p for p in kept if len(p.ids) <= max_tokens]
+    return short, len(kept) - len(short)
+
+
+def final_hidden(lm: LoadedModel, batch: Sequence[Prompted], plan: AttentionPlan | None = None) -> torch.Tensor:
+    """(B, hidden) at each prompt's last token; right-padded, so positions are those of the prompt."""
+    return last_hidden(lm, Prefix(), [p.ids for p in batch], plan)
+
+
+def padded_rows(batch: Sequence[Prompted], positions: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
+    """(B, longest) boolean mask with `positions[b]` set in row b."""
+    rows = torch.zeros(len(batch), max(len(p.ids) for p in batch), dtype=torch.bool, device=device)
+    for b, pos in enumerate(positions):
+        rows[b, list(pos)] = True
+    return rows
+
+
+def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _direct(fn: Callable[[], T]) -> T:
+    return fn()
+
+
+@dataclass
+class JobControl:
+    """How an analysis runs its model steps, reports progress and learns it should stop.
+
+    run: executes one model step; the server passes its low-priority model-thread lane.
+    on_progress: called with (done, total) after every step.
+    """
+
+    run: Callable[[Callable[[], T]], T] = _direct
+    should_stop: Callable[[], bool] = lambda: False
+    on_progress: Callable[[int, int], None] | None = None
+    total: int = 0
+    done: int = field(default=0, init=False)
+
+    def add_work(self, steps: int) -> None:
+        self.total += steps
+
+    def step(self, fn: Callable[[], T]) -> T:
+        if self.should_stop():
+            raise AnalysisCancelled("the analysis was cancelled")
+        result = self.run(fn)
+        self.done += 1
+        if self.on_progress is not None:
+            self.on_progress(self.done, max(self.total, self.done))
+        return result

@@ -1,0 +1,187 @@
+"""Analyses (paper §2, §3.3): exactness of the interventions, the metrics on toys, and the runs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+
+from anchor_cache import AttentionPlan
+from anchor_cache.analysis import KINDS, AnalysisCancelled, AnalysisData, JobControl, parse_params, run_analysis
+from anchor_cache.analysis.common import final_hidden, padded_rows, prompt_rows
+from anchor_cache.analysis.deep_layers import auc_roc, r_curve
+from anchor_cache.analysis.error_diagnosis import pair_spearman, predicted_confusion, real_confusion
+from anchor_cache.analysis.isolation import isolated_layers, random_positions
+from anchor_cache.analysis.saliency import flows, saliency_matrices
+from anchor_cache.attention import Isolation
+from anchor_cache.data import Example
+from anchor_cache.errors import ValidationError
+from anchor_cache.forward import label_logits
+from anchor_cache.prompt import label_token_ids
+from tests.conftest import QUERIES, sentiment_task
+
+ROWS = [Example(text, i % 2) for i, text in enumerate([*QUERIES, "a wonderful film", "a dull report", "lazy"])]
+
+
+def _prompts(lm, rows=ROWS):
+    task = sentiment_task()
+    return prompt_rows(lm, task, task.demonstrations, rows, 1024)[0]
+
+
+def test_ones_multiplier_equals_attention_times_its_gradient(tiny_lm):
+    """Reference: keep the weights themselves (retain_grad) and form A ⊙ ∂L/∂A by autograd."""
+    prompts = _prompts(tiny_lm)
+    label_ids = label_token_ids(sentiment_task().labels, tiny_lm.tokenizer)
+    fast = saliency_matrices(tiny_lm, prompts, label_ids)
+    for prompt, sal in zip(prompts, fast, strict=True):
+        # The weights are frozen: a leaf input makes the graph reach the attention weights.
+        embeds = tiny_lm.model.get_input_embeddings()(torch.tensor([prompt.ids])).detach().requires_grad_()
+        with torch.enable_grad():
+            out = tiny_lm.model.base_model(inputs_embeds=embeds, output_attentions=True,
+                                           anchor_plan=AttentionPlan(True))
+            for a in out.attentions:
+                a.retain_grad()
+            logits = label_logits(tiny_lm, out.last_hidden_state[:, -1], label_ids)
+            F.cross_entropy(logits, torch.tensor([prompt.gold])).backward()
+        reference = torch.stack([(a * a.grad).sum(1).abs()[0] for a in out.attentions])
+        torch.testing.assert_close(sal, reference, atol=1e-6, rtol=1e-4)
+        assert sal.abs().max() > 0
+
+
+def test_flows_match_a_hand_computation():
+    s = torch.arange(1.0, 26.0).reshape(5, 5).tril()  # q = 4, label words at 1 and 3
+    wp = (s[1, 0] + s[3, 0] + s[3, 1] + s[3, 2]) / (1 + 3)
+    pq = (s[4, 1] + s[4, 3]) / 2
+    others = s.tril(-1).sum() - wp * 4 - pq * 2
+    ww = others / (4 * 5 / 2 - 4 - 2)
+    assert flows(s, (1, 3)) == pytest.approx((float(wp), float(pq), float(ww)))
+
+
+def test_isolating_no_layer_changes_nothing(tiny_lm):
+    prompts = _prompts(tiny_lm)
+    rows = padded_rows(prompts, [p.label_positions for p in prompts], tiny_lm.device)
+    with torch.inference_mode():
+        plain = final_hidden(tiny_lm, prompts)
+        none = final_hidden(tiny_lm, prompts, AttentionPlan(isolation=Isolation(frozenset(), rows)))
+        some = final_hidden(tiny_lm, prompts, AttentionPlan(isolation=Isolation(frozenset({0}), rows)))
+    torch.testing.assert_close(none, plain, atol=0, rtol=0)
+    assert (some - plain).abs().max() > 1e-4  # the test can fail
+
+
+def test_isolated_rows_attend_only_to_themselves(tiny_lm):
+    prompts = _prompts(tiny_lm)
+    everything = padded_rows(prompts, [range(len(p.ids)) for p in prompts], tiny_lm.device)
+    labels_only = padded_rows(prompts, [p.label_positions for p in prompts], tiny_lm.device)
+    plan = AttentionPlan(isolation=Isolation(frozenset({0}), everything), capture_maps=True)
+    with torch.inference_mode():
+        final_hidden(tiny_lm, prompts, plan)
+    heads = tiny_lm.model.config.num_attention_heads
+    for b, p in enumerate(prompts):
+        n = len(p.ids)
+        torch.testing.assert_close(plan.capture.maps[0][b, :n, :n], heads * torch.eye(n))
+        assert not torch.allclose(plan.capture.maps[1][b, :n, :n], heads * torch.eye(n))
+    # The fast (SDPA, masked) path equals the written-out one under isolation.
+    with torch.inference_mode():
+        fast = final_hidden(tiny_lm, prompts, AttentionPlan(isolation=Isolation(frozenset({0, 2}), labels_only)))
+        slow = final_hidden(tiny_lm, prompts, AttentionPlan(isolation=Isolation(frozenset({0, 2}), labels_only),
+                                                            explicit=True))
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
+
+
+def test_fast_target_rows_equal_the_full_maps(tiny_lm):
+    prompts = _prompts(tiny_lm)
+    fast, full = AttentionPlan(capture_target_weights=True), AttentionPlan(capture_maps=True)
+    with torch.inference_mode():
+        final_hidden(tiny_lm, prompts, fast)
+        final_hidden(tiny_lm, prompts, full)
+    for layer, weights in fast.capture.target_weights.items():
+        for b, p in enumerate(prompts):
+            torch.testing.assert_close(weights[b].sum(0), full.capture.maps[layer][b, p.target], atol=1e-5, rtol=0)
+
+
+def test_layers_and_random_positions():
+    assert isolated_layers("first", 3, 30) == {0, 1, 2}
+    assert isolated_layers("last", 2, 30) == {28, 29}
+    assert isolated_layers("last", 0, 30) == frozenset()
+    prompt = _FakePrompt(ids=tuple(range(20)), label_positions=(4, 9, 14))
+    picked = random_positions(prompt, np.random.default_rng(0))
+    assert len(picked) == 3 and not set(picked) & {4, 9, 14} and max(picked) <= 17
+    assert picked == random_positions(prompt, np.random.default_rng(0))
+
+
+class _FakePrompt:
+    def __init__(self, ids, label_positions):
+        self.ids, self.label_positions = ids, label_positions
+        self.target = len(ids) - 1
+
+
+def test_auc_and_r_match_hand_values():
+    predicted = np.array([0, 0, 1, 1])
+    scores = np.array([[0.9, 0.1], [0.6, 0.4], [0.65, 0.35], [0.2, 0.8]])
+    assert auc_roc(predicted, scores) == pytest.approx(0.75)  # 3 of the 4 (1, 0) pairs are ordered
+    assert np.isnan(auc_roc(np.array([1, 1]), scores[:2]))
+    three = np.array([[0.5, 0.2, 0.3], [0.1, 0.1, 0.8], [0.6, 0.3, 0.1], [0.2, 0.2, 0.6]])
+    # Class 1 is never predicted: drop it, renormalise over classes 0 and 2, binary AUC.
+    kept = three[:, [0, 2]] / three[:, [0, 2]].sum(1, keepdims=True)
+    assert auc_roc(np.array([0, 2, 0, 2]), three) == pytest.approx(roc_auc_score([0, 1, 0, 1], kept[:, 1]))
+    np.testing.assert_allclose(r_curve(np.array([0.5, 0.7, 0.9])), [0, 1 / 3, 1])
+
+
+def test_confusions_and_their_correlation():
+    keys = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0]])
+    queries = np.random.default_rng(0).normal(size=(50, 2))
+    pred = predicted_confusion(queries, keys, 2)
+    assert pred.max() == 1 and pred[0, 1] < pred[0, 2]  # classes 0 and 1 look alike
+    probs = np.array([[0.8, 0.1, 0.1], [0.4, 0.5, 0.1], [0.3, 0.6, 0.1], [0.1, 0.1, 0.8]])
+    real = real_confusion(probs, np.array([0, 0, 1, 2]))
+    assert real[0, 1] == pytest.approx(1.0)  # p0/p1: 8 and 0.8 (gold 0) vs 0.5 (gold 1)
+    assert np.isnan(real_confusion(probs, np.array([0, 0, 0, 0]))[0, 1])
+    assert pair_spearman(pred, pred) == pytest.approx(1.0)
+    assert pair_spearman(pred[:2, :2], pred[:2, :2]) is None  # one pair: no correlation
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_every_analysis_runs_reports_and_plots(tiny_lm, kind):
+    data = AnalysisData(task=sentiment_task(), test=ROWS, train=ROWS)
+    params = {"error_diagnosis": {"contexts": 2}, "isolation": {"seeds": [1], "ks": [0, 1]}}.get(kind, {"seeds": [1]})
+    seen = []
+    out = run_analysis(tiny_lm, kind, data, params, JobControl(on_progress=lambda d, t: seen.append((d, t))))
+    json.dumps(out.results, allow_nan=False)
+    assert out.results["kind"] == kind and out.results["layers"] == 3
+    assert all(png.startswith(b"\x89PNG") for png in out.plots.values()) and out.plots
+    assert seen and seen[-1][0] == seen[-1][1]
+    named = {"saliency": ["s_wp", "s_pq", "s_ww"], "deep_layers": ["auc_roc", "r"],
+             "isolation": ["label_loyalty", "word_loyalty"], "error_diagnosis": ["spearman"]}[kind]
+    assert all(name in out.results for name in named)
+    if kind == "isolation":
+        assert out.results["label_loyalty"]["first"]["label"]["0"] == 100.0
+
+
+def test_per_layer_arrays_and_normalisation(tiny_lm):
+    data = AnalysisData(task=sentiment_task(), test=ROWS, train=ROWS)
+    res = run_analysis(tiny_lm, "saliency", data, {"seeds": [1, 2]}).results
+    assert res["sampling"] == "per_example"
+    totals = np.array(res["s_wp"]) + np.array(res["s_pq"]) + np.array(res["s_ww"])
+    np.testing.assert_allclose(totals, 1.0)
+    fixed = run_analysis(tiny_lm, "saliency", AnalysisData(task=sentiment_task(), test=ROWS), {"seeds": [1]})
+    assert fixed.results["sampling"] == "fixed"
+
+
+def test_bad_params_and_cancellation(tiny_lm):
+    with pytest.raises(ValidationError, match="ks"):
+        parse_params("isolation", {"ks": "many"})
+    with pytest.raises(ValidationError, match="unknown analysis"):
+        parse_params("tea_leaves", {})
+    with pytest.raises(ValidationError, match="seedz"):
+        parse_params("saliency", {"seedz": [1]})
+    data = AnalysisData(task=sentiment_task(), test=ROWS)
+    with pytest.raises(ValidationError, match="per-example"):
+        run_analysis(tiny_lm, "saliency", data, {"sampling": "per_example"})
+    with pytest.raises(AnalysisCancelled):
+        run_analysis(tiny_lm, "deep_layers", data, {}, JobControl(should_stop=lambda: True))
+    with pytest.raises(ValidationError, match="max_map_values"):
+        run_analysis(tiny_lm, "deep_layers", data, {"seeds": [1], "attention_maps": 2, "max_map_values": 10})
