@@ -4,6 +4,7 @@
     python -m anchor_cache eval --data DIR --template 'Review: {text}\\nSentiment:' --labels Negative,Positive
     python -m anchor_cache reweight --preset sst2 --out beta/        # learn β (paper §3.1)
     python -m anchor_cache classify --preset sst2 --demos-from DIR/train.jsonl "a joyous film"
+    python -m anchor_cache analyze saliency --preset trec --limit 100 --out runs/trec-saliency
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tqdm import tqdm
 
+from anchor_cache.analysis import KINDS, AnalysisData, JobControl, parse_params, run_analysis
 from anchor_cache.classifier import Classifier
 from anchor_cache.data import read_jsonl, sample_rows, seed_demonstrations, training_draw
 from anchor_cache.errors import AnchorServeError
@@ -107,6 +110,26 @@ def build_parser() -> argparse.ArgumentParser:
     rw.add_argument("--out", type=Path, required=True, help="folder for beta.safetensors and reweighting.json")
     _add_reweight_args(rw)
 
+    an = sub.add_parser("analyze", help="the paper's analyses: results.json and PNG plots in --out")
+    an.add_argument("kind", choices=[k.replace("_", "-") for k in KINDS])
+    an.add_argument("--data", type=Path, help="folder with test.jsonl (and train.jsonl to draw demonstrations from); "
+                    "default: shared data/<preset>")
+    _add_task_args(an)
+    an.add_argument("--out", type=Path, required=True, help="folder for results.json and the plots")
+    an.add_argument("--seeds", type=_ints, help="seeds to average over (default 42..46; error-diagnosis: --seed)")
+    an.add_argument("--seed", type=int, help="error-diagnosis: the seed of its demonstration pool and test rows")
+    an.add_argument("--limit", type=int, help="test rows per seed")
+    an.add_argument("--max-tokens", type=int, help="skip longer prompts")
+    an.add_argument("--sampling", choices=["per_example", "fixed"], help="saliency: demonstrations per example "
+                    "(paper) or one set per seed")
+    an.add_argument("--ks", type=_ints, help="isolation: isolated layer counts (default 1,3,5,7)")
+    an.add_argument("--word-top-k", type=int, help="isolation: top-k tokens for word loyalty (default 5)")
+    an.add_argument("--attention-maps", type=int, help="deep-layers: examples whose full attention maps to include")
+    an.add_argument("--layer", type=int, help="error-diagnosis: layer (default 2/3 of the depth)")
+    an.add_argument("--components", type=int, help="error-diagnosis: PCA components (default 10)")
+    an.add_argument("--contexts", type=int, help="error-diagnosis: demonstrations per class (default 64)")
+    an.add_argument("--params", type=json.loads, default={}, help="any other parameter as JSON, e.g. '{\"limit\": 50}'")
+
     cl = sub.add_parser("classify", help="classify texts with demonstrations drawn from a JSONL file")
     _add_task_args(cl)
     cl.add_argument("--demos-from", type=Path, help="JSONL of {text,label}; default: shared data/<preset>/train")
@@ -165,6 +188,43 @@ def run_reweight(args: argparse.Namespace) -> None:
     sys.stdout.write(json.dumps(summary | {"final_loss": result.epoch_losses[-1]}) + "\n")
 
 
+ANALYSIS_FLAGS = ("seeds", "seed", "limit", "max_tokens", "sampling", "ks", "word_top_k", "attention_maps", "layer",
+                  "components", "contexts")
+
+
+def run_analyze(args: argparse.Namespace) -> None:
+    kind = args.kind.replace("-", "_")
+    template, labels = _template_and_labels(args)
+    data_dir = _data_dir(args)
+    params = args.params | {"batch_size": args.batch_size} | {
+        flag: getattr(args, flag) for flag in ANALYSIS_FLAGS if getattr(args, flag) is not None
+    }
+    if kind != "error_diagnosis":
+        params.setdefault("shots_per_class", args.shots_per_class)
+    parsed = parse_params(kind, params)  # bad flags fail before the model loads
+    train_path = data_dir / "train.jsonl"
+    demos = DemonstrationSource(path=train_path, shots_per_class=args.shots_per_class)
+    data = AnalysisData(
+        task=TaskSpec(name=data_dir.name, template=template, labels=labels, demonstrations=demos),
+        test=read_jsonl(data_dir / "test.jsonl", labels),
+        train=read_jsonl(train_path, labels),
+    )
+    lm = load_model(args.model, args.device, args.dtype)
+    with tqdm(desc=args.kind, unit="step") as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        output = run_analysis(lm, kind, data, parsed, JobControl(on_progress=progress))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(output.results, indent=1, allow_nan=False))
+    for name, png in output.plots.items():
+        (args.out / f"{name}.png").write_bytes(png)
+    sys.stdout.write(f"{kind}: {output.results['seconds']:.1f}s, wrote {args.out / 'results.json'} and "
+                     f"{', '.join(f'{n}.png' for n in output.plots)}\n")
+
+
 def run_classify(args: argparse.Namespace) -> None:
     template, labels = _template_and_labels(args)
     source = args.demos_from or (default_data_root() / args.preset / "train.jsonl" if args.preset else None)
@@ -181,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        {"eval": run_eval, "reweight": run_reweight, "classify": run_classify}[args.command](args)
+        commands = {"eval": run_eval, "reweight": run_reweight, "classify": run_classify, "analyze": run_analyze}
+        commands[args.command](args)
     except AnchorServeError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2

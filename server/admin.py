@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -102,6 +103,19 @@ async def get_job(job_id: str, request: Request) -> Job:
     return state_of(request).jobs.get(job_id)
 
 
+def data_path(settings: Settings, relative: str) -> Path:
+    """A file or folder under data_root; anything resolving outside it (../, symlinks) is refused."""
+    if settings.data_root is None:
+        raise ValidationError("reading datasets is disabled: start the server with ANCHORSERVE_DATA_ROOT set")
+    root = settings.data_root.resolve()
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root):
+        raise ValidationError(f"{relative!r} is outside the data root")
+    if not path.exists():
+        raise ValidationError(f"{relative!r} does not exist under the data root")
+    return path
+
+
 def _training_rows(body: ReweightRequest, served: ServedTask, settings: Settings) -> tuple[list[str], list[int]]:
     """Training rows as (texts, classes), never including a demonstration text."""
     labels = served.spec.labels
@@ -109,12 +123,7 @@ def _training_rows(body: ReweightRequest, served: ServedTask, settings: Settings
     if body.examples is not None:
         rows = [(e.text, label_index(e.label, labels)) for e in body.examples if e.text not in demo_texts]
     else:
-        if settings.data_root is None:
-            raise ValidationError("reading datasets is disabled: start the server with ANCHORSERVE_DATA_ROOT set")
-        root = settings.data_root.resolve()
-        path = (root / body.data.path).resolve()
-        if not path.is_relative_to(root):
-            raise ValidationError(f"{body.data.path!r} is outside the data root")
+        path = data_path(settings, body.data.path)
         path = path / "train.jsonl" if path.is_dir() else path
         pool = [r for r in read_jsonl(path, labels) if r.text not in demo_texts]
         picked, _ = sample_demonstrations(pool, len(labels), body.data.per_class, body.data.seed)

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from server.admin import admin
+from server.analyses import analyses
 from server.errors import install_handlers
 from server.limits import PayloadLimitMiddleware
 from server.metrics import RequestCounter
@@ -50,4 +51,5 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(public)
     app.include_router(v1)
     app.include_router(admin)
+    app.include_router(analyses)
     return app

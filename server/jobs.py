@@ -1,4 +1,4 @@
-"""Background jobs for slow admin work (cache builds now, analyses later): id, status, result."""
+"""Background jobs for slow admin work (cache builds, β training, analyses): id, status, result."""
 
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ class Job(BaseModel):
     finished: float | None = None
     error: dict[str, str] | None = None
     result: dict[str, Any] | None = None
+    params: dict[str, Any] | None = None
+    progress: dict[str, float] | None = Field(None, description="done and total steps, for jobs that count them")
+    plots: dict[str, bytes] = Field(default_factory=dict, exclude=True)  # name → PNG, served on their own URLs
 
 
 class JobRunner:
@@ -36,9 +39,13 @@ class JobRunner:
         self._tasks: dict[str, asyncio.Task] = {}
         self._cancel: dict[str, threading.Event] = {}
 
-    def submit(self, kind: str, target: str, work: Callable[[threading.Event], Awaitable[dict[str, Any]]]) -> Job:
-        """Run `work(cancel)`; work done in threads should poll the `cancel` event."""
-        job = Job(kind=kind, target=target)
+    def submit(
+        self, kind: str, target: str, work: Callable[[threading.Event], Awaitable[dict[str, Any]]],
+        job: Job | None = None,
+    ) -> Job:
+        """Run `work(cancel)`; work done in threads should poll the `cancel` event. Pass `job` to fill
+        in more of it (params, progress) than kind and target."""
+        job = job or Job(kind=kind, target=target)
         self._jobs[job.id] = job
         cancel = self._cancel[job.id] = threading.Event()
         self._tasks[job.id] = asyncio.create_task(self._run(job, lambda: work(cancel)), name=job.id)
@@ -77,6 +84,9 @@ class JobRunner:
         if job.id in self._cancel:
             self._cancel[job.id].set()
         return job
+
+    def active(self, kind: str) -> int:
+        return sum(1 for j in self._jobs.values() if j.kind == kind and j.finished is None)
 
     def get(self, job_id: str) -> Job:
         try:

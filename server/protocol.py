@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -103,3 +103,47 @@ class ReweightRequest(BaseModel):
         if (self.examples is None) == (self.data is None):
             raise ValueError("give exactly one of examples or data")
         return self
+
+
+class AnalysisInput(BaseModel):
+    """Rows to analyse: inline, or a dataset under the server's data_root."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    examples: list[Demonstration] | None = Field(None, description="inline {text, label} rows")
+    path: str | None = Field(None, description="a dataset folder (test.jsonl, optionally train.jsonl) or a .jsonl "
+                             "file, relative to data_root")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AnalysisInput:
+        if (self.examples is None) == (self.path is None):
+            raise ValueError("give exactly one of examples or path")
+        return self
+
+
+class AnalysisRequest(BaseModel):
+    """Run one of the paper's analyses on a served task (a job: 202, then poll)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["saliency", "isolation", "deep_layers", "error_diagnosis"]
+    task: str = Field(description="a served task: its template, label words and (by default) demonstrations")
+    data: AnalysisInput
+    demonstrations: Literal["task", "drawn"] = Field(
+        "task", description="task: the served demonstrations; drawn: drawn per seed from the dataset's train.jsonl "
+        "(the paper's setting)")
+    params: dict[str, Any] = Field(default_factory=dict, description="the analysis's parameters (see the README)")
+
+
+class AnalysisStatus(BaseModel):
+    id: str
+    kind: str
+    task: str
+    status: str
+    created: float
+    finished: float | None
+    progress: dict[str, float] | None
+    params: dict[str, Any] | None
+    error: dict[str, str] | None
+    results: dict[str, Any] | None
+    plots: dict[str, str] = Field(description="plot name → URL of its PNG")

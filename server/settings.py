@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     max_demo_tokens: int = Field(4096, ge=1, description="demonstration-context tokens per task")
     data_root: Path | None = Field(None, description="datasets admin jobs may read (no path outside it)")
     max_train_examples: int = Field(512, ge=1, description="training examples per re-weighting job")
+    max_analysis_jobs: int = Field(1, ge=1, description="analysis jobs pending or running at once; more get 429")
+    max_analysis_examples: int = Field(2000, ge=1, description="prompts per analysis job (rows × seeds)")
+    max_analysis_tokens: int = Field(1024, ge=8, description="prompt tokens per analysed example")
+    max_attention_map_values: int = Field(2_000_000, ge=0, description="numbers in requested full attention maps")
     admin_sync_wait_s: float = Field(2.0, ge=0, description="admin builds finishing sooner answer 201, else 202")
 
     @model_validator(mode="after")

@@ -316,7 +316,7 @@ def test_reweighting_job_trains_persists_and_serves_beta(serve):
                           json={"examples": TRAIN, "lr": 0.5, "epochs": 3})
     assert started.status_code == 202
     job = _wait_job(client, started.json()["job"])
-    assert job["status"] == "succeeded", job
+    assert job["status"] == "succeeded", job["error"]
     assert len(job["result"]["epoch_losses"]) == 3 and len(job["result"]["step_losses"]) == 12
     info = TaskInfo.model_validate(client.get("/v1/tasks/sentiment").json())
     assert info.reweighted and info.reweighting["train_examples"] == 4
@@ -366,3 +366,88 @@ def test_calibrated_task_returns_raw_and_calibrated_probabilities(serve):
     data = client.post("/v1/classify", json={"task": "sentiment", "input": QUERIES}).json()["data"]
     assert all(d["raw_probs"] is not None and d["raw_probs"] != d["probs"] for d in data)
     assert all(abs(sum(d["probs"].values()) - 1) < 1e-5 for d in data)
+
+
+ROWS = [{"text": q, "label": "Positive" if i % 2 else "Negative"} for i, q in enumerate(QUERIES * 2)]
+
+
+def _wait_analysis(client: TestClient, job_id: str, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/admin/analyses/{job_id}", headers=ADMIN).json()
+        if job["status"] not in ("pending", "running"):
+            return job
+        time.sleep(0.05)
+    raise TimeoutError(job)
+
+
+@pytest.mark.parametrize("kind", ["saliency", "isolation", "deep_layers", "error_diagnosis"])
+def test_analysis_job_reports_results_progress_and_plots(serve, kind):
+    client = serve(admin_api_key="admin-secret")
+    params = {"error_diagnosis": {"limit": 6}, "isolation": {"ks": [0, 1], "limit": 6}}.get(
+        kind, {"seeds": [1, 2], "limit": 6})
+    started = client.post("/admin/analyses", headers=ADMIN,
+                          json={"kind": kind, "task": "sentiment", "data": {"examples": ROWS}, "params": params})
+    assert started.status_code == 202, started.text
+    job = _wait_analysis(client, started.json()["id"])
+    assert job["status"] == "succeeded", job["error"]
+    assert job["progress"]["done"] == job["progress"]["total"] > 0 and job["params"]["limit"] == 6
+    assert job["results"]["kind"] == kind and job["results"]["layers"] == 3
+    for url in job["plots"].values():
+        png = client.get(url, headers=ADMIN)
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        assert png.content.startswith(b"\x89PNG")
+    assert client.post("/v1/classify", json={"task": "sentiment", "input": QUERIES}).status_code == 200
+
+
+def test_analysis_endpoints_enforce_auth(serve):
+    closed = serve()
+    error_of(closed.post("/admin/analyses", json={}), 404, "not_found")
+    client = serve(admin_api_key="admin-secret")
+    body = {"kind": "deep_layers", "task": "sentiment", "data": {"examples": ROWS}}
+    error_of(client.post("/admin/analyses", json=body), 401, "unauthorized")
+    error_of(client.post("/admin/analyses", json=body, headers={"Authorization": "Bearer wrong"}), 401, "unauthorized")
+    error_of(client.get("/admin/analyses/job-x"), 401, "unauthorized")
+
+
+def test_analysis_endpoints_enforce_limits(serve, dataset_dir):
+    client = serve(admin_api_key="admin-secret", data_root=dataset_dir.parent, max_analysis_examples=12,
+                   max_analysis_tokens=64, max_attention_map_values=100)
+
+    def post(**changes):
+        body = {"kind": "deep_layers", "task": "sentiment", "data": {"examples": ROWS}, "params": {"seeds": [1]}}
+        return client.post("/admin/analyses", headers=ADMIN, json=body | changes)
+
+    assert "limit is 12" in error_of(post(params={"seeds": [1, 2, 3]}), 422, "validation")
+    assert "max_analysis_tokens" in error_of(post(params={"seeds": [1], "max_tokens": 65}), 422, "validation")
+    error_of(post(params={"seeds": [1], "attention_maps": 1, "max_map_values": 101}), 422, "validation")
+    error_of(post(params={"seeds": [1], "bogus": 1}), 422, "validation")
+    assert "ks" in error_of(post(kind="isolation", params={"ks": [9]}), 422, "validation")
+    error_of(post(kind="astrology"), 422, "validation")
+    error_of(post(task="nope"), 404, "not_found")
+    assert "outside" in error_of(post(data={"path": "../../etc"}), 422, "validation")
+    error_of(post(data={"examples": [{"text": "x", "label": "Maybe"}]}), 422, "validation")
+    error_of(post(data={"examples": ROWS, "path": "x"}), 422, "validation")
+    error_of(post(demonstrations="drawn"), 422, "validation")  # inline rows have no train split
+    drawn = post(data={"path": dataset_dir.name}, demonstrations="drawn", params={"seeds": [1, 2], "limit": 4})
+    assert drawn.status_code == 202, drawn.text
+    assert _wait_analysis(client, drawn.json()["id"])["status"] == "succeeded"
+    error_of(client.get("/admin/analyses/job-nope", headers=ADMIN), 404, "not_found")
+    error_of(client.get(f"/admin/analyses/{drawn.json()['id']}/plots/nope.png", headers=ADMIN), 404, "not_found")
+
+
+def test_one_analysis_at_a_time_and_cancellation(serve):
+    client = serve(admin_api_key="admin-secret", max_analysis_examples=100_000)
+    body = {"kind": "isolation", "task": "sentiment", "data": {"examples": ROWS * 100},
+            "params": {"seeds": [1, 2, 3], "batch_size": 1, "ks": [1, 2]}}
+    first = client.post("/admin/analyses", headers=ADMIN, json=body)
+    assert first.status_code == 202, first.text
+    error_of(client.post("/admin/analyses", headers=ADMIN, json=body), 429, "overloaded")
+    # Classification goes first while the job runs.
+    assert client.post("/v1/classify", json={"task": "sentiment", "input": QUERIES}).status_code == 200
+    job_id = first.json()["id"]
+    assert client.delete(f"/admin/analyses/{job_id}", headers=ADMIN).status_code == 200
+    job = _wait_analysis(client, job_id)
+    assert job["status"] == "cancelled" and job["error"]["type"] == "cancelled"
+    again = body | {"kind": "deep_layers", "params": {"limit": 2}}
+    assert client.post("/admin/analyses", headers=ADMIN, json=again).status_code == 202

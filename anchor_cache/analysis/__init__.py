@@ -75,6 +75,7 @@ def run_analysis(
 ) -> AnalysisOutput:
     """Run one analysis; raises ValidationError on bad parameters, AnalysisCancelled when stopped."""
     parsed = parse_params(kind, params)
+    parsed.check(lm.model.config.num_hidden_layers)
     start = time.perf_counter()
     results, plots = KINDS[kind].run(lm, data, parsed, control or JobControl())
     header = {"kind": kind, "task": data.task.name, "model": lm.name, "params": parsed.model_dump(),

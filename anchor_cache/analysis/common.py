@@ -38,6 +38,9 @@ class AnalysisParams(BaseModel):
     batch_size: int = Field(8, ge=1, le=64)
     max_tokens: int = Field(1024, ge=8, description="longer prompts are skipped, as in the reference code")
 
+    def check(self, n_layers: int) -> None:
+        """Checks that need the model's depth; run before any work starts."""
+
 
 class SeededParams(AnalysisParams):
     seeds: list[int] = Field(default_factory=lambda: [42, 43, 44, 45, 46], min_length=1, max_length=20)

@@ -51,6 +51,10 @@ class ErrorDiagnosisParams(AnalysisParams):
     components: int = Field(10, ge=1, le=512, description="PCA components M (paper: 10)")
     contexts: int = Field(64, ge=1, le=256, description="demonstrations per class drawn for the query contexts")
 
+    def check(self, n_layers: int) -> None:
+        if self.layer is not None and self.layer >= n_layers:
+            raise ValidationError(f"layer {self.layer} does not exist; the model has {n_layers} (0-based)")
+
 
 def _contexts(data: AnalysisData, params: ErrorDiagnosisParams) -> list[list[Demonstration]]:
     labels = data.task.labels
@@ -122,8 +126,6 @@ def _label_keys(lm: LoadedModel, prompt: TaskPrompt, layer: int, n_classes: int)
 def run(lm: LoadedModel, data: AnalysisData, params: ErrorDiagnosisParams, control: JobControl) -> tuple[dict, dict]:
     n_layers = lm.model.config.num_hidden_layers
     layer = params.layer if params.layer is not None else round(2 * n_layers / 3)
-    if layer >= n_layers:
-        raise ValidationError(f"layer {layer} does not exist; the model has {n_layers} (0-based)")
     labels = data.task.labels
     label_ids = label_token_ids(labels, lm.tokenizer)
     contexts = _contexts(data, params)

@@ -41,6 +41,10 @@ class IsolationParams(SeededParams):
     ks: list[int] = Field(default_factory=lambda: [1, 3, 5, 7], min_length=1, description="isolated layer counts")
     word_top_k: int = Field(5, ge=1, le=100, description="top-k tokens for word loyalty (paper: 5)")
 
+    def check(self, n_layers: int) -> None:
+        if max(self.ks) > n_layers or min(self.ks) < 0:
+            raise ValidationError(f"ks must lie in 0..{n_layers}, the model's layer count")
+
 
 def isolated_layers(where: str, k: int, n_layers: int) -> frozenset[int]:
     return frozenset(range(k)) if where == "first" else frozenset(range(n_layers - k, n_layers))
@@ -68,8 +72,6 @@ def _jaccard(a: set[int], b: set[int]) -> float:
 
 def run(lm: LoadedModel, data: AnalysisData, params: IsolationParams, control: JobControl) -> tuple[dict, dict]:
     n_layers = lm.model.config.num_hidden_layers
-    if max(params.ks) > n_layers or min(params.ks) < 0:
-        raise ValidationError(f"ks must lie in 0..{n_layers}, the model's layer count")
     label_ids = label_token_ids(data.task.labels, lm.tokenizer)
     settings = [(where, what, k) for where in WHERE for what in WHAT for k in params.ks]
     prepared = []
