@@ -1,15 +1,19 @@
 """Admin analysis jobs: the paper's analyses on a served task, with JSON results and PNG plots.
 
-A job runs in its own thread, but every model step goes through the scheduler's low-priority
-lane, so classification traffic always goes first and waits at most one analysis step. Limits:
-analysis jobs at once, prompts per job, tokens per prompt, attention-map size, and datasets only
-under data_root.
+A job runs in its own thread at the lowest CPU priority (nice 19), beside the model thread that
+serves requests: the OS scheduler hands the cores to classification whenever it wants them, with
+no step a request has to wait out, and the job uses what is left (bench/job_interference.py
+measures both). Limits: analysis jobs at once, prompts per job, tokens per prompt, attention-map
+size, and datasets only under data_root.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -74,14 +78,22 @@ def status_of(job: Job) -> AnalysisStatus:
     )
 
 
+def _lower_priority() -> None:
+    """Nice 19 for this thread: on Linux niceness is per thread and the OpenMP workers it starts
+    inherit it, so the model thread serving requests gets the CPU whenever it wants it."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
 async def _run(state: ServerState, job: Job, kind: str, data: AnalysisData, params: Any,
                cancel: threading.Event) -> dict[str, Any]:
     def progress(done: int, total: int) -> None:
         job.progress = {"done": done, "total": total, "fraction": round(done / total, 4) if total else 0.0}
 
-    control = JobControl(run=state.scheduler.run_background, should_stop=cancel.is_set, on_progress=progress)
+    control = JobControl(should_stop=cancel.is_set, on_progress=progress)
     lm = state.require_ready().lm
-    output = await asyncio.to_thread(run_analysis, lm, kind, data, params, control)
+    with ThreadPoolExecutor(1, thread_name_prefix="anchorserve-analysis", initializer=_lower_priority) as pool:
+        output = await asyncio.get_running_loop().run_in_executor(pool, run_analysis, lm, kind, data, params, control)
     job.plots = output.plots
     return output.results
 

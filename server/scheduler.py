@@ -6,15 +6,11 @@ request, adds queued requests for the same (task, method) until `max_batch_size`
 the worker thread. A full queue refuses at once (429). A request whose client left or whose
 deadline passed is cancelled and skipped if it has not run yet. If a batch fails, every request in
 it gets the error.
-
-Background work (analysis jobs) gets a low-priority lane on the same thread: one step runs only
-when no classification request is waiting, so a job delays a request by at most one step.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import time
@@ -64,8 +60,6 @@ class Scheduler:
         self.limits = limits
         self.metrics = metrics
         self._queue: deque[Entry] = deque()
-        self._background: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anchorserve-model")
         self._loop_task: asyncio.Task | None = None
@@ -73,7 +67,6 @@ class Scheduler:
         self._in_flight = 0
 
     def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
         self._loop_task = asyncio.create_task(self._batch_loop(), name="anchorserve-batcher")
 
     async def submit(self, task: Any, method: Method, queries: list[list[int]]) -> asyncio.Future:
@@ -94,28 +87,6 @@ class Scheduler:
     def run_exclusive(self, fn: Callable[[], object]) -> asyncio.Future:
         """Run `fn` on the model thread between batches (cache builds must not race a forward)."""
         return asyncio.get_running_loop().run_in_executor(self._executor, fn)
-
-    def run_background(self, fn: Callable[[], Any]) -> Any:
-        """From a job's own thread: run `fn` on the model thread when no request waits; block for it."""
-        if self._closing or self._loop is None:
-            raise Unavailable("the server is shutting down")
-        done: concurrent.futures.Future = concurrent.futures.Future()
-        self._loop.call_soon_threadsafe(self._add_background, fn, done)
-        return done.result()
-
-    def _add_background(self, fn: Callable[[], Any], done: concurrent.futures.Future) -> None:
-        if self._closing:
-            done.set_exception(Unavailable("the server is shutting down"))
-            return
-        self._background.append((fn, done))
-        self._wake.set()
-
-    async def _run_background(self, loop: asyncio.AbstractEventLoop) -> None:
-        fn, done = self._background.popleft()
-        try:
-            done.set_result(await loop.run_in_executor(self._executor, fn))
-        except Exception as exc:  # the job's thread re-raises it
-            done.set_exception(exc)
 
     def _done(self, _: asyncio.Future) -> None:
         self._in_flight -= 1
@@ -146,39 +117,33 @@ class Scheduler:
             self._wake.clear()
             if self.limits.max_wait_s and len(self._queue) < self.limits.max_batch_size:
                 await asyncio.sleep(self.limits.max_wait_s)  # let concurrent requests join the batch
-            while True:
-                if batch := self._take_batch():
-                    await self._run_batch(loop, batch)
-                elif self._background and not self._closing:
-                    await self._run_background(loop)  # only when no request waits
-                else:
-                    break
+            while batch := self._take_batch():
+                self.metrics.queue_size.set(len(self._queue))
+                start = time.perf_counter()
+                for entry in batch:
+                    self.metrics.queue_seconds.observe(start - entry.enqueued)
+                queries = [q for entry in batch for q in entry.queries]
+                self.metrics.batch_size.observe(len(queries))
+                try:
+                    logits = await loop.run_in_executor(
+                        self._executor, self.run_batch, batch[0].task, batch[0].method, queries
+                    )
+                except Exception as exc:  # every entry of a failed batch gets the error
+                    log.exception("batch of %d failed", len(batch))
+                    for entry in batch:
+                        if not entry.future.done():
+                            entry.future.set_exception(exc)
+                    continue
+                finally:
+                    self.metrics.inference_seconds.observe(time.perf_counter() - start)
+                offset = 0
+                for entry in batch:
+                    part = logits[offset : offset + len(entry.queries)]
+                    offset += len(entry.queries)
+                    if not entry.future.done():
+                        entry.future.set_result(part)
             if self._closing and not self._queue:
                 return
-
-    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[Entry]) -> None:
-        self.metrics.queue_size.set(len(self._queue))
-        start = time.perf_counter()
-        for entry in batch:
-            self.metrics.queue_seconds.observe(start - entry.enqueued)
-        queries = [q for entry in batch for q in entry.queries]
-        self.metrics.batch_size.observe(len(queries))
-        try:
-            logits = await loop.run_in_executor(self._executor, self.run_batch, batch[0].task, batch[0].method, queries)
-        except Exception as exc:  # every entry of a failed batch gets the error
-            log.exception("batch of %d failed", len(batch))
-            for entry in batch:
-                if not entry.future.done():
-                    entry.future.set_exception(exc)
-            return
-        finally:
-            self.metrics.inference_seconds.observe(time.perf_counter() - start)
-        offset = 0
-        for entry in batch:
-            part = logits[offset : offset + len(entry.queries)]
-            offset += len(entry.queries)
-            if not entry.future.done():
-                entry.future.set_result(part)
 
     async def stop(self) -> None:
         """Refuse new requests, finish queued ones, then stop the worker."""
@@ -187,6 +152,4 @@ class Scheduler:
         if self._loop_task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
-        while self._background:  # jobs blocked on a step must not hang
-            self._background.popleft()[1].set_exception(Unavailable("the server is shutting down"))
         self._executor.shutdown(wait=True)

@@ -1,8 +1,8 @@
 """What every analysis shares: its inputs and parameters, prompts with their anchors, job control.
 
 Analyses run the full prompt (demonstrations + query, no cache): they look inside the vanilla ICL
-forward the paper studies. Each model step goes through `JobControl.step`, so a server can run it
-at low priority on its model thread and a cancelled job stops between steps.
+forward the paper studies. Each model step goes through `JobControl.step`, which reports progress
+and stops a cancelled job between steps.
 """
 
 from __future__ import annotations
@@ -120,19 +120,11 @@ def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
         yield items[start : start + size]
 
 
-def _direct(fn: Callable[[], T]) -> T:
-    return fn()
-
-
 @dataclass
 class JobControl:
-    """How an analysis runs its model steps, reports progress and learns it should stop.
+    """How an analysis reports progress (`on_progress(done, total)` after every step) and learns it
+    should stop."""
 
-    run: executes one model step; the server passes its low-priority model-thread lane.
-    on_progress: called with (done, total) after every step.
-    """
-
-    run: Callable[[Callable[[], T]], T] = _direct
     should_stop: Callable[[], bool] = lambda: False
     on_progress: Callable[[int, int], None] | None = None
     total: int = 0
@@ -144,7 +136,7 @@ class JobControl:
     def step(self, fn: Callable[[], T]) -> T:
         if self.should_stop():
             raise AnalysisCancelled("the analysis was cancelled")
-        result = self.run(fn)
+        result = fn()
         self.done += 1
         if self.on_progress is not None:
             self.on_progress(self.done, max(self.total, self.done))
