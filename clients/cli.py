@@ -1,8 +1,9 @@
-"""`anchorserve-client`: classify texts against a running server.
+"""`anchorserve-client`: classify texts against a running server, or run an analysis job on it.
 
     anchorserve-client classify --task sentiment "a wonderful film" "a dull mess"
     anchorserve-client classify --task sentiment --file inputs.jsonl --out predictions.jsonl
     anchorserve-client tasks
+    anchorserve-client --admin-key KEY analyze saliency --task sentiment --path sst2 --params '{"limit": 50}' --out run/
 """
 
 from __future__ import annotations
@@ -45,13 +46,55 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--out", type=Path, help="write predictions here instead of stdout")
     cl.add_argument("texts", nargs="*")
     sub.add_parser("tasks", help="list served tasks")
+    parser.add_argument("--admin-key", default=os.environ.get("ANCHORSERVE_ADMIN_API_KEY"),
+                        help="for analyze; or ANCHORSERVE_ADMIN_API_KEY")
+    an = sub.add_parser("analyze", help="run an analysis job on the server; save results.json and plots in --out")
+    an.add_argument("kind", choices=["saliency", "isolation", "deep_layers", "error_diagnosis"])
+    an.add_argument("--task", required=True)
+    rows = an.add_mutually_exclusive_group(required=True)
+    rows.add_argument("--file", type=Path, help="JSONL of {'text', 'label'} rows to analyse")
+    rows.add_argument("--path", help="a dataset under the server's data_root")
+    an.add_argument("--drawn", action="store_true", help="draw demonstrations from the dataset's train.jsonl per seed")
+    an.add_argument("--params", type=json.loads, default={}, help="analysis parameters as JSON")
+    an.add_argument("--out", type=Path, required=True)
     return parser
+
+
+def _analyze(client: AnchorServeClient, args: argparse.Namespace) -> int:
+    examples = None
+    if args.file:
+        examples = [json.loads(line) for line in args.file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    job = client.start_analysis(args.kind, args.task, examples=examples, path=args.path, params=args.params,
+                                demonstrations="drawn" if args.drawn else "task")
+    with tqdm(desc=args.kind, unit="step", file=sys.stderr) as bar:
+
+        def progress(status: dict) -> None:
+            done = status.get("progress") or {}
+            bar.total = int(done.get("total", 0)) or None
+            bar.update(int(done.get("done", 0)) - bar.n)
+
+        try:
+            job = client.wait_analysis(job["id"], on_progress=progress)
+        except KeyboardInterrupt:
+            client.cancel_analysis(job["id"])
+            raise
+    if job["status"] != "succeeded":
+        sys.stderr.write(f"error: analysis {job['status']}: {job.get('error')}\n")
+        return 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(job["results"], indent=1))
+    for name in job["plots"]:
+        (args.out / f"{name}.png").write_bytes(client.analysis_plot(job["id"], name))
+    sys.stdout.write(f"wrote {args.out / 'results.json'} and {len(job['plots'])} plot(s)\n")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with AnchorServeClient(args.url, api_key=args.api_key) as client:
+    with AnchorServeClient(args.url, api_key=args.api_key, admin_key=args.admin_key) as client:
         try:
+            if args.command == "analyze":
+                return _analyze(client, args)
             if args.command == "tasks":
                 for task in client.tasks():
                     sys.stdout.write(task.model_dump_json() + "\n")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -28,8 +29,10 @@ class AnchorServeError(Exception):
 
 
 def _raise_for(response: httpx.Response) -> Any:
+    """The JSON body of a success (raw bytes for anything else, e.g. a PNG), or AnchorServeError."""
     if response.is_success:
-        return response.json()
+        is_json = response.headers.get("content-type", "").startswith("application/json")
+        return response.json() if is_json else response.content
     try:
         body = response.json()
         raise AnchorServeError(response.status_code, body.get("error", response.text), body.get("type", "unknown"))
@@ -117,6 +120,39 @@ class AnchorServeClient(_Base):
 
     def job(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/admin/jobs/{job_id}", admin=True)
+
+    def start_analysis(
+        self, kind: str, task: str, examples: list[dict[str, str]] | None = None, path: str | None = None,
+        params: dict[str, Any] | None = None, demonstrations: str = "task",
+    ) -> dict[str, Any]:
+        """Start saliency | isolation | deep_layers | error_diagnosis on inline rows or a data_root path."""
+        data = {"examples": examples} if examples is not None else {"path": path}
+        body = {"kind": kind, "task": task, "data": data, "params": params or {}, "demonstrations": demonstrations}
+        return self._request("POST", "/admin/analyses", admin=True, json=body)
+
+    def analysis(self, job_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/admin/analyses/{job_id}", admin=True)
+
+    def analysis_plot(self, job_id: str, name: str) -> bytes:
+        return self._request("GET", f"/admin/analyses/{job_id}/plots/{name}.png", admin=True)
+
+    def cancel_analysis(self, job_id: str) -> dict[str, Any]:
+        return self._request("DELETE", f"/admin/analyses/{job_id}", admin=True)
+
+    def wait_analysis(
+        self, job_id: str, timeout: float = 3600.0, interval: float = 0.5,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Poll until the job ends; returns its final status (check `status` and `error`)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.analysis(job_id)
+            if on_progress is not None:
+                on_progress(job)
+            if job["status"] not in ("pending", "running"):
+                return job
+            time.sleep(interval)
+        raise TimeoutError(f"analysis {job_id} still running after {timeout}s")
 
 
 class AsyncAnchorServeClient(_Base):

@@ -69,3 +69,27 @@ def test_reweight_writes_beta_and_loss_curve(tiny_folder, dataset_dir, tmp_path)
     assert len(report["epoch_losses"]) == 2 and len(report["step_losses"]) == 8
     assert {"accuracy_before", "accuracy_after"} <= set(report)
     assert load_file(str(out / "beta.safetensors"))["beta"].shape == (3, 4, 2)
+
+
+@pytest.mark.parametrize("kind", ["saliency", "isolation", "deep-layers", "error-diagnosis"])
+def test_analyze_writes_results_and_plots(tiny_folder, dataset_dir, tmp_path, kind):
+    out = tmp_path / kind
+    flags = {"isolation": ["--ks", "0,1"], "error-diagnosis": ["--contexts", "2"]}.get(kind, [])
+    seeds = [] if kind == "error-diagnosis" else ["--seeds", "42"]
+    code = main([
+        "analyze", kind, "--data", str(dataset_dir), "--template", "Review: {text}\\nSentiment:",
+        "--labels", "Negative,Positive", "--model", str(tiny_folder), "--limit", "4", *seeds, *flags,
+        "--out", str(out),
+    ])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    named = {"saliency": "s_wp", "isolation": "word_loyalty", "deep-layers": "auc_roc", "error-diagnosis": "spearman"}
+    assert named[kind] in results and results["params"]["limit"] == 4
+    assert all(png.read_bytes().startswith(b"\x89PNG") for png in out.glob("*.png")) and list(out.glob("*.png"))
+
+
+def test_analyze_refuses_bad_parameters(tiny_folder, dataset_dir, tmp_path):
+    args = ["analyze", "isolation", "--data", str(dataset_dir), "--preset", "sst2", "--model", str(tiny_folder),
+            "--out", str(tmp_path)]
+    assert main([*args, "--ks", "99"]) == 2
+    assert main([*args, "--params", '{"nonsense": 1}']) == 2

@@ -106,3 +106,20 @@ def test_command_line_client(server_url, tmp_path, capsys):
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [row["text"] for row in lines] == ["extra text"] + [f"review {i}" for i in range(5)]
     assert client_cli(["--url", server_url, "--api-key", "user-key", "classify", "--task", "nope", "x"]) == 1
+
+
+def test_clients_run_an_analysis_job(server_url, tmp_path, capsys):
+    rows = [{"text": f"review {i}", "label": "Positive" if i % 2 else "Negative"} for i in range(6)]
+    with AnchorServeClient(server_url, admin_key="admin-key") as client:
+        job = client.start_analysis("deep_layers", "sentiment", examples=rows, params={"seeds": [1]})
+        done = client.wait_analysis(job["id"], timeout=120, interval=0.1)
+        assert done["status"] == "succeeded" and len(done["results"]["auc_roc"]) == 3
+        assert client.analysis_plot(job["id"], "deep_layers").startswith(b"\x89PNG")
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "out"
+    code = client_cli(["--url", server_url, "--admin-key", "admin-key", "analyze", "isolation", "--task",
+                       "sentiment", "--file", str(tmp_path / "rows.jsonl"), "--params", '{"ks": [1], "seeds": [1]}',
+                       "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((out / "results.json").read_text())["label_loyalty"]["first"]["label"]["1"] >= 0
+    assert (out / "isolation.png").read_bytes().startswith(b"\x89PNG")
