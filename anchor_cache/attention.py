@@ -102,10 +102,10 @@ def _bool_mask(mask: torch.Tensor | None, q_len: int, kv_len: int, device: torch
 
 def _plan_mask(
     module: torch.nn.Module, attention_mask: torch.Tensor | None, q_len: int, kv_len: int, device: torch.device,
-    plan: AttentionPlan | None,
+    plan: AttentionPlan,
 ) -> torch.Tensor | None:
     """The model's mask, with isolated rows (if this layer isolates any) limited to their own key."""
-    iso = plan.isolation if plan is not None else None
+    iso = plan.isolation
     if iso is None or module.layer_idx not in iso.layers:
         return attention_mask
     allowed = _bool_mask(attention_mask, q_len, kv_len, device)
