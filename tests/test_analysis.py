@@ -183,5 +183,8 @@ def test_bad_params_and_cancellation(tiny_lm):
         run_analysis(tiny_lm, "saliency", data, {"sampling": "per_example"})
     with pytest.raises(AnalysisCancelled):
         run_analysis(tiny_lm, "deep_layers", data, {}, JobControl(should_stop=lambda: True))
+    for kind in ("saliency", "isolation", "deep_layers"):
+        with pytest.raises(ValidationError, match="longer than max_tokens"):
+            run_analysis(tiny_lm, kind, data, {"seeds": [1], "max_tokens": 8})
     with pytest.raises(ValidationError, match="max_map_values"):
         run_analysis(tiny_lm, "deep_layers", data, {"seeds": [1], "attention_maps": 2, "max_map_values": 10})

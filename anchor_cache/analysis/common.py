@@ -102,6 +102,13 @@ def prompt_rows(
     return short, len(kept) - len(short)
 
 
+def require_prompts(prepared: Sequence[tuple[list[Prompted], int]]) -> None:
+    """Every seed needs at least one prompt within max_tokens, or its averages do not exist."""
+    for prompts, skipped in prepared:
+        if not prompts:
+            raise ValidationError(f"no prompt to analyse: {skipped} were longer than max_tokens (or no rows given)")
+
+
 def final_hidden(lm: LoadedModel, batch: Sequence[Prompted], plan: AttentionPlan | None = None) -> torch.Tensor:
     """(B, hidden) at each prompt's last token; right-padded, so positions are those of the prompt."""
     return last_hidden(lm, Prefix(), [p.ids for p in batch], plan)

@@ -24,6 +24,7 @@ from anchor_cache.analysis.common import (
     chunks,
     final_hidden,
     prompt_rows,
+    require_prompts,
 )
 from anchor_cache.analysis.plots import auc_plot
 from anchor_cache.attention import AttentionPlan
@@ -107,6 +108,7 @@ def run(lm: LoadedModel, data: AnalysisData, params: DeepLayersParams, control: 
                     data.rows(params.limit, seed), params.max_tokens)
         for seed in params.seeds
     ]
+    require_prompts(prepared)
     control.add_work(sum(-(-len(p) // params.batch_size) for p, _ in prepared) + (params.attention_maps > 0))
     per_seed = []
     for prompts, _ in prepared:

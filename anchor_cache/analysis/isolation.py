@@ -24,6 +24,7 @@ from anchor_cache.analysis.common import (
     final_hidden,
     padded_rows,
     prompt_rows,
+    require_prompts,
 )
 from anchor_cache.analysis.plots import loyalty_plot
 from anchor_cache.attention import AttentionPlan, Isolation
@@ -80,6 +81,7 @@ def run(lm: LoadedModel, data: AnalysisData, params: IsolationParams, control: J
         prompts, skipped = prompt_rows(lm, data.task, demos, data.rows(params.limit, seed), params.max_tokens)
         rng = np.random.default_rng(seed)
         prepared.append((prompts, skipped, [random_positions(p, rng) for p in prompts]))
+    require_prompts([(p, s) for p, s, _ in prepared])
     control.add_work(sum(-(-len(p) // params.batch_size) for p, _, _ in prepared) * (1 + len(settings)))
     scores: dict[str, dict] = {m: {w: {x: {str(k): [] for k in params.ks} for x in WHAT} for w in WHERE}
                                for m in ("label_loyalty", "word_loyalty")}

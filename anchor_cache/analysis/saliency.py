@@ -29,6 +29,7 @@ from anchor_cache.analysis.common import (
     chunks,
     final_hidden,
     prompt_rows,
+    require_prompts,
 )
 from anchor_cache.analysis.plots import line_plot
 from anchor_cache.attention import AttentionPlan
@@ -116,6 +117,7 @@ def _batch_flows(lm: LoadedModel, batch: list[Prompted], label_ids: tuple[int, .
 def run(lm: LoadedModel, data: AnalysisData, params: SaliencyParams, control: JobControl) -> tuple[dict, dict]:
     label_ids = label_token_ids(data.task.labels, lm.tokenizer)
     prepared = [_prompts(lm, data, params, seed) for seed in params.seeds]
+    require_prompts(prepared)
     control.add_work(sum(-(-len(p) // params.batch_size) for p, _ in prepared))
     per_seed = []
     for prompts, _ in prepared:
