@@ -185,6 +185,7 @@ def test_bad_params_and_cancellation(tiny_lm):
         run_analysis(tiny_lm, "deep_layers", data, {}, JobControl(should_stop=lambda: True))
     for kind in ("saliency", "isolation", "deep_layers"):
         with pytest.raises(ValidationError, match="longer than max_tokens"):
-            run_analysis(tiny_lm, kind, data, {"seeds": [1], "max_tokens": 8})
+            extra = {"ks": [1]} if kind == "isolation" else {}
+            run_analysis(tiny_lm, kind, data, {"seeds": [1], "max_tokens": 8} | extra)
     with pytest.raises(ValidationError, match="max_map_values"):
         run_analysis(tiny_lm, "deep_layers", data, {"seeds": [1], "attention_maps": 2, "max_map_values": 10})
