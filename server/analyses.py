@@ -114,7 +114,7 @@ async def start_analysis(body: AnalysisRequest, request: Request) -> JSONRespons
     params = params.model_copy(update={k: min(getattr(params, k), cap) for k, cap in caps.items()
                                        if hasattr(params, k) and k not in body.params})  # unset: the server's cap
     params.check(served.classifier.lm.model.config.num_hidden_layers)
-    data = _data(body, served, state.settings)
+    data = await asyncio.to_thread(_data, body, served, state.settings)  # file reads stay off the event loop
     _check_limits(params, data, state.settings)
     if state.jobs.active(JOB_KIND) >= state.settings.max_analysis_jobs:
         raise Overloaded(f"{state.settings.max_analysis_jobs} analysis job(s) already running (max_analysis_jobs); "

@@ -105,12 +105,11 @@ def run(lm: LoadedModel, data: AnalysisData, params: IsolationParams, control: J
                 top += t_
             scores["label_loyalty"][where][what][str(k)].append(100 * float((np.concatenate(preds) == ref).mean()))
             scores["word_loyalty"][where][what][str(k)].append(100 * float(np.mean(list(map(_jaccard, top, ref_top)))))
-    per_seed = scores
     mean = {m: {w: {x: {k: float(np.mean(v)) for k, v in by_k.items()} for x, by_k in by_x.items()}
-                for w, by_x in by_w.items()} for m, by_w in per_seed.items()}
+                for w, by_x in by_w.items()} for m, by_w in scores.items()}
     results: dict[str, Any] = mean | {
         "word_top_k": params.word_top_k, "ks": params.ks,
         "examples": [len(p) for p, _, _ in prepared], "skipped": sum(s for _, s, _ in prepared),
-        "per_seed": per_seed,
+        "per_seed": scores,
     }
     return results, {"isolation": loyalty_plot(mean, title=f"Isolation: {data.task.name}")}

@@ -1,27 +1,40 @@
-"""PNG pictures of analysis results (matplotlib, headless Agg backend), returned as bytes."""
+"""PNG pictures of analysis results, returned as bytes.
+
+Figures are made with matplotlib's object API, not pyplot: no global figure state, so jobs in
+threads cannot trip over each other, and no GUI backend. matplotlib is imported on the first plot,
+which keeps its import off the server's start-up.
+"""
 
 from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
-def _png(fig: plt.Figure) -> bytes:
+
+def _figure(width: float, height: float, ncols: int = 1) -> tuple[Figure, Any]:
+    """A figure and a row of `ncols` axes (an array of shape (1, ncols))."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    return fig, fig.subplots(1, ncols, squeeze=False)
+
+
+def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
     return buf.getvalue()
 
 
 def line_plot(curves: dict[str, Sequence[float]], xlabel: str, ylabel: str, title: str) -> bytes:
-    fig, ax = plt.subplots(figsize=(6.4, 4))
+    fig, axes = _figure(6.4, 4)
+    ax = axes[0, 0]
     for name, values in curves.items():
         ax.plot(range(len(values)), values, marker=".", label=name)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
@@ -32,7 +45,7 @@ def line_plot(curves: dict[str, Sequence[float]], xlabel: str, ylabel: str, titl
 
 def loyalty_plot(loyalty: dict[str, dict[str, dict[str, dict[str, float]]]], title: str) -> bytes:
     """loyalty[metric][first|last][label|random][k] → one panel per metric, a line per (where, what)."""
-    fig, axes = plt.subplots(1, len(loyalty), figsize=(5.2 * len(loyalty), 4), squeeze=False)
+    fig, axes = _figure(5.2 * len(loyalty), 4, len(loyalty))
     for ax, (metric, by_where) in zip(axes[0], loyalty.items(), strict=True):
         for where, by_what in by_where.items():
             for what, by_k in by_what.items():
@@ -48,7 +61,8 @@ def loyalty_plot(loyalty: dict[str, dict[str, dict[str, dict[str, float]]]], tit
 
 def auc_plot(auc: Sequence[float], r: Sequence[float], title: str) -> bytes:
     """AUCROC_l (dashed, left axis) and R_l (solid, right axis) against the layer, as in the paper."""
-    fig, ax = plt.subplots(figsize=(6.4, 4))
+    fig, axes = _figure(6.4, 4)
+    ax = axes[0, 0]
     layers = range(len(auc))
     ax.plot(layers, auc, "--", color="tab:blue", label="AUCROC_l")
     ax.set(xlabel="layer", ylabel="AUCROC_l", title=title)
@@ -61,7 +75,7 @@ def auc_plot(auc: Sequence[float], r: Sequence[float], title: str) -> bytes:
 
 
 def heatmaps(matrices: dict[str, np.ndarray], labels: Sequence[str], title: str) -> bytes:
-    fig, axes = plt.subplots(1, len(matrices), figsize=(5 * len(matrices), 4.4), squeeze=False)
+    fig, axes = _figure(5 * len(matrices), 4.4, len(matrices))
     for ax, (name, matrix) in zip(axes[0], matrices.items(), strict=True):
         image = ax.imshow(matrix, cmap="viridis", vmin=np.nanmin(matrix), vmax=1)
         ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
