@@ -1,7 +1,8 @@
 """One exception hierarchy for the engine.
 
-The server maps these types to HTTP status codes in exactly one table (as TEI does with its
-error enum), so every engine failure names its kind here instead of raising bare ValueErrors.
+Every failure names its kind here; the server maps kinds to HTTP status codes in exactly one
+table (`server/errors.py`, as TEI does with its error enum). Messages are meant for the caller:
+they say what to fix and never name an absolute server path.
 """
 
 
@@ -24,7 +25,8 @@ class ModelNotFoundError(AnchorServeError, FileNotFoundError):
 
 
 class CacheMismatchError(AnchorServeError):
-    """A persisted anchor cache does not belong to this model, tokenizer or task."""
+    """A persisted artefact (anchor cache, β, task spec) is damaged, or belongs to another model,
+    tokenizer or task. Caches are derivable, so the registry quarantines them and rebuilds."""
 
     kind = "cache_mismatch"
 
@@ -36,3 +38,22 @@ class NotFoundError(AnchorServeError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class ConflictError(AnchorServeError):
+    """The request conflicts with the current state: a name that exists, a task being rebuilt, a
+    full registry (max_tasks)."""
+
+    kind = "conflict"
+
+
+class UnavailableError(AnchorServeError):
+    """Not able to serve this now: still loading, shutting down, or a task that failed to load."""
+
+    kind = "unavailable"
+
+
+class Cancelled(AnchorServeError):
+    """A job (β training, an analysis) stopped because it was asked to; it left nothing half-done."""
+
+    kind = "cancelled"

@@ -24,13 +24,9 @@ from tqdm import tqdm
 from anchor_cache.attention import AttentionPlan
 from anchor_cache.cache import extend_cache
 from anchor_cache.classifier import Classifier
-from anchor_cache.errors import AnchorServeError, ValidationError
+from anchor_cache.errors import Cancelled, ValidationError
 from anchor_cache.forward import Prefix, label_logits, last_hidden
 from anchor_cache.task import Method
-
-
-class TrainingCancelled(AnchorServeError):
-    kind = "cancelled"
 
 
 @dataclass
@@ -91,7 +87,7 @@ def train_reweighting(
     """Fit β on (texts, class indices); returns the best β (by dev loss when dev data is given).
 
     `should_stop` is polled before every step; when it answers True the run raises
-    TrainingCancelled, so a cancelled run never yields a half-trained β.
+    Cancelled, so a cancelled run never yields a half-trained β.
     """
     cfg = cfg or TrainConfig()
     if not texts:
@@ -113,7 +109,7 @@ def train_reweighting(
             epoch = []
             for i in range(0, len(order), cfg.batch_size):
                 if should_stop is not None and should_stop():
-                    raise TrainingCancelled("re-weighting was cancelled")
+                    raise Cancelled("re-weighting was cancelled")
                 idx = order[i : i + cfg.batch_size]
                 loss = _loss(clf, plan, [examples[j] for j in idx])
                 optimizer.zero_grad()

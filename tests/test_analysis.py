@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from anchor_cache import AttentionPlan
-from anchor_cache.analysis import KINDS, AnalysisCancelled, AnalysisData, JobControl, parse_params, run_analysis
+from anchor_cache.analysis import KINDS, AnalysisData, JobControl, parse_params, run_analysis
 from anchor_cache.analysis.common import final_hidden, padded_rows, prompt_rows
 from anchor_cache.analysis.deep_layers import auc_roc, r_curve
 from anchor_cache.analysis.error_diagnosis import pair_spearman, predicted_confusion, real_confusion
@@ -19,7 +19,7 @@ from anchor_cache.analysis.isolation import isolated_layers, random_positions
 from anchor_cache.analysis.saliency import flows, saliency_matrices
 from anchor_cache.attention import Isolation
 from anchor_cache.data import Example
-from anchor_cache.errors import ValidationError
+from anchor_cache.errors import Cancelled, ValidationError
 from anchor_cache.forward import label_logits
 from anchor_cache.prompt import label_token_ids
 from tests.conftest import QUERIES, sentiment_task
@@ -181,7 +181,7 @@ def test_bad_params_and_cancellation(tiny_lm):
     data = AnalysisData(task=sentiment_task(), test=ROWS)
     with pytest.raises(ValidationError, match="per-example"):
         run_analysis(tiny_lm, "saliency", data, {"sampling": "per_example"})
-    with pytest.raises(AnalysisCancelled):
+    with pytest.raises(Cancelled):
         run_analysis(tiny_lm, "deep_layers", data, {}, JobControl(should_stop=lambda: True))
     for kind in ("saliency", "isolation", "deep_layers"):
         with pytest.raises(ValidationError, match="longer than max_tokens"):

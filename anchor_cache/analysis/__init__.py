@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
 
 from anchor_cache.analysis import deep_layers, error_diagnosis, isolation, saliency
-from anchor_cache.analysis.common import AnalysisCancelled, AnalysisData, AnalysisParams, JobControl
+from anchor_cache.analysis.common import AnalysisData, AnalysisParams, JobControl
 from anchor_cache.errors import ValidationError
 from anchor_cache.models import LoadedModel
 
@@ -73,7 +73,7 @@ def run_analysis(
     lm: LoadedModel, kind: str, data: AnalysisData, params: dict[str, Any] | AnalysisParams | None = None,
     control: JobControl | None = None,
 ) -> AnalysisOutput:
-    """Run one analysis; raises ValidationError on bad parameters, AnalysisCancelled when stopped."""
+    """Run one analysis; raises ValidationError on bad parameters, Cancelled when stopped."""
     parsed = parse_params(kind, params)
     parsed.check(lm.model.config.num_hidden_layers)
     start = time.perf_counter()
@@ -83,4 +83,4 @@ def run_analysis(
     return AnalysisOutput(results=json_safe(header | results), plots=plots)
 
 
-__all__ = ["KINDS", "AnalysisCancelled", "AnalysisData", "AnalysisOutput", "JobControl", "parse_params", "run_analysis"]
+__all__ = ["KINDS", "AnalysisData", "AnalysisOutput", "JobControl", "parse_params", "run_analysis"]

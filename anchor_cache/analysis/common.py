@@ -16,17 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from anchor_cache.attention import AttentionPlan
 from anchor_cache.data import Example, load_demonstrations, sample_rows, seed_demonstrations
-from anchor_cache.errors import AnchorServeError, ValidationError
+from anchor_cache.errors import Cancelled, ValidationError
 from anchor_cache.forward import Prefix, last_hidden
 from anchor_cache.models import LoadedModel
 from anchor_cache.prompt import TaskPrompt
 from anchor_cache.task import Demonstration, TaskSpec
 
 T = TypeVar("T")
-
-
-class AnalysisCancelled(AnchorServeError):
-    kind = "cancelled"
 
 
 class AnalysisParams(BaseModel):
@@ -142,7 +138,7 @@ class JobControl:
 
     def step(self, fn: Callable[[], T]) -> T:
         if self.should_stop():
-            raise AnalysisCancelled("the analysis was cancelled")
+            raise Cancelled("the analysis was cancelled")
         result = fn()
         self.done += 1
         if self.on_progress is not None:
