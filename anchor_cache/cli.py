@@ -216,6 +216,7 @@ def run_analyze(args: argparse.Namespace) -> None:
             bar.total = total
             bar.update(done - bar.n)
 
+        parsed.check(lm.model.config.num_hidden_layers)
         output = run_analysis(lm, kind, data, parsed, JobControl(on_progress=progress))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(output.results, indent=1, allow_nan=False))

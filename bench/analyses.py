@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from anchor_cache.analysis import KINDS, AnalysisData, JobControl, run_analysis
+from anchor_cache.analysis import KINDS, AnalysisData, JobControl, parse_params, run_analysis
 from anchor_cache.analysis.deep_layers import r_curve
 from anchor_cache.analysis.plots import auc_plot, loyalty_plot
 from anchor_cache.data import read_jsonl
@@ -80,7 +80,8 @@ def main() -> None:
                     bar.total = total
                     bar.update(done - bar.n)
                 start = time.perf_counter()
-                out = run_analysis(lm, kind, _data(args.data_root, name), params, JobControl(on_progress=progress))
+                checked = parse_params(kind, params, lm.model.config.num_hidden_layers)
+                out = run_analysis(lm, kind, _data(args.data_root, name), checked, JobControl(on_progress=progress))
             (args.out / f"{kind}-{name}.json").write_text(json.dumps(out.results, indent=1, allow_nan=False))
             for plot in out.plots.values():
                 (args.out / f"{kind}-{name}.png").write_bytes(plot)

@@ -24,6 +24,12 @@ from anchor_cache.forward import label_logits
 from anchor_cache.prompt import label_token_ids
 from tests.conftest import QUERIES, sentiment_task
 
+
+def analyse(lm, kind, data, params, control=None):
+    """The edge's two steps: check the params once, then run."""
+    return run_analysis(lm, kind, data, parse_params(kind, params, lm.model.config.num_hidden_layers), control)
+
+
 ROWS = [Example(text, i % 2) for i, text in enumerate([*QUERIES, "a wonderful film", "a dull report", "lazy"])]
 
 
@@ -149,7 +155,7 @@ def test_every_analysis_runs_reports_and_plots(tiny_lm, kind):
     data = AnalysisData(task=sentiment_task(), test=ROWS, train=ROWS)
     params = {"error_diagnosis": {"contexts": 2}, "isolation": {"seeds": [1], "ks": [0, 1]}}.get(kind, {"seeds": [1]})
     seen = []
-    out = run_analysis(tiny_lm, kind, data, params, JobControl(on_progress=lambda d, t: seen.append((d, t))))
+    out = analyse(tiny_lm, kind, data, params, JobControl(on_progress=lambda d, t: seen.append((d, t))))
     json.dumps(out.results, allow_nan=False)
     assert out.results["kind"] == kind and out.results["layers"] == 3
     assert all(png.startswith(b"\x89PNG") for png in out.plots.values()) and out.plots
@@ -163,11 +169,11 @@ def test_every_analysis_runs_reports_and_plots(tiny_lm, kind):
 
 def test_per_layer_arrays_and_normalisation(tiny_lm):
     data = AnalysisData(task=sentiment_task(), test=ROWS, train=ROWS)
-    res = run_analysis(tiny_lm, "saliency", data, {"seeds": [1, 2]}).results
+    res = analyse(tiny_lm, "saliency", data, {"seeds": [1, 2]}).results
     assert res["sampling"] == "per_example"
     totals = np.array(res["s_wp"]) + np.array(res["s_pq"]) + np.array(res["s_ww"])
     np.testing.assert_allclose(totals, 1.0)
-    fixed = run_analysis(tiny_lm, "saliency", AnalysisData(task=sentiment_task(), test=ROWS), {"seeds": [1]})
+    fixed = analyse(tiny_lm, "saliency", AnalysisData(task=sentiment_task(), test=ROWS), {"seeds": [1]})
     assert fixed.results["sampling"] == "fixed"
 
 
@@ -180,12 +186,12 @@ def test_bad_params_and_cancellation(tiny_lm):
         parse_params("saliency", {"seedz": [1]})
     data = AnalysisData(task=sentiment_task(), test=ROWS)
     with pytest.raises(ValidationError, match="per-example"):
-        run_analysis(tiny_lm, "saliency", data, {"sampling": "per_example"})
+        analyse(tiny_lm, "saliency", data, {"sampling": "per_example"})
     with pytest.raises(Cancelled):
-        run_analysis(tiny_lm, "deep_layers", data, {}, JobControl(should_stop=lambda: True))
+        analyse(tiny_lm, "deep_layers", data, {}, JobControl(should_stop=lambda: True))
     for kind in ("saliency", "isolation", "deep_layers"):
         with pytest.raises(ValidationError, match="longer than max_tokens"):
             extra = {"ks": [1]} if kind == "isolation" else {}
-            run_analysis(tiny_lm, kind, data, {"seeds": [1], "max_tokens": 8} | extra)
+            analyse(tiny_lm, kind, data, {"seeds": [1], "max_tokens": 8} | extra)
     with pytest.raises(ValidationError, match="max_map_values"):
-        run_analysis(tiny_lm, "deep_layers", data, {"seeds": [1], "attention_maps": 2, "max_map_values": 10})
+        analyse(tiny_lm, "deep_layers", data, {"seeds": [1], "attention_maps": 2, "max_map_values": 10})

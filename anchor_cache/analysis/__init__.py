@@ -56,29 +56,37 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def parse_params(kind: str, params: dict[str, Any] | BaseModel | None) -> AnalysisParams:
+def parse_params(
+    kind: str, params: dict[str, Any] | BaseModel | None, n_layers: int | None = None
+) -> AnalysisParams:
+    """Check an analysis's parameters once, at the edge (CLI, server, bench): their shape, and with
+    the model's depth `n_layers` the checks that need it. `run_analysis` takes the result as it is."""
     if kind not in KINDS:
         raise ValidationError(f"unknown analysis {kind!r}; choose from {sorted(KINDS)}")
     model = KINDS[kind].params
     if isinstance(params, model):
-        return params
-    try:
-        return model.model_validate(params.model_dump() if isinstance(params, BaseModel) else params or {})
-    except PydanticValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise ValidationError(f"bad {kind} params: {problems}") from None
+        parsed = params
+    else:
+        try:
+            parsed = model.model_validate(params.model_dump() if isinstance(params, BaseModel) else params or {})
+        except PydanticValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ValidationError(f"bad {kind} params: {problems}") from None
+    if n_layers is not None:
+        parsed.check(n_layers)
+    return parsed
 
 
 def run_analysis(
-    lm: LoadedModel, kind: str, data: AnalysisData, params: dict[str, Any] | AnalysisParams | None = None,
-    control: JobControl | None = None,
+    lm: LoadedModel, kind: str, data: AnalysisData, params: AnalysisParams, control: JobControl | None = None
 ) -> AnalysisOutput:
-    """Run one analysis; raises ValidationError on bad parameters, Cancelled when stopped."""
-    parsed = parse_params(kind, params)
-    parsed.check(lm.model.config.num_hidden_layers)
+    """Run one analysis with params from `parse_params(kind, raw, n_layers)`; raises Cancelled when
+    stopped, and ValidationError only for what depends on the data (e.g. prompts past max_tokens)."""
+    if not isinstance(params, KINDS[kind].params):
+        raise TypeError(f"run_analysis takes {KINDS[kind].params.__name__} from parse_params, got {type(params)}")
     start = time.perf_counter()
-    results, plots = KINDS[kind].run(lm, data, parsed, control or JobControl())
-    header = {"kind": kind, "task": data.task.name, "model": lm.name, "params": parsed.model_dump(),
+    results, plots = KINDS[kind].run(lm, data, params, control or JobControl())
+    header = {"kind": kind, "task": data.task.name, "model": lm.name, "params": params.model_dump(),
               "layers": lm.model.config.num_hidden_layers, "seconds": round(time.perf_counter() - start, 3)}
     return AnalysisOutput(results=json_safe(header | results), plots=plots)
 
