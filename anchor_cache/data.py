@@ -13,7 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from anchor_cache.errors import ValidationError
-from anchor_cache.task import Demonstration, DemonstrationSource, check_demonstrations, label_index
+from anchor_cache.task import (
+    Demonstration,
+    DemonstrationSource,
+    check_demonstrations,
+    label_index,
+    text_problem,
+)
 
 
 @dataclass(frozen=True)
@@ -23,20 +29,74 @@ class Example:
 
 
 def read_jsonl(path: Path, labels: list[str]) -> list[Example]:
-    """Rows of {"text","label"}; labels are matched to the task's label words case-insensitively."""
-    if not path.is_file():
-        raise ValidationError(f"dataset file {path} does not exist")
+    """Rows of {"text","label"}; labels are matched to the task's label words case-insensitively.
+
+    The file must be UTF-8 (a leading BOM is allowed) with one JSON object per line; blank lines are
+    skipped. `text` must be a string; `label` a string, or an integer matched as its decimal
+    spelling (for label words like "1".."5"). Anything else is a `ValidationError` that names the
+    file by its name only (never the server's absolute path) and the line, without echoing the row.
+    """
+    path = Path(path)
+    where = path.name or "dataset file"
+    if not path.is_file():  # False, not an error, for paths with NUL bytes too
+        raise ValidationError(f"dataset file {where} does not exist")
     examples = []
-    with path.open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                examples.append(Example(text=str(row["text"]), label=label_index(str(row["label"]), labels)))
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise ValidationError(f"{path}:{line_no}: expected a JSON object with text and label ({exc})") from exc
+    try:
+        with path.open("rb") as fh:
+            for line_no, raw in enumerate(fh, 1):
+                example = _parse_row(raw, line_no, labels, f"{where}:{line_no}")
+                if example is not None:
+                    examples.append(example)
+    except OSError as exc:
+        raise ValidationError(f"dataset file {where} cannot be read ({exc.strerror or type(exc).__name__})") from None
     return examples
+
+
+def _parse_row(raw: bytes, line_no: int, labels: list[str], at: str) -> Example | None:
+    try:
+        line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValidationError(
+            f"{at}: not valid UTF-8 (byte {exc.start} of the line): save the dataset as UTF-8"
+        ) from None
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, over-long integers, deep nesting
+        detail = str(exc) if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+        raise ValidationError(f"{at}: not valid JSON ({detail})") from None
+    if not isinstance(row, dict):
+        raise ValidationError(f'{at}: expected a JSON object with "text" and "label", got a JSON {_json_kind(row)}')
+    missing = [key for key in ("text", "label") if key not in row]
+    if missing:
+        raise ValidationError(f'{at}: expected a JSON object with "text" and "label"; missing {missing}')
+    text, label = row["text"], row["label"]
+    if not isinstance(text, str):
+        raise ValidationError(f'{at}: "text" must be a string, got a JSON {_json_kind(text)}')
+    if isinstance(label, int) and not isinstance(label, bool):
+        label = str(label)
+    elif not isinstance(label, str):
+        raise ValidationError(f'{at}: "label" must be a string (a label word), got a JSON {_json_kind(label)}')
+    for field, value in (("text", text), ("label", label)):
+        problem = text_problem(value)
+        if problem:
+            raise ValidationError(f'{at}: "{field}" {problem}')
+    try:
+        index = label_index(label, labels)
+    except ValidationError as exc:
+        raise ValidationError(f"{at}: {exc}") from None
+    return Example(text=text, label=index)
+
+
+def _json_kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    return {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
 
 
 def sample_demonstrations(

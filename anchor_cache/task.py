@@ -4,18 +4,73 @@ A demonstration renders as `template(text) + " " + label`; demonstrations and th
 by `separator`, and the query ends where the template ends (e.g. after "Sentiment:"), exactly the
 paper's prompt format. Token-level checks (colliding label tokens) need a tokenizer and live in
 `prompt.py`.
+
+Strings from callers are checked at the edge with two annotated types, so hostile text is a
+validation error (422) and never reaches the Rust tokenizer or the OS:
+
+- `Text`: any valid Unicode. Lone surrogates (JSON "\\ud800" decodes to one) are refused, as no
+  UTF-8 encoding exists for them. Use it for free text: demonstration texts and labels, queries.
+- `FormatText`: `Text` without NUL characters. Use it for what the task author writes once and the
+  prompt repeats (template, label words, separator), where a NUL is never meaningful.
 """
 
 from __future__ import annotations
 
+import os
 from enum import StrEnum
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from anchor_cache.errors import ValidationError
 
 TEXT_SLOT = "{text}"
+PREVIEW_CHARS = 60  # how much of a caller's string an error message echoes
+
+
+def text_problem(value: str) -> str | None:
+    """Why `value` cannot be UTF-8 encoded (a lone surrogate, with its position), or None.
+
+    The message names the character by its escape, never the character itself, so it stays
+    encodable wherever it is reported.
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"contains a lone surrogate (\\u{ord(value[exc.start]):04x}) at position {exc.start}: send valid Unicode"
+    return None
+
+
+def _encodable(value: Any) -> Any:
+    problem = text_problem(value) if isinstance(value, str) else None
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+def _no_nul(value: Any) -> Any:
+    if isinstance(value, str) and "\x00" in value:
+        raise ValueError(
+            f"contains a NUL character (\\x00) at position {value.index(chr(0))}: templates, label words and "
+            "separators cannot contain it"
+        )
+    return value
+
+
+# Before validators, so these messages win over pydantic's own (its length and pattern checks
+# refuse lone surrogates too, as "unable to parse raw data as a unicode string"); non-str inputs
+# pass on to pydantic's str validation.
+Text = Annotated[str, BeforeValidator(_encodable)]
+"""Any valid Unicode string (no lone surrogates); NUL is allowed. For free text."""
+
+FormatText = Annotated[str, BeforeValidator(_no_nul), BeforeValidator(_encodable)]
+"""`Text` without NUL characters. For templates, label words and separators."""
+
+
+def preview(value: str, limit: int = PREVIEW_CHARS) -> str:
+    """`repr` of a caller's string, shortened: error messages should not echo whole inputs."""
+    return repr(value) if len(value) <= limit else f"{value[:limit]!r}… ({len(value)} characters)"
 
 
 class Method(StrEnum):
@@ -32,8 +87,8 @@ class Method(StrEnum):
 class Demonstration(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    text: str
-    label: str
+    text: Text
+    label: Text
 
 
 class DemonstrationSource(BaseModel):
@@ -41,18 +96,32 @@ class DemonstrationSource(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    path: Path
+    path: Path = Field(description="a JSONL file; the server resolves it under its data_root")
     shots_per_class: int = Field(1, ge=1, le=64)
     seed: int = 42
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _usable_path(cls, value: Any) -> Any:
+        # Before Path coercion: Path("") would silently become ".", and a NUL or a lone surrogate
+        # would only fail later, inside an os call, as a 500.
+        if isinstance(value, str | os.PathLike):
+            raw = os.fspath(value)
+            if isinstance(raw, str):
+                if not raw:
+                    raise ValueError("path must not be empty")
+                _no_nul(raw)
+                _encodable(raw)
+        return value
 
 
 class TaskSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-    template: str = Field(description="Input template with one {text} slot, e.g. 'Review: {text}\\nSentiment:'")
-    labels: list[str] = Field(min_length=2, description="Label words in class order, without leading space")
-    separator: str = Field("\n", min_length=1)
+    template: FormatText = Field(description="Input template with one {text} slot, e.g. 'Review: {text}\\nSentiment:'")
+    labels: list[FormatText] = Field(min_length=2, description="Label words in class order, without leading space")
+    separator: FormatText = Field("\n", min_length=1)
     demonstrations: list[Demonstration] | DemonstrationSource
     method: Method = Method.HIDDEN_ANCHOR
     calibrate: bool = Field(False, description="contextual calibration: divide by content-free label probabilities")
@@ -61,7 +130,7 @@ class TaskSpec(BaseModel):
     @classmethod
     def _one_text_slot(cls, template: str) -> str:
         if template.count(TEXT_SLOT) != 1:
-            raise ValueError(f"template must contain {TEXT_SLOT} exactly once, got {template!r}")
+            raise ValueError(f"template must contain {TEXT_SLOT} exactly once, got {preview(template)}")
         if template != template.rstrip():
             raise ValueError(
                 "template must not end with whitespace: the label word follows with its own leading space "
@@ -75,9 +144,10 @@ class TaskSpec(BaseModel):
         cleaned = [label.strip() for label in labels]
         if any(not label for label in cleaned):
             raise ValueError("label words must be non-empty")
-        lowered = [label.lower() for label in cleaned]
-        if len(set(lowered)) != len(lowered):
-            raise ValueError(f"label words must be distinct (case-insensitively), got {cleaned}")
+        keys = [label_key(label) for label in cleaned]
+        if len(set(keys)) != len(keys):
+            shown = cleaned if sum(map(len, cleaned)) <= 4 * PREVIEW_CHARS else [preview(x) for x in cleaned]
+            raise ValueError(f"label words must be distinct (case-insensitively), got {shown}")
         return cleaned
 
     @model_validator(mode="after")
@@ -90,17 +160,24 @@ class TaskSpec(BaseModel):
         return label_index(label, self.labels)
 
     def render(self, text: str) -> str:
-        """The template with `text` in its slot (str.replace, so braces in texts are harmless)."""
-        return self.template.replace(TEXT_SLOT, text)
+        """The template with `text` in its slot (no format(), so braces in texts are harmless)."""
+        prefix, _, suffix = self.template.partition(TEXT_SLOT)
+        return prefix + text + suffix
+
+
+def label_key(label: str) -> str:
+    """What label matching compares: surrounding whitespace and case are ignored. Task validation
+    keeps the keys of a task's labels distinct, so each label word matches only itself."""
+    return label.strip().lower()
 
 
 def label_index(label: str, labels: list[str]) -> int:
     """Datasets spell labels their own way ('positive' vs ' Positive'): match case-insensitively."""
-    wanted = label.strip().lower()
+    wanted = label_key(label)
     for i, candidate in enumerate(labels):
-        if candidate.lower() == wanted:
+        if label_key(candidate) == wanted:
             return i
-    raise ValidationError(f"unknown label {label!r}; the task's labels are {labels}")
+    raise ValidationError(f"unknown label {preview(label)}; the task's labels are {labels}")
 
 
 def check_demonstrations(demonstrations: list[Demonstration], labels: list[str]) -> None:

@@ -1,4 +1,9 @@
-"""`python -m server`: validate settings, then serve with uvicorn (graceful shutdown on SIGTERM/SIGINT)."""
+"""`python -m server`: validate settings and the model setting, then serve with uvicorn.
+
+A bad setting, or a model that cannot be found or loaded, ends the process with one clear line on
+stderr and a non-zero exit, so Docker or Kubernetes restarts it instead of leaving a replica that
+is never ready. SIGTERM/SIGINT shut down gracefully: queued requests finish first.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +11,57 @@ import logging
 import sys
 
 import uvicorn
+from asgi_correlation_id import CorrelationIdFilter
 from pydantic import ValidationError
 
+from anchor_cache.errors import AnchorServeError
+from anchor_cache.models import DEFAULT_MODEL, default_gguf_path, resolve_device, resolve_dtype, resolve_model_dir
 from server.app import build_app
 from server.settings import Settings
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(correlation_id)s]: %(message)s"
+
+
+def check_model_settings(settings: Settings) -> None:
+    """Cheap checks of model, device and dtype before serving (the load itself comes later)."""
+    device = resolve_device(settings.device)
+    resolve_dtype(settings.dtype, device)
+    if settings.model == DEFAULT_MODEL:
+        default_gguf_path()
+    else:
+        resolve_model_dir(settings.model)
+
+
+def configure_logging() -> None:
+    """Every log line carries the request id it was written for ("-" outside requests)."""
+    handler = logging.StreamHandler()
+    handler.addFilter(CorrelationIdFilter(default_value="-"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     try:
         settings = Settings()
-    except (ValidationError, ValueError) as exc:
-        sys.stderr.write(f"anchorserve: invalid settings, not starting:\n{exc}\n")
+        check_model_settings(settings)
+    except (ValidationError, ValueError, AnchorServeError) as exc:
+        sys.stderr.write(f"anchorserve: not starting: {exc}\n")
         return 2
-    uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level="info",
-                timeout_graceful_shutdown=30)
+    server: uvicorn.Server | None = None
+
+    def fatal() -> None:
+        if server is not None:
+            server.should_exit = True
+
+    app = build_app(settings, on_fatal=fatal)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                                           timeout_graceful_shutdown=30, log_config=None))
+    server.run()
+    error = app.state.anchor.engine.startup_error
+    if error:
+        sys.stderr.write(f"anchorserve: {error}\n")
+        return 1
     return 0
 
 

@@ -1,11 +1,16 @@
 """The server's only status table, and the one error envelope: {"error": message, "type": kind}.
 
-Engine errors carry their kind (anchor_cache.errors); the server adds its own for queueing and
-auth. FastAPI's and Starlette's own errors are rewritten into the same envelope.
+Engine errors carry their kind (`anchor_cache.errors`); the server adds its own kinds for queueing,
+auth and HTTP framing. FastAPI's and Starlette's own errors are rewritten into the same envelope,
+and an unexpected exception becomes a JSON 500 that names the request id, never a traceback.
+Client errors are logged in one line without a traceback, so a client cannot flood the log.
 """
 
 from __future__ import annotations
 
+import logging
+
+from asgi_correlation_id import correlation_id
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -13,73 +18,84 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from anchor_cache.errors import AnchorServeError
 
+log = logging.getLogger(__name__)
 
-class ServerError(AnchorServeError):
-    status = 500
-
-
-class Overloaded(ServerError):
-    kind, status = "overloaded", 429
-
-
-class DeadlineExceeded(ServerError):
-    kind, status = "timeout", 504
-
-
-class Unavailable(ServerError):
-    kind, status = "unavailable", 503
-
-
-class Unauthorized(ServerError):
-    kind, status = "unauthorized", 401
-
-
-class Conflict(ServerError):
-    kind, status = "conflict", 409
-
-
-class UnsupportedMediaType(ServerError):
-    kind, status = "unsupported_media_type", 415
-
-
-STATUS = {
-    "validation": 422,
-    "not_found": 404,
+STATUS: dict[str, int] = {
+    "malformed_json": 400,
     "unauthorized": 401,
+    "forbidden": 403,
+    "not_found": 404,
+    "method_not_allowed": 405,
     "conflict": 409,
     "cache_mismatch": 409,
+    "cancelled": 409,
+    "payload_too_large": 413,
+    "unsupported_media_type": 415,
+    "validation": 422,
     "model_not_found": 424,
+    "overloaded": 429,
     "internal": 500,
+    "unavailable": 503,
+    "timeout": 504,
 }
 
 
-def error_response(status: int, message: str, kind: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": message, "type": kind})
+class Overloaded(AnchorServeError):
+    kind = "overloaded"
 
 
-def status_of(exc: AnchorServeError) -> int:
-    return exc.status if isinstance(exc, ServerError) else status_of_kind(exc.kind)
+class DeadlineExceeded(AnchorServeError):
+    kind = "timeout"
 
 
-def status_of_kind(kind: str) -> int:
+class Unauthorized(AnchorServeError):
+    kind = "unauthorized"
+
+
+class UnsupportedMediaType(AnchorServeError):
+    kind = "unsupported_media_type"
+
+
+def status_of(kind: str) -> int:
     return STATUS.get(kind, 500)
+
+
+def printable(message: str) -> str:
+    """Messages can quote what a client sent; lone surrogates must not break the JSON encoder."""
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def error_response(kind: str, message: str, status: int | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status or status_of(kind), content={"error": printable(message), "type": kind},
+                        headers=headers)
 
 
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(AnchorServeError)
-    async def _engine(_: Request, exc: AnchorServeError) -> JSONResponse:
-        return error_response(status_of(exc), str(exc), exc.kind)
+    async def _engine(request: Request, exc: AnchorServeError) -> JSONResponse:
+        response = error_response(exc.kind, str(exc))
+        level = logging.ERROR if response.status_code >= 500 else logging.INFO
+        log.log(level, "%s %s -> %d %s: %s", request.method, request.url.path, response.status_code, exc.kind,
+                printable(str(exc)))
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         parts = []
         for err in exc.errors():
-            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+            # Field names only: pydantic also names union members ("function-before[...]") in loc.
+            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body" and "[" not in str(p))
             parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
         kind = "malformed_json" if any(e.get("type") == "json_invalid" for e in exc.errors()) else "validation"
-        return error_response(400 if kind == "malformed_json" else 422, "; ".join(parts), kind)
+        return error_response(kind, "; ".join(parts))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = {404: "not_found", 405: "method_not_allowed", 403: "forbidden"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, str(exc.detail), kind)
+        return error_response(kind, str(exc.detail), exc.status_code, exc.headers)  # 405 keeps its Allow
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_response("internal", f"internal error; quote request id {correlation_id.get()} to the operator")

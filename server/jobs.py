@@ -1,18 +1,27 @@
-"""Background jobs for slow admin work (cache builds, β training, analyses): id, status, result."""
+"""Background jobs for slow admin work (cache builds, β training, analyses): id, status, result.
+
+Work that runs beside classification (β training, analyses) runs in a thread at the lowest CPU
+priority, so the scheduler's model thread gets the cores whenever it wants them.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import os
 import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from anchor_cache.errors import AnchorServeError, NotFoundError
 
+log = logging.getLogger(__name__)
 Status = Literal["pending", "running", "succeeded", "failed", "cancelled"]
 
 
@@ -66,8 +75,10 @@ class JobRunner:
         except AnchorServeError as exc:
             job.status = "cancelled" if exc.kind == "cancelled" else "failed"
             job.error = {"error": str(exc), "type": exc.kind}
-        except Exception as exc:  # a job's failure is reported, never lost
-            job.status, job.error = "failed", {"error": f"{type(exc).__name__}: {exc}", "type": "internal"}
+        except Exception:  # a job's failure is reported, never lost; details go to the log only
+            log.exception("job %s (%s %s) failed", job.id, job.kind, job.target)
+            job.status, job.error = "failed", {"error": f"internal error; see the server log for {job.id}",
+                                               "type": "internal"}
         finally:
             job.finished = time.time()
             self._tasks.pop(job.id, None)
@@ -100,3 +111,16 @@ class JobRunner:
         for task in list(self._tasks.values()):
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+
+def lower_priority() -> None:
+    """Nice 19 for the calling thread: on Linux niceness is per thread and the OpenMP workers it
+    starts inherit it, so the model thread serving requests gets the CPU whenever it wants it."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
+async def in_background_thread(fn: Callable[[], Any], name: str) -> Any:
+    """Run `fn` in its own nice-19 thread and wait for it without blocking the event loop."""
+    with ThreadPoolExecutor(1, thread_name_prefix=name, initializer=lower_priority) as pool:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn)

@@ -5,6 +5,8 @@ Each app gets its own registry, so tests can build several apps in one process.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -39,18 +41,27 @@ class Metrics:
             "anchorserve_task_loads", "Task caches made ready, by source", ["task", "source"], registry=r
         )
         self.failures = Counter("anchorserve_request_failure", "Failed requests", ["reason"], registry=r)
+        self._per_task = (self.requests, self.cache_bytes, self.task_loads)
+
+    def forget_task(self, name: str) -> None:
+        """Drop every series labelled with a deleted task, so label sets stay bounded by live tasks."""
+        for metric in self._per_task:
+            metric.remove_by_labels({"task": name})
 
 
 class RequestCounter:
     """Pure ASGI middleware for anchorserve_requests_total{route, task, status}.
 
-    Handlers name the task in `request.state.task` (kept in scope["state"]). Pure ASGI rather than
-    BaseHTTPMiddleware, so the endpoint's own `receive` (used to notice disconnects) is untouched.
+    Handlers name the task in `request.state.task` (kept in scope["state"]); it becomes a label only
+    when `is_known(task)` says the task is served, so made-up names cannot grow the label set
+    (a client could otherwise fill memory and /metrics with one series per name). Pure ASGI rather
+    than BaseHTTPMiddleware, so the endpoint's own `receive` (used to notice disconnects) is untouched.
     """
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, is_known: Callable[[str], bool]) -> None:
         self.app = app
         self.metrics = metrics
+        self.is_known = is_known
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -69,4 +80,5 @@ class RequestCounter:
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
             task = scope.get("state", {}).get("task", "")
+            task = task if task and self.is_known(task) else ""
             self.metrics.requests.labels(route, task, str(status)).inc()

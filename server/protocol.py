@@ -1,4 +1,9 @@
-"""Request and response models at the HTTP edge (vLLM's classify shape)."""
+"""Request and response models at the HTTP edge (vLLM's classify shape).
+
+Every string a client sends is `Text` (valid Unicode: a lone surrogate is a 422 here, not a
+tokenizer crash later), and paths are `PathText` (no NUL); limits that need the model are the
+services' to check.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +13,20 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from anchor_cache.task import Demonstration, Method
+from anchor_cache.task import Demonstration, FormatText, Method, Text
+
+# hidden_random_top picks among random draws on a dev set: an evaluation method, not served.
+ServedMethod = Literal["vanilla", "hidden_anchor", "text_anchor", "hidden_random", "zero_shot"]
+PathText = FormatText  # paths are text without NUL characters
 
 
 class ClassifyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    task: str = Field(description="name of a served task")
-    input: str | list[str] = Field(description="one text or a list of texts")
-    method: Method | None = Field(None, description="defaults to the task's configured method (hidden_anchor)")
+    task: Text = Field(description="name of a served task")
+    input: Text | list[Text] = Field(description="one text or a list of texts")
+    method: ServedMethod | None = Field(None, description="defaults to the task's configured method "
+                                       "(hidden_anchor); hidden_random_top is evaluation-only")
 
     @property
     def texts(self) -> list[str]:
@@ -64,9 +74,22 @@ class TaskInfo(BaseModel):
     reweighting: dict[str, Any] | None = Field(None, description="how β was trained: loss curve, time, examples")
 
 
+class TaskFailure(BaseModel):
+    name: str
+    error: str = Field(description="why the task could not load; an admin may replace or delete it")
+
+
 class TaskList(BaseModel):
     data: list[TaskInfo]
     count: int
+    failed: list[TaskFailure] = Field(default_factory=list, description="configured or persisted tasks that "
+                                      "could not load; every other task serves")
+
+
+class Readiness(BaseModel):
+    status: Literal["ready"]
+    tasks: list[str]
+    failed: dict[str, str] = Field(description="task name → why it could not load")
 
 
 class ErrorResponse(BaseModel):
@@ -79,7 +102,7 @@ class TrainingData(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    path: str = Field(description="a dataset folder (its train.jsonl) or a .jsonl file, relative to data_root")
+    path: PathText = Field(description="a dataset folder (its train.jsonl) or a .jsonl file, relative to data_root")
     per_class: int = Field(4, ge=1, le=256)
     seed: int = 42
 
@@ -111,7 +134,7 @@ class AnalysisInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     examples: list[Demonstration] | None = Field(None, description="inline {text, label} rows")
-    path: str | None = Field(None, description="a dataset folder (test.jsonl, optionally train.jsonl) or a .jsonl "
+    path: PathText | None = Field(None, description="a dataset folder (test.jsonl, optionally train.jsonl) or a .jsonl "
                              "file, relative to data_root")
 
     @model_validator(mode="after")
@@ -127,7 +150,7 @@ class AnalysisRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["saliency", "isolation", "deep_layers", "error_diagnosis"]
-    task: str = Field(description="a served task: its template, label words and (by default) demonstrations")
+    task: Text = Field(description="a served task: its template, label words and (by default) demonstrations")
     data: AnalysisInput
     demonstrations: Literal["task", "drawn"] = Field(
         "task", description="task: the served demonstrations; drawn: drawn per seed from the dataset's train.jsonl "
@@ -147,3 +170,23 @@ class AnalysisStatus(BaseModel):
     error: dict[str, str] | None
     results: dict[str, Any] | None
     plots: dict[str, str] = Field(description="plot name → URL of its PNG")
+
+
+ERROR_DESCRIPTIONS = {
+    400: "malformed JSON",
+    401: "missing or wrong bearer key",
+    404: "unknown task, job or route (the whole /admin API when no admin key is set)",
+    405: "method not allowed (see the Allow header)",
+    409: "conflicting write: the name exists, a build is running, or max_tasks is reached",
+    413: "payload larger than max_payload_bytes",
+    415: "the body is not JSON",
+    422: "invalid input, or a limit exceeded; the message names the limit",
+    429: "queue full or too many jobs; retry later",
+    503: "still loading, shutting down, or the task failed to load",
+    504: "no result within request_timeout_s",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error statuses a route can answer, all in the one envelope."""
+    return {code: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[code]} for code in codes}

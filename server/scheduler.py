@@ -1,11 +1,42 @@
-"""Micro-batching: one worker thread owns the model; the event loop only queues and waits.
+"""Micro-batching: one asyncio task batches requests, one "model thread" runs their forwards.
 
 Requests are tokenised before they are queued (TEI's split). The batching task takes the oldest
-request, adds queued requests for the same (task, method) until `max_batch_size` inputs or
-`max_batch_tokens` padded tokens, waiting at most `max_wait_ms` for more, and runs the forward in
-the worker thread. A full queue refuses at once (429). A request whose client left or whose
-deadline passed is cancelled and skipped if it has not run yet. If a batch fails, every request in
-it gets the error.
+live request and adds queued requests for the same (task, method) while the batch stays within
+`max_batch_size` rows and `max_batch_tokens`, waiting at most `max_wait_s` for more. A batch's
+cost is rows × (prefix_tokens + longest query): `prefix_tokens` is what each row re-encodes
+before its query (vanilla's demonstrations, text_anchor's anchor text; 0 for the cached methods),
+so a vanilla batch is charged for its whole prompt, not only for the queries. A request larger
+than the budget is split into chunks that each fit (one row always runs, alone if it is over the
+budget on its own); its chunks run in order, in as many forwards as they need, and its future
+resolves with all rows' logits in input order once the last one is done.
+
+Deadlines are the scheduler's: a request's future fails with DeadlineExceeded at its deadline
+(a timer on the event loop), whether it is still queued or between two of its chunks, and what
+it had left never reaches the model thread. A chunk already in a forward cannot be interrupted:
+it finishes and its rows are discarded. The same holds for a request the caller cancelled (the
+client left). So the model thread only ever works for requests that can still be answered, and
+it is never busy for longer than one within-budget forward: a cache build (`run_exclusive`)
+waits for at most that. A full scheduler (`max_queued` requests in flight) refuses at once (429).
+If a forward fails, every request with rows in it fails with that error, once; the rest of the
+queue goes on.
+
+Threads that run the model. Three kinds of thread call the same model object:
+- this scheduler's model thread: every classification forward and every cache build (task
+  start-up and admin builds, via `run_exclusive`), one at a time;
+- a β-training thread per re-weighting job (server/admin.py, `asyncio.to_thread`), which runs
+  forwards and backwards through the model while classification goes on;
+- an analysis thread per analysis job (server/analyses.py), at nice 19 so the model thread gets the
+  CPU first.
+They never mutate model state, which is why they may run concurrently: the weights are frozen
+(`prepare_model` sets requires_grad False on every parameter and puts the model in eval mode, so
+no dropout or running statistics change, and nothing calls an optimiser on them); a forward keeps
+its instructions (attention plan, β, captures) in arguments and tensors that its caller owns, not
+on the modules; β-training optimises its own β leaf tensor and the trained β is swapped into the
+served task on the event loop only when training finished; analyses get their own outputs. The
+one other shared write is the classifier's per-method prefix memo: the task's own method is built
+on the model thread when the task is prepared, other methods on the model thread at their first
+forward; β-training uses the task's own method (already built) and the analyses do not use it,
+so the other threads only read it. Anchor caches are read-only once built.
 """
 
 from __future__ import annotations
@@ -22,36 +53,75 @@ from typing import Any
 
 import torch
 
+from anchor_cache.errors import UnavailableError, ValidationError
 from anchor_cache.task import Method
-from server.errors import Overloaded, Unavailable
+from server.errors import DeadlineExceeded, Overloaded
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 # Called on the model thread with the task object the requests were admitted against, so a task
-# replaced while they waited still answers them with the labels they were tokenised for.
+# replaced while they waited still answers them with the labels they were tokenised for. It gets
+# the rows of one forward (possibly chunks of several requests) and returns their (rows, C) logits.
 RunBatch = Callable[[Any, Method, list[list[int]]], torch.Tensor]
-
-
-@dataclass(eq=False)
-class Entry:
-    task: Any
-    method: Method
-    queries: list[list[int]]
-    future: asyncio.Future
-    enqueued: float = field(default_factory=time.perf_counter)
-
-    @property
-    def longest(self) -> int:
-        return max(len(q) for q in self.queries)
 
 
 @dataclass(frozen=True)
 class BatchLimits:
-    max_batch_size: int
-    max_batch_tokens: int
-    max_wait_s: float
-    max_queued: int
+    max_batch_size: int  # rows per forward
+    max_batch_tokens: int  # rows × (prefix_tokens + longest query) per forward
+    max_wait_s: float  # how long a batch waits for more requests to join it
+    max_queued: int  # requests in flight (queued or running) before new ones get 429
+
+
+@dataclass(eq=False)
+class Entry:
+    """One request: its rows go out in chunks (`sent` so far) and come back in order (`parts`)."""
+
+    task: Any
+    method: Method
+    queries: list[list[int]]
+    prefix_tokens: int
+    deadline: float  # time.monotonic()
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+    sent: int = 0  # rows handed to a forward
+    received: int = 0  # rows whose logits came back
+    parts: list[torch.Tensor] = field(default_factory=list)
+    timer: asyncio.TimerHandle | None = None
+
+    def row_cost(self, start: int, stop: int) -> int:
+        """Padded tokens per row for rows [start, stop)."""
+        return self.prefix_tokens + max(len(q) for q in self.queries[start:stop])
+
+    def expire(self, metrics: Metrics) -> None:
+        if not self.future.done():
+            self.future.set_exception(DeadlineExceeded(
+                f"no result by the request's deadline; {len(self.queries) - self.received} of "
+                f"{len(self.queries)} inputs were not classified"
+            ))
+            metrics.failures.labels("timeout").inc()
+
+    def deliver(self, logits: torch.Tensor) -> None:
+        if self.future.done():  # expired, cancelled or failed meanwhile: the rows are discarded
+            return
+        self.parts.append(logits)
+        self.received += logits.shape[0]
+        if self.received == len(self.queries):
+            self.future.set_result(self.parts[0] if len(self.parts) == 1 else torch.cat(self.parts))
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Rows [start, stop) of one request, inside one forward."""
+
+    entry: Entry
+    start: int
+    stop: int
+
+    @property
+    def queries(self) -> list[list[int]]:
+        return self.entry.queries[self.start : self.stop]
 
 
 class Scheduler:
@@ -69,84 +139,132 @@ class Scheduler:
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._batch_loop(), name="anchorserve-batcher")
 
-    async def submit(self, task: Any, method: Method, queries: list[list[int]]) -> asyncio.Future:
-        """Queue a request; the returned future resolves to its (N, C) logits."""
+    async def submit(
+        self, task: Any, method: Method, queries: list[list[int]], prefix_tokens: int, deadline: float
+    ) -> asyncio.Future:
+        """Queue a request; the returned future resolves to the (N, C) logits of its N queries, in order.
+
+        `prefix_tokens`: tokens re-encoded before each query (0 for the cached methods).
+        `deadline`: a time.monotonic() instant; at it the future fails with DeadlineExceeded
+        (counted as failures{reason="timeout"} here) unless it already resolved. Cancel the future
+        when the client leaves: its remaining rows are skipped. Raises UnavailableError while stopping
+        and Overloaded (counted as failures{reason="overloaded"}) when `max_queued` requests are
+        in flight.
+        """
         if self._closing:
-            raise Unavailable("the server is shutting down")
+            raise UnavailableError("the server is shutting down")
+        if not queries:
+            raise ValidationError("no inputs to classify")
         if self._in_flight >= self.limits.max_queued:
             self.metrics.failures.labels("overloaded").inc()
             raise Overloaded(f"{self._in_flight} requests in flight (max_queued_requests); retry later")
-        entry = Entry(task, method, queries, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        entry = Entry(task, method, queries, prefix_tokens, deadline, loop.create_future())
+        entry.timer = loop.call_later(max(0.0, deadline - time.monotonic()), entry.expire, self.metrics)
         self._in_flight += 1
-        entry.future.add_done_callback(self._done)
+        entry.future.add_done_callback(lambda _: self._done(entry))
         self._queue.append(entry)
         self.metrics.queue_size.set(len(self._queue))
         self._wake.set()
         return entry.future
 
     def run_exclusive(self, fn: Callable[[], object]) -> asyncio.Future:
-        """Run `fn` on the model thread between batches (cache builds must not race a forward)."""
+        """Run `fn` on the model thread between forwards (cache builds must not race a forward)."""
         return asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
-    def _done(self, _: asyncio.Future) -> None:
+    def _done(self, entry: Entry) -> None:
         self._in_flight -= 1
+        if entry.timer is not None:
+            entry.timer.cancel()
 
-    def _take_batch(self) -> list[Entry]:
-        """The oldest live entry plus compatible queued ones, within the size and token budgets."""
-        while self._queue and self._queue[0].future.done():
-            self._queue.popleft()  # cancelled: client gone or deadline passed
+    def _drop_finished(self) -> None:
+        """Remove entries that are answered (cancelled, failed) or past their deadline."""
+        now = time.monotonic()
+        live: deque[Entry] = deque()
+        for entry in self._queue:
+            if not entry.future.done() and entry.deadline <= now:
+                entry.expire(self.metrics)  # its timer has not run yet; it never reaches the model
+            if not entry.future.done():
+                live.append(entry)
+        self._queue = live
+
+    def _take_batch(self) -> list[Chunk]:
+        """As many rows of the oldest live request as fit, then whole compatible requests that fit."""
+        self._drop_finished()
         if not self._queue:
             return []
-        first = self._queue.popleft()
-        batch, n, longest = [first], len(first.queries), first.longest
+        limits = self.limits
+        first = self._queue[0]
+        start = stop = first.sent
+        per_row = 0  # padded tokens per row of the batch so far
+        while stop < len(first.queries):
+            cost = max(per_row, first.row_cost(stop, stop + 1))
+            rows = stop - start + 1
+            if stop > start and (rows > limits.max_batch_size or rows * cost > limits.max_batch_tokens):
+                break  # the first row always goes, alone if it is over the budget by itself
+            per_row, stop = cost, stop + 1
+        first.sent = stop
+        if stop == len(first.queries):
+            self._queue.popleft()
+        batch, rows = [Chunk(first, start, stop)], stop - start
+        if stop < len(first.queries):
+            return batch  # the rest of a split request goes next; nothing else fits beside it
         for entry in list(self._queue):
-            if entry.future.done() or entry.task is not first.task or entry.method != first.method:
+            if entry.task is not first.task or entry.method != first.method:
                 continue
-            size, top = n + len(entry.queries), max(longest, entry.longest)
-            if size > self.limits.max_batch_size or size * top > self.limits.max_batch_tokens:
-                break
+            size = rows + len(entry.queries) - entry.sent
+            cost = max(per_row, entry.row_cost(entry.sent, len(entry.queries)))
+            if size > limits.max_batch_size or size * cost > limits.max_batch_tokens:
+                break  # keep arrival order for requests of this (task, method)
             self._queue.remove(entry)
-            batch.append(entry)
-            n, longest = size, top
+            batch.append(Chunk(entry, entry.sent, len(entry.queries)))
+            entry.sent = len(entry.queries)
+            rows, per_row = size, cost
         return batch
+
+    def _queued_rows(self) -> int:
+        return sum(len(e.queries) - e.sent for e in self._queue)
 
     async def _batch_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if self.limits.max_wait_s and len(self._queue) < self.limits.max_batch_size:
+            if self.limits.max_wait_s and self._queued_rows() < self.limits.max_batch_size:
                 await asyncio.sleep(self.limits.max_wait_s)  # let concurrent requests join the batch
             while batch := self._take_batch():
                 self.metrics.queue_size.set(len(self._queue))
                 start = time.perf_counter()
-                for entry in batch:
-                    self.metrics.queue_seconds.observe(start - entry.enqueued)
-                queries = [q for entry in batch for q in entry.queries]
+                for chunk in batch:
+                    if chunk.start == 0:
+                        self.metrics.queue_seconds.observe(start - chunk.entry.enqueued)
+                queries = [q for chunk in batch for q in chunk.queries]
                 self.metrics.batch_size.observe(len(queries))
                 try:
                     logits = await loop.run_in_executor(
-                        self._executor, self.run_batch, batch[0].task, batch[0].method, queries
+                        self._executor, self.run_batch, batch[0].entry.task, batch[0].entry.method, queries
                     )
-                except Exception as exc:  # every entry of a failed batch gets the error
-                    log.exception("batch of %d failed", len(batch))
-                    for entry in batch:
-                        if not entry.future.done():
-                            entry.future.set_exception(exc)
+                    if logits.shape[0] != len(queries):
+                        raise RuntimeError(f"the forward returned {logits.shape[0]} rows for {len(queries)} inputs")
+                except Exception as exc:  # every request with rows in a failed forward gets the error, once
+                    log.exception("forward of %d rows failed", len(queries))
+                    for chunk in batch:
+                        if not chunk.entry.future.done():
+                            chunk.entry.future.set_exception(exc)
                     continue
                 finally:
                     self.metrics.inference_seconds.observe(time.perf_counter() - start)
                 offset = 0
-                for entry in batch:
-                    part = logits[offset : offset + len(entry.queries)]
-                    offset += len(entry.queries)
-                    if not entry.future.done():
-                        entry.future.set_result(part)
+                for chunk in batch:
+                    n = chunk.stop - chunk.start
+                    chunk.entry.deliver(logits[offset : offset + n])
+                    offset += n
+            self.metrics.queue_size.set(len(self._queue))
             if self._closing and not self._queue:
                 return
 
     async def stop(self) -> None:
-        """Refuse new requests, finish queued ones, then stop the worker."""
+        """Refuse new requests, finish queued ones (those not past their deadline), then stop the model thread."""
         self._closing = True
         self._wake.set()
         if self._loop_task is not None:

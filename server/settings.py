@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     max_analysis_tokens: int = Field(1024, ge=8, description="prompt tokens per analysed example")
     max_attention_map_values: int = Field(2_000_000, ge=0, description="numbers in requested full attention maps")
     admin_sync_wait_s: float = Field(2.0, ge=0, description="admin builds finishing sooner answer 201, else 202")
+    gc_grace_s: float = Field(600.0, ge=0, description="unreferenced caches younger than this are kept (another "
+                              "replica on the same state dir may be about to load them)")
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

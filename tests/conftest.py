@@ -9,14 +9,18 @@ can actually fail.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
 
 from anchor_cache import Demonstration, LoadedModel, TaskSpec, load_model
+from server.app import build_app
+from server.settings import Settings
 
 CORPUS = [
     "Review: a wonderful, moving film\nSentiment: Positive",
@@ -98,3 +102,53 @@ def dataset_dir(tmp_path) -> Path:
     for name in ("train", "test"):
         (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return tmp_path
+
+
+# --- servers in process (TestClient runs the lifespan), on the tiny Llama -----------------------------
+
+ADMIN = {"Authorization": "Bearer admin-secret"}
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    """The tiny Llama as a model folder, for servers."""
+    return save_tiny_model("llama", tmp_path_factory.mktemp("server-model"))
+
+
+def settings(model_dir, state_dir, **overrides) -> Settings:
+    base = {"model": str(model_dir), "device": "cpu", "dtype": "float32", "state_dir": state_dir,
+            "tasks": [sentiment_task()]}
+    return Settings(**(base | overrides))
+
+
+def wait_ready(client: TestClient, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client.get("/ready").status_code == 200:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(client.get("/ready").json())
+
+
+@pytest.fixture()
+def serve(model_dir, tmp_path):
+    """serve(**settings) -> a ready TestClient; every client is closed (and drained) at teardown."""
+    clients = []
+
+    def start(**overrides) -> TestClient:
+        client = TestClient(build_app(settings(model_dir, tmp_path / "state", **overrides)))
+        client.__enter__()
+        clients.append(client)
+        wait_ready(client)
+        return client
+
+    yield start
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+def error_of(response, status: int, kind: str) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) >= {"error", "type"} and body["type"] == kind, body
+    return body["error"]

@@ -13,53 +13,7 @@ from anchor_cache import Classifier, load_model
 from server.app import build_app
 from server.protocol import ClassifyResponse, TaskInfo
 from server.settings import Settings
-from tests.conftest import QUERIES, save_tiny_model, sentiment_task
-
-ADMIN = {"Authorization": "Bearer admin-secret"}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_model("llama", tmp_path_factory.mktemp("server-model"))
-
-
-def settings(model_dir, state_dir, **overrides) -> Settings:
-    base = {"model": str(model_dir), "device": "cpu", "dtype": "float32", "state_dir": state_dir,
-            "tasks": [sentiment_task()]}
-    return Settings(**(base | overrides))
-
-
-def wait_ready(client: TestClient, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if client.get("/ready").status_code == 200:
-            return
-        time.sleep(0.05)
-    raise TimeoutError(client.get("/ready").json())
-
-
-@pytest.fixture()
-def serve(model_dir, tmp_path):
-    """serve(**settings) -> a ready TestClient; every client is closed (and drained) at teardown."""
-    clients = []
-
-    def start(**overrides) -> TestClient:
-        client = TestClient(build_app(settings(model_dir, tmp_path / "state", **overrides)))
-        client.__enter__()
-        clients.append(client)
-        wait_ready(client)
-        return client
-
-    yield start
-    for client in clients:
-        client.__exit__(None, None, None)
-
-
-def error_of(response, status: int, kind: str) -> str:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) >= {"error", "type"} and body["type"] == kind, body
-    return body["error"]
+from tests.conftest import ADMIN, QUERIES, error_of, sentiment_task, settings
 
 
 def test_classify_matches_the_engine(serve, model_dir):
@@ -146,14 +100,14 @@ def test_truncation_keeps_the_template(serve):
 
 
 def _slow(client: TestClient, seconds: float) -> None:
-    state = client.app.state.anchor
-    run = state._run_batch
+    engine = client.app.state.anchor.engine
+    run = engine._run_batch
 
     def slow_run(*args):
         time.sleep(seconds)
         return run(*args)
 
-    state.scheduler.run_batch = slow_run
+    engine.scheduler.run_batch = slow_run
 
 
 def test_full_queue_answers_429_and_deadline_504(serve):
@@ -253,35 +207,9 @@ def test_missing_model_is_reported_by_ready(serve, tmp_path):
         deadline = time.monotonic() + 10
         while "start-up failed" not in client.get("/ready").text and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert "not a local model folder" in error_of(client.get("/ready"), 503, "unavailable")
+        message = error_of(client.get("/ready"), 503, "unavailable")
+        assert "could not be loaded" in message and str(tmp_path) not in message
         assert client.get("/health").status_code == 200
-
-
-def test_scheduler_drains_on_stop_and_then_refuses():
-    """Graceful shutdown: queued work finishes, later submissions get 503 (Unavailable)."""
-    import asyncio
-
-    import torch
-
-    from anchor_cache.task import Method
-    from server.errors import Unavailable
-    from server.metrics import Metrics
-    from server.scheduler import BatchLimits, Scheduler
-
-    def run(task, method, queries):
-        time.sleep(0.05)
-        return torch.zeros(len(queries), 2)
-
-    async def scenario():
-        scheduler = Scheduler(run, BatchLimits(4, 1000, 0.0, 10), Metrics())
-        scheduler.start()
-        futures = [await scheduler.submit("t", Method.HIDDEN_ANCHOR, [[1, 2]]) for _ in range(6)]
-        await scheduler.stop()
-        assert all(f.done() and f.result().shape == (1, 2) for f in futures)
-        with pytest.raises(Unavailable):
-            await scheduler.submit("t", Method.HIDDEN_ANCHOR, [[1]])
-
-    asyncio.run(scenario())
 
 
 def test_task_count_and_demonstration_token_limits(serve):

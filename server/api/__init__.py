@@ -1,0 +1,1 @@
+"""HTTP routers, one per resource; each only parses, calls a service and shapes the response."""

@@ -1,0 +1,75 @@
+"""Admin routes for tasks and their jobs: create, replace, delete, learn β, poll and cancel.
+
+Disabled (404) unless ADMIN_API_KEY is set. Builds answer 201 with the task when they finish
+within admin_sync_wait_s, and 202 with the job otherwise.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+
+from anchor_cache.errors import ValidationError
+from anchor_cache.task import TaskSpec
+from server.auth import require_admin_key, require_json
+from server.deps import State, Tasks
+from server.errors import status_of
+from server.jobs import Job
+from server.protocol import ReweightRequest, error_responses
+
+admin = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin_key), Depends(require_json)],
+                  responses=error_responses(401, 404, 503))
+
+WRITE_ERRORS = error_responses(400, 409, 413, 415, 422)
+
+
+def _accepted(job: Job) -> JSONResponse:
+    return JSONResponse(status_code=202, content={"job": job.id, "status": job.status,
+                                                  "status_url": f"/admin/jobs/{job.id}"})
+
+
+async def _build_response(state: State, job: Job) -> JSONResponse:
+    """201 with the task when the build finished quickly, its error when it failed, else 202."""
+    await state.jobs.wait(job, timeout=state.settings.admin_sync_wait_s)
+    if job.status == "succeeded":
+        return JSONResponse(status_code=201, content=job.result | {"job": job.id})
+    if job.status in ("failed", "cancelled") and job.error is not None:
+        return JSONResponse(status_code=status_of(job.error["type"]), content=job.error | {"job": job.id})
+    return _accepted(job)
+
+
+@admin.post("/tasks", status_code=201, responses=WRITE_ERRORS,
+            summary="Create a task; 202 + job when the build takes long")
+async def create_task(spec: TaskSpec, tasks: Tasks, state: State) -> JSONResponse:
+    return await _build_response(state, await tasks.write(spec, replace=False))
+
+
+@admin.put("/tasks/{name}", status_code=201, responses=WRITE_ERRORS,
+           summary="Replace (or create) a task; the old one serves meanwhile")
+async def replace_task(name: str, spec: TaskSpec, tasks: Tasks, state: State) -> JSONResponse:
+    if spec.name != name:
+        raise ValidationError(f"the body's name {spec.name!r} differs from the path's {name!r}")
+    return await _build_response(state, await tasks.write(spec, replace=True))
+
+
+@admin.delete("/tasks/{name}", responses=error_responses(409),
+              summary="Stop serving a task (a failed one too) and forget it across restarts")
+async def delete_task(name: str, tasks: Tasks) -> dict[str, str]:
+    await tasks.delete(name)
+    return {"deleted": name}
+
+
+@admin.post("/tasks/{name}/reweighting", status_code=202, responses=WRITE_ERRORS,
+            summary="Learn anchor re-weighting β for a task (a job)")
+async def reweight_task(name: str, body: ReweightRequest, tasks: Tasks) -> JSONResponse:
+    return _accepted(await tasks.reweight(name, body))
+
+
+@admin.get("/jobs/{job_id}", response_model=Job, summary="A job's status, progress and result")
+async def get_job(job_id: str, state: State) -> Job:
+    return state.jobs.get(job_id)
+
+
+@admin.delete("/jobs/{job_id}", response_model=Job, summary="Cancel a job; a cancelled training keeps the old β")
+async def cancel_job(job_id: str, state: State) -> Job:
+    return state.jobs.cancel(job_id)

@@ -1,0 +1,40 @@
+"""Public routes: liveness, readiness, metrics and the effective settings (no key needed)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from server.deps import State
+from server.errors import error_response
+from server.protocol import Readiness, error_responses
+
+public = APIRouter(tags=["health"])
+
+
+@public.get("/health", summary="Liveness: 200 as soon as the process serves HTTP")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@public.get("/ready", response_model=Readiness, responses=error_responses(503),
+            summary="Readiness: 503 until the model is loaded and every task loaded or failed")
+async def ready(state: State) -> JSONResponse:
+    engine = state.engine
+    if not engine.ready:
+        return error_response("unavailable", engine.startup_error or "loading model and tasks")
+    body = Readiness(status="ready", tasks=[t.spec.name for t in engine.tasks()], failed=engine.failures())
+    return JSONResponse(body.model_dump())
+
+
+@public.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(state: State) -> Response:
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@public.get("/info", summary="The loaded model, device and dtype, and the effective limits (keys redacted)")
+async def info(state: State) -> dict[str, Any]:
+    return state.settings.redacted() | state.engine.describe() | {"ready": state.engine.ready}

@@ -1,0 +1,190 @@
+"""The engine facade the server talks to (in the spirit of vLLM's `EngineClient`).
+
+It owns the loaded model, the task registry and the batching scheduler, and answers in the
+server's terms: tokenise a text for a task, submit queries, turn logits into predictions, build a
+task, describe a task. Services call these and never reach into classifiers, prompts or model
+configs, so a server test can swap in a fake engine where the model is not the point.
+
+Loading runs on the scheduler's model thread in the background, so /health answers while the model
+converts or loads. A task that cannot load is reported as failed while every other task serves; a
+model that cannot load is fatal (`on_fatal`), so the process exits and its supervisor restarts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from anchor_cache.classifier import Prediction
+from anchor_cache.errors import UnavailableError, ValidationError
+from anchor_cache.models import LoadedModel, load_model
+from anchor_cache.registry import ServedTask, TaskRegistry
+from anchor_cache.task import Method, TaskSpec
+from server.metrics import Metrics
+from server.scheduler import BatchLimits, Scheduler
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.lm: LoadedModel | None = None
+        self.registry: TaskRegistry | None = None
+        self.scheduler: Scheduler | None = None
+        self.startup_error: str | None = None
+        self.started = time.monotonic()
+        self.ready_after_s: float | None = None
+        self._max_token_bytes = 0
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.ready_after_s is not None
+
+    async def start(self, on_fatal: Callable[[], None] | None = None) -> None:
+        s = self.settings
+        limits = BatchLimits(s.max_batch_size, s.max_batch_tokens, s.max_wait_ms / 1000, s.max_queued_requests)
+        self.scheduler = Scheduler(self._run_batch, limits, self.metrics)
+        self.scheduler.start()
+        try:
+            self.lm = await self.scheduler.run_exclusive(lambda: load_model(s.model, s.device, s.dtype))
+        except Exception as exc:
+            log.error("start-up failed: cannot load model %r: %s", s.model, exc)
+            self.startup_error = "start-up failed: the model could not be loaded (the server log says why)"
+            if on_fatal is not None:
+                on_fatal()
+            return
+        self._max_token_bytes = 4 * max(len(token) for token in self.lm.tokenizer.get_vocab())
+        registry = TaskRegistry(self.lm, s.state_dir, s.max_tasks, s.max_demo_tokens)
+        await self.scheduler.run_exclusive(lambda: registry.start(s.tasks, s.gc_grace_s))
+        for served in registry.all():
+            self.track(served)
+        self.registry = registry
+        self.ready_after_s = time.monotonic() - self.started
+        log.info("ready after %.1fs: tasks %s%s", self.ready_after_s, [t.spec.name for t in registry.all()],
+                 f"; failed {sorted(registry.failures())}" if registry.failures() else "")
+
+    async def stop(self) -> None:
+        if self.scheduler is not None:
+            await self.scheduler.stop()
+
+    def require_ready(self) -> TaskRegistry:
+        if self.registry is None:
+            raise UnavailableError(self.startup_error or "the model and tasks are still loading; retry shortly")
+        return self.registry
+
+    # --- what is served -------------------------------------------------------------------------
+
+    def task(self, name: str) -> ServedTask:
+        return self.require_ready().get(name)
+
+    def tasks(self) -> list[ServedTask]:
+        return self.require_ready().all()
+
+    def failures(self) -> dict[str, str]:
+        return self.registry.failures() if self.registry is not None else {}
+
+    def knows(self, name: str) -> bool:
+        return self.registry is not None and any(t.spec.name == name for t in self.registry.all())
+
+    def describe(self) -> dict[str, Any]:
+        """The loaded model as GET /info shows it."""
+        lm = self.lm
+        if lm is None:
+            return {"model": None, "device": None, "dtype": None}
+        return {"model": lm.name, "device": str(lm.device), "dtype": str(lm.dtype).removeprefix("torch.")}
+
+    @property
+    def num_layers(self) -> int:
+        if self.lm is None:
+            raise UnavailableError("the model is still loading; retry shortly")
+        return self.lm.model.config.num_hidden_layers
+
+    def task_facts(self, served: ServedTask) -> dict[str, Any]:
+        """Numbers about a served task that only the engine can count."""
+        prompt = served.classifier.prompt
+        return {"demonstrations": len(prompt.demonstrations), "context_tokens": len(prompt.context.ids)}
+
+    def demonstration_texts(self, served: ServedTask) -> set[str]:
+        return {d.text for d in served.classifier.prompt.demonstrations}
+
+    def check_reweightable(self, served: ServedTask) -> None:
+        """Fails unless the task's method has demonstration label words for β to weight."""
+        served.classifier.label_keys(served.spec.method)
+
+    def track(self, served: ServedTask) -> None:
+        name = served.spec.name
+        self.metrics.cache_bytes.labels(name).set(served.cache_bytes)
+        self.metrics.task_loads.labels(name, "disk" if served.loaded_from_disk else "built").inc()
+
+    # --- classification -------------------------------------------------------------------------
+
+    def max_text_bytes(self, max_tokens: int) -> int:
+        """UTF-8 bytes beyond which a text certainly has more than `max_tokens` tokens: no token
+        covers more bytes than the longest vocabulary entry (×4 for non-byte-level vocabularies)."""
+        return (max_tokens + 2) * self._max_token_bytes
+
+    def encode(self, served: ServedTask, text: str, index: int, max_tokens: int, truncate: bool) -> list[int]:
+        """One input rendered into the task's template as token ids, within `max_tokens`."""
+        prompt = served.classifier.prompt
+        if truncate:
+            return prompt.encode_within(text[: self.max_text_bytes(max_tokens)], max_tokens)
+        ids = prompt.encode(text)
+        if len(ids) > max_tokens:
+            raise ValidationError(
+                f"input {index} has {len(ids)} tokens with the template; the limit is {max_tokens} "
+                "(max_input_tokens). Shorten it, or start the server with ANCHORSERVE_TRUNCATE=true"
+            )
+        return ids
+
+    def template_tokens(self, spec: TaskSpec) -> int:
+        """Tokens the template itself adds to every query (with an empty text)."""
+        lm = self.require_ready().lm
+        return len(lm.tokenizer(spec.render(""), add_special_tokens=False)["input_ids"])
+
+    def prefix_tokens(self, served: ServedTask, method: Method) -> int:
+        """Tokens re-encoded before every query of `method`: the whole demonstration context for
+        vanilla, its formatting and labels for text_anchor, none for cached methods and zero-shot.
+        Counted from the prompt, so a prefix not built yet is not built on the event loop."""
+        prompt = served.classifier.prompt
+        match method:
+            case Method.VANILLA:
+                return len(prompt.context.ids)
+            case Method.TEXT_ANCHOR:
+                return len(prompt.encode_text_anchor_context())
+            case _:
+                return 0
+
+    async def submit(self, served: ServedTask, method: Method, queries: list[list[int]], prefix_tokens: int,
+                     deadline: float) -> asyncio.Future:
+        return await self.scheduler.submit(served, method, queries, prefix_tokens, deadline)
+
+    def _run_batch(self, task: ServedTask, method: Method, queries: list[list[int]]) -> torch.Tensor:
+        return task.classifier.label_logits_ids(
+            queries, method, batch_size=self.settings.max_batch_size, beta=task.beta_for(method)
+        )
+
+    def predictions(self, served: ServedTask, method: Method, logits: torch.Tensor
+                    ) -> tuple[list[Prediction], list[Prediction] | None]:
+        """Calibrated predictions (raw ones beside them) for the task's own method when it is
+        calibrated; raw predictions only otherwise."""
+        clf = served.classifier
+        calibrated = served.content_free is not None and method == served.spec.method
+        raw = clf.predictions(logits) if calibrated else None
+        return clf.predictions(served.scores(logits, method)), raw
+
+    # --- building tasks -------------------------------------------------------------------------
+
+    async def build(self, spec: TaskSpec) -> ServedTask:
+        """Prepare a task on the model thread, between batches; registers nothing."""
+        registry = self.require_ready()
+        return await self.scheduler.run_exclusive(lambda: registry.prepare(spec))

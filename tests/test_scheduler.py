@@ -1,0 +1,333 @@
+"""The scheduler's interface, with a stand-in for the model: budgets, splitting, deadlines, failures.
+
+The stand-in records every forward's rows and can hold a forward (keyed by the first token of its
+first row) on a threading.Event, which keeps the model thread busy while a test queues work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+
+from anchor_cache.errors import UnavailableError
+from anchor_cache.task import Method
+from server.errors import DeadlineExceeded, Overloaded
+from server.metrics import Metrics
+from server.scheduler import BatchLimits, Scheduler
+
+M = Method.HIDDEN_ANCHOR
+GUARD = 10.0  # seconds: the most a test waits for an event before failing instead of hanging
+BUSY = 99  # first token of the forward that holds the model thread
+
+
+def row_logits(q: list) -> list[float]:
+    """Logits that identify the row: (first token, length)."""
+    return [float(q[0]), float(len(q))]
+
+
+class Model:
+    """run_batch stand-in."""
+
+    def __init__(self) -> None:
+        self.calls: list[list] = []
+        self.gates: dict[int, threading.Event] = {}  # a forward starting with this token waits here
+        self.entered: dict[int, threading.Event] = {}  # ... and sets this when it begins
+        self.fail_on: int | None = None  # a forward with a row starting with this token raises
+
+    def hold(self, token: int) -> None:
+        self.gates[token], self.entered[token] = threading.Event(), threading.Event()
+
+    def release(self, token: int) -> None:
+        self.gates[token].set()
+
+    def release_all(self) -> None:
+        for gate in self.gates.values():
+            gate.set()
+
+    def __call__(self, task, method, queries):
+        self.calls.append([list(q) for q in queries])
+        first = queries[0][0]
+        if first in self.gates:
+            self.entered[first].set()
+            if not self.gates[first].wait(GUARD):
+                raise RuntimeError("the test never released the model thread")
+        if self.fail_on is not None and any(q[0] == self.fail_on for q in queries):
+            raise RuntimeError("forward failed")
+        return torch.tensor([row_logits(q) for q in queries])
+
+    def firsts(self) -> list[list]:
+        return [[q[0] for q in call] for call in self.calls]
+
+    async def started(self, token: int) -> None:
+        assert await asyncio.to_thread(self.entered[token].wait, GUARD), f"forward {token} never started"
+
+
+def later() -> float:
+    return time.monotonic() + 60.0  # a deadline no test reaches
+
+
+def soon() -> float:
+    return time.monotonic() + 0.05
+
+
+def failures(metrics: Metrics, reason: str) -> float:
+    return metrics.registry.get_sample_value("anchorserve_request_failure_total", {"reason": reason}) or 0.0
+
+
+def run(limits: BatchLimits, scenario, metrics: Metrics | None = None):
+    """Run `scenario(scheduler, model)` against a started Scheduler; stop it afterwards."""
+    model, metrics = Model(), metrics or Metrics()
+
+    async def main():
+        scheduler = Scheduler(model, limits, metrics)
+        scheduler.start()
+        try:
+            return await asyncio.wait_for(scenario(scheduler, model), GUARD)
+        finally:
+            model.release_all()
+            await scheduler.stop()
+
+    return asyncio.run(main())
+
+
+async def occupy(scheduler: Scheduler, model: Model) -> asyncio.Future:
+    """Hold the model thread in a forward of its own, so what is submitted next queues up."""
+    model.hold(BUSY)
+    busy = await scheduler.submit("t", M, [[BUSY]], 0, later())
+    await model.started(BUSY)
+    return busy
+
+
+@pytest.mark.parametrize(("prefix", "forwards"), [(100, [[BUSY], [1], [2]]), (0, [[BUSY], [1, 2]])])
+def test_token_budget_counts_prefix_tokens(prefix, forwards):
+    """Two 30-token queries under a 250-token budget: with 100 prefix tokens a row costs 130, and two
+    rows (260) do not fit; without a prefix they (60) share one forward."""
+
+    async def scenario(scheduler, model):
+        busy = await occupy(scheduler, model)
+        a = await scheduler.submit("t", M, [[1] * 30], prefix, later())
+        b = await scheduler.submit("t", M, [[2] * 30], prefix, later())
+        model.release(BUSY)
+        await asyncio.gather(busy, a, b)
+        return model.firsts()
+
+    assert run(BatchLimits(8, 250, 0.0, 10), scenario) == forwards
+
+
+def test_prefix_tokens_split_one_request():
+    """Three rows of prefix 100 + query 20 (120 each) under 250: two rows, then one."""
+
+    async def scenario(scheduler, model):
+        future = await scheduler.submit("t", M, [[1] * 20, [2] * 20, [3] * 20], 100, later())
+        return await future, model.firsts()
+
+    logits, calls = run(BatchLimits(8, 250, 0.0, 10), scenario)
+    assert calls == [[1, 2], [3]] and logits[:, 0].tolist() == [1, 2, 3]
+
+
+def test_oversized_request_is_split_and_reassembled_in_order():
+    queries = [[i] * (1 + i % 3) for i in range(10)]
+
+    async def scenario(scheduler, model):
+        future = await scheduler.submit("t", M, queries, 0, later())
+        return await future, model.calls
+
+    logits, calls = run(BatchLimits(4, 1000, 0.0, 10), scenario)
+    assert [len(c) for c in calls] == [4, 4, 2]
+    assert [q for c in calls for q in c] == queries
+    assert torch.equal(logits, torch.tensor([row_logits(q) for q in queries]))
+
+
+def test_one_row_over_the_budget_runs_alone():
+    """A row whose prefix + query exceeds the budget cannot be split: it runs, with nothing beside it."""
+
+    async def scenario(scheduler, model):
+        busy = await occupy(scheduler, model)
+        big = await scheduler.submit("t", M, [[1] * 10, [2] * 10], 300, later())
+        small = await scheduler.submit("t", M, [[3]], 0, later())
+        model.release(BUSY)
+        await asyncio.gather(busy, big, small)
+        return model.firsts(), big.result()[:, 0].tolist()
+
+    assert run(BatchLimits(8, 250, 0.0, 10), scenario) == ([[BUSY], [1], [2], [3]], [1, 2])
+
+
+def test_expired_entry_never_reaches_the_model():
+    """Its deadline passes while the model thread is busy: DeadlineExceeded before the busy forward
+    ends, and the next request is the very next forward."""
+    metrics = Metrics()
+
+    async def scenario(scheduler, model):
+        busy = await occupy(scheduler, model)
+        doomed = await scheduler.submit("t", M, [[1]], 0, soon())
+        after = await scheduler.submit("t", M, [[2]], 0, later())
+        with pytest.raises(DeadlineExceeded):
+            await doomed
+        assert not busy.done()
+        model.release(BUSY)
+        await asyncio.gather(busy, after)
+        return model.firsts()
+
+    assert run(BatchLimits(8, 1000, 0.0, 10), scenario, metrics) == [[BUSY], [2]]
+    assert failures(metrics, "timeout") == 1
+
+
+def test_expired_entry_is_dropped_when_the_batch_is_taken():
+    """An entry already past its deadline when a batch is taken (its timer not run yet) is dropped there."""
+    metrics = Metrics()
+
+    async def scenario():
+        scheduler = Scheduler(Model(), BatchLimits(8, 1000, 0.0, 10), metrics)  # not started: take by hand
+        doomed = await scheduler.submit("t", M, [[1]], 0, time.monotonic() - 1)
+        live = await scheduler.submit("t", M, [[2]], 0, later())
+        batch = scheduler._take_batch()  # nothing awaited since the submits: the expiry timer has not run
+        assert [c.entry.future for c in batch] == [live]
+        assert isinstance(doomed.exception(), DeadlineExceeded)
+        live.cancel()
+        scheduler._executor.shutdown()
+
+    asyncio.run(scenario())
+    assert failures(metrics, "timeout") == 1
+
+
+def test_deadline_between_chunks_stops_a_split_request():
+    """The deadline passes during a split request's first chunk: DeadlineExceeded once, its other
+    chunks never run, and the next request follows at once."""
+    metrics = Metrics()
+
+    async def scenario(scheduler, model):
+        model.hold(1)
+        doomed = await scheduler.submit("t", M, [[1], [2], [3], [4], [5]], 0, soon())
+        await model.started(1)
+        after = await scheduler.submit("t", M, [[6]], 0, later())
+        with pytest.raises(DeadlineExceeded):
+            await doomed
+        model.release(1)
+        await after
+        return model.firsts()
+
+    assert run(BatchLimits(2, 1000, 0.0, 10), scenario, metrics) == [[1, 2], [6]]
+    assert failures(metrics, "timeout") == 1
+
+
+def test_failing_chunk_fails_the_request_once_and_the_queue_goes_on():
+    async def scenario(scheduler, model):
+        busy = await occupy(scheduler, model)
+        model.fail_on = 3
+        split = await scheduler.submit("t", M, [[1], [2], [3], [4], [5], [6]], 0, later())
+        after = await scheduler.submit("t", M, [[7]], 0, later())
+        model.release(BUSY)
+        await busy
+        with pytest.raises(RuntimeError, match="forward failed"):
+            await split
+        return await after, model.firsts()
+
+    logits, calls = run(BatchLimits(2, 1000, 0.0, 10), scenario)
+    assert calls == [[BUSY], [1, 2], [3, 4], [7]]  # the failed request's last chunk [5, 6] never ran
+    assert logits[:, 0].tolist() == [7]
+
+
+def test_failed_forward_fails_every_request_in_it():
+    async def scenario(scheduler, model):
+        busy = await occupy(scheduler, model)
+        model.fail_on = 1
+        a = await scheduler.submit("t", M, [[1]], 0, later())
+        b = await scheduler.submit("t", M, [[2]], 0, later())
+        model.release(BUSY)
+        await busy
+        results = await asyncio.gather(a, b, return_exceptions=True)
+        return [type(r) for r in results], model.firsts()
+
+    assert run(BatchLimits(8, 1000, 0.0, 10), scenario) == ([RuntimeError, RuntimeError], [[BUSY], [1, 2]])
+
+
+def test_cancelled_requests_are_skipped():
+    """A request cancelled while queued never runs; one cancelled between chunks runs no further."""
+
+    async def scenario(scheduler, model):
+        busy = await occupy(scheduler, model)
+        model.hold(2)
+        gone = await scheduler.submit("t", M, [[1]], 0, later())
+        split = await scheduler.submit("u", M, [[2], [3], [4]], 0, later())
+        kept = await scheduler.submit("u", M, [[5]], 0, later())
+        gone.cancel()  # client left while queued
+        model.release(BUSY)
+        await model.started(2)  # the split request's first chunk [2, 3] is on the model thread
+        split.cancel()  # client left during it
+        model.release(2)
+        await asyncio.gather(busy, kept)
+        return model.firsts()
+
+    assert run(BatchLimits(2, 1000, 0.0, 10), scenario) == [[BUSY], [2, 3], [5]]
+
+
+def test_full_scheduler_refuses_with_overloaded():
+    metrics = Metrics()
+
+    async def scenario(scheduler, model):
+        busy = await occupy(scheduler, model)
+        queued = await scheduler.submit("t", M, [[1]], 0, later())
+        with pytest.raises(Overloaded):
+            await scheduler.submit("t", M, [[2]], 0, later())
+        model.release(BUSY)
+        await asyncio.gather(busy, queued)
+        await scheduler.submit("t", M, [[3]], 0, later())  # room again
+
+    run(BatchLimits(8, 1000, 0.0, 2), scenario, metrics)
+    assert failures(metrics, "overloaded") == 1
+
+
+def test_run_exclusive_waits_only_for_the_running_forward():
+    """A cache build queued behind a busy forward runs right after it, before requests queued later."""
+
+    async def scenario(scheduler, model):
+        busy = await occupy(scheduler, model)
+        build = scheduler.run_exclusive(lambda: model.calls.append([["build"]]) or "built")
+        queued = await scheduler.submit("t", M, [[1]], 0, later())
+        model.release(BUSY)
+        assert await build == "built"
+        await asyncio.gather(busy, queued)
+        return model.firsts()
+
+    assert run(BatchLimits(8, 1000, 0.0, 10), scenario) == [[BUSY], ["build"], [1]]
+
+
+def test_metrics_per_forward_and_per_request():
+    metrics = Metrics()
+
+    async def scenario(scheduler, model):
+        await (await scheduler.submit("t", M, [[i] for i in range(5)], 0, later()))
+
+    run(BatchLimits(2, 1000, 0.0, 10), scenario, metrics)
+    sample = metrics.registry.get_sample_value
+    assert sample("anchorserve_batch_size_count") == 3 and sample("anchorserve_batch_size_sum") == 5
+    assert sample("anchorserve_batch_inference_seconds_count") == 3
+    assert sample("anchorserve_request_queue_seconds_count") == 1
+    assert sample("anchorserve_queue_size") == 0
+
+
+def test_scheduler_drains_on_stop_and_then_refuses():
+    """Graceful shutdown: queued work finishes, later submissions get 503 (UnavailableError)."""
+
+    async def scenario():
+        model = Model()
+        scheduler = Scheduler(model, BatchLimits(4, 1000, 0.0, 10), Metrics())
+        scheduler.start()
+        model.hold(0)
+        futures = [await scheduler.submit("t", M, [[i, i]], 0, later()) for i in range(6)]
+        await model.started(0)
+        stopping = asyncio.ensure_future(scheduler.stop())
+        await asyncio.sleep(0)  # let stop() begin
+        with pytest.raises(UnavailableError):
+            await scheduler.submit("t", M, [[1]], 0, later())
+        assert not any(f.done() for f in futures)
+        model.release(0)
+        await asyncio.wait_for(stopping, GUARD)
+        assert all(f.done() and f.result().shape == (1, 2) for f in futures)
+        assert model.firsts() == [[0, 1, 2, 3], [4, 5]]
+
+    asyncio.run(scenario())
