@@ -188,3 +188,8 @@ class Engine:
         """Prepare a task on the model thread, between batches; registers nothing."""
         registry = self.require_ready()
         return await self.scheduler.run_exclusive(lambda: registry.prepare(spec))
+
+    async def collect_garbage(self) -> None:
+        """Delete caches no spec refers to, on the model thread (it tokenises specs to key them)."""
+        registry = self.require_ready()
+        await self.scheduler.run_exclusive(lambda: registry.collect_garbage(self.settings.gc_grace_s))

@@ -23,10 +23,10 @@ queue goes on.
 Threads that run the model. Three kinds of thread call the same model object:
 - this scheduler's model thread: every classification forward and every cache build (task
   start-up and admin builds, via `run_exclusive`), one at a time;
-- a β-training thread per re-weighting job (server/admin.py, `asyncio.to_thread`), which runs
-  forwards and backwards through the model while classification goes on;
-- an analysis thread per analysis job (server/analyses.py), at nice 19 so the model thread gets the
-  CPU first.
+- a β-training thread per re-weighting job (server/tasks.py), which runs forwards and backwards
+  through the model while classification goes on;
+- an analysis thread per analysis job (server/analyses.py).
+Both job threads run at nice 19 (server/jobs.py), so the model thread gets the CPU first.
 They never mutate model state, which is why they may run concurrently: the weights are frozen
 (`prepare_model` sets requires_grad False on every parameter and puts the model in eval mode, so
 no dropout or running statistics change, and nothing calls an optimiser on them); a forward keeps

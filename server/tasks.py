@@ -113,8 +113,7 @@ class TaskService:
         await self._collect_garbage()
 
     async def _collect_garbage(self) -> None:
-        registry = self.engine.require_ready()
-        await asyncio.to_thread(registry.collect_garbage, self.settings.gc_grace_s)
+        await self.engine.collect_garbage()
 
     # --- re-weighting ---------------------------------------------------------------------------
 
