@@ -120,6 +120,13 @@ class TaskRegistry:
             raise ValidationError(
                 f"task {spec.name!r}: demonstrations take {n_demo} tokens, the limit is {self.max_demo_tokens}"
             )
+        positions = self.lm.max_positions
+        query = len(clf.prompt.encode(""))
+        if positions is not None and n_demo + query + 1 > positions:
+            raise ValidationError(
+                f"task {spec.name!r}: demonstrations ({n_demo} tokens) and the template ({query}) leave no room for "
+                f"a text within the model's {positions} positions; use fewer or shorter demonstrations"
+            )
         identity = cache_identity(self.lm, clf.prompt, spec.method, clf.seed)
         key, loaded = cache_key(identity), False
         if spec.method in CACHED_METHODS:

@@ -94,7 +94,7 @@ class TaskService:
             served = await self.engine.build(spec)
             registry.put(served)
             registry.commit(spec)
-        except BaseException:
+        except Exception:  # a failed build; a cancelled one (shutdown) keeps its pending spec for the next start
             registry.discard_pending(spec.name)
             raise
         finally:
