@@ -24,12 +24,11 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(correlation_id)s]: %(message
 
 def check_model_settings(settings: Settings) -> None:
     """Cheap checks of model, device and dtype before serving (the load itself comes later)."""
-    device = resolve_device(settings.device)
-    resolve_dtype(settings.dtype, device)
     if settings.model == DEFAULT_MODEL:
         default_gguf_path()
     else:
         resolve_model_dir(settings.model)
+    resolve_dtype(settings.dtype, resolve_device(settings.device))
 
 
 def configure_logging() -> None:

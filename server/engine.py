@@ -20,13 +20,13 @@ from typing import Any
 
 import torch
 
-from anchor_cache.classifier import Prediction
+from anchor_cache.classifier import CACHED_METHODS, Prediction
 from anchor_cache.errors import UnavailableError, ValidationError
 from anchor_cache.models import LoadedModel, load_model
 from anchor_cache.registry import ServedTask, TaskRegistry
 from anchor_cache.task import Method, TaskSpec
 from server.metrics import Metrics
-from server.scheduler import BatchLimits, Scheduler
+from server.scheduler import BatchLimits, Scheduler, Work
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -164,14 +164,22 @@ class Engine:
             case _:
                 return 0
 
-    async def submit(self, served: ServedTask, method: Method, queries: list[list[int]], prefix_tokens: int,
-                     deadline: float) -> asyncio.Future:
-        return await self.scheduler.submit(served, method, queries, prefix_tokens, deadline)
+    async def submit(self, served: ServedTask, method: Method, queries: list[list[int]], deadline: float
+                     ) -> asyncio.Future:
+        """Queue tokenised queries; the future resolves to their (N, C) label logits. Each row is
+        charged for what it attends over: its cached anchor tokens (the task's own cache size
+        stands in for other cached methods) and its re-encoded prefix."""
+        cached = served.anchor_tokens if method in CACHED_METHODS else 0
+        attended = cached + self.prefix_tokens(served, method)
+        return await self.scheduler.submit(served, method, queries, attended, deadline)
 
-    def _run_batch(self, task: ServedTask, method: Method, queries: list[list[int]]) -> torch.Tensor:
-        return task.classifier.label_logits_ids(
-            queries, method, batch_size=self.settings.max_batch_size, beta=task.beta_for(method)
-        )
+    def _run_batch(self, work: list[Work]) -> list[torch.Tensor]:
+        return [
+            w.task.classifier.label_logits_ids(
+                w.queries, w.method, batch_size=self.settings.max_batch_size, beta=w.task.beta_for(w.method)
+            )
+            for w in work
+        ]
 
     def predictions(self, served: ServedTask, method: Method, logits: torch.Tensor
                     ) -> tuple[list[Prediction], list[Prediction] | None]:

@@ -1,14 +1,15 @@
 """Micro-batching: one asyncio task batches requests, one "model thread" runs their forwards.
 
 Requests are tokenised before they are queued (TEI's split). The batching task takes the oldest
-live request and adds queued requests for the same (task, method) while the batch stays within
-`max_batch_size` rows and `max_batch_tokens`, waiting at most `max_wait_s` for more. A batch's
-cost is rows × (prefix_tokens + longest query): `prefix_tokens` is what each row re-encodes
-before its query (vanilla's demonstrations, text_anchor's anchor text; 0 for the cached methods),
-so a vanilla batch is charged for its whole prompt, not only for the queries. A request larger
-than the budget is split into chunks that each fit (one row always runs, alone if it is over the
-budget on its own); its chunks run in order, in as many forwards as they need, and its future
-resolves with all rows' logits in input order once the last one is done.
+live request and adds queued requests, of any task and method, while the batch stays within
+`max_batch_size` rows and `max_batch_tokens`, waiting at most `max_wait_s` for more. Rows of
+different tasks share one forward: the engine packs them without padding, each row against its
+own anchor cache (anchor_cache/packed.py), so many tasks with light traffic still fill a batch. A
+row's cost is what its forward attends over: its cached anchor tokens, the tokens it re-encodes
+before its query (vanilla's demonstrations, text_anchor's anchor text) and its query. A request
+larger than the budget is split into chunks that each fit (one row always runs, alone if it is
+over the budget on its own); its chunks run in order, in as many forwards as they need, and its
+future resolves with all rows' logits in input order once the last one is done.
 
 Deadlines are the scheduler's: a request's future fails with DeadlineExceeded at its deadline
 (a timer on the event loop), whether it is still queued or between two of its chunks, and what
@@ -53,23 +54,34 @@ from typing import Any
 
 import torch
 
-from anchor_cache.errors import UnavailableError, ValidationError
+from anchor_cache.errors import AnchorServeError, UnavailableError, ValidationError
 from anchor_cache.task import Method
 from server.errors import DeadlineExceeded, Overloaded
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-# Called on the model thread with the task object the requests were admitted against, so a task
-# replaced while they waited still answers them with the labels they were tokenised for. It gets
-# the rows of one forward (possibly chunks of several requests) and returns their (rows, C) logits.
-RunBatch = Callable[[Any, Method, list[list[int]]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Work:
+    """Rows of one request inside a forward, with the task object the request was admitted
+    against, so a task replaced while it waited still answers with the labels it was tokenised for."""
+
+    task: Any
+    method: Method
+    queries: list[list[int]]
+
+
+# Called on the model thread with the parts of one forward (possibly chunks of several requests, of
+# several tasks); returns each part's (rows, C) logits, C being that part's task's label count.
+RunBatch = Callable[[list[Work]], list[torch.Tensor]]
 
 
 @dataclass(frozen=True)
 class BatchLimits:
     max_batch_size: int  # rows per forward
-    max_batch_tokens: int  # rows × (prefix_tokens + longest query) per forward
+    max_batch_tokens: int  # Σ over rows of cached + re-encoded + query tokens per forward
     max_wait_s: float  # how long a batch waits for more requests to join it
     max_queued: int  # requests in flight (queued or running) before new ones get 429
 
@@ -81,7 +93,7 @@ class Entry:
     task: Any
     method: Method
     queries: list[list[int]]
-    prefix_tokens: int
+    prefix_tokens: int  # per row: cached anchor tokens plus re-encoded prefix tokens
     deadline: float  # time.monotonic()
     future: asyncio.Future
     enqueued: float = field(default_factory=time.perf_counter)
@@ -90,9 +102,9 @@ class Entry:
     parts: list[torch.Tensor] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
 
-    def row_cost(self, start: int, stop: int) -> int:
-        """Padded tokens per row for rows [start, stop)."""
-        return self.prefix_tokens + max(len(q) for q in self.queries[start:stop])
+    def cost(self, start: int, stop: int) -> int:
+        """Tokens the forward attends over for rows [start, stop)."""
+        return sum(self.prefix_tokens + len(q) for q in self.queries[start:stop])
 
     def expire(self, metrics: Metrics) -> None:
         if not self.future.done():
@@ -144,7 +156,8 @@ class Scheduler:
     ) -> asyncio.Future:
         """Queue a request; the returned future resolves to the (N, C) logits of its N queries, in order.
 
-        `prefix_tokens`: tokens re-encoded before each query (0 for the cached methods).
+        `prefix_tokens`: tokens each query attends over before its own: its cached anchor tokens
+        plus the tokens re-encoded before it.
         `deadline`: a time.monotonic() instant; at it the future fails with DeadlineExceeded
         (counted as failures{reason="timeout"} here) unless it already resolved. Cancel the future
         when the client leaves: its remaining rows are skipped. Raises UnavailableError while stopping
@@ -189,20 +202,19 @@ class Scheduler:
         self._queue = live
 
     def _take_batch(self) -> list[Chunk]:
-        """As many rows of the oldest live request as fit, then whole compatible requests that fit."""
+        """As many rows of the oldest live request as fit, then whole requests that fit, in arrival order."""
         self._drop_finished()
         if not self._queue:
             return []
         limits = self.limits
         first = self._queue[0]
         start = stop = first.sent
-        per_row = 0  # padded tokens per row of the batch so far
+        tokens = 0
         while stop < len(first.queries):
-            cost = max(per_row, first.row_cost(stop, stop + 1))
-            rows = stop - start + 1
-            if stop > start and (rows > limits.max_batch_size or rows * cost > limits.max_batch_tokens):
+            cost = tokens + first.cost(stop, stop + 1)
+            if stop > start and (stop - start + 1 > limits.max_batch_size or cost > limits.max_batch_tokens):
                 break  # the first row always goes, alone if it is over the budget by itself
-            per_row, stop = cost, stop + 1
+            tokens, stop = cost, stop + 1
         first.sent = stop
         if stop == len(first.queries):
             self._queue.popleft()
@@ -210,16 +222,14 @@ class Scheduler:
         if stop < len(first.queries):
             return batch  # the rest of a split request goes next; nothing else fits beside it
         for entry in list(self._queue):
-            if entry.task is not first.task or entry.method != first.method:
-                continue
             size = rows + len(entry.queries) - entry.sent
-            cost = max(per_row, entry.row_cost(entry.sent, len(entry.queries)))
-            if size > limits.max_batch_size or size * cost > limits.max_batch_tokens:
-                break  # keep arrival order for requests of this (task, method)
+            cost = tokens + entry.cost(entry.sent, len(entry.queries))
+            if size > limits.max_batch_size or cost > limits.max_batch_tokens:
+                break  # keep arrival order
             self._queue.remove(entry)
             batch.append(Chunk(entry, entry.sent, len(entry.queries)))
             entry.sent = len(entry.queries)
-            rows, per_row = size, cost
+            rows, tokens = size, cost
         return batch
 
     def _queued_rows(self) -> int:
@@ -238,27 +248,27 @@ class Scheduler:
                 for chunk in batch:
                     if chunk.start == 0:
                         self.metrics.queue_seconds.observe(start - chunk.entry.enqueued)
-                queries = [q for chunk in batch for q in chunk.queries]
-                self.metrics.batch_size.observe(len(queries))
+                work = [Work(chunk.entry.task, chunk.entry.method, chunk.queries) for chunk in batch]
+                rows = sum(len(w.queries) for w in work)
+                self.metrics.batch_size.observe(rows)
                 try:
-                    logits = await loop.run_in_executor(
-                        self._executor, self.run_batch, batch[0].entry.task, batch[0].entry.method, queries
-                    )
-                    if logits.shape[0] != len(queries):
-                        raise RuntimeError(f"the forward returned {logits.shape[0]} rows for {len(queries)} inputs")
+                    logits = await loop.run_in_executor(self._executor, self.run_batch, work)
+                    got = [part.shape[0] for part in logits]
+                    if got != [len(w.queries) for w in work]:
+                        raise RuntimeError(f"the forward returned {got} rows for {[len(w.queries) for w in work]}")
                 except Exception as exc:  # every request with rows in a failed forward gets the error, once
-                    log.exception("forward of %d rows failed", len(queries))
+                    if isinstance(exc, AnchorServeError):  # the caller's input: no traceback to flood the log
+                        log.info("forward of %d rows refused: %s", rows, exc)
+                    else:
+                        log.exception("forward of %d rows failed", rows)
                     for chunk in batch:
                         if not chunk.entry.future.done():
                             chunk.entry.future.set_exception(exc)
                     continue
                 finally:
                     self.metrics.inference_seconds.observe(time.perf_counter() - start)
-                offset = 0
-                for chunk in batch:
-                    n = chunk.stop - chunk.start
-                    chunk.entry.deliver(logits[offset : offset + n])
-                    offset += n
+                for chunk, part in zip(batch, logits, strict=True):
+                    chunk.entry.deliver(part)
             self.metrics.queue_size.set(len(self._queue))
             if self._closing and not self._queue:
                 return

@@ -37,6 +37,7 @@ class Model:
         self.gates: dict[int, threading.Event] = {}  # a forward starting with this token waits here
         self.entered: dict[int, threading.Event] = {}  # ... and sets this when it begins
         self.fail_on: int | None = None  # a forward with a row starting with this token raises
+        self.tasks: list[list] = []  # per forward: the task of each part
 
     def hold(self, token: int) -> None:
         self.gates[token], self.entered[token] = threading.Event(), threading.Event()
@@ -48,8 +49,10 @@ class Model:
         for gate in self.gates.values():
             gate.set()
 
-    def __call__(self, task, method, queries):
+    def __call__(self, work):
+        queries = [q for part in work for q in part.queries]
         self.calls.append([list(q) for q in queries])
+        self.tasks.append([part.task for part in work])
         first = queries[0][0]
         if first in self.gates:
             self.entered[first].set()
@@ -57,7 +60,7 @@ class Model:
                 raise RuntimeError("the test never released the model thread")
         if self.fail_on is not None and any(q[0] == self.fail_on for q in queries):
             raise RuntimeError("forward failed")
-        return torch.tensor([row_logits(q) for q in queries])
+        return [torch.tensor([row_logits(q) for q in part.queries]) for part in work]
 
     def firsts(self) -> list[list]:
         return [[q[0] for q in call] for call in self.calls]
@@ -331,3 +334,19 @@ def test_scheduler_drains_on_stop_and_then_refuses():
         assert model.firsts() == [[0, 1, 2, 3], [4, 5]]
 
     asyncio.run(scenario())
+
+
+def test_requests_of_different_tasks_share_a_forward():
+    """Many tasks with light traffic: their rows go out together, each part keeping its own task."""
+
+    async def scenario(scheduler, model):
+        busy = await occupy(scheduler, model)
+        futures = [await scheduler.submit(f"task-{i}", M, [[i] * 5], 10, later()) for i in range(1, 5)]
+        model.release(BUSY)
+        await busy
+        results = await asyncio.gather(*futures)
+        assert model.firsts()[1:] == [[1, 2, 3, 4]]
+        assert model.tasks[1:] == [["task-1", "task-2", "task-3", "task-4"]]
+        assert [r.tolist() for r in results] == [[row_logits([i] * 5)] for i in range(1, 5)]
+
+    run(BatchLimits(8, 1000, 0.0, 100), scenario)
