@@ -38,13 +38,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(env_extra: dict[str, str], log_path: Path) -> tuple[subprocess.Popen, str, float]:
-    """Start `python -m server`; returns the process, its URL and seconds until /ready answered 200."""
+def start_server(env_extra: dict[str, str], log_path: Path, tree: Path | None = None
+                 ) -> tuple[subprocess.Popen, str, float]:
+    """Start `python -m server` (from source tree `tree`, default this one); returns the process,
+    its URL and seconds until /ready answered 200."""
     port = free_port()
     env = os.environ | env_extra | {"PORT": str(port)}
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)
     start = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "server"], env=env, stdout=log_path.open("w"),
-                            stderr=subprocess.STDOUT)
+                            stderr=subprocess.STDOUT, cwd=tree)
     url = f"http://127.0.0.1:{port}"
     while True:
         if proc.poll() is not None:
@@ -62,7 +66,9 @@ def stop_server(proc: subprocess.Popen) -> None:
     proc.wait(timeout=60)
 
 
-async def load_phase(url: str, texts: list[str], concurrency: int, duration: float) -> dict:
+async def load_phase(url: str, texts: list[str], concurrency: int, duration: float,
+                     tasks: tuple[str, ...] = ("sentiment",)) -> dict:
+    """Closed loop: `concurrency` workers, each sending a random text to a random one of `tasks`."""
     latencies: list[float] = []
     errors: dict[str, int] = {}
     deadline = time.monotonic() + duration
@@ -74,7 +80,8 @@ async def load_phase(url: str, texts: list[str], concurrency: int, duration: flo
             while time.monotonic() < deadline:
                 start = time.perf_counter()
                 try:
-                    r = await client.post("/v1/classify", json={"task": "sentiment", "input": rng.choice(texts)})
+                    body = {"task": rng.choice(tasks), "input": rng.choice(texts)}
+                    r = await client.post("/v1/classify", json=body)
                     ok = r.status_code == 200
                     key = str(r.status_code)
                 except httpx.HTTPError as exc:
