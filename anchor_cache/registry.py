@@ -46,7 +46,7 @@ from anchor_cache.storage import (
     save_cache,
     write_atomic,
 )
-from anchor_cache.task import Method, TaskSpec
+from anchor_cache.task import Method, TaskSpec, preview
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ class TaskRegistry:
     def remove(self, name: str) -> ServedTask | None:
         """Stop serving `name`, or forget its failure; returns the task if it was serving."""
         if name not in self._tasks and name not in self._failed:
-            raise NotFoundError(f"unknown task {name!r}; known tasks: {sorted(self._tasks)}")
+            raise NotFoundError(f"unknown task {preview(name)}; known tasks: {sorted(self._tasks)}")
         self._failed.pop(name, None)
         return self._tasks.pop(name, None)
 
@@ -200,7 +200,7 @@ class TaskRegistry:
             return self._tasks[name]
         if name in self._failed:
             raise UnavailableError(f"task {name!r} failed to load: {self._failed[name]}")
-        raise NotFoundError(f"unknown task {name!r}; known tasks: {sorted(self._tasks)}")
+        raise NotFoundError(f"unknown task {preview(name)}; known tasks: {sorted(self._tasks)}")
 
     def all(self) -> list[ServedTask]:
         """The serving tasks (failed ones are in `failures()`)."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from anchor_cache.data import Example, load_demonstrations, read_jsonl
 from anchor_cache.errors import ValidationError
-from anchor_cache.task import Demonstration, DemonstrationSource, TaskSpec
+from anchor_cache.task import Demonstration, DemonstrationSource, TaskSpec, preview
 from server.settings import Settings
 
 
@@ -16,14 +16,16 @@ def data_path(settings: Settings, relative: str | Path) -> Path:
     if settings.data_root is None:
         raise ValidationError("reading files is disabled: start the server with ANCHORSERVE_DATA_ROOT set")
     root = settings.data_root.resolve()
+    shown = preview(str(relative))
     try:
         path = (root / relative).resolve()
-    except (OSError, ValueError) as exc:
-        raise ValidationError(f"{str(relative)!r} is not a usable path ({type(exc).__name__})") from None
+        exists = path.exists()
+    except (OSError, ValueError, RuntimeError) as exc:  # too long, NUL, a symlink loop
+        raise ValidationError(f"{shown} is not a usable path ({type(exc).__name__})") from None
     if not path.is_relative_to(root):
-        raise ValidationError(f"{str(relative)!r} is outside the data root")
-    if not path.exists():
-        raise ValidationError(f"{str(relative)!r} does not exist under the data root")
+        raise ValidationError(f"{shown} is outside the data root")
+    if not exists:
+        raise ValidationError(f"{shown} does not exist under the data root")
     return path
 
 

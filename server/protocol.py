@@ -79,6 +79,16 @@ class TaskFailure(BaseModel):
     error: str = Field(description="why the task could not load; an admin may replace or delete it")
 
 
+class TaskCreated(TaskInfo):
+    job: str = Field(description="the build job's id")
+
+
+class JobAccepted(BaseModel):
+    job: str
+    status: str
+    status_url: str = Field(description="poll it: GET /admin/jobs/{id}")
+
+
 class TaskList(BaseModel):
     data: list[TaskInfo]
     count: int

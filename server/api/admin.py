@@ -15,17 +15,19 @@ from server.auth import require_admin_key, require_json
 from server.deps import State, Tasks
 from server.errors import status_of
 from server.jobs import Job
-from server.protocol import ReweightRequest, error_responses
+from server.protocol import JobAccepted, ReweightRequest, TaskCreated, error_responses
 
 admin = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin_key), Depends(require_json)],
-                  responses=error_responses(401, 404, 503))
+                  responses=error_responses(401, 404, 422, 503))
 
 WRITE_ERRORS = error_responses(400, 409, 413, 415, 422)
+BUILD_RESPONSES = {201: {"model": TaskCreated, "description": "built within admin_sync_wait_s"},
+                   202: {"model": JobAccepted, "description": "building: poll the job"}} | WRITE_ERRORS
 
 
 def _accepted(job: Job) -> JSONResponse:
-    return JSONResponse(status_code=202, content={"job": job.id, "status": job.status,
-                                                  "status_url": f"/admin/jobs/{job.id}"})
+    accepted = JobAccepted(job=job.id, status=job.status, status_url=f"/admin/jobs/{job.id}")
+    return JSONResponse(status_code=202, content=accepted.model_dump())
 
 
 async def _build_response(state: State, job: Job) -> JSONResponse:
@@ -38,13 +40,13 @@ async def _build_response(state: State, job: Job) -> JSONResponse:
     return _accepted(job)
 
 
-@admin.post("/tasks", status_code=201, responses=WRITE_ERRORS,
+@admin.post("/tasks", status_code=201, responses=BUILD_RESPONSES,
             summary="Create a task; 202 + job when the build takes long")
 async def create_task(spec: TaskSpec, tasks: Tasks, state: State) -> JSONResponse:
     return await _build_response(state, await tasks.write(spec, replace=False))
 
 
-@admin.put("/tasks/{name}", status_code=201, responses=WRITE_ERRORS,
+@admin.put("/tasks/{name}", status_code=201, responses=BUILD_RESPONSES,
            summary="Replace (or create) a task; the old one serves meanwhile")
 async def replace_task(name: str, spec: TaskSpec, tasks: Tasks, state: State) -> JSONResponse:
     if spec.name != name:
@@ -59,7 +61,7 @@ async def delete_task(name: str, tasks: Tasks) -> dict[str, str]:
     return {"deleted": name}
 
 
-@admin.post("/tasks/{name}/reweighting", status_code=202, responses=WRITE_ERRORS,
+@admin.post("/tasks/{name}/reweighting", status_code=202, responses={202: {"model": JobAccepted}} | WRITE_ERRORS,
             summary="Learn anchor re-weighting β for a task (a job)")
 async def reweight_task(name: str, body: ReweightRequest, tasks: Tasks) -> JSONResponse:
     return _accepted(await tasks.reweight(name, body))

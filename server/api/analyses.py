@@ -10,7 +10,7 @@ from server.deps import Analyses
 from server.jobs import Job
 from server.protocol import AnalysisRequest, AnalysisStatus, error_responses
 
-analyses = APIRouter(prefix="/admin/analyses", tags=["admin"], responses=error_responses(401, 404, 503),
+analyses = APIRouter(prefix="/admin/analyses", tags=["admin"], responses=error_responses(401, 404, 422, 503),
                      dependencies=[Depends(require_admin_key), Depends(require_json)])
 
 

@@ -30,7 +30,8 @@ async def ready(state: State) -> JSONResponse:
     return JSONResponse(body.model_dump())
 
 
-@public.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@public.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}}})
 async def metrics(state: State) -> Response:
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -29,7 +29,7 @@ async def list_tasks(tasks: Tasks) -> TaskList:
                     failed=[TaskFailure(name=n, error=e) for n, e in sorted(failed.items())])
 
 
-@v1.get("/tasks/{name}", response_model=TaskInfo, responses=error_responses(404))
+@v1.get("/tasks/{name}", response_model=TaskInfo, responses=error_responses(404, 422))
 async def get_task(name: str, tasks: Tasks) -> TaskInfo:
     return tasks.get(name)
 
