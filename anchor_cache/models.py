@@ -7,6 +7,7 @@ writes a safetensors folder into the cache directory and every later load reads 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.resources
 import importlib.util
@@ -33,6 +34,9 @@ _SAMPLE_BYTES = 1 << 20
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SUPPORTED = {"cpu": {"float32", "bfloat16"}, "cuda": {"float32", "float16", "bfloat16"}}
+# CPU flags (as /proc/cpuinfo spells them) with bf16 matrix instructions that oneDNN uses, making
+# bf16 matmuls faster than fp32; without them bf16 is emulated and slower than fp32.
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
 def cache_dir() -> Path:
@@ -107,10 +111,43 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The CPU feature flags of the first `flags` line of /proc/cpuinfo; empty where there is none
+    (not Linux, or an unreadable file), which makes `auto` choose float32."""
+    try:
+        with cpuinfo.open() as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() == "flags":
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def auto_cpu_dtype(flags: frozenset[str] | set[str]) -> str:
+    """bfloat16 where the CPU has fast bf16 matmuls (AMX-BF16 or AVX512-BF16), float32 elsewhere."""
+    return "bfloat16" if any(f in flags for f in BF16_CPU_FLAGS) else "float32"
+
+
+@functools.cache
+def auto_cpu() -> str:
+    """`auto_cpu_dtype` on this machine's flags, detected and logged once per process."""
+    flags = cpu_flags()
+    choice = auto_cpu_dtype(flags)
+    found = [f for f in BF16_CPU_FLAGS if f in flags]
+    log.info(
+        "dtype auto on CPU (capability %s): bf16 matmul flags %s -> %s",
+        torch.backends.cpu.get_cpu_capability(), ",".join(found) or "none found", choice,
+    )
+    return choice
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """`auto` is float32 on CPU (bf16 matmuls are slow on most CPUs) and bfloat16 on CUDA."""
+    """`auto` is bfloat16 on CUDA; on CPU it is bfloat16 where the CPU has fast bf16 matmuls
+    (the `amx_bf16` or `avx512_bf16` flag) and float32 elsewhere (bf16 is emulated there, and slow)."""
     if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
+        dtype = "bfloat16" if device.type == "cuda" else auto_cpu() if device.type == "cpu" else "float32"
     supported = _SUPPORTED.get(device.type, {"float32"})
     if dtype not in supported:
         raise ValidationError(f"dtype {dtype!r} is not supported on {device.type}; choose one of {sorted(supported)}")
