@@ -10,6 +10,11 @@ by `module.layer_idx`:
 - reweighting (paper §3.1, Eq. 9): Â(q, p_i) = exp(β[l, h, c(i)]) · A(q, p_i) on the target row q
   only, post-softmax, not renormalised. The fast path keeps SDPA for the whole sequence and adds
   Σ_i (exp(β) − 1) · A(q, p_i) · v_{p_i} to the target row, which needs that row's softmax only.
+  A packed forward (one batch row holding many requests, see packed.py) has several targets per
+  batch row, each with its own β and label keys: the same formula, entry by entry.
+- blocks: a packed forward's hint that query spans see only the cache and their own span; SDPA
+  then runs span by span over those keys (the mask still decides inside), instead of over the
+  whole T × (S + T) square, most of which the mask forbids.
 - isolation (paper §2.2): chosen rows attend only to themselves in chosen layers, masked before
   softmax. It is a mask change, so it keeps the fast path.
 - saliency (paper §2.1): the post-softmax weights are multiplied by a leaf of ones; after a
@@ -21,6 +26,7 @@ by `module.layer_idx`:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from transformers import AttentionInterface
@@ -32,11 +38,26 @@ ATTENTION_NAME = "anchor"
 
 @dataclass(frozen=True)
 class Reweighting:
-    """β for every (layer, query head, class) and where the label words sit among the keys."""
+    """β for every (layer, query head, class) and where the label words sit among the keys.
+
+    Each entry p scales A(q, label_keys[p]) by exp(β[l, h, label_classes[p]]) on a target row q:
+    on every target when `label_targets` is None (one β shared by a batch, keys relative to each
+    batch row), else on target `label_targets[p]` only, an index into the plan's flattened targets
+    (a packed forward: rows with their own β concatenated along the class axis, or none).
+    """
 
     beta: torch.Tensor  # (L, Hq, C); zeros = vanilla; a leaf with requires_grad while training
     label_keys: torch.Tensor  # (P,) key index of each demonstration label word (cache slot or position)
     label_classes: torch.Tensor  # (P,) its class: several demonstrations of one class share one β
+    label_targets: torch.Tensor | None = None  # (P,) target of each entry; None: every target
+
+    def entries(self, n_targets: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(E,) target, key and class of every scaled weight."""
+        if self.label_targets is not None:
+            return self.label_targets, self.label_keys, self.label_classes
+        per = self.label_keys.shape[0]
+        targets = torch.arange(n_targets, device=self.label_keys.device).repeat_interleave(per)
+        return targets, self.label_keys.repeat(n_targets), self.label_classes.repeat(n_targets)
 
 
 @dataclass(frozen=True)
@@ -59,6 +80,34 @@ class Capture:
 
 
 @dataclass(frozen=True)
+class Blocks:
+    """Spans [start, end) of a batch-1 packed sequence whose queries see no key outside the S
+    leading cache keys and the span's own tokens: a promise about the mask that lets the fast path
+    skip the keys it forbids. The fast path gathers the spans into a (n, ·, L, ·) batch, padding a
+    short span by repeating its last token (a repeated key is masked, a repeated query dropped),
+    and runs one SDPA call on it, still under the mask."""
+
+    spans: tuple[tuple[int, int], ...]  # cover the queries in order
+    queries: torch.Tensor  # (n, L) query index of each span slot
+    keys: torch.Tensor  # (n, S + L) key index: the cache keys, then the span's own tokens
+    real_keys: torch.Tensor  # (n, S + L) False on padding repeats
+    order: torch.Tensor  # (T,) each query's slot in the flattened (n·L) span batch
+
+    @classmethod
+    def build(cls, spans: tuple[tuple[int, int], ...], cached: int, device: torch.device) -> Blocks:
+        longest = max(end - start for start, end in spans)
+        slot = torch.arange(longest)
+        starts = torch.tensor([start for start, _ in spans])[:, None]
+        sizes = torch.tensor([end - start for start, end in spans])[:, None]
+        queries = starts + torch.minimum(slot[None], sizes - 1)  # (n, L)
+        cache_keys = torch.arange(cached).expand(len(spans), -1)
+        keys = torch.cat([cache_keys, cached + queries], dim=1)
+        real = torch.cat([torch.ones_like(cache_keys, dtype=torch.bool), slot[None] < sizes], dim=1)
+        order = torch.cat([i * longest + torch.arange(end - start) for i, (start, end) in enumerate(spans)])
+        return cls(spans, queries.to(device), keys.to(device), real.to(device), order.to(device))
+
+
+@dataclass(frozen=True)
 class AttentionPlan:
     """Per-forward instructions, passed to the model as the `anchor_plan` keyword.
 
@@ -69,8 +118,11 @@ class AttentionPlan:
     capture_qk_layers: layers whose target queries and keys go to `capture.queries`/`capture.keys`.
     capture_maps: keep every layer's full weights, summed over heads, in `capture.maps` (large).
     explicit: compute every intervention on the written-out attention matrix (the reference path).
+    blocks: run the fast path's SDPA per query span of a packed sequence (ignored by the explicit
+        path, which writes out everything).
     targets: (B,) query index of each row's last token, the q of re-weighting and capture; filled
-        in by the forward, which knows the padding.
+        in by the forward, which knows the padding. (B, R): R targets per batch row (a packed
+        forward). Targets are flattened row-major to N = B·R; captures are indexed by that order.
     """
 
     record_weights: bool = False
@@ -81,12 +133,25 @@ class AttentionPlan:
     capture_qk_layers: frozenset[int] = frozenset()
     capture_maps: bool = False
     explicit: bool = False
+    blocks: Blocks | None = None
     targets: torch.Tensor | None = None
     capture: Capture = field(default_factory=Capture)
 
     @property
     def needs_explicit(self) -> bool:
         return self.record_weights or self.explicit or self.saliency or self.capture_maps
+
+    @cached_property  # once per forward (the forward sets `targets` with dataclasses.replace)
+    def target_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N,) batch row and (N,) query index of every target, flattened row-major."""
+        targets = self.targets if self.targets.ndim == 2 else self.targets[:, None]
+        rows = torch.arange(targets.shape[0], device=targets.device).repeat_interleave(targets.shape[1])
+        return rows, targets.reshape(-1)
+
+    @cached_property
+    def reweight_entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(E,) target (into `target_index`), key and class of every re-weighted attention weight."""
+        return self.reweighting.entries(self.target_index[1].shape[0])
 
 
 def _bool_mask(mask: torch.Tensor | None, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
@@ -114,9 +179,9 @@ def _plan_mask(
     return torch.where(iso.rows[:, None, :, None], only_self, allowed)
 
 
-def _label_scale(module: torch.nn.Module, rw: Reweighting) -> torch.Tensor:
-    """(Hq, P) exp(β) for this layer, one column per label key."""
-    return torch.exp(rw.beta[module.layer_idx].index_select(1, rw.label_classes))
+def _label_scale(module: torch.nn.Module, rw: Reweighting, classes: torch.Tensor) -> torch.Tensor:
+    """(Hq, E) exp(β) for this layer, one column per re-weighted entry."""
+    return torch.exp(rw.beta[module.layer_idx].index_select(1, classes))
 
 
 def explicit_attention(
@@ -140,18 +205,19 @@ def explicit_attention(
     if rw is not None:
         batch, heads, q_len, kv_len = probs.shape
         multiplier = torch.ones(batch, q_len, kv_len, heads, dtype=probs.dtype, device=probs.device)
-        rows = torch.arange(batch, device=probs.device)
-        # (B, P, Hq) block at [b, targets[b], label_keys[p], h] = exp(β[l, h, class(p)])
-        scale_rows = _label_scale(module, rw).T.to(probs.dtype).expand(batch, -1, -1)
-        multiplier = multiplier.index_put((rows[:, None], plan.targets[:, None], rw.label_keys[None, :]), scale_rows)
+        t_rows, t_query = plan.target_index
+        e_target, e_key, e_class = plan.reweight_entries
+        # (E, Hq) at [row, query, key, h] of each entry's target = exp(β[l, h, class])
+        scale = _label_scale(module, rw, e_class).T.to(probs.dtype)
+        multiplier = multiplier.index_put((t_rows[e_target], t_query[e_target], e_key), scale)
         probs = probs * multiplier.permute(0, 3, 1, 2)
     if plan.saliency:
         ones = torch.ones_like(probs, requires_grad=True)
         plan.capture.multipliers[module.layer_idx] = ones
         probs = probs * ones
     if plan.capture_target_weights:
-        rows = torch.arange(probs.shape[0], device=probs.device)
-        plan.capture.target_weights[module.layer_idx] = probs[rows, :, plan.targets].detach()
+        t_rows, t_query = plan.target_index
+        plan.capture.target_weights[module.layer_idx] = probs[t_rows, :, t_query].detach()
     if plan.capture_maps:
         plan.capture.maps[module.layer_idx] = probs.detach().sum(1)
     out = torch.matmul(probs, value).transpose(1, 2).contiguous()  # (B, T, Hq, D)
@@ -162,41 +228,67 @@ def target_row_weights(
     query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None,
     targets: torch.Tensor,
 ) -> torch.Tensor:
-    """(B, Hq, S) float32 softmax of each row's target query against all keys, grouped K/V as is.
+    """(N, Hq, S) float32 softmax of each target query against all keys, grouped K/V as is.
 
-    Only these B rows are computed, O(B·Hq·S·D): what the fast path needs to correct or report
-    one row without writing out the full attention matrix.
+    `targets` is (B,) or (B, R) query indices, flattened row-major to N = B·R. Only these N rows
+    are computed, O(N·Hq·S·D): what the fast path needs to correct or report a row without
+    writing out the full attention matrix.
     """
     batch, heads, q_len, dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
-    rows = torch.arange(batch, device=query.device)
-    q = query[rows, :, targets].view(batch, kv_heads, heads // kv_heads, dim)  # (B, Hkv, rep, D)
+    targets = targets if targets.ndim == 2 else targets[:, None]  # (B, R)
+    per = targets.shape[1]
+    q = query.gather(2, targets[:, None, :, None].expand(batch, heads, per, dim))  # (B, Hq, R, D)
+    q = q.reshape(batch, kv_heads, heads // kv_heads * per, dim)  # query head h = g·rep + r
     scale = scaling if scaling is not None else dim**-0.5
-    scores = torch.einsum("bgrd,bgsd->bgrs", q, key).reshape(batch, heads, kv_len).float() * scale  # (B, Hq, S)
-    allowed = _bool_mask(attention_mask, q_len, kv_len, query.device)
-    allowed = allowed.expand(batch, -1, -1, -1)[rows, 0, targets]  # (B, S)
-    scores = scores.masked_fill(~allowed[:, None, :], torch.finfo(scores.dtype).min)
-    return torch.softmax(scores, dim=-1)
+    scores = torch.matmul(q, key.transpose(2, 3)).view(batch, heads, per, kv_len).float() * scale  # (B, Hq, R, S)
+    allowed = _bool_mask(attention_mask, q_len, kv_len, query.device)[:, 0].expand(batch, -1, -1)  # (B, T, S)
+    allowed = allowed.gather(1, targets[:, :, None].expand(batch, per, kv_len))  # (B, R, S)
+    scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=-1).transpose(1, 2).reshape(batch * per, heads, kv_len)
 
 
 def reweight_target_rows(
     module: torch.nn.Module, out: torch.Tensor, weights: torch.Tensor, value: torch.Tensor, plan: AttentionPlan
 ) -> torch.Tensor:
-    """Add Σ_i (exp(β) − 1)·A(q, p_i)·v_{p_i} to each row's target position of an SDPA output."""
+    """Add Σ_i (exp(β) − 1)·A(q, p_i)·v_{p_i} to each target position of an SDPA output (B, T, Hq, D)."""
     rw = plan.reweighting
     heads, kv_heads = weights.shape[1], value.shape[1]
-    rows = torch.arange(out.shape[0], device=out.device)
-    label_probs = weights.index_select(2, rw.label_keys)  # (B, Hq, P) = A(q, p_i)
-    scaled = label_probs * (_label_scale(module, rw).float() - 1)  # (B, Hq, P)
-    v = value.index_select(2, rw.label_keys)  # (B, Hkv, P, D)
-    v = v.repeat_interleave(heads // kv_heads, dim=1)  # (B, Hq, P, D): tiny, P label keys only
-    correction = torch.einsum("bhp,bhpd->bhd", scaled, v.float()).to(out.dtype)  # (B, Hq, D)
-    return out.index_put((rows, plan.targets), out[rows, plan.targets] + correction)
+    t_rows, t_query = plan.target_index
+    e_target, e_key, e_class = plan.reweight_entries
+    label_probs = weights[e_target, :, e_key]  # (E, Hq) = A(q, p_i)
+    scaled = label_probs * (_label_scale(module, rw, e_class).float().T - 1)  # (E, Hq)
+    v = value[t_rows[e_target], :, e_key]  # (E, Hkv, D)
+    v = v.repeat_interleave(heads // kv_heads, dim=1).float()  # (E, Hq, D): tiny, label keys only
+    correction = torch.zeros(weights.shape[0], heads, v.shape[-1], dtype=v.dtype, device=v.device)
+    correction = correction.index_add(0, e_target, scaled[..., None] * v)  # (N, Hq, D)
+    return out.index_put((t_rows, t_query), correction.to(out.dtype), accumulate=True)
+
+
+def blocked_sdpa(
+    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    attention_mask: torch.Tensor, blocks: Blocks, dropout: float, scaling: float | None, **kwargs,
+) -> torch.Tensor:
+    """(1, T, Hq, D): one SDPA call over the spans gathered into a batch, each seeing the cache keys
+    and its own tokens under the matching slice of the mask; equal to SDPA over the whole sequence
+    when the mask keeps to the spans, for a fraction of the work."""
+    assert query.shape[0] == 1, "blocks describe a packed batch of one row"
+    n, span = blocks.queries.shape
+    heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[3]
+    q_index, k_index = blocks.queries.reshape(-1), blocks.keys.reshape(-1)
+    q = query[0].index_select(1, q_index).view(heads, n, span, dim).transpose(0, 1)  # (n, Hq, L, D)
+    k = key[0].index_select(1, k_index).view(kv_heads, n, -1, dim).transpose(0, 1)  # (n, Hkv, S + L, D)
+    v = value[0].index_select(1, k_index).view(kv_heads, n, -1, dim).transpose(0, 1)
+    allowed = _bool_mask(attention_mask, query.shape[2], key.shape[2], query.device)[0, 0]  # (T, S + T)
+    allowed = allowed.index_select(0, q_index).view(n, span, -1)
+    allowed = allowed.gather(2, blocks.keys[:, None, :].expand(n, span, -1)) & blocks.real_keys[:, None, :]
+    out, _ = sdpa_attention_forward(module, q, k, v, allowed[:, None], dropout=dropout, scaling=scaling, **kwargs)
+    return out.reshape(n * span, heads, dim).index_select(0, blocks.order)[None]  # (n, L, Hq, D) -> (1, T, Hq, D)
 
 
 def _capture_qk(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, plan: AttentionPlan) -> None:
-    rows = torch.arange(query.shape[0], device=query.device)
-    plan.capture.queries[module.layer_idx] = query[rows, :, plan.targets].detach()
+    t_rows, t_query = plan.target_index
+    plan.capture.queries[module.layer_idx] = query[t_rows, :, t_query].detach()
     plan.capture.keys[module.layer_idx] = repeat_kv(key, query.shape[1] // key.shape[1]).detach()
 
 
@@ -220,7 +312,10 @@ def anchor_attention(
         _capture_qk(module, query, key, plan)
     if plan.needs_explicit:
         return explicit_attention(module, query, key, value, mask, scaling, plan)
-    out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+    if plan.blocks is not None and mask is not None:
+        out = blocked_sdpa(module, query, key, value, mask, plan.blocks, dropout, scaling, **kwargs)
+    else:
+        out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
     if plan.reweighting is not None or plan.capture_target_weights:
         weights = target_row_weights(query, key, mask, scaling, plan.targets)
         if plan.capture_target_weights:

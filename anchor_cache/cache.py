@@ -6,7 +6,8 @@ reference repo). RoPE keys are stored rotated at their original positions and GP
 their learned position embedding, so the query just continues at `context_length`.
 
 The tensors are shared by every request and never written: each forward gets a fresh
-DynamicCache whose layers point at batch-expanded views (no copy) of these tensors.
+DynamicCache whose layers point at batch-expanded views (no copy) of these tensors, or, for a
+packed forward over several tasks, at their concatenation.
 """
 
 from __future__ import annotations
@@ -46,6 +47,21 @@ class AnchorCache:
             layer.lazy_initialization(k, v)
             layer.keys, layer.values = k, v  # `update` concatenates into new tensors, leaving ours intact
         return cache
+
+
+def concat_dynamic_cache(caches: Sequence[AnchorCache], config: PretrainedConfig) -> DynamicCache:
+    """A fresh batch-1 cache holding `caches` one after another along the sequence axis (a packed
+    forward). One cache: its own tensors, nothing copied; several: one concatenation per layer
+    (anchor caches are a few dozen tokens, so this is small next to the forward)."""
+    if len(caches) == 1:
+        return caches[0].as_dynamic_cache(1, config)
+    cache = DynamicCache(config=config)
+    for i, layer in enumerate(cache.layers):
+        k = torch.cat([c.keys[i] for c in caches], dim=2)
+        v = torch.cat([c.values[i] for c in caches], dim=2)
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+    return cache
 
 
 @torch.no_grad()  # not inference_mode: training β later needs these tensors inside autograd graphs

@@ -2,7 +2,8 @@
 
 Prediction is a softmax over the C label-word logits at the query's last position (paper §7).
 Each method's prefix (cache and/or re-encoded tokens) is built on first use and then shared by
-every request.
+every request. Serving runs packed forwards (packed.py): `label_logits_ids` packs one task's
+queries, and `packed_row` hands the server a row it can pack with other tasks' rows.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from anchor_cache.attention import AttentionPlan, Reweighting
 from anchor_cache.cache import AnchorCache, build_anchor_cache
 from anchor_cache.data import load_demonstrations
 from anchor_cache.errors import ValidationError
-from anchor_cache.forward import Prefix, label_logits, last_hidden
+from anchor_cache.forward import Prefix, last_hidden
 from anchor_cache.methods import anchor_keep, random_keep
 from anchor_cache.models import LoadedModel
+from anchor_cache.packed import PackedRow, packed_hidden, packed_label_logits
 from anchor_cache.prompt import TaskPrompt
 from anchor_cache.task import Demonstration, Method, TaskSpec
 
@@ -47,6 +49,18 @@ class Prediction:
     logprobs: dict[str, float]
 
 
+def _packable(plan: AttentionPlan | None) -> bool:
+    """Whether a plan asks for nothing but one β shared by every row (what a packed forward runs)."""
+    if plan is None:
+        return True
+    return (
+        not (plan.needs_explicit or plan.capture_target_weights or plan.capture_qk_layers)
+        and plan.isolation is None
+        and plan.reweighting is not None
+        and plan.reweighting.label_targets is None
+    )
+
+
 class Classifier:
     """`seed` drives Hidden_random draws; `dev_texts` are the sample Hidden_random-top is picked on."""
 
@@ -69,6 +83,7 @@ class Classifier:
         self.dev_texts = list(dev_texts)
         self.random_top_draws = random_top_draws
         self._prefixes: dict[Method, Prefix] = {}
+        self._reweightings: dict[Method, tuple[torch.Tensor, Reweighting]] = {}  # last β per method
 
     # --- prefixes -------------------------------------------------------------------------------
 
@@ -122,7 +137,7 @@ class Classifier:
         best: tuple[float, Prefix] | None = None
         for _ in range(self.random_top_draws):
             candidate = Prefix(cache=self._cache(random_keep(self.prompt.context, rng)))
-            preds = self._label_logits_with(candidate, dev).argmax(-1)
+            preds = self._packed_logits(candidate, dev).argmax(-1)
             loyalty = float((preds == reference).float().mean())
             if best is None or loyalty > best[0]:
                 best = (loyalty, candidate)
@@ -149,19 +164,28 @@ class Classifier:
             raise ValidationError("re-weighting needs the demonstrations' label words: use vanilla or hidden_anchor")
         return keys, classes
 
-    def reweighting_plan(self, method: Method | str, beta: torch.Tensor) -> AttentionPlan:
+    def reweighting(self, method: Method | str, beta: torch.Tensor) -> Reweighting:
+        """β with the label keys behind `method`'s prefix; the last one per method is kept, so a
+        served β is translated once, not per request."""
+        method = Method(method)
+        kept = self._reweightings.get(method)
+        if kept is not None and kept[0] is beta:
+            return kept[1]
         expected = tuple(self.zero_beta().shape)
         if tuple(beta.shape) != expected:
             raise ValidationError(f"β has shape {tuple(beta.shape)}; this model and task need {expected}")
         keys, classes = self.label_keys(method)
         device = self.lm.device
-        return AttentionPlan(
-            reweighting=Reweighting(
-                beta=beta.to(device),
-                label_keys=torch.tensor(keys, device=device),
-                label_classes=torch.tensor(classes, device=device),
-            )
+        rw = Reweighting(
+            beta=beta.to(device),
+            label_keys=torch.tensor(keys, device=device),
+            label_classes=torch.tensor(classes, device=device),
         )
+        self._reweightings[method] = (beta, rw)
+        return rw
+
+    def reweighting_plan(self, method: Method | str, beta: torch.Tensor) -> AttentionPlan:
+        return AttentionPlan(reweighting=self.reweighting(method, beta))
 
     def content_free_logprobs(self, method: Method | str, beta: torch.Tensor | None = None) -> torch.Tensor:
         """(C,) log of the mean label distribution for content-free inputs (Zhao et al. 2021).
@@ -176,6 +200,13 @@ class Classifier:
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.prompt.encode(t) for t in texts]
 
+    def packed_row(self, ids: Sequence[int], method: Method | str, beta: torch.Tensor | None = None) -> PackedRow:
+        """One tokenised query of this task as a row for `packed_label_logits`, which may pack it with
+        rows of other tasks; its logits are over this task's labels (calibration stays with the caller)."""
+        rw = self.reweighting(method, beta) if beta is not None else None
+        return PackedRow(prefix=self.prefix(method), ids=tuple(ids), label_ids=tuple(self.prompt.label_ids),
+                         reweighting=rw)
+
     @torch.inference_mode()
     def hidden_states(
         self, texts: Sequence[str], method: Method | str, batch_size: int = 16, plan: AttentionPlan | None = None
@@ -185,7 +216,13 @@ class Classifier:
     def _hidden(
         self, prefix: Prefix, queries: Sequence[Sequence[int]], batch_size: int = 16, plan: AttentionPlan | None = None
     ) -> torch.Tensor:
-        """Length-sorted batches (less padding), scattered back to input order."""
+        """(N, hidden): packed forwards of `batch_size` queries when the plan is at most a shared β;
+        otherwise (captures, isolation, explicit weights) length-sorted padded batches."""
+        if _packable(plan):
+            rw = plan.reweighting if plan is not None else None
+            rows = [PackedRow(prefix, tuple(q), tuple(self.prompt.label_ids), rw) for q in queries]
+            chunks = range(0, len(rows), batch_size)
+            return torch.cat([packed_hidden(self.lm, rows[i : i + batch_size]) for i in chunks])
         order = sorted(range(len(queries)), key=lambda i: len(queries[i]))
         out: list[torch.Tensor | None] = [None] * len(queries)
         for start in range(0, len(order), batch_size):
@@ -205,16 +242,24 @@ class Classifier:
         self, queries: Sequence[Sequence[int]], method: Method | str, batch_size: int = 16,
         beta: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(N, C) label-word logits for already tokenised queries (the server tokenises before queueing)."""
-        plan = self.reweighting_plan(method, beta) if beta is not None else None
-        return self._label_logits_with(self.prefix(method), queries, batch_size, plan)
+        """(N, C) label-word logits for already tokenised queries (the server tokenises before queueing):
+        one packed forward per `batch_size` queries, in input order."""
+        rw = self.reweighting(method, beta) if beta is not None else None
+        return self._packed_logits(self.prefix(method), queries, batch_size, rw)
 
-    def _label_logits_with(
+    def _packed_logits(
         self, prefix: Prefix, queries: Sequence[Sequence[int]], batch_size: int = 16,
-        plan: AttentionPlan | None = None,
+        reweighting: Reweighting | None = None,
     ) -> torch.Tensor:
+        if not queries:
+            return torch.empty(0, len(self.prompt.label_ids), device=self.lm.device)
+        label_ids = tuple(self.prompt.label_ids)
+        rows = [PackedRow(prefix, tuple(q), label_ids, reweighting) for q in queries]
         with torch.inference_mode():
-            return label_logits(self.lm, self._hidden(prefix, queries, batch_size, plan), self.prompt.label_ids)
+            logits = []
+            for start in range(0, len(rows), batch_size):
+                logits += packed_label_logits(self.lm, rows[start : start + batch_size])
+            return torch.stack(logits)
 
     def classify(
         self, texts: Sequence[str], method: Method | str | None = None, batch_size: int = 16

@@ -4,6 +4,10 @@ A prefix is what stands before each query: an AnchorCache (K/V only), real token
 time (vanilla, Text_anchor), both, or nothing (zero-shot). Queries are right-padded; the 2-D
 attention mask covers cached plus new tokens, and position ids are explicit, since transformers
 would otherwise start a compressed cache's query at M instead of at the original offset.
+
+Serving does not pad: packed.py runs a batch of any tasks' queries as one sequence. This padded
+forward stays for plans that need a batch row per query (analyses' captures, isolation, explicit
+weights) and for β training, and as the reference the packed forward is tested against.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import torch
 from anchor_cache.classifier import CACHED_METHODS, Prediction
 from anchor_cache.errors import UnavailableError, ValidationError
 from anchor_cache.models import LoadedModel, load_model
+from anchor_cache.packed import packed_label_logits
 from anchor_cache.registry import ServedTask, TaskRegistry
 from anchor_cache.task import Method, TaskSpec
 from server.metrics import Metrics
@@ -173,13 +174,16 @@ class Engine:
         attended = cached + self.prefix_tokens(served, method)
         return await self.scheduler.submit(served, method, queries, attended, deadline)
 
+    @torch.inference_mode()
     def _run_batch(self, work: list[Work]) -> list[torch.Tensor]:
-        return [
-            w.task.classifier.label_logits_ids(
-                w.queries, w.method, batch_size=self.settings.max_batch_size, beta=w.task.beta_for(w.method)
-            )
-            for w in work
-        ]
+        """One packed forward for every row of every part, whatever their tasks and methods."""
+        rows = [w.task.classifier.packed_row(q, w.method, w.task.beta_for(w.method)) for w in work for q in w.queries]
+        logits = packed_label_logits(self.lm, rows)
+        parts, start = [], 0
+        for w in work:
+            parts.append(torch.stack(logits[start : start + len(w.queries)]))
+            start += len(w.queries)
+        return parts
 
     def predictions(self, served: ServedTask, method: Method, logits: torch.Tensor
                     ) -> tuple[list[Prediction], list[Prediction] | None]:

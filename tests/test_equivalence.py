@@ -29,12 +29,19 @@ def test_keeping_every_token_reproduces_vanilla(tiny_lm):
     assert (anchors_only - vanilla).abs().max() > 1e-3
 
 
-def test_padded_batches_match_single_queries(tiny_lm):
+def test_batches_match_single_queries(tiny_lm):
+    """Serving (packed, one forward per batch) and the padded per-task forward (analyses, β training)
+    both equal one query at a time; mixed-task packing is in test_packed.py."""
     clf = Classifier(tiny_lm, sentiment_task())
+    encoded = clf.encode(QUERIES)
     for method in (Method.VANILLA, Method.HIDDEN_ANCHOR, Method.TEXT_ANCHOR, Method.ZERO_SHOT):
-        batched = clf.label_logits(QUERIES, method, batch_size=len(QUERIES))
         single = _logits(clf, clf.prefix(method))
-        torch.testing.assert_close(batched, single, atol=1e-5, rtol=0, msg=f"{method}: batched vs single")
+        packed = clf.label_logits(QUERIES, method, batch_size=len(QUERIES))
+        torch.testing.assert_close(packed, single, atol=1e-5, rtol=0, msg=f"{method}: packed vs single")
+        with torch.inference_mode():
+            hidden = last_hidden(tiny_lm, clf.prefix(method), encoded)
+        padded = label_logits(tiny_lm, hidden, clf.prompt.label_ids)
+        torch.testing.assert_close(padded, single, atol=1e-5, rtol=0, msg=f"{method}: padded vs single")
 
 
 def test_explicit_attention_matches_sdpa(tiny_lm):

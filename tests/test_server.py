@@ -379,3 +379,24 @@ def test_one_analysis_at_a_time_and_cancellation(serve):
     assert job["status"] == "cancelled" and job["error"]["type"] == "cancelled"
     again = body | {"kind": "deep_layers", "params": {"limit": 2}}
     assert client.post("/admin/analyses", headers=ADMIN, json=again).status_code == 202
+
+
+def test_requests_of_different_tasks_share_forwards_and_match_the_engine(serve, model_dir):
+    topics = sentiment_task(name="topics", labels=["World", "Sports", "Business"], demonstrations=[
+        {"text": "the match ended in a draw", "label": "Sports"}, {"text": "markets fell", "label": "Business"},
+        {"text": "talks in the capital", "label": "World"}])
+    client = serve(tasks=[sentiment_task(), topics], max_wait_ms=100)
+    jobs = [(task, text) for text in QUERIES for task in ("sentiment", "topics")] * 2
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(lambda j: client.post("/v1/classify", json={"task": j[0], "input": j[1]}), jobs))
+    lm = load_model(str(model_dir), "cpu", "float32")
+    engines = {"sentiment": Classifier(lm, sentiment_task()), "topics": Classifier(lm, topics)}
+    for (task, text), answer in zip(jobs, answers, strict=True):
+        assert answer.status_code == 200, answer.text
+        want = engines[task].classify([text])[0]
+        got = answer.json()["data"][0]
+        assert got["label"] == want.label and got["probs"] == pytest.approx(want.probs, abs=1e-5)
+    metrics = client.get("/metrics").text
+    forwards = float(next(line.split()[-1] for line in metrics.splitlines()
+                          if line.startswith("anchorserve_batch_size_count")))
+    assert forwards < len(jobs)
