@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve test lint eval bench clean
+.PHONY: setup serve test lint eval bench peers clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,13 @@ eval: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.latency
 	$(BIN)/python -m bench.load
+
+# Optional: llama.cpp (llama-cpp-python, a ~10 min source build) for `python -m bench.peers`. Not part of test.
+# AMX off: the AMX kernels crashed on our CPU; OpenMP off: ggml's own thread pool.
+LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF \
+	-DGGML_AMX_BF16=OFF -DGGML_OPENMP=OFF
+peers: $(STAMP)
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(BIN)/python -m pip install 'llama-cpp-python[server]==0.3.36'
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -52,7 +52,8 @@ def start_server(env_extra: dict[str, str], log_path: Path, tree: Path | None = 
     url = f"http://127.0.0.1:{port}"
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited; see {log_path}")
+            tail = log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"server exited; the end of {log_path}:\n{tail}")
         try:
             if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
                 return proc, url, time.monotonic() - start
