@@ -25,6 +25,7 @@ by `module.layer_idx`:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -81,28 +82,34 @@ class Capture:
 
 @dataclass(frozen=True)
 class Blocks:
-    """Spans [start, end) of a batch-1 packed sequence whose queries see no key outside the S
-    leading cache keys and the span's own tokens: a promise about the mask that lets the fast path
+    """Spans [start, end) of a batch-1 packed sequence whose queries see no key outside their own
+    rows' cache slots and the span's own tokens: a promise about the mask that lets the fast path
     skip the keys it forbids. The fast path gathers the spans into a (n, ·, L, ·) batch, padding a
-    short span by repeating its last token (a repeated key is masked, a repeated query dropped),
-    and runs one SDPA call on it, still under the mask."""
+    short span by repeating its last token and a short list of cache slots by repeating a slot (a
+    repeated key is masked, a repeated query dropped), and runs one SDPA call on it, still under
+    the mask. With many tasks in a batch, each span reads only its own tasks' caches."""
 
     spans: tuple[tuple[int, int], ...]  # cover the queries in order
     queries: torch.Tensor  # (n, L) query index of each span slot
-    keys: torch.Tensor  # (n, S + L) key index: the cache keys, then the span's own tokens
-    real_keys: torch.Tensor  # (n, S + L) False on padding repeats
+    keys: torch.Tensor  # (n, C + L) key index: the span's cache slots, then the span's own tokens
+    real_keys: torch.Tensor  # (n, C + L) False on padding repeats
     order: torch.Tensor  # (T,) each query's slot in the flattened (n·L) span batch
 
     @classmethod
-    def build(cls, spans: tuple[tuple[int, int], ...], cached: int, device: torch.device) -> Blocks:
+    def build(cls, spans: tuple[tuple[int, int], ...], cache_slots: Sequence[Sequence[int]], cached: int,
+              device: torch.device) -> Blocks:
+        """`cache_slots[i]`: the cache slots span i's rows use; `cached`: all cache slots (S)."""
         longest = max(end - start for start, end in spans)
+        widest = max(len(slots) for slots in cache_slots)
         slot = torch.arange(longest)
         starts = torch.tensor([start for start, _ in spans])[:, None]
         sizes = torch.tensor([end - start for start, end in spans])[:, None]
         queries = starts + torch.minimum(slot[None], sizes - 1)  # (n, L)
-        cache_keys = torch.arange(cached).expand(len(spans), -1)
+        cache_keys = torch.tensor([list(slots) + [0] * (widest - len(slots)) for slots in cache_slots],
+                                  dtype=torch.long).reshape(len(spans), widest)
+        real_cache = torch.arange(widest)[None] < torch.tensor([len(slots) for slots in cache_slots])[:, None]
         keys = torch.cat([cache_keys, cached + queries], dim=1)
-        real = torch.cat([torch.ones_like(cache_keys, dtype=torch.bool), slot[None] < sizes], dim=1)
+        real = torch.cat([real_cache, slot[None] < sizes], dim=1)
         order = torch.cat([i * longest + torch.arange(end - start) for i, (start, end) in enumerate(spans)])
         return cls(spans, queries.to(device), keys.to(device), real.to(device), order.to(device))
 

@@ -15,8 +15,10 @@ On CPU the fast path also gets `Blocks`: consecutive whole rows grouped into spa
 `block_tokens` tokens, so SDPA runs per span over the cache and the span's own keys instead of over
 the whole T × (S + T) square the mask mostly forbids. One SDPA call over everything made a packed
 SST-2 batch of 32 slower than the padded forward on CPU (attention took a quarter of it); spans of
-32-128 tokens made it ~40% cheaper than padded. On GPUs one masked SDPA call over everything is
-cheaper than many small ones, so there are no spans there.
+32-128 tokens made it ~40% cheaper than padded. On an H100 one masked call was as fast as padded at
+batch 64 but 1.37x slower at batch 256 (7,680 tokens: the mask's square grows with the batch), so
+GPU spans are 1,024 tokens. A span reads only the cache slots of its own rows, so a batch of many
+tasks does not make every span attend over every task's cache.
 
 transformers returns a 4-D mask as is (`masking_utils._preprocess_mask_arguments` exits early for
 any 4-D tensor), so it reaches the registered attention function unchanged and SDPA's fast path
@@ -42,7 +44,7 @@ from anchor_cache.forward import Prefix, label_logits
 from anchor_cache.models import LoadedModel
 
 # Query tokens per SDPA span on each device type; absent: one call over the whole sequence.
-BLOCK_TOKENS = {"cpu": 64}
+BLOCK_TOKENS = {"cpu": 64, "cuda": 1024}
 
 
 @dataclass(frozen=True)
@@ -80,19 +82,23 @@ class PackedBatch:
     blocks: Blocks | None  # spans of whole rows for the fast path; None: one SDPA call
 
 
-def _spans(lengths: Sequence[int], block_tokens: int | None, cached: int, device: torch.device) -> Blocks | None:
+def _spans(lengths: Sequence[int], row_slots: Sequence[range], block_tokens: int | None, cached: int,
+           device: torch.device) -> Blocks | None:
     """Consecutive whole rows grouped greedily into spans of at most `block_tokens` tokens (a longer
-    row alone); None when that leaves a single span."""
+    row alone), each with the cache slots its rows use; None when that leaves a single span."""
     if block_tokens is None:
         return None
-    spans, start, end = [], 0, 0
-    for n in lengths:
+    spans, slots, start, end, used = [], [], 0, 0, set()
+    for n, row in zip(lengths, row_slots, strict=True):
         if end > start and end + n - start > block_tokens:
             spans.append((start, end))
-            start = end
+            slots.append(sorted(used))
+            start, used = end, set()
         end += n
+        used.update(row)
     spans.append((start, end))
-    return Blocks.build(tuple(spans), cached, device) if len(spans) > 1 else None
+    slots.append(sorted(used))
+    return Blocks.build(tuple(spans), slots, cached, device) if len(spans) > 1 else None
 
 
 def pack(lm: LoadedModel, rows: Sequence[PackedRow], block_tokens: int | str | None = "auto") -> PackedBatch:
@@ -159,7 +165,8 @@ def pack(lm: LoadedModel, rows: Sequence[PackedRow], block_tokens: int | str | N
         last=ends - 1,
         reweighting=reweighting,
         targets=targets,
-        blocks=_spans(lengths, block_tokens, num_slots, device),
+        blocks=_spans(lengths, [range(a, a + n) for a, n in zip(slot_start, slots_of, strict=True)], block_tokens,
+                      num_slots, device),
     )
 
 

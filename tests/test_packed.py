@@ -186,9 +186,13 @@ def test_blocked_sdpa_equals_one_call(tiny_lm, mixed, block_tokens):
     row_ends = set((batch.last + 1).tolist())
     assert all(end in row_ends for _, end in spans)
     mask, cached = batch.attention_mask[0, 0], batch.attention_mask.shape[-1] - batch.input_ids.shape[1]
-    for start, end in spans:
+    for i, (start, end) in enumerate(spans):
         outside = torch.ones_like(mask[start:end])
-        outside[:, :cached] = False
+        if batch.blocks is None:
+            outside[:, :cached] = False
+        else:  # only the cache slots the span lists (its own rows' tasks)
+            listed = batch.blocks.keys[i][batch.blocks.real_keys[i]]
+            outside[:, listed[listed < cached]] = False
         outside[:, cached + start : cached + end] = False
         assert not mask[start:end][outside].any()
     with torch.inference_mode():
