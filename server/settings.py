@@ -48,7 +48,8 @@ class Settings(BaseSettings):
     admin_api_key: SecretStr | None = Field(None, description="Bearer key for /admin/*; unset = admin disabled")
 
     max_batch_size: int = Field(32, ge=1, description="inputs per forward")
-    max_batch_tokens: int = Field(8192, ge=16, description="padded tokens per forward (inputs × longest)")
+    max_batch_tokens: int = Field(8192, ge=16, description="tokens per forward, summed over its rows: each row's "
+                                  "cached anchor tokens, re-encoded prefix and query (packed, no padding)")
     max_wait_ms: float = Field(2.0, ge=0, description="how long the worker waits to fill a batch")
     max_queued_requests: int = Field(512, ge=1, description="beyond this, requests get 429 at once")
     request_timeout_s: float = Field(30.0, gt=0, description="queue + inference deadline; past it, 504")
