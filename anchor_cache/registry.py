@@ -181,10 +181,14 @@ class TaskRegistry:
 
     # --- the served set ---------------------------------------------------------------------------
 
+    def check_room(self, name: str) -> None:
+        """The one max_tasks check: a new name needs a free place (replacing one always fits)."""
+        if name not in self._tasks and len(self._tasks) >= self.max_tasks:
+            raise ConflictError(f"already serving {self.max_tasks} tasks (max_tasks); delete one first")
+
     def put(self, served: ServedTask) -> None:
         """Serve `served` (replacing its name); clears a recorded failure of that name."""
-        if served.spec.name not in self._tasks and len(self._tasks) >= self.max_tasks:
-            raise ConflictError(f"already serving {self.max_tasks} tasks (max_tasks); delete one first")
+        self.check_room(served.spec.name)
         self._tasks[served.spec.name] = served
         self._failed.pop(served.spec.name, None)
 

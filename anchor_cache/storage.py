@@ -109,10 +109,12 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
 
 
 def remove_durably(path: Path) -> None:
-    """Unlink `path` (if present) and fsync its directory."""
-    if path.exists():
+    """Unlink `path` (if present; another process may remove it first) and fsync its directory."""
+    try:
         path.unlink()
-        fsync_directory(path.parent)
+    except FileNotFoundError:
+        return
+    fsync_directory(path.parent)
 
 
 def quarantine(path: Path, state_dir: Path) -> str:
@@ -258,10 +260,13 @@ def collect_garbage(directory: Path, live_keys: set[str], grace_s: float, keep_b
     for path in sorted(directory.iterdir()):
         if not path.is_file() or key_of_file(path) in live_keys or (keep_beta and ".beta." in path.name):
             continue
-        stat = path.stat()
-        if stat.st_mtime > cutoff:
+        try:  # another replica sharing the state dir may collect the same file first
+            stat = path.stat()
+            if stat.st_mtime > cutoff:
+                continue
+            path.unlink()
+        except FileNotFoundError:
             continue
-        path.unlink()
         freed += stat.st_size
         log.info("garbage collection removed %s (%d bytes, unused for %.0fs)",
                  shown(path), stat.st_size, time.time() - stat.st_mtime)

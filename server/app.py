@@ -45,8 +45,12 @@ def build_app(settings: Settings | None = None, on_fatal: Callable[[], None] | N
         try:
             yield
         finally:
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await startup  # a model load in its thread cannot be interrupted; wait for it
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                log.exception("start-up failed")
             await state.stop()
             log.info("stopped")
 

@@ -77,7 +77,7 @@ class ClassifyService:
         for q in queries:
             self.metrics.request_tokens.observe(len(q))
         prefix = self.engine.prefix_tokens(served, method)
-        future = await self.engine.submit(served, method, queries, deadline)
+        future = await self.engine.submit(served, method, queries, prefix, deadline)
         logits = await self._race(future, disconnected)
         predictions, raw = self.engine.predictions(served, method, logits)
         return Classification(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from anchor_cache.data import Example, load_demonstrations, read_jsonl
+from anchor_cache.data import load_demonstrations
 from anchor_cache.errors import ValidationError
 from anchor_cache.task import Demonstration, DemonstrationSource, TaskSpec, preview
 from server.settings import Settings
@@ -33,10 +33,6 @@ def dataset_file(settings: Settings, relative: str, split: str) -> Path:
     """`relative` names a .jsonl file, or a dataset folder whose `<split>.jsonl` is meant."""
     path = data_path(settings, relative)
     return path / f"{split}.jsonl" if path.is_dir() else path
-
-
-def read_rows(settings: Settings, relative: str, split: str, labels: list[str]) -> list[Example]:
-    return read_jsonl(dataset_file(settings, relative, split), labels)
 
 
 def inline_demonstrations(settings: Settings, spec: TaskSpec) -> TaskSpec:

@@ -2,8 +2,11 @@
 
 It owns the loaded model, the task registry and the batching scheduler, and answers in the
 server's terms: tokenise a text for a task, submit queries, turn logits into predictions, build a
-task, describe a task. Services call these and never reach into classifiers, prompts or model
-configs, so a server test can swap in a fake engine where the model is not the point.
+task, describe a task.
+
+Services do their own bookkeeping (jobs, limits, files) and reach the model only through this
+facade, except the two job kinds that run whole engine procedures in their own threads: β training
+(`train_reweighting` on the task's classifier) and the analyses (`run_analysis` on the model).
 
 Loading runs on the scheduler's model thread in the background, so /health answers while the model
 converts or loads. A task that cannot load is reported as failed while every other task serves; a
@@ -58,15 +61,16 @@ class Engine:
         self.scheduler.start()
         try:
             self.lm = await self.scheduler.run_exclusive(lambda: load_model(s.model, s.device, s.dtype))
-        except Exception as exc:
-            log.error("start-up failed: cannot load model %r: %s", s.model, exc)
-            self.startup_error = "start-up failed: the model could not be loaded (the server log says why)"
+            self._max_token_bytes = 4 * max(len(token) for token in self.lm.tokenizer.get_vocab())
+            registry = TaskRegistry(self.lm, s.state_dir, s.max_tasks, s.max_demo_tokens)
+            await self.scheduler.run_exclusive(lambda: registry.start(s.tasks, s.gc_grace_s))
+        except Exception as exc:  # tasks fail one by one inside start; this is the model or the state dir
+            log.error("start-up failed: %s", exc)
+            what = "the model could not be loaded" if self.lm is None else "the state dir could not be read"
+            self.startup_error = f"start-up failed: {what} (the server log says why)"
             if on_fatal is not None:
                 on_fatal()
             return
-        self._max_token_bytes = 4 * max(len(token) for token in self.lm.tokenizer.get_vocab())
-        registry = TaskRegistry(self.lm, s.state_dir, s.max_tasks, s.max_demo_tokens)
-        await self.scheduler.run_exclusive(lambda: registry.start(s.tasks, s.gc_grace_s))
         for served in registry.all():
             self.track(served)
         self.registry = registry
@@ -165,13 +169,13 @@ class Engine:
             case _:
                 return 0
 
-    async def submit(self, served: ServedTask, method: Method, queries: list[list[int]], deadline: float
-                     ) -> asyncio.Future:
+    async def submit(self, served: ServedTask, method: Method, queries: list[list[int]], prefix_tokens: int,
+                     deadline: float) -> asyncio.Future:
         """Queue tokenised queries; the future resolves to their (N, C) label logits. Each row is
         charged for what it attends over: its cached anchor tokens (the task's own cache size
-        stands in for other cached methods) and its re-encoded prefix."""
+        stands in for other cached methods) and its `prefix_tokens` re-encoded ones."""
         cached = served.anchor_tokens if method in CACHED_METHODS else 0
-        attended = cached + self.prefix_tokens(served, method)
+        attended = cached + prefix_tokens
         return await self.scheduler.submit(served, method, queries, attended, deadline)
 
     @torch.inference_mode()

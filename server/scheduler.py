@@ -34,10 +34,14 @@ no dropout or running statistics change, and nothing calls an optimiser on them)
 its instructions (attention plan, β, captures) in arguments and tensors that its caller owns, not
 on the modules; β-training optimises its own β leaf tensor and the trained β is swapped into the
 served task on the event loop only when training finished; analyses get their own outputs. The
-one other shared write is the classifier's per-method prefix memo: the task's own method is built
-on the model thread when the task is prepared, other methods on the model thread at their first
-forward; β-training uses the task's own method (already built) and the analyses do not use it,
-so the other threads only read it. Anchor caches are read-only once built.
+other shared writes are the classifier's two memos. Its per-method prefix: the task's own method is
+built on the model thread when the task is prepared, other methods on the model thread at their
+first forward (that one forward then also builds the prefix, the one time the model thread works
+longer than a within-budget forward); β-training uses the task's own method (already built) and
+the analyses do not use it, so the other threads only read it. Its re-weighting memo (β plus label
+keys for the β last passed): written by the model thread and the training thread alike, as one
+dict assignment of an immutable value, checked by identity before use, so a race costs at most a
+rebuild. Anchor caches are read-only once built.
 """
 
 from __future__ import annotations

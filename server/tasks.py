@@ -74,14 +74,14 @@ class TaskService:
         if spec.method == Method.HIDDEN_RANDOM_TOP:
             raise ValidationError("method hidden_random_top is an evaluation method (it needs a dev set); "
                                   "serve hidden_anchor or hidden_random")
-        spec = await asyncio.to_thread(inline_demonstrations, self.settings, spec)
-        overhead = self.engine.template_tokens(spec)
-        if overhead > self.settings.max_input_tokens:
-            raise ValidationError(f"the template alone takes {overhead} tokens, more than max_input_tokens "
-                                  f"({self.settings.max_input_tokens}): every classify would fail")
-        self.building.add(spec.name)
+        self.building.add(spec.name)  # claimed before any await, so a concurrent write gets 409
         try:
-            registry.persist_pending(spec)
+            spec = await asyncio.to_thread(inline_demonstrations, self.settings, spec)
+            overhead = self.engine.template_tokens(spec)
+            if overhead > self.settings.max_input_tokens:
+                raise ValidationError(f"the template alone takes {overhead} tokens, more than max_input_tokens "
+                                      f"({self.settings.max_input_tokens}): every classify would fail")
+            await asyncio.to_thread(registry.persist_pending, spec)
         except BaseException:
             self.building.discard(spec.name)
             raise
@@ -89,13 +89,16 @@ class TaskService:
         return self.jobs.submit(kind, spec.name, lambda _: self._apply(spec))
 
     async def _apply(self, spec: TaskSpec) -> dict[str, Any]:
+        """Build, persist, then serve: a spec is on disk before its version answers, so a restart
+        never reverts a version that served."""
         registry = self.engine.require_ready()
         try:
             served = await self.engine.build(spec)
+            registry.check_room(spec.name)
+            await asyncio.to_thread(registry.commit, spec)
             registry.put(served)
-            registry.commit(spec)
         except Exception:  # a failed build; a cancelled one (shutdown) keeps its pending spec for the next start
-            registry.discard_pending(spec.name)
+            await asyncio.to_thread(registry.discard_pending, spec.name)
             raise
         finally:
             self.building.discard(spec.name)
@@ -108,12 +111,16 @@ class TaskService:
         if name in self.building:
             raise ConflictError(f"task {name!r} is being built; wait for that job to finish")
         registry.remove(name)
-        registry.persist_deletion(name)
+        await asyncio.to_thread(registry.persist_deletion, name)
         self.metrics.forget_task(name)
         await self._collect_garbage()
 
     async def _collect_garbage(self) -> None:
-        await self.engine.collect_garbage()
+        """Best effort: the change is already persisted, so a failed collection is only logged."""
+        try:
+            await self.engine.collect_garbage()
+        except Exception:
+            log.exception("garbage collection failed; it runs again after the next change")
 
     # --- re-weighting ---------------------------------------------------------------------------
 
@@ -122,8 +129,12 @@ class TaskService:
         if name in self.building:
             raise ConflictError(f"task {name!r} has a build or training job running; wait for it")
         self.engine.check_reweightable(served)
-        texts, labels = await asyncio.to_thread(self._training_rows, body, served)
-        self.building.add(name)
+        self.building.add(name)  # claimed before any await, so a concurrent write gets 409
+        try:
+            texts, labels = await asyncio.to_thread(self._training_rows, body, served)
+        except BaseException:
+            self.building.discard(name)
+            raise
         return self.jobs.submit("reweighting", name, lambda cancel: self._train(served, body, texts, labels, cancel))
 
     def _training_rows(self, body: ReweightRequest, served: ServedTask) -> tuple[list[str], list[int]]:
@@ -170,7 +181,7 @@ class TaskService:
             trained = await in_background_thread(work, "anchorserve-training")
             if registry.get(name).key != served.key:
                 raise ConflictError(f"task {name!r} was replaced during training; the new β was discarded")
-            registry.save_beta(trained)
+            await asyncio.to_thread(registry.save_beta, trained)
             registry.put(trained)
         finally:
             self.building.discard(name)

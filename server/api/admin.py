@@ -35,8 +35,9 @@ async def _build_response(state: State, job: Job) -> JSONResponse:
     await state.jobs.wait(job, timeout=state.settings.admin_sync_wait_s)
     if job.status == "succeeded":
         return JSONResponse(status_code=201, content=job.result | {"job": job.id})
-    if job.status in ("failed", "cancelled") and job.error is not None:
-        return JSONResponse(status_code=status_of(job.error["type"]), content=job.error | {"job": job.id})
+    if job.status in ("failed", "cancelled"):
+        error = job.error or {"error": "the build was cancelled (the server is shutting down)", "type": "cancelled"}
+        return JSONResponse(status_code=status_of(error["type"]), content=error | {"job": job.id})
     return _accepted(job)
 
 
