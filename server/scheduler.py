@@ -247,35 +247,38 @@ class Scheduler:
             if self.limits.max_wait_s and self._queued_rows() < self.limits.max_batch_size:
                 await asyncio.sleep(self.limits.max_wait_s)  # let concurrent requests join the batch
             while batch := self._take_batch():
-                self.metrics.queue_size.set(len(self._queue))
-                start = time.perf_counter()
-                for chunk in batch:
-                    if chunk.start == 0:
-                        self.metrics.queue_seconds.observe(start - chunk.entry.enqueued)
-                work = [Work(chunk.entry.task, chunk.entry.method, chunk.queries) for chunk in batch]
-                rows = sum(len(w.queries) for w in work)
-                self.metrics.batch_size.observe(rows)
                 try:
-                    logits = await loop.run_in_executor(self._executor, self.run_batch, work)
-                    got = [part.shape[0] for part in logits]
-                    if got != [len(w.queries) for w in work]:
-                        raise RuntimeError(f"the forward returned {got} rows for {[len(w.queries) for w in work]}")
-                except Exception as exc:  # every request with rows in a failed forward gets the error, once
+                    await self._forward(batch, loop)
+                except Exception as exc:  # every request with rows in a failed batch gets the error, once
                     if isinstance(exc, AnchorServeError):  # the caller's input: no traceback to flood the log
-                        log.info("forward of %d rows refused: %s", rows, exc)
+                        log.info("forward of %d rows refused: %s", sum(c.stop - c.start for c in batch), exc)
                     else:
-                        log.exception("forward of %d rows failed", rows)
+                        log.exception("forward of %d rows failed", sum(c.stop - c.start for c in batch))
                     for chunk in batch:
                         if not chunk.entry.future.done():
                             chunk.entry.future.set_exception(exc)
-                    continue
-                finally:
-                    self.metrics.inference_seconds.observe(time.perf_counter() - start)
-                for chunk, part in zip(batch, logits, strict=True):
-                    chunk.entry.deliver(part)
             self.metrics.queue_size.set(len(self._queue))
             if self._closing and not self._queue:
                 return
+
+    async def _forward(self, batch: list[Chunk], loop: asyncio.AbstractEventLoop) -> None:
+        """Run one batch on the model thread and hand each request its rows."""
+        self.metrics.queue_size.set(len(self._queue))
+        start = time.perf_counter()
+        for chunk in batch:
+            if chunk.start == 0:
+                self.metrics.queue_seconds.observe(start - chunk.entry.enqueued)
+        work = [Work(chunk.entry.task, chunk.entry.method, chunk.queries) for chunk in batch]
+        self.metrics.batch_size.observe(sum(len(w.queries) for w in work))
+        try:
+            logits = await loop.run_in_executor(self._executor, self.run_batch, work)
+        finally:
+            self.metrics.inference_seconds.observe(time.perf_counter() - start)
+        got = [part.shape[0] for part in logits]
+        if got != [len(w.queries) for w in work]:
+            raise RuntimeError(f"the forward returned {got} rows for {[len(w.queries) for w in work]}")
+        for chunk, part in zip(batch, logits, strict=True):
+            chunk.entry.deliver(part)
 
     async def stop(self) -> None:
         """Refuse new requests, finish queued ones (those not past their deadline), then stop the model thread."""
