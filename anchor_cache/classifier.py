@@ -198,7 +198,7 @@ class Classifier:
     # --- inference ------------------------------------------------------------------------------
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
-        return [self.prompt.encode(t) for t in texts]
+        return self.prompt.encode_batch(texts)
 
     def packed_row(self, ids: Sequence[int], method: Method | str, beta: torch.Tensor | None = None) -> PackedRow:
         """One tokenised query of this task as a row for `packed_label_logits`, which may pack it with

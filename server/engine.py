@@ -138,18 +138,20 @@ class Engine:
         covers more bytes than the longest vocabulary entry (×4 for non-byte-level vocabularies)."""
         return (max_tokens + 2) * self._max_token_bytes
 
-    def encode(self, served: ServedTask, text: str, index: int, max_tokens: int, truncate: bool) -> list[int]:
-        """One input rendered into the task's template as token ids, within `max_tokens`."""
+    def encode(self, served: ServedTask, texts: list[str], max_tokens: int, truncate: bool) -> list[list[int]]:
+        """A request's inputs rendered into the task's template as token ids, each within
+        `max_tokens`: one call of the fast tokenizer for them all (truncation goes text by text)."""
         prompt = served.classifier.prompt
         if truncate:
-            return prompt.encode_within(text[: self.max_text_bytes(max_tokens)], max_tokens)
-        ids = prompt.encode(text)
-        if len(ids) > max_tokens:
-            raise ValidationError(
-                f"input {index} has {len(ids)} tokens with the template; the limit is {max_tokens} "
-                "(max_input_tokens). Shorten it, or start the server with ANCHORSERVE_TRUNCATE=true"
-            )
-        return ids
+            return [prompt.encode_within(text[: self.max_text_bytes(max_tokens)], max_tokens) for text in texts]
+        queries = prompt.encode_batch(texts)
+        for index, ids in enumerate(queries):
+            if len(ids) > max_tokens:
+                raise ValidationError(
+                    f"input {index} has {len(ids)} tokens with the template; the limit is {max_tokens} "
+                    "(max_input_tokens). Shorten it, or start the server with ANCHORSERVE_TRUNCATE=true"
+                )
+        return queries
 
     def template_tokens(self, spec: TaskSpec) -> int:
         """Tokens the template itself adds to every query (with an empty text)."""

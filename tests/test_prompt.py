@@ -89,3 +89,11 @@ def test_task_spec_is_frozen():
     with pytest.raises(pydantic.ValidationError):
         task.name = "other"
     assert isinstance(task, TaskSpec)
+
+
+def test_batch_encoding_equals_one_text_at_a_time(tokenizer):
+    task = sentiment_task()
+    prompt = TaskPrompt.build(task, task.demonstrations, tokenizer)
+    texts = ["a wonderful, moving film", "", "dull\nand {text} lifeless", "the quick brown fox " * 20]
+    assert prompt.encode_batch(texts) == [prompt.encode(t) for t in texts]
+    assert prompt.encode_batch([]) == []
