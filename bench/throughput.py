@@ -142,12 +142,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tasks", type=int, default=0, help="also run N tasks in one process (0: skip)")
     parser.add_argument("--skip-compare", action="store_true")
+    parser.add_argument("--out", type=Path, help="result file (default: bench/results/throughput.json, or "
+                        "many_tasks.json with --skip-compare)")
     parser.add_argument("--dtype", default="auto", help="ANCHORSERVE_DTYPE for every server")
     parser.add_argument("--data", type=Path, default=default_data_root() / "sst2" / "test.jsonl")
     args = parser.parse_args()
     texts = [r.text for r in read_jsonl(args.data, PRESETS["sst2"][1])]
     work = Path(tempfile.mkdtemp(prefix="anchorserve-throughput-"))
-    result: dict = {"config": vars(args) | {"before": str(args.before), "data": str(args.data),
+    result: dict = {"config": vars(args) | {"before": str(args.before), "data": str(args.data), "out": str(args.out),
                                             "cpus": os.cpu_count(), "command": " ".join(sys.argv)}}
     try:
         if not args.skip_compare:
@@ -159,8 +161,8 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     RESULTS.mkdir(exist_ok=True)
-    name = "throughput.json" if not args.skip_compare else "many_tasks.json"
-    (RESULTS / name).write_text(json.dumps(result, indent=1))
+    out = args.out or RESULTS / ("throughput.json" if not args.skip_compare else "many_tasks.json")
+    out.write_text(json.dumps(result, indent=1))
     sys.stdout.write(markdown(result) + "\n")
 
 

@@ -7,6 +7,7 @@ is never ready. SIGTERM/SIGINT shut down gracefully: queued requests finish firs
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import sys
 
@@ -29,6 +30,14 @@ def check_model_settings(settings: Settings) -> None:
     else:
         resolve_model_dir(settings.model)
     resolve_dtype(settings.dtype, resolve_device(settings.device))
+
+
+def event_loop_and_parser() -> tuple[str, str]:
+    """uvloop and httptools (dependencies) where importable, else the standard library's asyncio and
+    the pure-Python h11."""
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    return loop, http
 
 
 def configure_logging() -> None:
@@ -54,8 +63,10 @@ def main() -> int:
             server.should_exit = True
 
     app = build_app(settings, on_fatal=fatal)
+    loop, http = event_loop_and_parser()
+    logging.getLogger("server").info("serving with the %s event loop and the %s HTTP parser", loop, http)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
-                                           timeout_graceful_shutdown=30, log_config=None))
+                                           timeout_graceful_shutdown=30, log_config=None, loop=loop, http=http))
     server.run()
     error = app.state.anchor.engine.startup_error
     if error:
