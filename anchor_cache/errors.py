@@ -47,6 +47,12 @@ class ConflictError(AnchorServeError):
     kind = "conflict"
 
 
+class PreconditionFailedError(AnchorServeError):
+    """A conditional write (`If-Match`) named a revision that is no longer the current one."""
+
+    kind = "precondition_failed"
+
+
 class UnavailableError(AnchorServeError):
     """Not able to serve this now: still loading, shutting down, or a task that failed to load."""
 

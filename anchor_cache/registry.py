@@ -1,56 +1,53 @@
-"""The tasks one model serves, each with its classifier and persisted anchor cache, and the state dir
-that makes them survive restarts, crashes and damaged files.
+"""The tasks one model serves, each with its classifier and anchor cache, as the state store records them.
 
-Preparing a task (loading or building its cache) is slow and touches no shared state; swapping the
-prepared task in is a single dict assignment. So a replacement builds while the old version keeps
-serving, and a failed build leaves the old version in place.
+The store (anchor_cache/state) holds each task name's current spec with a revision, shared by every
+replica; this registry is one replica's served copy. Preparing a task (loading or building its
+cache) is slow and touches no shared state; swapping the prepared task in is a single dict
+assignment. So a replacement builds while the old version keeps serving, and a failed build leaves
+the old version in place. `revision(name)` says which store revision this replica last applied.
 
-State dir layout (names relative to it appear in messages; absolute paths never do):
-  tasks/<name>.json          the current runtime spec of a task, or a tombstone {"deleted": true}
-  tasks/pending/<name>.json  an accepted create/replace whose build has not finished (a subfolder,
-                             since task names may contain dots)
-  caches/<key>.safetensors, caches/<key>.beta.safetensors   see storage.py
-  quarantine/<file>.<UTC timestamp>   damaged files, moved here and never deleted
-
-A damaged cache is quarantined and rebuilt (caches are derivable). A damaged β is quarantined and the
-task serves without it; its `reweighting` info then reads {"lost": "<reason; where it was moved>"}.
-At start every task loads on its own: one that cannot is recorded in `failures()` while the rest serve.
+A damaged cache blob is quarantined and rebuilt (caches are derivable). A damaged β is quarantined
+and the task serves without it; its `reweighting` info then reads {"lost": "<reason; where it went>"}.
+At start every task loads on its own: one that cannot is recorded in `failures()` while the rest
+serve; so is a damaged store record, on every replica, until it is deleted or replaced.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from anchor_cache.classifier import CACHED_METHODS, Classifier, calibrate
-from anchor_cache.errors import CacheMismatchError, ConflictError, NotFoundError, UnavailableError, ValidationError
+from anchor_cache.errors import (
+    CacheMismatchError,
+    ConflictError,
+    NotFoundError,
+    PreconditionFailedError,
+    UnavailableError,
+    ValidationError,
+)
 from anchor_cache.models import LoadedModel
+from anchor_cache.state import ABSENT, StateStore, TaskRecord
 from anchor_cache.storage import (
-    beta_file,
-    cache_file,
+    beta_blob,
+    cache_blob,
     cache_identity,
     cache_key,
     collect_garbage,
     find_beta,
     find_cache,
-    quarantine,
-    remove_durably,
     save_beta,
     save_cache,
-    write_atomic,
 )
 from anchor_cache.task import Method, TaskSpec, preview
 
 log = logging.getLogger(__name__)
 
-TOMBSTONE = {"deleted": True}
 START_GC_GRACE_S = 3600.0  # files unused this long are collected at start (another replica may use them)
 
 
@@ -59,6 +56,7 @@ class ServedTask:
     spec: TaskSpec
     classifier: Classifier
     key: str  # content hash of model, tokenizer, task and method: names its cache and β
+    revision: int  # the store revision this version of the task came from
     cache_bytes: int
     anchor_tokens: int
     build_seconds: float
@@ -89,17 +87,15 @@ def _one_line(reason: object) -> str:
 
 
 class TaskRegistry:
-    def __init__(self, lm: LoadedModel, state_dir: Path, max_tasks: int, max_demo_tokens: int) -> None:
+    def __init__(self, lm: LoadedModel, store: StateStore, max_tasks: int, max_demo_tokens: int) -> None:
         self.lm = lm
-        self.state_dir = state_dir
-        self.cache_dir = state_dir / "caches"
-        self.spec_dir = state_dir / "tasks"
-        self.pending_dir = self.spec_dir / "pending"
+        self.store = store
         self.max_tasks = max_tasks
         self.max_demo_tokens = max_demo_tokens
         self._tasks: dict[str, ServedTask] = {}
         self._failed: dict[str, str] = {}  # task name -> why it could not load
-        self._configured: list[TaskSpec] = []
+        self._revisions: dict[str, int] = {}  # task name -> the store revision applied here last
+        self._errors: dict[str, tuple[int, str]] = {}  # task name -> (revision, why it did not build here)
 
     # --- preparing a task -------------------------------------------------------------------------
 
@@ -108,12 +104,9 @@ class TaskRegistry:
         clf = Classifier(self.lm, spec)
         return cache_key(cache_identity(self.lm, clf.prompt, spec.method, clf.seed))
 
-    def prepare(self, spec: TaskSpec) -> ServedTask:
-        """Validate the task and load (or build and persist) its cache and β; registers nothing.
-
-        A damaged cache file is quarantined and rebuilt; a damaged β file is quarantined and the
-        task comes back without β, its `reweighting` saying {"lost": reason}."""
-        start = time.perf_counter()
+    def check(self, spec: TaskSpec) -> Classifier:
+        """The cheap checks of `prepare` (tokenising, limits), without running the model: a spec
+        that passes them is stored, then built by every replica."""
         clf = Classifier(self.lm, spec)
         n_demo = len(clf.prompt.context.ids)
         if n_demo > self.max_demo_tokens:
@@ -127,24 +120,33 @@ class TaskRegistry:
                 f"task {spec.name!r}: demonstrations ({n_demo} tokens) and the template ({query}) leave no room for "
                 f"a text within the model's {positions} positions; use fewer or shorter demonstrations"
             )
+        return clf
+
+    def prepare(self, spec: TaskSpec, revision: int = 0) -> ServedTask:
+        """Validate the task and load (or build and store) its cache and β; registers nothing.
+
+        A damaged cache blob is quarantined and rebuilt; a damaged β blob is quarantined and the
+        task comes back without β, its `reweighting` saying {"lost": reason}."""
+        start = time.perf_counter()
+        clf = self.check(spec)
         identity = cache_identity(self.lm, clf.prompt, spec.method, clf.seed)
         key, loaded = cache_key(identity), False
         if spec.method in CACHED_METHODS:
             try:
-                cache = find_cache(self.cache_dir, identity, self.lm)
+                cache = find_cache(self.store, identity, self.lm)
             except CacheMismatchError as exc:
-                self._quarantine(cache_file(self.cache_dir, key), exc, f"task {spec.name}: rebuilding its cache")
+                self._quarantine(cache_blob(key), exc, f"task {spec.name}: rebuilding its cache")
                 cache = None
             loaded = cache is not None
             if loaded:
                 clf.install_cache(spec.method, cache)
             else:
-                save_cache(self.cache_dir, clf.prefix(spec.method).cache, identity, self.lm.name)
+                save_cache(self.store, clf.prefix(spec.method).cache, identity, self.lm.name)
         beta, info = None, None
         try:
-            beta, info = find_beta(self.cache_dir, key, self.lm) or (None, None)
+            beta, info = find_beta(self.store, key, self.lm) or (None, None)
         except CacheMismatchError as exc:
-            moved = self._quarantine(beta_file(self.cache_dir, key), exc, f"task {spec.name}: serving without β")
+            moved = self._quarantine(beta_blob(key), exc, f"task {spec.name}: serving without β")
             info = {"lost": f"{exc}; moved to {moved}"}
         prefix = clf.prefix(spec.method)
         served = self.with_beta(
@@ -152,6 +154,7 @@ class TaskRegistry:
                 spec=spec,
                 classifier=clf,
                 key=key,
+                revision=revision,
                 cache_bytes=prefix.kv_bytes,
                 anchor_tokens=prefix.cache.num_tokens if prefix.cache is not None else 0,
                 build_seconds=0.0,
@@ -162,9 +165,9 @@ class TaskRegistry:
         )
         served = dataclasses.replace(served, build_seconds=time.perf_counter() - start)
         log.info(
-            "task %s ready: %s, cache %d tokens / %d bytes, %s in %.2fs%s", spec.name, spec.method,
-            served.anchor_tokens, served.cache_bytes, "loaded from disk" if loaded else "built", served.build_seconds,
-            ", with learned β" if served.beta is not None else "",
+            "task %s (revision %d) ready: %s, cache %d tokens / %d bytes, %s in %.2fs%s", spec.name, revision,
+            spec.method, served.anchor_tokens, served.cache_bytes, "loaded from the store" if loaded else "built",
+            served.build_seconds, ", with learned β" if served.beta is not None else "",
         )
         return served
 
@@ -176,8 +179,8 @@ class TaskRegistry:
         return dataclasses.replace(served, beta=beta, reweighting=info, content_free=content_free)
 
     def save_beta(self, served: ServedTask) -> None:
-        """Persist the task's β and training info as one atomic file."""
-        save_beta(self.cache_dir, served.key, served.beta, served.reweighting or {})
+        """Store the task's β and training info as one blob."""
+        save_beta(self.store, served.key, served.beta, served.reweighting or {})
 
     # --- the served set ---------------------------------------------------------------------------
 
@@ -191,13 +194,34 @@ class TaskRegistry:
         self.check_room(served.spec.name)
         self._tasks[served.spec.name] = served
         self._failed.pop(served.spec.name, None)
+        self._revisions[served.spec.name] = served.revision
 
-    def remove(self, name: str) -> ServedTask | None:
-        """Stop serving `name`, or forget its failure; returns the task if it was serving."""
-        if name not in self._tasks and name not in self._failed:
+    def fail(self, name: str, revision: int, reason: str) -> None:
+        """Record that revision `revision` of `name` cannot serve here (a previous version, if any,
+        keeps serving: a failed change never takes a working task away)."""
+        if name not in self._tasks:
+            self._failed[name] = reason
+        self._revisions[name] = revision
+        self._errors[name] = (revision, reason)
+
+    def build_error(self, name: str, revision: int) -> str | None:
+        """Why revision `revision` of `name` did not build here, or None (it built, or was skipped)."""
+        failed_revision, reason = self._errors.get(name, (None, None))
+        return reason if failed_revision == revision else None
+
+    def remove(self, name: str, revision: int | None = None) -> ServedTask | None:
+        """Stop serving `name` and forget its failure; returns the task if it was serving.
+        `revision`: the store's tombstone being applied (None: raise NotFoundError for an unknown name)."""
+        if revision is None and name not in self._tasks and name not in self._failed:
             raise NotFoundError(f"unknown task {preview(name)}; known tasks: {sorted(self._tasks)}")
+        if revision is not None:
+            self._revisions[name] = revision
         self._failed.pop(name, None)
         return self._tasks.pop(name, None)
+
+    def revision(self, name: str) -> int:
+        """The store revision of `name` this replica applied last (0: none)."""
+        return self._revisions.get(name, 0)
 
     def get(self, name: str) -> ServedTask:
         if name in self._tasks:
@@ -211,153 +235,106 @@ class TaskRegistry:
         return list(self._tasks.values())
 
     def failures(self) -> dict[str, str]:
-        """Task name -> why it could not load at start; names in no absolute path."""
+        """Task name -> why it could not load; names in no absolute path."""
         return dict(self._failed)
 
-    # --- start-up ---------------------------------------------------------------------------------
+    # --- start-up and applying store records ------------------------------------------------------
 
     def start(self, configured: list[TaskSpec], gc_grace_s: float = START_GC_GRACE_S) -> None:
-        """Load every task (configured, then runtime-persisted by name) independently, then collect
-        garbage. A persisted spec replaces or deletes a configured one of its name; a pending spec is
-        built and committed, or quarantined and the previous version loaded. A task that cannot load
-        is recorded in `failures()`; the others serve."""
-        self._configured = list(configured)
-        by_name = {spec.name: spec for spec in configured}
-        persisted = {p.name.removesuffix(".json") for p in self._spec_files()}
-        for name in list(by_name) + sorted(persisted - set(by_name)):
-            try:
-                self._start_task(name, by_name.get(name))
-            except Exception as exc:  # one task that cannot load must leave the others serving
-                self._failed[name] = _one_line(exc)
-                log.error("task %s failed to load: %s", name, self._failed[name])
+        """Seed the configured tasks into the store (and delete seeded ones no longer configured),
+        load every live record independently, then collect garbage. A task that cannot load is
+        recorded in `failures()`; the others serve."""
+        for spec in configured:
+            self.seed(spec)
+        self._unseed({spec.name for spec in configured})
+        for record in sorted(self.store.records().values(), key=lambda r: r.name):
+            self.apply(record)
         self.collect_garbage(gc_grace_s)
         if self._failed:
             log.error("serving %d tasks; %d failed: %s", len(self._tasks), len(self._failed), sorted(self._failed))
 
-    def _start_task(self, name: str, configured: TaskSpec | None) -> None:
-        """Serve `name` from its pending spec, else its persisted one, else its configured one; raises
-        why not (a damaged persisted spec never falls back to the configured one)."""
-        current, pending = self.spec_dir / f"{name}.json", self.pending_dir / f"{name}.json"
-        damaged, previous = None, configured
-        if current.is_file():
-            try:
-                previous = self._read_spec(current, name)
-            except CacheMismatchError as exc:
-                damaged, previous = exc, None
-        failed_change = self._start_pending(name, pending) if pending.is_file() else None
-        if name in self._tasks:  # the pending change built and was committed
+    def seed(self, spec: TaskSpec) -> None:
+        """Store a configured task unless the store already has that name from an admin write (which
+        wins over configuration, deletions included) or the same configured spec. A configured spec
+        that changed since it was seeded replaces the seeded one."""
+        data = spec.model_dump(mode="json")
+        record = self.store.record(spec.name)
+        if record is not None and (record.source == "admin" or record.spec == data):
             return
-        if damaged is not None:
-            raise damaged
-        if previous is not None:
-            self.put(self.prepare(previous))
-        elif failed_change is not None:
-            self._failed[name] = failed_change
-
-    def _start_pending(self, name: str, path: Path) -> str | None:
-        """Build, serve and commit the pending spec at `path`; on failure quarantine it and return why."""
+        expect = ABSENT if record is None else record.revision
         try:
-            spec = self._read_spec(path, name)
-        except CacheMismatchError as exc:
-            return str(exc)
+            written = self.store.write(spec.name, data, "config", expect)
+            log.info("task %s: configured spec stored as revision %d", spec.name, written.revision)
+        except (ConflictError, PreconditionFailedError):
+            log.info("task %s: another replica stored it first", spec.name)
+
+    def _unseed(self, configured: set[str]) -> None:
+        """Delete tasks seeded from a configuration that no longer lists them (replicas of one
+        deployment share one configuration; admin-written tasks are never touched)."""
+        for record in self.store.records().values():
+            if record.source == "config" and record.spec is not None and record.name not in configured:
+                try:
+                    self.store.write(record.name, None, "config", record.revision)
+                    log.info("task %s: no longer configured, deleted", record.name)
+                except PreconditionFailedError:
+                    pass
+
+    def apply(self, record: TaskRecord) -> ServedTask | None:
+        """Make this replica serve `record` (build, then swap in); returns the task it put, if any.
+        A record no newer than the revision applied here is skipped, so revisions only move forward.
+        Never raises for a task that cannot serve: that is recorded in `failures()`."""
+        name = record.name
+        if name in self._revisions and record.revision <= self._revisions[name]:
+            return None  # applied already, or a newer revision was applied meanwhile
+        if record.error is not None:
+            self.remove(name, record.revision)
+            self.fail(name, record.revision, record.error)
+            log.error("task %s: %s", name, record.error)
+            return None
+        if record.spec is None:
+            if self.remove(name, record.revision) is not None:
+                log.info("task %s deleted (revision %d)", name, record.revision)
+            return None
         try:
-            if spec is None:
-                raise CacheMismatchError("a pending change holds a tombstone instead of a spec")
-            self.put(self.prepare(spec))
-        except Exception as exc:  # like a failed build at runtime, a failed change keeps the previous version
-            moved = self._quarantine(path, exc, f"task {name}: its pending change did not build")
-            return f"its accepted change did not build ({_one_line(exc)}); spec moved to {moved}"
-        self.commit(spec)
-        return None
+            served = self.prepare(TaskSpec.model_validate(record.spec), record.revision)
+            self.put(served)
+            return served
+        except Exception as exc:  # one task that cannot load must leave the others serving
+            self.fail(name, record.revision, _one_line(exc))
+            log.error("task %s (revision %d) failed to load: %s", name, record.revision, _one_line(exc))
+            return None
 
-    def _read_spec(self, path: Path, name: str) -> TaskSpec | None:
-        """The spec persisted at `path`, None for a tombstone. A damaged file is quarantined and
-        raises CacheMismatchError saying where it went."""
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if data == TOMBSTONE:
-                return None
-            spec = TaskSpec.model_validate(data)
-            if spec.name != name:
-                raise ValueError(f"it names task {spec.name!r}")
-            return spec
-        except (OSError, ValueError) as exc:  # JSON, UTF-8 and pydantic errors are ValueErrors
-            reason = f"persisted spec {self._relative(path)} was damaged ({_one_line(exc)})"
-            moved = self._quarantine(path, reason, f"task {name}")
-            raise CacheMismatchError(f"{reason}; moved to {moved}") from exc
-
-    def _spec_files(self) -> list[Path]:
-        return sorted(self.spec_dir.glob("*.json")) + sorted(self.pending_dir.glob("*.json"))
-
-    def _relative(self, path: Path) -> str:
-        return path.relative_to(self.state_dir).as_posix()
-
-    def _quarantine(self, path: Path, reason: object, consequence: str) -> str:
-        """Move a damaged file to quarantine/ and log one line; returns where it went."""
-        moved = quarantine(path, self.state_dir)
+    def _quarantine(self, blob: str, reason: object, consequence: str) -> str:
+        """Move a damaged blob aside and log one line; returns where it went."""
+        moved = self.store.quarantine_blob(blob)
         log.error("%s: %s; moved to %s", consequence, _one_line(reason), moved)
         return moved
-
-    # --- runtime changes survive restarts and crashes -------------------------------------------
-
-    def persist_pending(self, spec: TaskSpec) -> None:
-        """Record an accepted create/replace before its build starts, so a crash mid-build retries it."""
-        self._write_spec(self.pending_dir / f"{spec.name}.json", spec.model_dump_json(indent=1))
-
-    def commit(self, spec: TaskSpec) -> None:
-        """After a successful build: make `spec` the persisted current version, then drop its pending file."""
-        self._write_spec(self.spec_dir / f"{spec.name}.json", spec.model_dump_json(indent=1))
-        remove_durably(self.pending_dir / f"{spec.name}.json")
-
-    def discard_pending(self, name: str) -> None:
-        """After a failed build: forget the accepted change (the previous version stays current)."""
-        remove_durably(self.pending_dir / f"{name}.json")
-
-    def persist_deletion(self, name: str) -> None:
-        """A tombstone, so a deleted configured task stays deleted after a restart; drops any pending change."""
-        self._write_spec(self.spec_dir / f"{name}.json", json.dumps(TOMBSTONE))
-        remove_durably(self.pending_dir / f"{name}.json")
-
-    @staticmethod
-    def _write_spec(path: Path, text: str) -> None:
-        write_atomic(path, lambda p: p.write_text(text, encoding="utf-8"))
 
     # --- garbage collection -----------------------------------------------------------------------
 
     def collect_garbage(self, grace_s: float) -> int:
-        """Delete cache and β files whose key no live spec has (served, pending, persisted or
-        configured) and that nobody wrote or loaded for `grace_s` seconds; returns the bytes freed.
-        While some live spec's key is unknown (a damaged spec file, a missing demonstrations file, a
-        failed task whose β an operator may still recover), β files are kept: unlike caches they
-        cannot be rebuilt."""
+        """Delete cache and β blobs whose key no live spec has (served, or recorded in the store)
+        and that nobody wrote or loaded for `grace_s` seconds; returns the bytes freed. While some
+        live spec's key is unknown (a damaged record, a failed task whose β an operator may still
+        recover), β blobs are kept: unlike caches they cannot be rebuilt."""
         serving = dict(self._tasks)  # a snapshot: a build may `put` meanwhile
         live = {served.key for served in serving.values()}
-        specs, unknown = self._live_specs()
-        unknown += [f"{name} (failed to load)" for name in self.failures()]
-        for spec in specs:
-            served = serving.get(spec.name)
-            if served is not None and served.spec == spec:
+        unknown = [f"{name} (failed to load)" for name in self.failures()]
+        for record in self.store.records().values():
+            if record.error is not None:
+                unknown.append(f"{record.name} (damaged record)")
+            if record.spec is None:
+                continue
+            served = serving.get(record.name)
+            if served is not None and served.revision == record.revision:
                 continue
             try:
-                live.add(self.key_of(spec))
+                live.add(self.key_of(TaskSpec.model_validate(record.spec)))
             except Exception as exc:  # a spec that cannot be prepared has no key
-                unknown.append(f"{spec.name} ({_one_line(exc)})")
+                unknown.append(f"{record.name} ({_one_line(exc)})")
         if unknown:
-            log.warning("garbage collection keeps all β files: no key for %s", ", ".join(unknown))
-        freed = collect_garbage(self.cache_dir, live, grace_s, keep_beta=bool(unknown))
+            log.warning("garbage collection keeps all β blobs: no key for %s", ", ".join(unknown))
+        freed = collect_garbage(self.store, live, grace_s, keep_beta=bool(unknown))
         if freed:
-            log.info("garbage collection freed %d bytes in caches/", freed)
+            log.info("garbage collection freed %d bytes", freed)
         return freed
-
-    def _live_specs(self) -> tuple[list[TaskSpec], list[str]]:
-        """Configured specs and every persisted or pending spec, and the spec files that could not
-        be read (`start` quarantines those; here they only mean a key is unknown)."""
-        specs, unreadable = list(self._configured), []
-        for path in self._spec_files():
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-                if data != TOMBSTONE:
-                    specs.append(TaskSpec.model_validate(data))
-            except (OSError, ValueError) as exc:
-                unreadable.append(f"{self._relative(path)} ({_one_line(exc)})")
-        return specs, unreadable

@@ -1,18 +1,18 @@
-"""Persisted artefacts under the state dir: anchor caches and learned β, one self-checking file each.
+"""Persisted artefacts: anchor caches and learned β, one self-checking blob each in the state store.
 
-`caches/<key>.safetensors` holds a cache's per-layer K/V, `caches/<key>.beta.safetensors` the β
-learned for that task variant. The key is a content hash of everything the cached K/V depend on:
-model identity (config, weight samples, dtype), tokenizer, template, separator, label words,
-demonstrations, method and seed. Each file's safetensors metadata carries a JSON manifest and a
-sha256 over that manifest and every tensor's name, dtype, shape and bytes; loading recomputes it,
-so bit rot, truncation, appended bytes or a damaged header raise CacheMismatchError instead of
-being served. Loading also recomputes the key from the manifest and checks it against the current
-model, so a cache is never served by a model, tokenizer or task it was not built from.
+Blob `<key>.safetensors` holds a cache's per-layer K/V, `<key>.beta.safetensors` the β learned for
+that task variant (in a local store they are files in `caches/`). The key is a content hash of
+everything the cached K/V depend on: model identity (config, weight samples, dtype), tokenizer,
+template, separator, label words, demonstrations, method and seed. Each blob's safetensors metadata
+carries a JSON manifest and a sha256 over that manifest and every tensor's name, dtype, shape and
+bytes; loading recomputes it, so bit rot, truncation, appended bytes or a damaged header raise
+CacheMismatchError instead of being served. Loading also recomputes the key from the manifest and
+checks it against the current model, so a cache is never served by a model, tokenizer or task it
+was not built from. Blobs are content-addressed, so replicas may write the same one at once.
 
-Every write goes to a temporary name, is fsynced, renamed over the target and the directory fsynced,
-so a crash leaves the previous or the new version, never a mix. Every successful load touches the
-file (mtime): garbage collection reads a recent mtime as "in use, maybe by another replica".
-Error messages name files relative to the state dir (`caches/<key>.safetensors`).
+The durable-file helpers (`write_atomic` and friends) serve the local store: every write goes to a
+temporary name, is fsynced, renamed over the target and the directory fsynced, so a crash leaves
+the previous or the new version, never a mix.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import tempfile
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +35,7 @@ from anchor_cache.cache import AnchorCache
 from anchor_cache.errors import CacheMismatchError
 from anchor_cache.models import LoadedModel
 from anchor_cache.prompt import TaskPrompt
+from anchor_cache.state.base import StateStore
 from anchor_cache.task import Method
 
 log = logging.getLogger(__name__)
@@ -62,22 +62,22 @@ def cache_key(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
-def cache_file(directory: Path, key: str) -> Path:
-    return directory / f"{key}.safetensors"
+def cache_blob(key: str) -> str:
+    return f"{key}.safetensors"
 
 
-def beta_file(directory: Path, key: str) -> Path:
-    return directory / f"{key}.beta.safetensors"
+def beta_blob(key: str) -> str:
+    return f"{key}.beta.safetensors"
 
 
-def key_of_file(path: Path) -> str:
-    """The cache key a file in `caches/` belongs to ('' for temporary files, whose names start with '.')."""
-    return path.name.split(".", 1)[0]
+def key_of_blob(name: str) -> str:
+    """The cache key a blob belongs to."""
+    return name.split(".", 1)[0]
 
 
-def shown(path: Path) -> str:
-    """`path` as error messages name it: relative to the state dir, e.g. `caches/<key>.safetensors`."""
-    return f"{path.parent.name}/{path.name}"
+def shown(name: str) -> str:
+    """A blob as messages name it (in a local store it is the file `caches/<name>`)."""
+    return f"caches/{name}"
 
 
 # --- durable writes ------------------------------------------------------------------------------
@@ -133,7 +133,7 @@ def quarantine(path: Path, state_dir: Path) -> str:
     return f"quarantine/{target.name}"
 
 
-# --- checked tensor files ------------------------------------------------------------------------
+# --- checked tensor blobs ------------------------------------------------------------------------
 
 
 def checksum(manifest_text: str, tensors: dict[str, torch.Tensor]) -> str:
@@ -146,36 +146,34 @@ def checksum(manifest_text: str, tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> None:
-    """One atomic safetensors file whose metadata holds `manifest` and the checksum of it all."""
+def dump_tensors(tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> bytes:
+    """safetensors bytes whose metadata holds `manifest` and the checksum of it all."""
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     text = json.dumps(manifest, ensure_ascii=False)
-    blob = save(tensors, metadata={"manifest": text, "sha256": checksum(text, tensors)})
-    write_atomic(path, lambda p: p.write_bytes(blob))
+    return save(tensors, metadata={"manifest": text, "sha256": checksum(text, tensors)})
 
 
-def load_tensors(path: Path, device: torch.device | str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors and manifest of a file `save_tensors` wrote; any damage is a CacheMismatchError."""
+def parse_tensors(data: bytes, name: str, device: torch.device | str
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and manifest of bytes `dump_tensors` wrote; any damage is a CacheMismatchError."""
     try:
-        data = path.read_bytes()
         header_len = int.from_bytes(data[:8], "little")
         metadata = json.loads(data[8 : 8 + header_len])["__metadata__"]
         text, stored_sum = metadata["manifest"], metadata["sha256"]
         tensors = load(data)
         manifest = json.loads(text)
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
-        raise CacheMismatchError(f"{shown(path)} is unreadable or truncated ({type(exc).__name__}: {exc})") from exc
+    except (ValueError, KeyError, TypeError, SafetensorError) as exc:
+        raise CacheMismatchError(f"{shown(name)} is unreadable or truncated ({type(exc).__name__}: {exc})") from exc
     if not isinstance(manifest, dict) or checksum(text, tensors) != stored_sum:
-        raise CacheMismatchError(f"{shown(path)} fails its sha256 checksum: the file is damaged")
-    os.utime(path)
-    return {name: t.to(device) for name, t in tensors.items()}, manifest
+        raise CacheMismatchError(f"{shown(name)} fails its sha256 checksum: it is damaged")
+    return {k: t.to(device) for k, t in tensors.items()}, manifest
 
 
 # --- anchor caches -------------------------------------------------------------------------------
 
 
-def save_cache(directory: Path, cache: AnchorCache, identity: dict[str, Any], model_name: str) -> str:
-    """Write `caches/<key>.safetensors` (tensors and manifest in one file); returns the key."""
+def save_cache(store: StateStore, cache: AnchorCache, identity: dict[str, Any], model_name: str) -> str:
+    """Store the blob `<key>.safetensors` (tensors and manifest in one); returns the key."""
     key = cache_key(identity)
     tensors = {f"layers.{i}.keys": k for i, k in enumerate(cache.keys)}
     tensors |= {f"layers.{i}.values": v for i, v in enumerate(cache.values)}
@@ -190,31 +188,32 @@ def save_cache(directory: Path, cache: AnchorCache, identity: dict[str, Any], mo
         "num_layers": len(cache.keys),
         "nbytes": cache.nbytes,
     }
-    save_tensors(cache_file(directory, key), tensors, manifest)
+    store.put_blob(cache_blob(key), dump_tensors(tensors, manifest))
     return key
 
 
-def find_cache(directory: Path, identity: dict[str, Any], lm: LoadedModel) -> AnchorCache | None:
-    """The persisted cache for `identity` in `directory`, or None when none was saved."""
-    path = cache_file(directory, cache_key(identity))
-    return load_cache(path, lm, identity) if path.is_file() else None
+def find_cache(store: StateStore, identity: dict[str, Any], lm: LoadedModel) -> AnchorCache | None:
+    """The stored cache for `identity`, or None when none was stored."""
+    name = cache_blob(cache_key(identity))
+    data = store.get_blob(name)
+    return None if data is None else load_cache(data, name, lm, identity)
 
 
-def load_cache(path: Path, lm: LoadedModel, expected: dict[str, Any] | None = None) -> AnchorCache:
-    """Load a cache file; refuses a damaged or altered file, another model or tokenizer, or another task."""
-    tensors, manifest = load_tensors(path, lm.device)
+def load_cache(data: bytes, name: str, lm: LoadedModel, expected: dict[str, Any] | None = None) -> AnchorCache:
+    """Parse a cache blob; refuses damaged or altered bytes, another model or tokenizer, or another task."""
+    tensors, manifest = parse_tensors(data, name, lm.device)
     try:
         stored, key, n = manifest["identity"], manifest["key"], manifest["num_layers"]
         if cache_key(stored) != key:
-            raise CacheMismatchError(f"{shown(path)}: content hash does not match its key; the file was altered")
+            raise CacheMismatchError(f"{shown(name)}: content hash does not match its key; it was altered")
         if stored.get("model_identity") != lm.identity or stored.get("tokenizer_hash") != lm.tokenizer_hash:
             raise CacheMismatchError(
-                f"{shown(path)} was built by model {manifest.get('model_name')!r} with other weights, dtype or "
+                f"{shown(name)} was built by model {manifest.get('model_name')!r} with other weights, dtype or "
                 f"tokenizer than the loaded {lm.name!r}; rebuild it"
             )
         if expected is not None and cache_key(expected) != key:
             changed = sorted(k for k in expected if expected[k] != stored.get(k))
-            raise CacheMismatchError(f"{shown(path)} belongs to another task or method (differs in {changed})")
+            raise CacheMismatchError(f"{shown(name)} belongs to another task or method (differs in {changed})")
         return AnchorCache(
             keys=tuple(tensors[f"layers.{i}.keys"] for i in range(n)),
             values=tuple(tensors[f"layers.{i}.values"] for i in range(n)),
@@ -224,50 +223,43 @@ def load_cache(path: Path, lm: LoadedModel, expected: dict[str, Any] | None = No
             label_classes=tuple(manifest["label_classes"]),
         )
     except (KeyError, TypeError, AttributeError) as exc:
-        raise CacheMismatchError(f"{shown(path)} is not an anchor-cache file ({type(exc).__name__}: {exc})") from exc
+        raise CacheMismatchError(f"{shown(name)} is not an anchor cache ({type(exc).__name__}: {exc})") from exc
 
 
 # --- learned β -----------------------------------------------------------------------------------
 
 
-def save_beta(directory: Path, key: str, beta: torch.Tensor, info: dict[str, Any]) -> None:
-    """β for the task variant `key` (its cache key) and how it was trained, in one atomic file."""
-    save_tensors(beta_file(directory, key), {"beta": beta}, {"key": key, "info": info})
+def save_beta(store: StateStore, key: str, beta: torch.Tensor, info: dict[str, Any]) -> None:
+    """β for the task variant `key` (its cache key) and how it was trained, in one blob."""
+    store.put_blob(beta_blob(key), dump_tensors({"beta": beta}, {"key": key, "info": info}))
 
 
-def find_beta(directory: Path, key: str, lm: LoadedModel) -> tuple[torch.Tensor, dict[str, Any]] | None:
-    """The β saved for `key` and its training info, if any. The key already covers the model,
+def find_beta(store: StateStore, key: str, lm: LoadedModel) -> tuple[torch.Tensor, dict[str, Any]] | None:
+    """The β stored for `key` and its training info, if any. The key already covers the model,
     tokenizer and task."""
-    path = beta_file(directory, key)
-    if not path.is_file():
+    name = beta_blob(key)
+    data = store.get_blob(name)
+    if data is None:
         return None
-    tensors, manifest = load_tensors(path, lm.device)
+    tensors, manifest = parse_tensors(data, name, lm.device)
     if manifest.get("key") != key or "beta" not in tensors or not isinstance(manifest.get("info"), dict):
-        raise CacheMismatchError(f"{shown(path)} does not hold the β of this task")
+        raise CacheMismatchError(f"{shown(name)} does not hold the β of this task")
     return tensors["beta"], manifest["info"]
 
 
 # --- garbage collection --------------------------------------------------------------------------
 
 
-def collect_garbage(directory: Path, live_keys: set[str], grace_s: float, keep_beta: bool = False) -> int:
-    """Delete files in `directory` whose key is not in `live_keys` and whose mtime is older than
-    `grace_s` (another replica may have just written or loaded them); with `keep_beta`, β files
-    stay whatever their key. Returns the bytes freed."""
-    if not directory.is_dir():
-        return 0
-    freed, cutoff = 0, time.time() - grace_s
-    for path in sorted(directory.iterdir()):
-        if not path.is_file() or key_of_file(path) in live_keys or (keep_beta and ".beta." in path.name):
+def collect_garbage(store: StateStore, live_keys: set[str], grace_s: float, keep_beta: bool = False) -> int:
+    """Delete blobs whose key is not in `live_keys` and that nobody wrote or read for `grace_s`
+    seconds (another replica may have just used them); with `keep_beta`, β blobs stay whatever their
+    key. Returns the bytes freed."""
+    freed = 0
+    for name, age in sorted(store.blob_ages().items()):
+        if key_of_blob(name) in live_keys or age < grace_s or (keep_beta and ".beta." in name):
             continue
-        try:  # another replica sharing the state dir may collect the same file first
-            stat = path.stat()
-            if stat.st_mtime > cutoff:
-                continue
-            path.unlink()
-        except FileNotFoundError:
-            continue
-        freed += stat.st_size
-        log.info("garbage collection removed %s (%d bytes, unused for %.0fs)",
-                 shown(path), stat.st_size, time.time() - stat.st_mtime)
+        size = store.delete_blob(name)  # another replica may collect the same blob first: 0 bytes
+        if size:
+            freed += size
+            log.info("garbage collection removed %s (%d bytes, unused for %.0fs)", shown(name), size, age)
     return freed

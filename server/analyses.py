@@ -96,19 +96,20 @@ class AnalysisService:
         job.plots = output.plots
         return output.results
 
-    def get(self, job_id: str) -> Job:
-        job = self.jobs.get(job_id)
+    async def get(self, job_id: str) -> Job:
+        job = await self.jobs.find(job_id)
         if job.kind != JOB_KIND:
             raise NotFoundError(f"unknown analysis {job_id!r}")
         return job
 
-    def plot(self, job_id: str, name: str) -> bytes:
-        job = self.get(job_id)
-        if name not in job.plots:
+    async def plot(self, job_id: str, name: str) -> bytes:
+        job = await self.get(job_id)
+        png = await self.jobs.plot(job, name)
+        if png is None:
             raise NotFoundError(f"analysis {job_id} has no plot {name!r} "
-                                f"(status {job.status}; plots: {sorted(job.plots)})")
-        return job.plots[name]
+                                f"(status {job.status}; plots: {job.plot_names})")
+        return png
 
-    def cancel(self, job_id: str) -> Job:
-        self.get(job_id)
-        return self.jobs.cancel(job_id)
+    async def cancel(self, job_id: str) -> Job:
+        await self.get(job_id)
+        return await self.jobs.cancel(job_id)

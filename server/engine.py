@@ -28,6 +28,7 @@ from anchor_cache.errors import UnavailableError, ValidationError
 from anchor_cache.models import LoadedModel, load_model
 from anchor_cache.packed import packed_label_logits
 from anchor_cache.registry import ServedTask, TaskRegistry
+from anchor_cache.state import StateStore, TaskRecord
 from anchor_cache.task import Method, TaskSpec
 from server.metrics import Metrics
 from server.scheduler import BatchLimits, Scheduler, Work
@@ -37,9 +38,10 @@ log = logging.getLogger(__name__)
 
 
 class Engine:
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, store: StateStore) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.store = store
         self.lm: LoadedModel | None = None
         self.registry: TaskRegistry | None = None
         self.scheduler: Scheduler | None = None
@@ -62,11 +64,11 @@ class Engine:
         try:
             self.lm = await self.scheduler.run_exclusive(lambda: load_model(s.model, s.device, s.dtype))
             self._max_token_bytes = 4 * max(len(token) for token in self.lm.tokenizer.get_vocab())
-            registry = TaskRegistry(self.lm, s.state_dir, s.max_tasks, s.max_demo_tokens)
+            registry = TaskRegistry(self.lm, self.store, s.max_tasks, s.max_demo_tokens)
             await self.scheduler.run_exclusive(lambda: registry.start(s.tasks, s.gc_grace_s))
         except Exception as exc:  # tasks fail one by one inside start; this is the model or the state dir
             log.error("start-up failed: %s", exc)
-            what = "the model could not be loaded" if self.lm is None else "the state dir could not be read"
+            what = "the model could not be loaded" if self.lm is None else "the state store could not be read"
             self.startup_error = f"start-up failed: {what} (the server log says why)"
             if on_fatal is not None:
                 on_fatal()
@@ -202,10 +204,21 @@ class Engine:
 
     # --- building tasks -------------------------------------------------------------------------
 
-    async def build(self, spec: TaskSpec) -> ServedTask:
-        """Prepare a task on the model thread, between batches; registers nothing."""
+    async def check(self, spec: TaskSpec) -> None:
+        """The cheap checks of a build (tokenising, limits), off the event loop, before a write is stored."""
         registry = self.require_ready()
-        return await self.scheduler.run_exclusive(lambda: registry.prepare(spec))
+        await asyncio.to_thread(registry.check, spec)
+
+    async def apply(self, record: TaskRecord) -> ServedTask | None:
+        """Serve a store record (build on the model thread, between batches, then swap in); None when
+        it deleted the task, failed (see failures()) or was already superseded here."""
+        registry = self.require_ready()
+        served = await self.scheduler.run_exclusive(lambda: registry.apply(record))
+        if served is not None:
+            self.track(served)
+        elif record.spec is None:
+            self.metrics.forget_task(record.name)
+        return served
 
     async def collect_garbage(self) -> None:
         """Delete caches no spec refers to, on the model thread (it tokenises specs to key them)."""

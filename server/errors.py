@@ -29,6 +29,7 @@ STATUS: dict[str, int] = {
     "conflict": 409,
     "cache_mismatch": 409,
     "cancelled": 409,
+    "precondition_failed": 412,
     "payload_too_large": 413,
     "unsupported_media_type": 415,
     "validation": 422,

@@ -2,6 +2,10 @@
 
 Work that runs beside classification (β training, analyses) runs in a thread at the lowest CPU
 priority, so the scheduler's model thread gets the cores whenever it wants them.
+
+A job runs on the replica that took it; its record (status, progress, result, plot names) and its
+plots are copied to the state store at every change of status (progress at each replication tick),
+so any replica answers for any job. A cancel asked of another replica goes through the store.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -19,10 +24,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from anchor_cache.errors import AnchorServeError, NotFoundError
+from anchor_cache.errors import AnchorServeError, NotFoundError, UnavailableError
+from anchor_cache.state import StateStore
 
 log = logging.getLogger(__name__)
 Status = Literal["pending", "running", "succeeded", "failed", "cancelled"]
+_JOB_ID = re.compile(r"job-[0-9a-f]{16}")
 
 
 class Job(BaseModel):
@@ -36,13 +43,17 @@ class Job(BaseModel):
     result: dict[str, Any] | None = None
     params: dict[str, Any] | None = None
     progress: dict[str, float] | None = Field(None, description="done and total steps, for jobs that count them")
+    plot_names: list[str] = Field(default_factory=list, description="plots this job made")
     plots: dict[str, bytes] = Field(default_factory=dict, exclude=True)  # name → PNG, served on their own URLs
 
 
 class JobRunner:
-    """Keeps the last `keep` jobs; each runs as an asyncio task and records its outcome."""
+    """Keeps the last `keep` jobs it ran; each runs as an asyncio task and records its outcome here
+    and in the store (records there expire after `ttl_s`)."""
 
-    def __init__(self, keep: int = 256) -> None:
+    def __init__(self, store: StateStore, ttl_s: float, keep: int = 256) -> None:
+        self.store = store
+        self.ttl_s = ttl_s
         self.keep = keep
         self._jobs: dict[str, Job] = {}
         self._tasks: dict[str, asyncio.Task] = {}
@@ -67,6 +78,7 @@ class JobRunner:
 
     async def _run(self, job: Job, work: Callable[[], Awaitable[dict[str, Any]]]) -> None:
         job.status = "running"
+        await self._publish(job)
         try:
             job.result = await work()
             job.status = "succeeded"
@@ -81,29 +93,69 @@ class JobRunner:
                                                "type": "internal"}
         finally:
             job.finished = time.time()
+            job.plot_names = sorted(job.plots)
             self._tasks.pop(job.id, None)
             self._cancel.pop(job.id, None)
+            await self._publish(job, with_plots=True)
+
+    async def _publish(self, job: Job, with_plots: bool = False) -> None:
+        """Copy the job's record (and plots) to the store; a store that is down only costs a log line."""
+
+        def put() -> None:
+            self.store.put_job(job.id, job.model_dump(mode="json"), self.ttl_s)
+            for name, png in job.plots.items() if with_plots else ():
+                self.store.put_plot(job.id, name, png, self.ttl_s)
+
+        try:
+            await asyncio.to_thread(put)
+        except UnavailableError as exc:
+            log.warning("job %s: its record stays on this replica only: %s", job.id, exc)
+
+    async def relay(self, store: StateStore) -> None:
+        """Each replication tick: running jobs' progress to the store, cancel requests from it."""
+        running = [job for job_id, job in self._jobs.items() if job_id in self._tasks]
+        for job in running:
+            await self._publish(job)
+        asked = await asyncio.to_thread(store.cancel_requested, [job.id for job in running])
+        for job_id in asked:
+            if job_id in self._cancel and not self._cancel[job_id].is_set():
+                log.info("job %s: cancel requested through the state store", job_id)
+                self._cancel[job_id].set()
 
     async def wait(self, job: Job, timeout: float) -> None:
         task = self._tasks.get(job.id)
         if task is not None:
             await asyncio.wait({task}, timeout=timeout)
 
-    def cancel(self, job_id: str) -> Job:
-        """Ask a running job to stop; threads see the event at their next check."""
-        job = self.get(job_id)
+    async def cancel(self, job_id: str) -> Job:
+        """Ask a running job to stop, here (threads see the event at their next check) or, for a job
+        another replica runs, through the store."""
+        job = await self.find(job_id)
         if job.id in self._cancel:
             self._cancel[job.id].set()
+        elif job.finished is None:
+            await asyncio.to_thread(self.store.request_cancel, job.id)
         return job
 
     def active(self, kind: str) -> int:
         return sum(1 for j in self._jobs.values() if j.kind == kind and j.finished is None)
 
-    def get(self, job_id: str) -> Job:
-        try:
+    async def find(self, job_id: str) -> Job:
+        """A job this replica runs or ran, else its record in the store (any replica's)."""
+        if job_id in self._jobs:
             return self._jobs[job_id]
-        except KeyError:
-            raise NotFoundError(f"unknown job {job_id!r}") from None
+        record = await asyncio.to_thread(self.store.get_job, job_id) if _JOB_ID.fullmatch(job_id) else None
+        if record is None:
+            raise NotFoundError(f"unknown job {job_id!r}")
+        return Job.model_validate(record)
+
+    async def plot(self, job: Job, name: str) -> bytes | None:
+        """A plot of `job` (found by `find`), from memory or the store."""
+        if name in job.plots:
+            return job.plots[name]
+        if name not in job.plot_names:
+            return None
+        return await asyncio.to_thread(self.store.get_plot, job.id, name)
 
     async def shutdown(self) -> None:
         for event in self._cancel.values():

@@ -72,6 +72,7 @@ class TaskInfo(BaseModel):
     calibrate: bool
     reweighted: bool = Field(description="learned anchor re-weighting β is applied")
     reweighting: dict[str, Any] | None = Field(None, description="how β was trained: loss curve, time, examples")
+    revision: int = Field(description="the state-store revision this replica serves (the ETag; If-Match takes it)")
 
 
 class TaskFailure(BaseModel):
@@ -81,6 +82,8 @@ class TaskFailure(BaseModel):
 
 class TaskCreated(TaskInfo):
     job: str = Field(description="the build job's id")
+    written_revision: int = Field(description="the revision this write stored; `revision` is the one served, "
+                                  "later when a concurrent write was stored after it")
 
 
 class JobAccepted(BaseModel):
@@ -187,7 +190,8 @@ ERROR_DESCRIPTIONS = {
     401: "missing or wrong bearer key",
     404: "unknown task, job or route (the whole /admin API when no admin key is set)",
     405: "method not allowed (see the Allow header)",
-    409: "conflicting write: the name exists, a build is running, or max_tasks is reached",
+    409: "conflicting write: the name exists (on any replica), a training runs, or max_tasks is reached",
+    412: "If-Match names a revision that is no longer the task's current one: GET it again",
     413: "payload larger than max_payload_bytes",
     415: "the body is not JSON",
     422: "invalid input, or a limit exceeded; the message names the limit",

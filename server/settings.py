@@ -7,6 +7,7 @@ validated before the model loads, so a bad value stops the start with a message 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
@@ -33,6 +34,11 @@ def builtin_task() -> TaskSpec:
     )
 
 
+def redact_url(url: str) -> str:
+    """A URL with its password (if any) replaced by ***."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ANCHORSERVE_", env_ignore_empty=True, extra="forbid")
 
@@ -43,6 +49,11 @@ class Settings(BaseSettings):
     dtype: str = "auto"
     state_dir: Path = Field(default_factory=lambda: cache_dir() / "state", description="persisted tasks and caches")
     tasks: list[TaskSpec] = Field(default_factory=lambda: [builtin_task()], description="tasks served at start")
+    state_url: SecretStr = Field(SecretStr("local"), description="'local' (the state dir, for processes on one "
+                                 "host) or redis://host:port/db (shared by replicas on any host)")
+    sync_interval_s: float = Field(1.0, gt=0, description="full resync with the state store at least this often "
+                                   "(changes arrive sooner by notification)")
+    job_ttl_s: float = Field(86400.0, gt=0, description="how long finished job records and plots are kept")
 
     api_key: SecretStr | None = Field(None, description="Bearer key for /v1/*; unset = open")
     admin_api_key: SecretStr | None = Field(None, description="Bearer key for /admin/*; unset = admin disabled")
@@ -99,4 +110,5 @@ class Settings(BaseSettings):
         data = self.model_dump(mode="json", exclude={"tasks"})
         for key in ("api_key", "admin_api_key"):
             data[key] = "set" if getattr(self, key) else "unset"
+        data["state_url"] = redact_url(self.state_url.get_secret_value())
         return data | {"tasks": [t.name for t in self.tasks]}

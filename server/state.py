@@ -1,15 +1,18 @@
-"""What the app holds: settings, metrics, the engine facade, the job runner and the services built
-on them, made once per app (vLLM's init_app_state) and reached by routes through `server.deps`."""
+"""What the app holds: settings, metrics, the state store, the engine facade, the job runner, the
+replication loop and the services built on them, made once per app (vLLM's init_app_state) and
+reached by routes through `server.deps`."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from anchor_cache.state import open_store
 from server.analyses import AnalysisService
 from server.classify import ClassifyService
 from server.engine import Engine
 from server.jobs import JobRunner
 from server.metrics import Metrics
+from server.replication import Replication
 from server.settings import Settings
 from server.tasks import TaskService
 
@@ -18,15 +21,21 @@ class ServerState:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.engine = Engine(settings, self.metrics)
-        self.jobs = JobRunner()
+        self.store = open_store(settings.state_url.get_secret_value(), settings.state_dir)
+        self.engine = Engine(settings, self.metrics, self.store)
+        self.jobs = JobRunner(self.store, settings.job_ttl_s)
+        self.replication = Replication(self.engine, self.store, self.jobs, settings.sync_interval_s)
         self.classify = ClassifyService(self.engine, settings, self.metrics)
-        self.tasks = TaskService(self.engine, self.jobs, settings, self.metrics)
+        self.tasks = TaskService(self.engine, self.replication, self.jobs, settings)
         self.analyses = AnalysisService(self.engine, self.jobs, settings)
 
     async def start(self, on_fatal: Callable[[], None] | None = None) -> None:
         await self.engine.start(on_fatal)
+        if self.engine.ready:
+            self.replication.start()
 
     async def stop(self) -> None:
+        await self.replication.stop()
         await self.jobs.shutdown()
         await self.engine.stop()
+        self.store.close()

@@ -1,13 +1,15 @@
 """The task service: create, replace and delete tasks, and learn their re-weighting β, as jobs.
 
-A build prepares the new task off to the side (on the model thread, between batches) and swaps it
-in only when it succeeded, so the old version keeps serving during a replacement and stays if the
-build fails. The spec is persisted as pending before the build starts, so an accepted (202) build
-that a crash or SIGTERM interrupts is built at the next start. Writes to one task name are
-serialised: a second write while one is building or training gets 409. β trains in a nice-19
-thread while classification goes on and is swapped in (and persisted) only when training
-finished; a failed or cancelled run leaves the previous β serving. Replaced and deleted caches are
-garbage-collected once no spec refers to them.
+A write is checked (tokenising, limits: what can fail without running the model), then stored as
+the task's next revision in the state store, which is the moment it is acknowledged: a crash or
+SIGTERM after that leaves it for the next start, and every replica builds it (server/replication.py).
+The build prepares the new version off to the side (on the model thread, between batches) and swaps
+it in only when it succeeded, so the old version keeps serving during a replacement; a build that
+fails anyway is rolled back by storing the previous version as a newer revision. Concurrent writes
+are ordered by revision and the later one wins everywhere; `If-Match` makes a write conditional.
+β trains in a nice-19 thread while classification goes on; its blob is stored, then a new revision
+of the same spec tells every replica to reload the task with it. A failed or cancelled run leaves
+the previous β serving. Replaced and deleted caches are garbage-collected once no spec refers to them.
 """
 
 from __future__ import annotations
@@ -21,26 +23,34 @@ from typing import Any
 import numpy as np
 
 from anchor_cache.data import read_jsonl, training_draw
-from anchor_cache.errors import ConflictError, ValidationError
+from anchor_cache.errors import (
+    ConflictError,
+    NotFoundError,
+    PreconditionFailedError,
+    UnavailableError,
+    ValidationError,
+)
 from anchor_cache.registry import ServedTask
 from anchor_cache.reweighting import TrainConfig, train_reweighting
-from anchor_cache.task import Method, TaskSpec, label_index
+from anchor_cache.state import ABSENT, TaskRecord
+from anchor_cache.task import Method, TaskSpec, label_index, preview
 from server.datafiles import dataset_file, inline_demonstrations
 from server.engine import Engine
 from server.jobs import Job, JobRunner, in_background_thread
-from server.metrics import Metrics
 from server.protocol import ReweightRequest, TaskInfo
+from server.replication import Replication
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
 class TaskService:
-    def __init__(self, engine: Engine, jobs: JobRunner, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, engine: Engine, replication: Replication, jobs: JobRunner, settings: Settings) -> None:
         self.engine = engine
+        self.store = engine.store
+        self.replication = replication
         self.jobs = jobs
         self.settings = settings
-        self.metrics = metrics
-        self.building: set[str] = set()  # task names with a build or training job running
+        self.training: set[str] = set()  # task names with a training job running here
 
     # --- reading --------------------------------------------------------------------------------
 
@@ -51,6 +61,7 @@ class TaskService:
             anchor_tokens=served.anchor_tokens, cache_bytes=served.cache_bytes,
             cache_hash=served.key if served.cached else None, build_seconds=round(served.build_seconds, 4),
             loaded_from_disk=served.loaded_from_disk, calibrate=spec.calibrate, reweighted=served.beta is not None,
+            revision=served.revision,
             reweighting=served.reweighting, **self.engine.task_facts(served),
         )
 
@@ -63,60 +74,94 @@ class TaskService:
 
     # --- writing --------------------------------------------------------------------------------
 
-    async def write(self, spec: TaskSpec, replace: bool) -> Job:
-        """Start a create (or a replace, when `replace`) job; the caller may wait a little for it."""
-        registry = self.engine.require_ready()
-        exists = spec.name in {t.spec.name for t in registry.all()} | set(registry.failures())
-        if spec.name in self.building:
-            raise ConflictError(f"task {spec.name!r} is already being built; wait for that job to finish")
-        if exists and not replace:
-            raise ConflictError(f"task {spec.name!r} exists; use PUT /admin/tasks/{spec.name} to replace it")
+    async def write(self, spec: TaskSpec, replace: bool, if_match: str | None = None) -> Job:
+        """Check the spec, store it as the task's next revision, then build it here as a job (the
+        other replicas build it when the store tells them). A create of a name the store has gets
+        409, a replace whose `if_match` revision is stale 412, on whichever replica."""
+        self.engine.require_ready()
         if spec.method == Method.HIDDEN_RANDOM_TOP:
             raise ValidationError("method hidden_random_top is an evaluation method (it needs a dev set); "
                                   "serve hidden_anchor or hidden_random")
-        self.building.add(spec.name)  # claimed before any await, so a concurrent write gets 409
-        try:
-            spec = await asyncio.to_thread(inline_demonstrations, self.settings, spec)
-            overhead = self.engine.template_tokens(spec)
-            if overhead > self.settings.max_input_tokens:
-                raise ValidationError(f"the template alone takes {overhead} tokens, more than max_input_tokens "
-                                      f"({self.settings.max_input_tokens}): every classify would fail")
-            await asyncio.to_thread(registry.persist_pending, spec)
-        except BaseException:
-            self.building.discard(spec.name)
-            raise
-        kind = "replace_task" if exists else "create_task"
-        return self.jobs.submit(kind, spec.name, lambda _: self._apply(spec))
+        spec = await asyncio.to_thread(inline_demonstrations, self.settings, spec)
+        overhead = self.engine.template_tokens(spec)
+        if overhead > self.settings.max_input_tokens:
+            raise ValidationError(f"the template alone takes {overhead} tokens, more than max_input_tokens "
+                                  f"({self.settings.max_input_tokens}): every classify would fail")
+        await self.engine.check(spec)
+        self.engine.require_ready().check_room(spec.name)
+        previous = await self._record(spec.name)
+        expect = ABSENT if not replace else self._expected(spec.name, previous, if_match)
+        record = await self._store(self.store.write, spec.name, spec.model_dump(mode="json"), "admin", expect)
+        kind = "replace_task" if previous is not None and previous.live else "create_task"
+        return self.jobs.submit(kind, spec.name, lambda _: self._apply(record, previous))
 
-    async def _apply(self, spec: TaskSpec) -> dict[str, Any]:
-        """Build, persist, then serve: a spec is on disk before its version answers, so a restart
-        never reverts a version that served."""
+    async def _apply(self, record: TaskRecord, previous: TaskRecord | None) -> dict[str, Any]:
+        """Build the stored revision here; if it cannot serve, store the previous version back (a
+        newer revision, so every replica returns to it) and fail the job with the reason."""
         registry = self.engine.require_ready()
-        try:
-            served = await self.engine.build(spec)
-            registry.check_room(spec.name)
-            await asyncio.to_thread(registry.commit, spec)
-            registry.put(served)
-        except Exception:  # a failed build; a cancelled one (shutdown) keeps its pending spec for the next start
-            await asyncio.to_thread(registry.discard_pending, spec.name)
-            raise
-        finally:
-            self.building.discard(spec.name)
-        self.engine.track(served)
+        served = await self.replication.apply(record)
+        reason = registry.build_error(record.name, record.revision)
+        if reason is not None:
+            await self._roll_back(record, previous)
+            raise ValidationError(f"task {record.name!r} did not build: {reason}")
         await self._collect_garbage()
-        return self.info(served).model_dump()
+        current = served or registry.get(record.name)  # a later write may have been applied already
+        return self.info(current).model_dump() | {"written_revision": record.revision}
 
-    async def delete(self, name: str) -> None:
-        registry = self.engine.require_ready()
-        if name in self.building:
-            raise ConflictError(f"task {name!r} is being built; wait for that job to finish")
-        registry.remove(name)
-        await asyncio.to_thread(registry.persist_deletion, name)
-        self.metrics.forget_task(name)
+    async def _roll_back(self, failed: TaskRecord, previous: TaskRecord | None) -> None:
+        spec = previous.spec if previous is not None else None
+        source = previous.source if previous is not None else "admin"
+        try:
+            record = await self._store(self.store.write, failed.name, spec, source, failed.revision)
+        except (PreconditionFailedError, UnavailableError) as exc:  # a newer write won, or the store is down
+            log.warning("task %s: revision %d did not build and was not rolled back: %s", failed.name,
+                        failed.revision, exc)
+            return
+        log.warning("task %s: revision %d did not build; revision %d restores the previous version",
+                    failed.name, failed.revision, record.revision)
+        await self.replication.apply(record)
+
+    async def delete(self, name: str, if_match: str | None = None) -> None:
+        """Store a tombstone for `name` and stop serving it here (other replicas follow)."""
+        self.engine.require_ready()
+        if name in self.training:
+            raise ConflictError(f"task {name!r} has a training job running; wait for it or cancel it")
+        previous = await self._record(name)
+        if previous is None or not previous.live:
+            raise NotFoundError(f"unknown task {preview(name)}")
+        record = await self._store(self.store.write, name, None, "admin", self._expected(name, previous, if_match))
+        await self.replication.apply(record)
         await self._collect_garbage()
+
+    async def _record(self, name: str) -> TaskRecord | None:
+        return await self._store(self.store.record, name)
+
+    @staticmethod
+    async def _store(call: Any, *args: Any) -> Any:
+        """A store call off the event loop; a store that cannot be reached refuses the write (503)."""
+        try:
+            return await asyncio.to_thread(call, *args)
+        except UnavailableError as exc:
+            raise UnavailableError(f"{exc}. Admin writes are refused until it is back; classification "
+                                   "goes on with the tasks each replica holds") from exc
+
+    @staticmethod
+    def _expected(name: str, record: TaskRecord | None, if_match: str | None) -> int | None:
+        """The revision an `If-Match` header asks for: None (no header: unconditional), or the
+        current one for `*` when the task exists."""
+        if if_match is None:
+            return None
+        value = if_match.strip().removeprefix("W/").strip('"')
+        if value == "*":
+            if record is None or not record.live:
+                raise PreconditionFailedError(f"If-Match: * but task {preview(name)} does not exist")
+            return record.revision
+        if not value.isdigit():
+            raise ValidationError(f"If-Match must be a revision as the ETag gives it (\"12\") or *, got {if_match!r}")
+        return int(value)
 
     async def _collect_garbage(self) -> None:
-        """Best effort: the change is already persisted, so a failed collection is only logged."""
+        """Best effort: the change is already stored, so a failed collection is only logged."""
         try:
             await self.engine.collect_garbage()
         except Exception:
@@ -126,14 +171,14 @@ class TaskService:
 
     async def reweight(self, name: str, body: ReweightRequest) -> Job:
         served = self.engine.task(name)
-        if name in self.building:
-            raise ConflictError(f"task {name!r} has a build or training job running; wait for it")
+        if name in self.training:
+            raise ConflictError(f"task {name!r} has a training job running; wait for it")
         self.engine.check_reweightable(served)
-        self.building.add(name)  # claimed before any await, so a concurrent write gets 409
+        self.training.add(name)  # claimed before any await, so a concurrent training gets 409
         try:
             texts, labels = await asyncio.to_thread(self._training_rows, body, served)
         except BaseException:
-            self.building.discard(name)
+            self.training.discard(name)
             raise
         return self.jobs.submit("reweighting", name, lambda cancel: self._train(served, body, texts, labels, cancel))
 
@@ -179,10 +224,13 @@ class TaskService:
 
         try:
             trained = await in_background_thread(work, "anchorserve-training")
-            if registry.get(name).key != served.key:
-                raise ConflictError(f"task {name!r} was replaced during training; the new β was discarded")
-            await asyncio.to_thread(registry.save_beta, trained)
-            registry.put(trained)
+            await self._store(registry.save_beta, trained)
+            try:  # a new revision of the same spec: every replica reloads the task, with β
+                record = await self._store(self.store.write, name, served.spec.model_dump(mode="json"), "admin",
+                                           served.revision)
+            except PreconditionFailedError:
+                raise ConflictError(f"task {name!r} was replaced during training; the new β was discarded") from None
+            await self.replication.apply(record)
         finally:
-            self.building.discard(name)
+            self.training.discard(name)
         return {"task": name} | trained.reweighting

@@ -22,6 +22,8 @@ from anchor_cache import Demonstration, LoadedModel, TaskSpec, load_model
 from server.app import build_app
 from server.settings import Settings
 
+pytest_plugins = ["tests.redis_server", "tests.processes"]
+
 CORPUS = [
     "Review: a wonderful, moving film\nSentiment: Positive",
     "Review: dull and lifeless, a waste\nSentiment: Negative",

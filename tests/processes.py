@@ -1,4 +1,5 @@
-"""Real server processes for fault tests: start on a free loopback port, wait for /ready with a
+"""Real server processes for fault and replica tests (fixtures `long_model` and `launch`, registered
+by `pytest_plugins` in conftest.py): start on a free loopback port, wait for /ready with a
 deadline, SIGKILL or SIGTERM them, and restart them on the same state dir.
 
 Unlike `tests.test_uvicorn.running_server` (one graceful start and stop on a config file), a
@@ -30,7 +31,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
 
+from tests.conftest import make_tokenizer
 from tests.test_uvicorn import free_port
 
 ADMIN_KEY = "fault-admin-key"
@@ -189,6 +194,29 @@ def launcher() -> ExecLauncher | ForkLauncher:
     return ExecLauncher() if os.environ.get("ANCHORSERVE_FAULT_EXEC") else ForkLauncher()
 
 
+@pytest.fixture(scope="session")
+def long_model(tmp_path_factory) -> Path:
+    """conftest's tiny Llama, a little wider and with 8192 positions (the conftest one has 512, fewer than a
+    task of max_demo_tokens needs), so building a ~4000-token task takes long enough to be interrupted."""
+    folder = tmp_path_factory.mktemp("fault-model")
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                         initializer_range=0.2, tie_word_embeddings=False)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def launch():
+    """Starts server processes (forked from one helper that imported the server, see tests/processes.py)."""
+    starter = launcher()
+    yield starter
+    starter.close()
+
+
 # --- one server over one state dir -------------------------------------------------------------------
 
 
@@ -196,10 +224,10 @@ class ServerProcess:
     """One server configuration (env) over one state dir; each `start()` is a new process."""
 
     def __init__(self, launcher: ExecLauncher | ForkLauncher, root: Path, model: Path, tasks: list[dict[str, Any]],
-                 **settings: Any) -> None:
+                 state_dir: Path | None = None, **settings: Any) -> None:
         self.launcher = launcher
         self.root = root
-        self.state_dir = root / "state"
+        self.state_dir = state_dir or root / "state"
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("ANCHORSERVE_")} | {
             "ANCHORSERVE_MODEL": str(model),
             "ANCHORSERVE_DEVICE": "cpu",
@@ -270,6 +298,9 @@ class ServerProcess:
 
     def post(self, path: str, body: Any) -> httpx.Response:
         return self.http.post(self.url + path, json=body)
+
+    def put(self, path: str, body: Any, headers: dict[str, str] | None = None) -> httpx.Response:
+        return self.http.put(self.url + path, json=body, headers=headers)
 
     def delete(self, path: str) -> httpx.Response:
         return self.http.delete(self.url + path)

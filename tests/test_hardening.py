@@ -121,7 +121,7 @@ def test_demonstration_paths_stay_under_the_data_root(serve, tmp_path, dataset_d
         assert "outside the data root" in message and "hush" not in message
     created = client.post("/admin/tasks", json=spec | {"demonstrations": {"path": "train.jsonl"}}, headers=ADMIN)
     assert created.status_code == 201, created.text
-    persisted = json.loads((tmp_path / "state" / "tasks" / "files.json").read_text())
+    persisted = json.loads((tmp_path / "state" / "tasks" / "files.json").read_text())["spec"]
     assert isinstance(persisted["demonstrations"], list)  # the draw is kept; the file is not needed again
 
 

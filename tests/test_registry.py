@@ -1,8 +1,10 @@
-"""The registry survives damaged files, crashes mid-change and tasks that cannot load, and collects
-the caches nothing uses any more."""
+"""The registry serves the state store's records: it survives damaged files and tasks that cannot
+load, applies revisions only forward, seeds configured tasks, and collects the caches nothing uses
+any more. These run on the local store; tests/test_replicas.py runs replicas on both backends."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -14,16 +16,26 @@ import torch
 from anchor_cache import Classifier, Method
 from anchor_cache.errors import ConflictError, NotFoundError, UnavailableError
 from anchor_cache.registry import TaskRegistry
-from anchor_cache.storage import beta_file, cache_file
+from anchor_cache.state import ABSENT
+from anchor_cache.state.local import LocalStore
+from anchor_cache.storage import beta_blob, cache_blob
 from tests.conftest import QUERIES, sentiment_task
 
 LONG_AGO = 1_000_000.0  # an mtime far older than any grace period
 
 
 def registry(tiny_lm, state_dir: Path, configured=(), max_tasks: int = 4) -> TaskRegistry:
-    reg = TaskRegistry(tiny_lm, state_dir, max_tasks=max_tasks, max_demo_tokens=512)
+    reg = TaskRegistry(tiny_lm, LocalStore(state_dir), max_tasks=max_tasks, max_demo_tokens=512)
     reg.start(list(configured))
     return reg
+
+
+def cache_file(directory: Path, key: str) -> Path:
+    return directory / cache_blob(key)
+
+
+def beta_file(directory: Path, key: str) -> Path:
+    return directory / beta_blob(key)
 
 
 def quarantined(state_dir: Path) -> list[str]:
@@ -31,8 +43,8 @@ def quarantined(state_dir: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
 
 
-def write_spec(state_dir: Path, name: str, text: str, pending: bool = False) -> Path:
-    path = state_dir / "tasks" / ("pending" if pending else "") / f"{name}.json"
+def write_spec(state_dir: Path, name: str, text: str) -> Path:
+    path = state_dir / "tasks" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
@@ -104,8 +116,8 @@ def test_beta_survives_a_restart_and_a_damaged_one_is_quarantined(tiny_lm, tmp_p
                                                         "sentiment"))
 
 
-@pytest.mark.parametrize("text", ["{not json", '{"name": "sentiment", "labels": ["One"]}', "\udcff"])
-def test_damaged_runtime_spec_is_quarantined_and_reported_not_replaced(tiny_lm, tmp_path, text, caplog):
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", "\udcff"])
+def test_damaged_stored_record_is_quarantined_and_reported_not_replaced(tiny_lm, tmp_path, text, caplog):
     path = write_spec(tmp_path, "sentiment", "")
     path.write_bytes(text.encode("utf-8", "surrogateescape"))
     with caplog.at_level(logging.ERROR):
@@ -116,7 +128,15 @@ def test_damaged_runtime_spec_is_quarantined_and_reported_not_replaced(tiny_lm, 
     assert str(tmp_path) not in message and "tasks/sentiment.json" in caplog.text
     with pytest.raises(UnavailableError, match="was damaged"):
         reg.get("sentiment")
-    assert not path.exists() and quarantined(tmp_path)[0].startswith("sentiment.json.")
+    assert quarantined(tmp_path)[0].startswith("sentiment.json.")
+    assert json.loads(path.read_text())["error"] == message  # failed on every replica, and after restarts
+    assert registry(tiny_lm, tmp_path, [sentiment_task()]).failures() == {"sentiment": message}
+
+
+def test_an_invalid_stored_spec_fails_alone(tiny_lm, tmp_path):
+    write_spec(tmp_path, "sentiment", '{"name": "sentiment", "labels": ["One"]}')  # the old format: a bare spec
+    reg = registry(tiny_lm, tmp_path, [sentiment_task(name="other")])
+    assert [t.spec.name for t in reg.all()] == ["other"] and "template" in reg.failures()["sentiment"]
 
 
 def test_task_that_cannot_load_fails_alone_and_can_be_removed(tiny_lm, tmp_path):
@@ -139,38 +159,49 @@ def test_a_successful_put_clears_the_failure(tiny_lm, tmp_path):
     assert reg.failures() == {} and reg.get("broken").spec.name == "broken"
 
 
-def test_pending_change_is_built_and_committed_at_start(tiny_lm, tmp_path):
-    reg = registry(tiny_lm, tmp_path)
-    reg.put(reg.prepare(sentiment_task()))
-    reg.commit(sentiment_task())
-    newer = sentiment_task(template="Text: {text}\nSentiment:")
-    reg.persist_pending(newer)  # the process dies before the build finishes
-    restarted = registry(tiny_lm, tmp_path)
-    assert restarted.get("sentiment").spec == newer
-    assert json.loads((tmp_path / "tasks" / "sentiment.json").read_text())["template"] == newer.template
-    assert not (tmp_path / "tasks" / "pending" / "sentiment.json").exists()
-
-
-def test_failing_pending_change_is_quarantined_and_the_previous_version_serves(tiny_lm, tmp_path):
+def test_records_apply_only_forward(tiny_lm, tmp_path):
     reg = registry(tiny_lm, tmp_path, [sentiment_task()])
-    write_spec(tmp_path, "sentiment", unbuildable("sentiment", tmp_path), pending=True)
-    write_spec(tmp_path, "fresh", unbuildable("fresh", tmp_path), pending=True)
-    restarted = registry(tiny_lm, tmp_path, [sentiment_task()])
-    assert restarted.get("sentiment").spec == reg.get("sentiment").spec
-    assert list(restarted.failures()) == ["fresh"] and "did not build" in restarted.failures()["fresh"]
-    assert [n.split(".")[0] for n in quarantined(tmp_path)] == ["fresh", "sentiment"]
-    assert not any((tmp_path / "tasks" / "pending").iterdir())
+    store = reg.store
+    first = reg.get("sentiment").revision
+    newer = sentiment_task(template="Text: {text}\nSentiment:")
+    record = store.write("sentiment", newer.model_dump(mode="json"), "admin", first)
+    assert record.revision > first
+    assert reg.apply(record).spec == newer and reg.revision("sentiment") == record.revision
+    assert reg.apply(store.records()["sentiment"]) is None  # applied already
+    stale = dataclasses.replace(record, revision=first, spec=sentiment_task().model_dump(mode="json"))
+    assert reg.apply(stale) is None and reg.get("sentiment").spec == newer
+    tombstone = store.write("sentiment", None, "admin", None)
+    assert reg.apply(tombstone) is None and reg.all() == [] and reg.failures() == {}
 
 
-def test_discarded_pending_change_and_deletion_survive_a_restart(tiny_lm, tmp_path):
+def test_a_failing_revision_keeps_the_working_version(tiny_lm, tmp_path):
+    reg = registry(tiny_lm, tmp_path, [sentiment_task()])
+    record = reg.store.write("sentiment", json.loads(unbuildable("sentiment", tmp_path)), "admin", None)
+    assert reg.apply(record) is None
+    assert reg.get("sentiment").spec == sentiment_task() and reg.revision("sentiment") == record.revision
+
+
+def test_configuration_seeds_the_store_and_admin_writes_win(tiny_lm, tmp_path):
     reg = registry(tiny_lm, tmp_path, [sentiment_task(), sentiment_task(name="other")])
-    reg.persist_pending(sentiment_task(template="Text: {text}\nSentiment:"))
-    reg.discard_pending("sentiment")
-    reg.persist_pending(sentiment_task(name="other", template="Text: {text}\nSentiment:"))
-    reg.remove("other")
-    reg.persist_deletion("other")
-    restarted = registry(tiny_lm, tmp_path, [sentiment_task(), sentiment_task(name="other")])
-    assert [t.spec for t in restarted.all()] == [sentiment_task()] and restarted.failures() == {}
+    assert {r.name: r.source for r in reg.store.records().values()} == {"sentiment": "config", "other": "config"}
+    admin = sentiment_task(template="Admin: {text}\nSentiment:")
+    reg.store.write("sentiment", admin.model_dump(mode="json"), "admin", None)
+    reg.store.write("other", None, "admin", None)  # an admin delete of a configured task
+    changed = sentiment_task(name="third", template="Changed: {text}\nSentiment:")
+    restarted = registry(tiny_lm, tmp_path, [sentiment_task(), sentiment_task(name="other"), changed])
+    assert sorted(t.spec.name for t in restarted.all()) == ["sentiment", "third"]
+    assert restarted.get("sentiment").spec == admin
+    edited = sentiment_task(name="third", template="Edited: {text}\nSentiment:")
+    assert registry(tiny_lm, tmp_path, [edited]).get("third").spec == edited  # a changed config replaces its seed
+    dropped = registry(tiny_lm, tmp_path, [])
+    assert [t.spec.name for t in dropped.all()] == ["sentiment"]  # seeds no longer configured are deleted
+
+
+def test_a_create_race_in_the_store_has_one_winner(tiny_lm, tmp_path):
+    store = LocalStore(tmp_path)
+    store.write("x", sentiment_task(name="x").model_dump(mode="json"), "admin", ABSENT)
+    with pytest.raises(ConflictError):
+        store.write("x", sentiment_task(name="x").model_dump(mode="json"), "admin", ABSENT)
 
 
 def test_max_tasks_is_a_conflict(tiny_lm, tmp_path):
@@ -186,12 +217,11 @@ def test_garbage_collection_removes_only_old_unreferenced_files(tiny_lm, tmp_pat
     replaced = reg.prepare(first)
     reg.save_beta(reg.with_beta(replaced, replaced.classifier.zero_beta(), {}))
     for spec in (first, second):
-        reg.put(reg.prepare(spec))
-        reg.commit(spec)
+        reg.apply(reg.store.write(spec.name, spec.model_dump(mode="json"), "admin", None))
     caches = tmp_path / "caches"
-    pending = sentiment_task(name="b", template="Pending: {text}\nSentiment:")
-    reg.persist_pending(pending)
-    cache_file(caches, reg.key_of(pending)).write_bytes(b"being built by another replica")
+    stored = sentiment_task(name="b", template="Stored: {text}\nSentiment:")
+    reg.store.write(stored.name, stored.model_dump(mode="json"), "admin", None)  # not applied here yet
+    cache_file(caches, reg.key_of(stored)).write_bytes(b"being built by another replica")
     fresh_orphan = caches / "fresh.safetensors"
     fresh_orphan.write_bytes(b"just written")
     (tmp_path / "quarantine").mkdir()
@@ -224,6 +254,6 @@ def test_start_collects_garbage_but_keeps_configured_caches(tiny_lm, tmp_path):
     registry(tiny_lm, tmp_path, [sentiment_task(), sentiment_task(name="dropped", template="D: {text}\nSentiment:")])
     for path in (tmp_path / "caches").iterdir():
         os.utime(path, (LONG_AGO, LONG_AGO))
-    reg = TaskRegistry(tiny_lm, tmp_path, max_tasks=4, max_demo_tokens=512)
+    reg = TaskRegistry(tiny_lm, LocalStore(tmp_path), max_tasks=4, max_demo_tokens=512)
     reg.start([sentiment_task()], gc_grace_s=60)
     assert [p.name for p in (tmp_path / "caches").iterdir()] == [f"{reg.get('sentiment').key}.safetensors"]

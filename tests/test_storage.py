@@ -1,5 +1,6 @@
-"""Anchor caches and β round-trip through one checksummed safetensors file each, refuse mismatches
-and damage, and are written atomically."""
+"""Anchor caches and β round-trip through one checksummed safetensors blob each (here in a local
+store, where a blob is the file caches/<name>), refuse mismatches and damage, and are written
+atomically."""
 
 from __future__ import annotations
 
@@ -10,28 +11,37 @@ import pytest
 import torch
 
 from anchor_cache import CacheMismatchError, Classifier, Method
+from anchor_cache.state.local import LocalStore
 from anchor_cache.storage import (
-    beta_file,
-    cache_file,
+    beta_blob,
+    cache_blob,
     cache_identity,
     cache_key,
+    dump_tensors,
     find_beta,
     find_cache,
     load_cache,
-    load_tensors,
+    parse_tensors,
     quarantine,
     save_beta,
     save_cache,
-    save_tensors,
     write_atomic,
 )
 from tests.conftest import QUERIES, sentiment_task
 
 
+def cache_file(state_dir, key):
+    return state_dir / "caches" / cache_blob(key)
+
+
+def beta_file(state_dir, key):
+    return state_dir / "caches" / beta_blob(key)
+
+
 def _saved(tiny_lm, tmp_path, method=Method.HIDDEN_ANCHOR):
     clf = Classifier(tiny_lm, sentiment_task())
     identity = cache_identity(tiny_lm, clf.prompt, method, clf.seed)
-    key = save_cache(tmp_path, clf.prefix(method).cache, identity, tiny_lm.name)
+    key = save_cache(LocalStore(tmp_path), clf.prefix(method).cache, identity, tiny_lm.name)
     return clf, identity, key
 
 
@@ -43,7 +53,7 @@ def data_offset(blob: bytes) -> int:
 def test_round_trip_gives_identical_predictions(tiny_lm, tmp_path):
     clf, identity, key = _saved(tiny_lm, tmp_path)
     original = clf.prefix(Method.HIDDEN_ANCHOR).cache
-    loaded = find_cache(tmp_path, identity, tiny_lm)
+    loaded = find_cache(LocalStore(tmp_path), identity, tiny_lm)
     assert loaded is not None and loaded.positions == original.positions
     assert loaded.label_slots == original.label_slots and loaded.context_length == original.context_length
     for a, b in zip(original.keys + original.values, loaded.keys + loaded.values, strict=True):
@@ -51,7 +61,7 @@ def test_round_trip_gives_identical_predictions(tiny_lm, tmp_path):
     fresh = Classifier(tiny_lm, sentiment_task())
     fresh.install_cache(Method.HIDDEN_ANCHOR, loaded)
     assert torch.equal(fresh.label_logits(QUERIES, "hidden_anchor"), clf.label_logits(QUERIES, "hidden_anchor"))
-    assert [p.name for p in tmp_path.iterdir()] == [f"{key}.safetensors"]
+    assert [p.name for p in (tmp_path / "caches").iterdir()] == [f"{key}.safetensors"]
 
 
 def test_key_covers_task_method_and_model(tiny_lm):
@@ -70,31 +80,31 @@ def test_key_covers_task_method_and_model(tiny_lm):
 
 def test_missing_cache_is_none(tiny_lm, tmp_path):
     clf = Classifier(tiny_lm, sentiment_task())
-    assert find_cache(tmp_path, cache_identity(tiny_lm, clf.prompt, Method.HIDDEN_ANCHOR, 42), tiny_lm) is None
+    identity = cache_identity(tiny_lm, clf.prompt, Method.HIDDEN_ANCHOR, 42)
+    assert find_cache(LocalStore(tmp_path), identity, tiny_lm) is None
 
 
 def test_other_model_is_refused(tiny_lm, tmp_path):
     _, _, key = _saved(tiny_lm, tmp_path)
     impostor = dataclasses.replace(tiny_lm, identity="0" * 64)
     with pytest.raises(CacheMismatchError, match="other weights"):
-        load_cache(cache_file(tmp_path, key), impostor)
+        load_cache(cache_file(tmp_path, key).read_bytes(), cache_blob(key), impostor)
 
 
 def test_other_task_is_refused(tiny_lm, tmp_path):
     _, identity, key = _saved(tiny_lm, tmp_path)
     expected = identity | {"labels": ["Bad", "Good"]}
     with pytest.raises(CacheMismatchError, match="labels"):
-        load_cache(cache_file(tmp_path, key), tiny_lm, expected)
+        load_cache(cache_file(tmp_path, key).read_bytes(), cache_blob(key), tiny_lm, expected)
 
 
 def test_altered_manifest_with_a_recomputed_checksum_is_refused(tiny_lm, tmp_path):
     _, _, key = _saved(tiny_lm, tmp_path)
     path = cache_file(tmp_path, key)
-    tensors, manifest = load_tensors(path, "cpu")
+    tensors, manifest = parse_tensors(path.read_bytes(), path.name, "cpu")
     manifest["identity"]["template"] = "Other: {text}\nSentiment:"
-    save_tensors(path, tensors, manifest)
     with pytest.raises(CacheMismatchError, match="altered"):
-        load_cache(path, tiny_lm)
+        load_cache(dump_tensors(tensors, manifest), path.name, tiny_lm)
 
 
 def test_flipped_tensor_bytes_fail_the_checksum(tiny_lm, tmp_path):
@@ -105,8 +115,8 @@ def test_flipped_tensor_bytes_fail_the_checksum(tiny_lm, tmp_path):
     blob[start : start + 64] = bytes(b ^ 0x5A for b in blob[start : start + 64])
     path.write_bytes(bytes(blob))
     with pytest.raises(CacheMismatchError, match="checksum") as caught:
-        find_cache(tmp_path, identity, tiny_lm)
-    assert str(tmp_path) not in str(caught.value) and f"{tmp_path.name}/{key}.safetensors" in str(caught.value)
+        find_cache(LocalStore(tmp_path), identity, tiny_lm)
+    assert str(tmp_path) not in str(caught.value) and f"caches/{key}.safetensors" in str(caught.value)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "header", "manifest", "junk"])
@@ -123,38 +133,38 @@ def test_damaged_file_is_refused(tiny_lm, tmp_path, damage):
     assert damaged != blob
     path.write_bytes(damaged)
     with pytest.raises(CacheMismatchError) as caught:
-        find_cache(tmp_path, identity, tiny_lm)
+        find_cache(LocalStore(tmp_path), identity, tiny_lm)
     assert str(tmp_path) not in str(caught.value)
 
 
 def test_beta_is_one_file_that_round_trips_and_refuses_damage(tiny_lm, tmp_path):
     beta = torch.arange(6, dtype=torch.float32).reshape(2, 3)
     info = {"seconds": 1.5, "epoch_losses": [0.7, 0.5]}
-    save_beta(tmp_path, "k1", beta, info)
-    assert [p.name for p in tmp_path.iterdir()] == ["k1.beta.safetensors"]
-    loaded, loaded_info = find_beta(tmp_path, "k1", tiny_lm)
+    save_beta(LocalStore(tmp_path), "k1", beta, info)
+    assert [p.name for p in (tmp_path / "caches").iterdir()] == ["k1.beta.safetensors"]
+    loaded, loaded_info = find_beta(LocalStore(tmp_path), "k1", tiny_lm)
     assert torch.equal(loaded, beta) and loaded_info == info
-    assert find_beta(tmp_path, "k2", tiny_lm) is None
+    assert find_beta(LocalStore(tmp_path), "k2", tiny_lm) is None
     path = beta_file(tmp_path, "k1")
     blob = bytearray(path.read_bytes())
     blob[-1] ^= 0x01
     path.write_bytes(bytes(blob))
     with pytest.raises(CacheMismatchError, match="checksum"):
-        find_beta(tmp_path, "k1", tiny_lm)
+        find_beta(LocalStore(tmp_path), "k1", tiny_lm)
 
 
 def test_beta_under_another_key_is_refused(tiny_lm, tmp_path):
-    save_beta(tmp_path, "k1", torch.ones(2), {})
+    save_beta(LocalStore(tmp_path), "k1", torch.ones(2), {})
     beta_file(tmp_path, "k1").rename(beta_file(tmp_path, "k2"))
     with pytest.raises(CacheMismatchError, match="does not hold"):
-        find_beta(tmp_path, "k2", tiny_lm)
+        find_beta(LocalStore(tmp_path), "k2", tiny_lm)
 
 
-def test_loading_touches_the_file(tiny_lm, tmp_path):
+def test_loading_touches_the_blob(tiny_lm, tmp_path):
     _, identity, key = _saved(tiny_lm, tmp_path)
     path = cache_file(tmp_path, key)
     os.utime(path, (1_000_000, 1_000_000))
-    assert find_cache(tmp_path, identity, tiny_lm) is not None
+    assert find_cache(LocalStore(tmp_path), identity, tiny_lm) is not None
     assert path.stat().st_mtime > 1_000_000 + 86_400
 
 

@@ -1,12 +1,14 @@
 """Admin routes for tasks and their jobs: create, replace, delete, learn β, poll and cancel.
 
 Disabled (404) unless ADMIN_API_KEY is set. Builds answer 201 with the task when they finish
-within admin_sync_wait_s, and 202 with the job otherwise.
+within admin_sync_wait_s, and 202 with the job otherwise. Any replica answers for any job.
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header
 from fastapi.responses import JSONResponse
 
 from anchor_cache.errors import ValidationError
@@ -20,7 +22,9 @@ from server.protocol import JobAccepted, ReweightRequest, TaskCreated, error_res
 admin = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin_key), Depends(require_json)],
                   responses=error_responses(401, 404, 422, 503))
 
-WRITE_ERRORS = error_responses(400, 409, 413, 415, 422)
+WRITE_ERRORS = error_responses(400, 409, 412, 413, 415, 422)
+IfMatch = Annotated[str | None, Header(description='a revision from the ETag of GET /v1/tasks/{name} ("12") or *; '
+                                      "a stale one gets 412")]
 BUILD_RESPONSES = {201: {"model": TaskCreated, "description": "built within admin_sync_wait_s"},
                    202: {"model": JobAccepted, "description": "building: poll the job"}} | WRITE_ERRORS
 
@@ -44,21 +48,24 @@ async def _build_response(state: State, job: Job) -> JSONResponse:
 @admin.post("/tasks", status_code=201, responses=BUILD_RESPONSES,
             summary="Create a task; 202 + job when the build takes long")
 async def create_task(spec: TaskSpec, tasks: Tasks, state: State) -> JSONResponse:
+    """409 when the name exists on any replica (the state store decides)."""
     return await _build_response(state, await tasks.write(spec, replace=False))
 
 
 @admin.put("/tasks/{name}", status_code=201, responses=BUILD_RESPONSES,
            summary="Replace (or create) a task; the old one serves meanwhile")
-async def replace_task(name: str, spec: TaskSpec, tasks: Tasks, state: State) -> JSONResponse:
+async def replace_task(name: str, spec: TaskSpec, tasks: Tasks, state: State,
+                       if_match: IfMatch = None) -> JSONResponse:
+    """Without If-Match the write is unconditional (the later of concurrent writes wins everywhere)."""
     if spec.name != name:
         raise ValidationError(f"the body's name {spec.name!r} differs from the path's {name!r}")
-    return await _build_response(state, await tasks.write(spec, replace=True))
+    return await _build_response(state, await tasks.write(spec, replace=True, if_match=if_match))
 
 
-@admin.delete("/tasks/{name}", responses=error_responses(409),
-              summary="Stop serving a task (a failed one too) and forget it across restarts")
-async def delete_task(name: str, tasks: Tasks) -> dict[str, str]:
-    await tasks.delete(name)
+@admin.delete("/tasks/{name}", responses=error_responses(409, 412),
+              summary="Stop serving a task (a failed one too) on every replica and forget it across restarts")
+async def delete_task(name: str, tasks: Tasks, if_match: IfMatch = None) -> dict[str, str]:
+    await tasks.delete(name, if_match)
     return {"deleted": name}
 
 
@@ -70,9 +77,9 @@ async def reweight_task(name: str, body: ReweightRequest, tasks: Tasks) -> JSONR
 
 @admin.get("/jobs/{job_id}", response_model=Job, summary="A job's status, progress and result")
 async def get_job(job_id: str, state: State) -> Job:
-    return state.jobs.get(job_id)
+    return await state.jobs.find(job_id)
 
 
 @admin.delete("/jobs/{job_id}", response_model=Job, summary="Cancel a job; a cancelled training keeps the old β")
 async def cancel_job(job_id: str, state: State) -> Job:
-    return state.jobs.cancel(job_id)
+    return await state.jobs.cancel(job_id)

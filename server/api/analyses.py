@@ -18,7 +18,7 @@ def _status(job: Job) -> AnalysisStatus:
     return AnalysisStatus(
         id=job.id, kind=(job.params or {}).get("kind", ""), task=job.target, status=job.status, created=job.created,
         finished=job.finished, progress=job.progress, params=(job.params or {}).get("params"), error=job.error,
-        results=job.result, plots={name: f"/admin/analyses/{job.id}/plots/{name}.png" for name in job.plots},
+        results=job.result, plots={name: f"/admin/analyses/{job.id}/plots/{name}.png" for name in job.plot_names},
     )
 
 
@@ -32,15 +32,15 @@ async def start_analysis(body: AnalysisRequest, service: Analyses) -> JSONRespon
 
 @analyses.get("/{job_id}", response_model=AnalysisStatus, summary="Status, progress, params and results")
 async def get_analysis(job_id: str, service: Analyses) -> AnalysisStatus:
-    return _status(service.get(job_id))
+    return _status(await service.get(job_id))
 
 
 @analyses.get("/{job_id}/plots/{name}.png", response_class=Response, summary="One plot of a finished analysis",
               responses={200: {"content": {"image/png": {}}}})
 async def get_plot(job_id: str, name: str, service: Analyses) -> Response:
-    return Response(service.plot(job_id, name), media_type="image/png")
+    return Response(await service.plot(job_id, name), media_type="image/png")
 
 
 @analyses.delete("/{job_id}", response_model=AnalysisStatus, summary="Cancel an analysis; it stops at its next step")
 async def cancel_analysis(job_id: str, service: Analyses) -> AnalysisStatus:
-    return _status(service.cancel(job_id))
+    return _status(await service.cancel(job_id))

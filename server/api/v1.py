@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 
 from anchor_cache.task import Method
 from server.auth import require_api_key, require_json
@@ -30,8 +30,11 @@ async def list_tasks(tasks: Tasks) -> TaskList:
 
 
 @v1.get("/tasks/{name}", response_model=TaskInfo, responses=error_responses(404, 422))
-async def get_task(name: str, tasks: Tasks) -> TaskInfo:
-    return tasks.get(name)
+async def get_task(name: str, tasks: Tasks, response: Response) -> TaskInfo:
+    """The ETag header is the served revision, for If-Match on PUT/DELETE /admin/tasks/{name}."""
+    info = tasks.get(name)
+    response.headers["ETag"] = f'"{info.revision}"'
+    return info
 
 
 @v1.post("/classify", response_model=ClassifyResponse,

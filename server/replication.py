@@ -1,0 +1,90 @@
+"""Keeps this replica's served tasks equal to the state store's records, and relays job cancels.
+
+Every write goes to the store first (compare-and-set on the task's revision), then each replica
+applies the new revision: the writer at once, the others when the store's change notification
+(Redis pub/sub, or a polled counter on one host) wakes this loop, or at the latest at the next full
+resync every `sync_interval_s`, so a missed message heals. Applying builds the new version while
+the old one keeps serving and swaps it in when ready; revisions only move forward (registry.apply
+skips a stale one), so concurrent writes end the same on every replica: the later revision wins.
+
+When the store cannot be reached, the replica keeps serving what it has; the loop logs it once,
+retries, and resyncs when the store is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from anchor_cache.errors import UnavailableError
+from anchor_cache.registry import ServedTask
+from anchor_cache.state import StateStore, TaskRecord
+from server.engine import Engine
+from server.jobs import JobRunner
+
+log = logging.getLogger(__name__)
+
+
+class Replication:
+    def __init__(self, engine: Engine, store: StateStore, jobs: JobRunner, interval_s: float) -> None:
+        self.engine = engine
+        self.store = store
+        self.jobs = jobs
+        self.interval_s = interval_s
+        self._applying: dict[str, int] = {}  # task name -> newest revision being applied here
+        self._loop: asyncio.Task | None = None
+        self._pending: set[asyncio.Task] = set()  # applies started by a sync
+        self.store_down: str | None = None  # why the store could not be reached, while it cannot
+
+    def start(self) -> None:
+        self._loop = asyncio.create_task(self._run(), name="anchorserve-replication")
+
+    async def stop(self) -> None:
+        for task in [self._loop, *self._pending]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def apply(self, record: TaskRecord) -> ServedTask | None:
+        """Apply `record` here now (the writer does not wait for its own notification)."""
+        name = record.name
+        self._applying[name] = max(self._applying.get(name, 0), record.revision)
+        try:
+            served = await self.engine.apply(record)
+        finally:
+            if self._applying.get(name) == record.revision:
+                del self._applying[name]
+        return served
+
+    async def sync(self) -> None:
+        """Apply every record newer than what this replica serves, each in its own task."""
+        records = await asyncio.to_thread(self.store.records)
+        registry = self.engine.require_ready()
+        for record in records.values():
+            newest_here = max(registry.revision(record.name), self._applying.get(record.name, 0))
+            if record.revision > newest_here:
+                task = asyncio.create_task(self.apply(record), name=f"apply-{record.name}-{record.revision}")
+                self._pending.add(task)
+                task.add_done_callback(self._pending.discard)
+
+    async def _run(self) -> None:
+        seen = -1
+        while True:
+            try:
+                seen = await asyncio.to_thread(self.store.wait_for_change, seen, self.interval_s)
+                await self.sync()
+                await self.jobs.relay(self.store)
+                if self.store_down is not None:
+                    log.warning("state store %s is reachable again; resynced", self.store.url)
+                    self.store_down = None
+            except UnavailableError as exc:
+                if self.store_down is None:
+                    log.error("%s; serving the tasks held in memory until it is back", exc)
+                self.store_down = str(exc)
+                seen = -1
+                await asyncio.sleep(min(1.0, self.interval_s))
+            except Exception:  # the loop must outlive any one bad sync
+                log.exception("state sync failed; retrying")
+                await asyncio.sleep(self.interval_s)
