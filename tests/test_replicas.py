@@ -67,8 +67,9 @@ def serves(server: ServerProcess, name: str, template: str | None = None) -> boo
 
 
 def finished(server: ServerProcess, job: str) -> dict[str, Any] | None:
+    """The job's record once it finished; None while it runs (or has not reached the store yet: 404)."""
     status = server.get(f"/admin/jobs/{job}").json()
-    return status if status["status"] not in ("pending", "running") else None
+    return status if status.get("status") not in (None, "pending", "running") else None
 
 
 def test_a_task_created_on_a_serves_on_b_with_the_same_answers(replicas):
@@ -158,7 +159,7 @@ def test_jobs_answer_on_every_replica_and_b_cancels_a_job_running_on_a(replicas)
     assert same_probs(a.classify("sentiment", QUERIES), b.classify("sentiment", QUERIES))
     long = a.post("/admin/tasks/sentiment/reweighting", {"examples": examples * 40, "epochs": 200,
                                                          "patience": 200}).json()["job"]
-    eventually(lambda: b.get(f"/admin/jobs/{long}").json()["status"] == "running", "B sees A's job running")
+    eventually(lambda: b.get(f"/admin/jobs/{long}").json().get("status") == "running", "B sees A's job running")
     assert b.delete(f"/admin/jobs/{long}").status_code == 200
     assert eventually(lambda: finished(a, long), "A's job stops")["status"] == "cancelled"
     assert b.get("/admin/jobs/job-0123456789abcdef").status_code == 404
@@ -220,3 +221,18 @@ def test_a_new_replica_starts_warm_from_the_stored_caches(replicas, tmp_path):
     assert a.post("/admin/tasks", review("warm", n=SMALL)).status_code == 201
     eventually(lambda: serves(b, "warm"), "B serves it")
     assert b.task("warm")["loaded_from_disk"]  # A's cache blob, not a rebuild
+
+
+def test_an_analysis_run_on_a_and_its_plots_answer_on_b(replicas):
+    a, b = replicas()
+    rows = [{"text": q, "label": "Positive" if i % 2 else "Negative"} for i, q in enumerate(QUERIES * 2)]
+    started = a.post("/admin/analyses", {"kind": "deep_layers", "task": "sentiment", "data": {"examples": rows},
+                                         "params": {"seeds": [1], "limit": 4}})
+    assert started.status_code == 202, started.text
+    job = started.json()["id"]
+    done = eventually(lambda: (s := b.get(f"/admin/analyses/{job}").json()).get("status")
+                      not in (None, "pending", "running") and s, "B reports A's analysis finished")
+    assert done["status"] == "succeeded" and done["plots"], done
+    for url in done["plots"].values():
+        png = b.get(url)
+        assert png.status_code == 200 and png.content == a.get(url).content and png.content[:4] == b"\x89PNG"
