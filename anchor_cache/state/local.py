@@ -48,7 +48,7 @@ JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # job ids and plot names
 BLOB_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}")  # no '/', no leading '.'
 SOURCES = ("config", "admin")
 CANCEL_TTL_S = 86400.0
-POLL_S = 0.05
+POLL_S = 0.1
 STALE_TEMP_S = 3600.0  # a write_atomic temporary this old in jobs/ was left by a crash
 
 
