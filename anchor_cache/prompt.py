@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
@@ -81,18 +82,35 @@ class TaskPrompt:
             return []
         return self.tokenizer([self.task.render(t) for t in texts], add_special_tokens=False)["input_ids"]
 
-    def encode_within(self, text: str, max_tokens: int) -> list[int]:
-        """Encode `text`, cutting the end of the text (never the template) until it fits `max_tokens`."""
+    def encode_within(self, text: str, max_tokens: int, direction: Literal["right", "left"] = "right") -> list[int]:
+        """Encode `text`, cutting the end of the text (`right`) or its start (`left`), never the
+        template, until it fits `max_tokens`."""
         ids = self.encode(text)
         if len(ids) <= max_tokens:
             return ids
         offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        if direction == "left":
+            return self._encode_tail_within(text, offsets, len(ids) - max_tokens, max_tokens)
         keep = max(0, len(offsets) - (len(ids) - max_tokens))
         while True:  # merges at the cut can add a token; shorten until it fits
             ids = self.encode(text[: offsets[keep - 1][1]] if keep > 0 else "")
             if len(ids) <= max_tokens or keep == 0:
                 break
             keep -= 1
+        if len(ids) > max_tokens:
+            raise ValidationError(f"the template alone takes {len(ids)} tokens, more than the limit of {max_tokens}")
+        return ids
+
+    def _encode_tail_within(self, text: str, offsets: list[tuple[int, int]], excess: int, max_tokens: int
+                            ) -> list[int]:
+        """`encode_within` cutting the start: drop the text's first tokens (by their character
+        offsets), at least `excess` of them, until the rendered template fits `max_tokens`."""
+        drop = min(excess, len(offsets))
+        while True:  # merges at the cut can add a token; drop more until it fits
+            ids = self.encode(text[offsets[drop][0] :] if drop < len(offsets) else "")
+            if len(ids) <= max_tokens or drop == len(offsets):
+                break
+            drop += 1
         if len(ids) > max_tokens:
             raise ValidationError(f"the template alone takes {len(ids)} tokens, more than the limit of {max_tokens}")
         return ids

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,7 @@ from anchor_cache.errors import (
     ValidationError,
 )
 from anchor_cache.models import LoadedModel
+from anchor_cache.reweighting import learn_pool_beta, pool_hash, pool_rows
 from anchor_cache.state import ABSENT, StateStore, TaskRecord
 from anchor_cache.storage import (
     beta_blob,
@@ -79,6 +81,16 @@ class ServedTask:
         if self.content_free is None or method != self.spec.method:
             return logits
         return calibrate(logits, self.content_free)
+
+
+def _log_progress(name: str) -> Callable[[int, int], None]:
+    """Logs β training progress at every tenth of the steps."""
+
+    def report(done: int, total: int) -> None:
+        if done == total or done % max(1, total // 10) == 0:
+            log.info("task %s: learning β, step %d/%d", name, done, total)
+
+    return report
 
 
 def _one_line(reason: object) -> str:
@@ -182,6 +194,29 @@ class TaskRegistry:
         """Store the task's β and training info as one blob."""
         save_beta(self.store, served.key, served.beta, served.reweighting or {})
 
+    @staticmethod
+    def needs_pool_beta(served: ServedTask) -> bool:
+        """A task with an `examples` pool whose β is missing, or was learned from another pool (a β
+        an admin job trained is kept)."""
+        if served.spec.examples is None:
+            return False
+        info = served.reweighting or {}
+        if served.beta is None:
+            return True
+        return info.get("source") == "examples" and info.get("pool") != pool_hash(served.classifier)
+
+    def learn_pool_beta(self, served: ServedTask, should_stop: Callable[[], bool] | None = None,
+                        on_step: Callable[[int, int], None] | None = None) -> ServedTask:
+        """Learn β from the task's pool and store its blob; returns the task with it (not served yet)."""
+        name = served.spec.name
+        log.info("task %s: learning β from its %d pool examples", name, len(pool_rows(served.classifier)[0]))
+        beta, info = learn_pool_beta(served.classifier, should_stop, on_step or _log_progress(name))
+        trained = self.with_beta(served, beta, info)
+        self.save_beta(trained)
+        log.info("task %s: β learned in %.1fs (loss %.4f -> %.4f)", name, info["seconds"], info["epoch_losses"][0],
+                 info["epoch_losses"][-1])
+        return trained
+
     # --- the served set ---------------------------------------------------------------------------
 
     def check_room(self, name: str) -> None:
@@ -249,6 +284,9 @@ class TaskRegistry:
         self._unseed({spec.name for spec in configured})
         for record in sorted(self.store.records().values(), key=lambda r: r.name):
             self.apply(record)
+        for served in self.all():
+            if self.needs_pool_beta(served):
+                self._start_with_pool_beta(served)
         self.collect_garbage(gc_grace_s)
         if self._failed:
             log.error("serving %d tasks; %d failed: %s", len(self._tasks), len(self._failed), sorted(self._failed))
@@ -267,6 +305,21 @@ class TaskRegistry:
             log.info("task %s: configured spec stored as revision %d", spec.name, written.revision)
         except (ConflictError, PreconditionFailedError):
             log.info("task %s: another replica stored it first", spec.name)
+
+    def _start_with_pool_beta(self, served: ServedTask) -> None:
+        """At start: learn the β a task's pool asks for, then store a new revision of the same spec so
+        every replica loads it (when another replica stored one first, that one is loaded instead)."""
+        name = served.spec.name
+        try:
+            self.learn_pool_beta(served)
+            record = self.store.write(name, served.spec.model_dump(mode="json"), self.store.record(name).source,
+                                      served.revision)
+        except PreconditionFailedError:
+            record = self.store.record(name)
+        except Exception as exc:  # the task serves without β rather than not at all
+            log.error("task %s: could not learn β from its pool, serving without: %s", name, _one_line(exc))
+            return
+        self.apply(record)
 
     def _unseed(self, configured: set[str]) -> None:
         """Delete tasks seeded from a configuration that no longer lists them (replicas of one

@@ -12,18 +12,25 @@ and backward. That is exact and makes training seconds instead of minutes on a C
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from anchor_cache.attention import AttentionPlan
 from anchor_cache.cache import extend_cache
 from anchor_cache.classifier import Classifier
+from anchor_cache.data import load_demonstrations
 from anchor_cache.errors import Cancelled, ValidationError
 from anchor_cache.forward import Prefix, label_logits, last_hidden
 from anchor_cache.task import Method
@@ -83,11 +90,13 @@ def train_reweighting(
     dev: tuple[Sequence[str], Sequence[int]] | None = None,
     progress: bool = True,
     should_stop: Callable[[], bool] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
     """Fit β on (texts, class indices); returns the best β (by dev loss when dev data is given).
 
     `should_stop` is polled before every step; when it answers True the run raises
-    Cancelled, so a cancelled run never yields a half-trained β.
+    Cancelled, so a cancelled run never yields a half-trained β. `on_step(done, total)` is
+    called after every step (job progress); `progress` shows a tqdm bar.
     """
     cfg = cfg or TrainConfig()
     if not texts:
@@ -102,7 +111,7 @@ def train_reweighting(
     rng = np.random.default_rng(cfg.seed)
     result = TrainResult(beta=beta.detach().clone())
     best, stale = float("inf"), 0
-    steps = cfg.epochs * -(-len(examples) // cfg.batch_size)
+    steps, done = cfg.epochs * -(-len(examples) // cfg.batch_size), 0
     with tqdm(total=steps, desc="re-weighting", unit="step", disable=not progress) as bar:
         for _ in range(cfg.epochs):
             order = rng.permutation(len(examples))
@@ -117,6 +126,9 @@ def train_reweighting(
                 optimizer.step()
                 epoch.append(loss.item())
                 bar.update(1)
+                done += 1
+                if on_step is not None:
+                    on_step(done, steps)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
             result.step_losses += epoch
             result.epoch_losses.append(float(np.mean(epoch)))
@@ -134,3 +146,55 @@ def train_reweighting(
                     break
     result.seconds = time.perf_counter() - start
     return result
+
+
+# --- β from a task's labelled pool, and β files ----------------------------------------------------
+
+
+def pool_rows(clf: Classifier) -> tuple[list[str], list[int]]:
+    """The task's `examples` as (texts, classes), without rows equal to a demonstration."""
+    task = clf.task
+    pool = task.examples
+    if pool is None:
+        return [], []
+    rows = pool if isinstance(pool, list) else load_demonstrations(pool, task.labels)
+    demos = {d.text for d in clf.prompt.demonstrations}
+    kept = [r for r in rows if r.text not in demos]
+    return [r.text for r in kept], [task.label_index(r.label) for r in kept]
+
+
+def pool_hash(clf: Classifier) -> str | None:
+    """A hash of the rows β is learned from (None without a pool): a stored β records it, so a
+    changed pool is learned again."""
+    texts, labels = pool_rows(clf)
+    if not texts:
+        return None
+    return hashlib.sha256(json.dumps([texts, labels], ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def learn_pool_beta(
+    clf: Classifier, should_stop: Callable[[], bool] | None = None, on_step: Callable[[int, int], None] | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """β for the task's own method learned from its pool (the paper's recipe), and its training record."""
+    texts, labels = pool_rows(clf)
+    if not texts:
+        raise ValidationError("the task's examples pool is empty (rows equal to a demonstration are dropped)")
+    cfg = TrainConfig(method=clf.task.method)
+    result = train_reweighting(clf, texts, labels, cfg, progress=False, should_stop=should_stop, on_step=on_step)
+    info = {"source": "examples", "pool": pool_hash(clf), "train_examples": len(texts),
+            "seconds": round(result.seconds, 3), "epoch_losses": [round(x, 5) for x in result.epoch_losses],
+            "lr": cfg.lr, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "trained_at": time.time()}
+    return result.beta, info
+
+
+def load_beta(path: str | Path) -> torch.Tensor:
+    """β saved by `reweight --out` (`path` = that folder or its beta.safetensors)."""
+    path = Path(path)
+    file = path / "beta.safetensors" if path.is_dir() else path
+    try:
+        tensors = load_file(str(file))
+    except (OSError, SafetensorError) as exc:
+        raise ValidationError(f"cannot read β from {file.name} ({type(exc).__name__}: {exc})") from exc
+    if "beta" not in tensors:
+        raise ValidationError(f"{file.name} holds no 'beta' tensor")
+    return tensors["beta"]

@@ -125,6 +125,9 @@ class TaskSpec(BaseModel):
     demonstrations: list[Demonstration] | DemonstrationSource
     method: Method = Method.HIDDEN_ANCHOR
     calibrate: bool = Field(False, description="contextual calibration: divide by content-free label probabilities")
+    examples: list[Demonstration] | DemonstrationSource | None = Field(
+        None, description="a labelled pool, apart from the demonstrations: re-weighting β is learned from it when "
+        "the task is built and no β learned from this pool is stored yet (rows equal to a demonstration are dropped)")
 
     @field_validator("template")
     @classmethod
@@ -154,6 +157,9 @@ class TaskSpec(BaseModel):
     def _every_label_demonstrated(self) -> TaskSpec:
         if isinstance(self.demonstrations, list):
             check_demonstrations(self.demonstrations, self.labels)
+        if isinstance(self.examples, list):
+            for row in self.examples:
+                label_index(row.label, self.labels)
         return self
 
     def label_index(self, label: str) -> int:

@@ -2,7 +2,13 @@
 
     from clients import AnchorServeClient
     with AnchorServeClient("http://127.0.0.1:8000", api_key=None) as c:
-        c.classify("sentiment", ["a wonderful film"]).data[0].label
+        item = c.classify("sentiment", ["a wonderful film"]).data[0]
+        item.label, item.label_probs  # 'Positive', {'Negative': 0.16, 'Positive': 0.84}
+
+`classify` returns the server's response in vLLM's classify shape (`clients.protocol.ClassifyResponse`):
+each `data[i]` has `index` (the input's position), `label`, `probs` (a list in label order) and
+`num_classes`, and the same numbers keyed by label word in `label_probs`, `label_logprobs` and, for a
+calibrated task, `raw_label_probs`. `predict` is TEI's /predict: `[LabelScore(label, score)]`, highest first.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from server.protocol import ClassifyResponse, TaskInfo, TaskList
+from clients.protocol import ClassifyResponse, LabelScore, ModelList, TaskInfo, TaskList
 
 RETRY_STATUSES = frozenset({429, 503})
 
@@ -59,8 +65,24 @@ class _Base:
         return {"Authorization": f"Bearer {key}"} if key else {}
 
     @staticmethod
-    def _classify_body(task: str, inputs: str | list[str], method: str | None) -> dict[str, Any]:
-        return {"task": task, "input": inputs} | ({"method": method} if method else {})
+    def _classify_body(task: str | None, inputs: str | list[str], method: str | None, **options: Any
+                       ) -> dict[str, Any]:
+        """The JSON body; options left at None are left out, so the server's defaults apply."""
+        fields = {"task": task, "input": inputs, "method": method} | options
+        return {k: v for k, v in fields.items() if v is not None}
+
+    @staticmethod
+    def _predict_body(inputs: str | list[str], raw_scores: bool, task: str | None, **options: Any) -> dict[str, Any]:
+        """TEI's /predict body: a list of texts goes as a batch [[text], ...]."""
+        sent: str | list[list[str]] = inputs if isinstance(inputs, str) else [[text] for text in inputs]
+        fields = {"inputs": sent, "raw_scores": raw_scores, "task": task} | options
+        return {k: v for k, v in fields.items() if v is not None}
+
+    @staticmethod
+    def _predictions(data: Any, batch: bool) -> list[LabelScore] | list[list[LabelScore]]:
+        if batch:
+            return [[LabelScore.model_validate(s) for s in row] for row in data]
+        return [LabelScore.model_validate(s) for s in data]
 
 
 class AnchorServeClient(_Base):
@@ -99,9 +121,28 @@ class AnchorServeClient(_Base):
             time.sleep(interval)
         raise TimeoutError(f"{self.base_url} not ready after {timeout}s")
 
-    def classify(self, task: str, inputs: str | list[str], method: str | None = None) -> ClassifyResponse:
-        data = self._request("POST", "/v1/classify", json=self._classify_body(task, inputs, method))
-        return ClassifyResponse.model_validate(data)
+    def classify(
+        self, task: str | None, inputs: str | list[str], method: str | None = None, *, model: str | None = None,
+        truncate: bool | None = None, truncation_direction: str | None = None,
+    ) -> ClassifyResponse:
+        """POST /v1/classify. `task` None: the server's default task; `truncate` None: the server's setting;
+        `truncation_direction` "right" (cut the end) or "left" (cut the start)."""
+        body = self._classify_body(task, inputs, method, model=model, truncate=truncate,
+                                   truncation_direction=truncation_direction)
+        return ClassifyResponse.model_validate(self._request("POST", "/v1/classify", json=body))
+
+    def predict(
+        self, inputs: str | list[str], raw_scores: bool = False, task: str | None = None, *,
+        truncate: bool | None = None, truncation_direction: str | None = None,
+    ) -> list[LabelScore] | list[list[LabelScore]]:
+        """POST /predict (TEI's shape): one text gives [LabelScore], a list of texts one such list per text."""
+        body = self._predict_body(inputs, raw_scores, task, truncate=truncate,
+                                  truncation_direction=truncation_direction)
+        return self._predictions(self._request("POST", "/predict", json=body), not isinstance(inputs, str))
+
+    def models(self) -> ModelList:
+        """GET /v1/models: the served model's name, for `model=`."""
+        return ModelList.model_validate(self._request("GET", "/v1/models"))
 
     def tasks(self) -> list[TaskInfo]:
         return TaskList.model_validate(self._request("GET", "/v1/tasks")).data
@@ -177,9 +218,26 @@ class AsyncAnchorServeClient(_Base):
             await asyncio.sleep(_backoff(attempt, self.backoff_s))
         raise AssertionError("unreachable")
 
-    async def classify(self, task: str, inputs: str | list[str], method: str | None = None) -> ClassifyResponse:
-        data = await self._request("POST", "/v1/classify", json=self._classify_body(task, inputs, method))
-        return ClassifyResponse.model_validate(data)
+    async def classify(
+        self, task: str | None, inputs: str | list[str], method: str | None = None, *, model: str | None = None,
+        truncate: bool | None = None, truncation_direction: str | None = None,
+    ) -> ClassifyResponse:
+        """As AnchorServeClient.classify."""
+        body = self._classify_body(task, inputs, method, model=model, truncate=truncate,
+                                   truncation_direction=truncation_direction)
+        return ClassifyResponse.model_validate(await self._request("POST", "/v1/classify", json=body))
+
+    async def predict(
+        self, inputs: str | list[str], raw_scores: bool = False, task: str | None = None, *,
+        truncate: bool | None = None, truncation_direction: str | None = None,
+    ) -> list[LabelScore] | list[list[LabelScore]]:
+        """As AnchorServeClient.predict."""
+        body = self._predict_body(inputs, raw_scores, task, truncate=truncate,
+                                  truncation_direction=truncation_direction)
+        return self._predictions(await self._request("POST", "/predict", json=body), not isinstance(inputs, str))
+
+    async def models(self) -> ModelList:
+        return ModelList.model_validate(await self._request("GET", "/v1/models"))
 
     async def tasks(self) -> list[TaskInfo]:
         return TaskList.model_validate(await self._request("GET", "/v1/tasks")).data

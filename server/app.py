@@ -7,13 +7,18 @@ import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 from asgi_correlation_id import CorrelationIdMiddleware
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
 
 from server.api.admin import admin
 from server.api.analyses import analyses
 from server.api.public import public
+from server.api.tei import tei
 from server.api.v1 import v1
 from server.errors import install_handlers
 from server.limits import PayloadLimitMiddleware
@@ -24,6 +29,8 @@ from server.state import ServerState
 log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-ID"
+# Swagger UI's files (swagger-ui-dist from npm, with its licence), served here so /docs works offline.
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
@@ -59,6 +66,8 @@ def build_app(settings: Settings | None = None, on_fatal: Callable[[], None] | N
         summary="ICL text classification over compressed label-word anchor caches",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # served below from local files, not a CDN
+        redoc_url=None,  # ReDoc has no local copy: it would be as blank offline as a CDN-loaded /docs
     )
     app.state.anchor = state
     install_handlers(app)
@@ -69,6 +78,31 @@ def build_app(settings: Settings | None = None, on_fatal: Callable[[], None] | N
 
     app.include_router(public)
     app.include_router(v1)
+    app.include_router(tei)
     app.include_router(admin)
     app.include_router(analyses)
+    add_docs(app)
     return app
+
+
+def add_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs from local files (FastAPI's "self-hosting JavaScript and CSS for docs"
+    recipe), so the page renders without network access beyond this server."""
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    redirect = app.swagger_ui_oauth2_redirect_url or "/docs/oauth2-redirect"
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - Swagger UI",
+            oauth2_redirect_url=f"{root}{redirect}",
+            swagger_js_url=f"{root}/static/swagger/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}/static/swagger/swagger-ui.css",
+            swagger_favicon_url=f"{root}/static/swagger/favicon-32x32.png",
+        )
+
+    @app.get(redirect, include_in_schema=False)
+    async def swagger_ui_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()

@@ -35,12 +35,13 @@ def dataset_file(settings: Settings, relative: str, split: str) -> Path:
     return path / f"{split}.jsonl" if path.is_dir() else path
 
 
-def inline_demonstrations(settings: Settings, spec: TaskSpec) -> TaskSpec:
-    """A spec sent by a client with demonstrations drawn from a file: the file is resolved under
-    data_root and its draw written into the spec, so the persisted spec needs no file again."""
-    source = spec.demonstrations
-    if not isinstance(source, DemonstrationSource):
-        return spec
-    resolved = source.model_copy(update={"path": dataset_file(settings, str(source.path), "train")})
-    demos: list[Demonstration] = load_demonstrations(resolved, spec.labels)
-    return spec.model_copy(update={"demonstrations": demos})
+def inline_rows(settings: Settings, spec: TaskSpec) -> TaskSpec:
+    """A spec sent by a client with demonstrations or an examples pool drawn from a file: the file is
+    resolved under data_root and its draw written into the spec, so the stored spec needs no file."""
+    update: dict[str, list[Demonstration]] = {}
+    for field in ("demonstrations", "examples"):
+        source = getattr(spec, field)
+        if isinstance(source, DemonstrationSource):
+            resolved = source.model_copy(update={"path": dataset_file(settings, str(source.path), "train")})
+            update[field] = load_demonstrations(resolved, spec.labels)
+    return spec.model_copy(update=update) if update else spec

@@ -151,7 +151,8 @@ class Engine:
             if len(ids) > max_tokens:
                 raise ValidationError(
                     f"input {index} has {len(ids)} tokens with the template; the limit is {max_tokens} "
-                    "(max_input_tokens). Shorten it, or start the server with ANCHORSERVE_TRUNCATE=true"
+                    "(max_input_tokens). Shorten it, send \"truncate\": true, or start the server with "
+                    "ANCHORSERVE_TRUNCATE=true"
                 )
         return queries
 

@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from anchor_cache.errors import AnchorServeError
+from anchor_cache.errors import AnchorServeError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +32,18 @@ STATUS: dict[str, int] = {
     "precondition_failed": 412,
     "payload_too_large": 413,
     "unsupported_media_type": 415,
+    "model_not_found": 404,  # a request named a model this server does not serve (OpenAI's and vLLM's 404)
     "validation": 422,
-    "model_not_found": 424,
+    "model_unavailable": 424,  # the configured model is missing (TEI's Backend → 424); start-up ends on it
     "overloaded": 429,
     "internal": 500,
     "unavailable": 503,
     "timeout": 504,
 }
+
+
+class ModelNotServed(AnchorServeError):
+    kind = "model_not_found"
 
 
 class Overloaded(AnchorServeError):
@@ -61,6 +66,13 @@ def status_of(kind: str) -> int:
     return STATUS.get(kind, 500)
 
 
+def kind_of(exc: AnchorServeError) -> str:
+    """The kind an error is answered with. The engine's ModelNotFoundError (the configured model
+    folder or the default model's wheel is missing) is a failure of the server, not of a request:
+    it must not share the 404 of a request naming a model this server does not serve."""
+    return "model_unavailable" if isinstance(exc, ModelNotFoundError) else exc.kind
+
+
 def printable(message: str) -> str:
     """Messages can quote what a client sent; lone surrogates must not break the JSON encoder."""
     return message.encode("utf-8", "backslashreplace").decode("utf-8")
@@ -75,9 +87,10 @@ def error_response(kind: str, message: str, status: int | None = None,
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(AnchorServeError)
     async def _engine(request: Request, exc: AnchorServeError) -> JSONResponse:
-        response = error_response(exc.kind, str(exc))
+        kind = kind_of(exc)
+        response = error_response(kind, str(exc))
         level = logging.ERROR if response.status_code >= 500 else logging.INFO
-        log.log(level, "%s %s -> %d %s: %s", request.method, request.url.path, response.status_code, exc.kind,
+        log.log(level, "%s %s -> %d %s: %s", request.method, request.url.path, response.status_code, kind,
                 printable(str(exc)))
         return response
 

@@ -1,4 +1,4 @@
-"""Request and response models at the HTTP edge (vLLM's classify shape).
+"""Request and response models at the HTTP edge: vLLM's classify shape, TEI's predict shape.
 
 Every string a client sends is `Text` (valid Unicode: a lone surrogate is a 422 here, not a
 tokenizer crash later), and paths are `PathText` (no NUL); limits that need the model are the
@@ -8,25 +8,39 @@ services' to check.
 from __future__ import annotations
 
 import time
-import uuid
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from anchor_cache.task import Demonstration, FormatText, Method, Text
 
+if TYPE_CHECKING:
+    from server.classify import Timing
+
 # hidden_random_top picks among random draws on a dev set: an evaluation method, not served.
 ServedMethod = Literal["vanilla", "hidden_anchor", "text_anchor", "hidden_random", "zero_shot"]
+TruncationDirection = Literal["right", "left"]
 PathText = FormatText  # paths are text without NUL characters
+
+TRUNCATE_DESCRIPTION = ("cut an input longer than max_input_tokens (with its template) instead of answering 422; "
+                        "unset: the server's `truncate` setting (TEI's --auto-truncate)")
+DIRECTION_DESCRIPTION = ("which end of the text a cut removes: right (its end) or left (its start); the template "
+                         "is never cut")
 
 
 class ClassifyRequest(BaseModel):
+    """vLLM's classify request (`model`, `input`) plus anchorserve's task selector and options."""
+
     model_config = ConfigDict(extra="forbid")
 
-    task: Text = Field(description="name of a served task")
+    model: Text | None = Field(None, description="the served model's name (GET /v1/models), as OpenAI and vLLM "
+                               "clients send it; another name is a 404 model_not_found")
+    task: Text | None = Field(None, description="name of a served task; unset: the server's default_task")
     input: Text | list[Text] = Field(description="one text or a list of texts")
     method: ServedMethod | None = Field(None, description="defaults to the task's configured method "
                                        "(hidden_anchor); hidden_random_top is evaluation-only")
+    truncate: bool | None = Field(None, description=TRUNCATE_DESCRIPTION)
+    truncation_direction: TruncationDirection = Field("right", description=DIRECTION_DESCRIPTION)
 
     @property
     def texts(self) -> list[str]:
@@ -34,26 +48,122 @@ class ClassifyRequest(BaseModel):
 
 
 class ClassificationData(BaseModel):
-    index: int
-    label: str
-    probs: dict[str, float]
-    logprobs: dict[str, float]
+    """One input's result: vLLM's fields (`index`, `label`, `probs`, `num_classes`), then the same
+    numbers keyed by label word."""
+
+    index: int = Field(description="the input's position in the request")
+    label: str = Field(description="the predicted label word")
+    probs: list[float] = Field(description="class probabilities in label order (GET /v1/tasks/{name} lists the "
+                               "labels); calibrated for a calibrated task")
     num_classes: int
-    raw_probs: dict[str, float] | None = Field(None, description="before calibration, for calibrated tasks")
+    label_probs: dict[str, float] = Field(description="`probs` keyed by label word")
+    label_logprobs: dict[str, float] = Field(description="natural-log probabilities keyed by label word")
+    raw_label_probs: dict[str, float] | None = Field(
+        None, description="before contextual calibration, for a calibrated task; null otherwise")
 
 
 class Usage(BaseModel):
-    prompt_tokens: int
+    prompt_tokens: int = Field(description="tokens the forwards ran for this request: each input with its "
+                               "template, plus any demonstration tokens re-encoded before it")
     total_tokens: int
+    completion_tokens: int = Field(0, description="always 0: classification generates nothing")
 
 
 class ClassifyResponse(BaseModel):
-    id: str = Field(default_factory=lambda: f"cls-{uuid.uuid4().hex}")
-    object: str = "list"
+    id: str = Field(description="the request id, as in the X-Request-ID header and the server log")
+    object: Literal["list"] = "list"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     data: list[ClassificationData]
     usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str = Field(description="the name `model` takes in POST /v1/classify")
+    object: Literal["model"] = "model"
+    created: int = Field(description="when this server started (Unix seconds)")
+    owned_by: str = "anchorserve"
+
+
+class ModelList(BaseModel):
+    """OpenAI's model list: the one model this server serves."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class PredictRequest(BaseModel):
+    """TEI's /predict request. `inputs` follows TEI: a string or `[string]` is one input, `[[string], ...]`
+    a batch; TEI's sequence pairs (`[a, b]`) have no meaning for an ICL task and are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: Text | list[Text] | list[list[Text]] = Field(
+        description="a string, [string], or a batch [[string], [string], ...]",
+        examples=["a wonderful film", [["a wonderful film"], ["a dull mess"]]])
+    raw_scores: bool = Field(False, description="the label words' logits instead of probabilities (before "
+                             "calibration)")
+    truncate: bool | None = Field(None, description=TRUNCATE_DESCRIPTION)
+    truncation_direction: TruncationDirection = Field("right", description=DIRECTION_DESCRIPTION)
+    task: Text | None = Field(None, description="a served task; unset: the server's default_task")
+
+    @model_validator(mode="after")
+    def _no_pairs(self) -> PredictRequest:
+        inputs = self.inputs
+        if isinstance(inputs, list):
+            if not inputs:
+                raise ValueError("inputs is empty: give a string or a batch [[string], ...]")
+            rows = [inputs] if isinstance(inputs[0], str) else inputs
+            for row in rows:
+                if len(row) == 2:
+                    raise ValueError("TEI's sequence pairs [a, b] have no meaning for an ICL task; send a batch "
+                                     "as [[a], [b]]")
+                if len(row) != 1:
+                    raise ValueError(f"a list of {len(row)} strings is neither one input [a] nor a batch; send a "
+                                     "batch as [[a], [b], ...]")
+        return self
+
+    @property
+    def batched(self) -> bool:
+        return isinstance(self.inputs, list) and not isinstance(self.inputs[0], str)
+
+    @property
+    def texts(self) -> list[str]:
+        if isinstance(self.inputs, str):
+            return [self.inputs]
+        return [row[0] for row in self.inputs] if self.batched else [self.inputs[0]]
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float = Field(description="probability, or logit with raw_scores")
+
+
+# TEI's per-request timing headers (router/src/lib.rs, ResponseMetadata), whole milliseconds as TEI sends them.
+TIMING_HEADERS: dict[str, str] = {
+    "x-total-time": "milliseconds in the classify service, from the parsed request to the predictions",
+    "x-tokenization-time": "milliseconds rendering the template and tokenising the inputs",
+    "x-queue-time": "milliseconds entering the scheduler's queue (admission); waiting in it is in x-inference-time",
+    "x-inference-time": "milliseconds from entering the queue until the predictions: waiting for a batch, the "
+                        "forward(s) and calibration",
+    "x-compute-tokens": "tokens the forwards ran for this request (usage.prompt_tokens)",
+}
+
+
+def timing_headers(timing: Timing) -> dict[str, str]:
+    return {
+        "x-total-time": str(int(timing.total_s * 1000)),
+        "x-tokenization-time": str(int(timing.tokenization_s * 1000)),
+        "x-queue-time": str(int(timing.queue_s * 1000)),
+        "x-inference-time": str(int(timing.inference_s * 1000)),
+        "x-compute-tokens": str(timing.compute_tokens),
+    }
+
+
+def timed_response(description: str) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI entry for a 200 that carries the timing headers."""
+    headers = {name: {"description": text, "schema": {"type": "string"}} for name, text in TIMING_HEADERS.items()}
+    return {200: {"description": description, "headers": headers}}
 
 
 class TaskInfo(BaseModel):
@@ -188,7 +298,7 @@ class AnalysisStatus(BaseModel):
 ERROR_DESCRIPTIONS = {
     400: "malformed JSON",
     401: "missing or wrong bearer key",
-    404: "unknown task, job or route (the whole /admin API when no admin key is set)",
+    404: "unknown task, job, model (model_not_found) or route (the whole /admin API when no admin key is set)",
     405: "method not allowed (see the Allow header)",
     409: "conflicting write: the name exists (on any replica), a training runs, or max_tasks is reached",
     412: "If-Match names a revision that is no longer the task's current one: GET it again",

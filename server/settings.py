@@ -19,8 +19,30 @@ from anchor_cache.task import Demonstration, TaskSpec
 CONFIG_ENV = "ANCHORSERVE_CONFIG"
 
 
+# The built-in task's labelled pool, written for anchorserve (not drawn from any dataset): its β is
+# learned from these at the first start and stored, so later starts only load it.
+BUILTIN_POOL = {
+    "Negative": [
+        "a tiresome muddle", "awful", "the plot goes nowhere and takes its time getting there",
+        "flat characters and a script full of clichés", "i walked out halfway through",
+        "painfully slow and never funny", "a waste of a talented cast", "the worst film i have seen this year",
+        "loud, long and empty", "it looks cheap and feels cheaper", "tedious from the first scene to the last",
+        "the jokes fall flat", "a confused, lifeless sequel", "nothing about it works",
+        "clumsy direction and wooden acting", "boring and far too long",
+    ],
+    "Positive": [
+        "a lovely picture", "superb", "a moving story told with real warmth", "sharp, funny and beautifully shot",
+        "i loved every minute of it", "the best thing the director has ever made", "a warm, uplifting comedy",
+        "gripping from start to finish", "smart writing and a terrific cast", "a small gem worth seeking out",
+        "tender, funny and true", "an absolute delight", "the performances are superb",
+        "it left me smiling for days", "a thrilling, inventive ride", "beautiful and deeply felt",
+    ],
+}
+
+
 def builtin_task() -> TaskSpec:
-    """Sentiment with the paper's SST-2 template and demonstrations written for anchorserve."""
+    """Sentiment with the paper's SST-2 template, demonstrations and a labelled pool written for
+    anchorserve; β is learned from the pool (see BUILTIN_POOL)."""
     return TaskSpec(
         name="sentiment",
         template="Review: {text}\nSentiment:",
@@ -31,6 +53,7 @@ def builtin_task() -> TaskSpec:
             Demonstration(text="a boring, badly acted mess", label="Negative"),
             Demonstration(text="an utterly delightful, warm and funny film", label="Positive"),
         ],
+        examples=[Demonstration(text=text, label=label) for label, texts in BUILTIN_POOL.items() for text in texts],
     )
 
 
@@ -49,6 +72,9 @@ class Settings(BaseSettings):
     dtype: str = "auto"
     state_dir: Path = Field(default_factory=lambda: cache_dir() / "state", description="persisted tasks and caches")
     tasks: list[TaskSpec] = Field(default_factory=lambda: [builtin_task()], description="tasks served at start")
+    default_task: str | None = Field(None, description="the task POST /predict and POST /v1/classify use when a "
+                                     "request names none; unset: the first configured task (a name that is not "
+                                     "served is a 404 at request time: admin writes may add it later)")
     state_url: SecretStr = Field(SecretStr("local"), description="'local' (the state dir, for processes on one "
                                  "host) or redis://host:port/db (shared by replicas on any host)")
     sync_interval_s: float = Field(1.0, gt=0, description="full resync with the state store at least this often "

@@ -34,7 +34,7 @@ from anchor_cache.registry import ServedTask
 from anchor_cache.reweighting import TrainConfig, train_reweighting
 from anchor_cache.state import ABSENT, TaskRecord
 from anchor_cache.task import Method, TaskSpec, label_index, preview
-from server.datafiles import dataset_file, inline_demonstrations
+from server.datafiles import dataset_file, inline_rows
 from server.engine import Engine
 from server.jobs import Job, JobRunner, in_background_thread
 from server.protocol import ReweightRequest, TaskInfo
@@ -82,7 +82,7 @@ class TaskService:
         if spec.method == Method.HIDDEN_RANDOM_TOP:
             raise ValidationError("method hidden_random_top is an evaluation method (it needs a dev set); "
                                   "serve hidden_anchor or hidden_random")
-        spec = await asyncio.to_thread(inline_demonstrations, self.settings, spec)
+        spec = await asyncio.to_thread(inline_rows, self.settings, spec)
         overhead = self.engine.template_tokens(spec)
         if overhead > self.settings.max_input_tokens:
             raise ValidationError(f"the template alone takes {overhead} tokens, more than max_input_tokens "
@@ -93,20 +93,43 @@ class TaskService:
         expect = ABSENT if not replace else self._expected(spec.name, previous, if_match)
         record = await self._store(self.store.write, spec.name, spec.model_dump(mode="json"), "admin", expect)
         kind = "replace_task" if previous is not None and previous.live else "create_task"
-        return self.jobs.submit(kind, spec.name, lambda _: self._apply(record, previous))
+        job = Job(kind=kind, target=spec.name)
+        return self.jobs.submit(kind, spec.name, lambda cancel: self._apply(record, previous, job, cancel), job)
 
-    async def _apply(self, record: TaskRecord, previous: TaskRecord | None) -> dict[str, Any]:
+    async def _apply(self, record: TaskRecord, previous: TaskRecord | None, job: Job,
+                     cancel: threading.Event) -> dict[str, Any]:
         """Build the stored revision here; if it cannot serve, store the previous version back (a
-        newer revision, so every replica returns to it) and fail the job with the reason."""
+        newer revision, so every replica returns to it) and fail the job with the reason. A task
+        with an `examples` pool and no β learned from it then learns β (the job's progress) and
+        stores it as the next revision."""
         registry = self.engine.require_ready()
         served = await self.replication.apply(record)
         reason = registry.build_error(record.name, record.revision)
         if reason is not None:
             await self._roll_back(record, previous)
             raise ValidationError(f"task {record.name!r} did not build: {reason}")
+        if served is not None and registry.needs_pool_beta(served):
+            served = await self._learn_pool_beta(served, job, cancel) or served
         await self._collect_garbage()
         current = served or registry.get(record.name)  # a later write may have been applied already
         return self.info(current).model_dump() | {"written_revision": record.revision}
+
+    async def _learn_pool_beta(self, served: ServedTask, job: Job, cancel: threading.Event) -> ServedTask | None:
+        """β from the task's pool in a nice-19 thread, stored as a new revision of the same spec;
+        None when a newer write came first (its own build learns again if it needs to)."""
+        registry = self.engine.require_ready()
+
+        def progress(done: int, total: int) -> None:
+            job.progress = {"done": done, "total": total}
+
+        trained = await in_background_thread(lambda: registry.learn_pool_beta(served, cancel.is_set, progress),
+                                             "anchorserve-training")
+        try:
+            record = await self._store(self.store.write, served.spec.name, served.spec.model_dump(mode="json"),
+                                       "admin", served.revision)
+        except PreconditionFailedError:
+            return None
+        return await self.replication.apply(record) or trained
 
     async def _roll_back(self, failed: TaskRecord, previous: TaskRecord | None) -> None:
         spec = previous.spec if previous is not None else None

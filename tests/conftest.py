@@ -123,6 +123,17 @@ def settings(model_dir, state_dir, **overrides) -> Settings:
     return Settings(**(base | overrides))
 
 
+def wait_finished(client: TestClient, path: str, timeout: float = 60) -> dict:
+    """Poll a job's status URL (admin key) until it is neither pending nor running; its body."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(path, headers=ADMIN).json()
+        if job["status"] not in ("pending", "running"):
+            return job
+        time.sleep(0.02)
+    raise TimeoutError(job)
+
+
 def wait_ready(client: TestClient, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

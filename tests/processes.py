@@ -308,7 +308,7 @@ class ServerProcess:
     def classify(self, task: str, texts: list[str]) -> list[dict[str, float]]:
         response = self.post("/v1/classify", {"task": task, "input": texts})
         assert response.status_code == 200, response.text
-        return [row["probs"] for row in response.json()["data"]]
+        return [row["label_probs"] for row in response.json()["data"]]
 
     def task(self, name: str) -> dict[str, Any]:
         response = self.get(f"/v1/tasks/{name}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -11,7 +12,17 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from anchor_cache import AttentionPlan
-from anchor_cache.analysis import KINDS, AnalysisData, JobControl, parse_params, run_analysis
+from anchor_cache.analysis import (
+    KINDS,
+    AnalysisData,
+    JobControl,
+    deep_layers,
+    error_diagnosis,
+    isolation,
+    parse_params,
+    run_analysis,
+    saliency,
+)
 from anchor_cache.analysis.common import final_hidden, padded_rows, prompt_rows
 from anchor_cache.analysis.deep_layers import auc_roc, r_curve
 from anchor_cache.analysis.error_diagnosis import pair_spearman, predicted_confusion, real_confusion
@@ -22,7 +33,7 @@ from anchor_cache.data import Example
 from anchor_cache.errors import Cancelled, ValidationError
 from anchor_cache.forward import label_logits
 from anchor_cache.prompt import label_token_ids
-from tests.conftest import QUERIES, sentiment_task
+from tests.conftest import ADMIN, QUERIES, sentiment_task, wait_finished
 
 
 def analyse(lm, kind, data, params, control=None):
@@ -163,8 +174,12 @@ def test_every_analysis_runs_reports_and_plots(tiny_lm, kind):
     named = {"saliency": ["s_wp", "s_pq", "s_ww"], "deep_layers": ["auc_roc", "r"],
              "isolation": ["label_loyalty", "word_loyalty"], "error_diagnosis": ["spearman"]}[kind]
     assert all(name in out.results for name in named)
+    assert isinstance(out.results["warnings"], list) and all(isinstance(w, str) for w in out.results["warnings"])
     if kind == "isolation":
         assert out.results["label_loyalty"]["first"]["label"]["0"] == 100.0
+    if kind == "error_diagnosis":  # two classes make one pair: no correlation, and the results say why
+        assert out.results["spearman"] is None
+        assert any("Spearman" in w and "2 classes" in w for w in out.results["warnings"])
 
 
 def test_per_layer_arrays_and_normalisation(tiny_lm):
@@ -195,3 +210,74 @@ def test_bad_params_and_cancellation(tiny_lm):
             analyse(tiny_lm, kind, data, {"seeds": [1], "max_tokens": 8} | extra)
     with pytest.raises(ValidationError, match="max_map_values"):
         analyse(tiny_lm, "deep_layers", data, {"seeds": [1], "attention_maps": 2, "max_map_values": 10})
+
+
+# Degenerate results carry warnings in words (a deep_layers job once returned null AUCs and an empty plot, silently)
+
+
+@pytest.fixture()
+def one_class_model(monkeypatch):
+    """Every deep-layer prediction becomes class 1 ('Positive'), as a label-biased model's would."""
+    def always_positive(lm, hidden, label_ids):
+        return torch.tensor([[0.0, 1.0]]).expand(hidden.shape[0], -1)
+
+    monkeypatch.setattr(deep_layers, "label_logits", always_positive)
+
+
+def test_deep_layers_warns_when_every_prediction_is_one_class(tiny_lm, one_class_model):
+    data = AnalysisData(task=sentiment_task(), test=ROWS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no 0/0 on the way
+        out = analyse(tiny_lm, "deep_layers", data, {"seeds": [1, 2]})
+    res = json.loads(json.dumps(out.results, allow_nan=False))
+    assert res["auc_roc"] == [None] * 3 and res["r"] == [None] * 3
+    assert res["warnings"] == ["every prediction was class 'Positive', so AUCROC_l is undefined in all layers and "
+                               "R_l with it (both null); the plot is empty"]
+    assert out.plots["deep_layers"].startswith(b"\x89PNG")
+
+
+def test_deep_layer_warnings_name_partial_and_unbalanced_cases():
+    labels, mixed = ["a", "b", "c"], np.array([0, 2, 0, 2])
+    auc = np.array([0.6, 0.8])
+    assert deep_layers.degenerate(labels[:2], [1, 2], [np.array([0, 1]), np.array([1, 0])], auc) == []
+    partial = deep_layers.degenerate(labels, [1, 2], [np.array([1, 1]), mixed], auc)
+    assert partial[0] == ("seed 1 predicted only 'b', so AUCROC_l there is undefined; the means cover the other 1 "
+                          "of 2 seeds")
+    assert partial[1].startswith("classes never predicted in some seeds: 'b' (1 of 1)")
+    assert "R_l is undefined" in deep_layers.degenerate(labels, [1], [mixed], np.array([0.6, 0.4]))[-1]
+    assert "below 0.5 on balance" in deep_layers.degenerate(labels, [1], [mixed], np.array([0.4, 0.45]))[-1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert np.isnan(r_curve(np.array([0.6, 0.4]))).all()
+
+
+def test_saliency_isolation_and_error_diagnosis_name_what_is_undefined():
+    flows_ = np.array([[0.5, np.nan], [0.3, np.nan], [0.2, np.nan]])  # (3 flows, 2 layers): layer 1 had no saliency
+    assert saliency.degenerate([42, 43], [flows_, flows_[:, :1]]) == [
+        "the flows are undefined (null) in layers 1 for seed 42: the saliency there summed to zero or was not "
+        "finite, so those layers' means are null too"]
+    said = isolation.degenerate(["Negative", "Positive"], [1, 2], [np.array([1, 1]), np.array([0, 1])], 2)
+    assert said[0].startswith("the unmodified model predicted 'Positive' for every row (seed 1)")
+    assert said[1].startswith("2 prompt(s) had fewer other positions than label words")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        same_keys = predicted_confusion(np.random.default_rng(0).normal(size=(20, 2)), np.ones((3, 2)), 2)
+    assert np.isnan(same_keys[0, 1]) and pair_spearman(same_keys, same_keys) is None
+    said = error_diagnosis.degenerate(["a", "b", "c"], np.array([0, 0, 1]), same_keys, None, 64, 64, True)
+    assert said == ["no analysed row has gold class 'c', so the real confusion of its pairs is undefined (null)",
+                    "every label word has the same key in the PCA subspace, so the predicted confusion is undefined "
+                    "(null)",
+                    "the Spearman correlation is undefined (null): fewer than 3 class pairs have both confusions, or "
+                    "one of them is the same for every pair"]
+
+
+def test_server_analysis_status_passes_the_warnings_through(serve, one_class_model):
+    client = serve(admin_api_key="admin-secret")
+    rows = [{"text": r.text, "label": ["Negative", "Positive"][r.label]} for r in ROWS]
+    started = client.post("/admin/analyses", headers=ADMIN, json={
+        "kind": "deep_layers", "task": "sentiment", "data": {"examples": rows}, "params": {"seeds": [1]}})
+    assert started.status_code == 202, started.text
+    job = wait_finished(client, started.json()["status_url"])
+    assert job["status"] == "succeeded", job["error"]
+    assert job["results"]["warnings"][0].startswith("every prediction was class 'Positive'")
+    assert job["results"]["auc_roc"] == [None] * 3

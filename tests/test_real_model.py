@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from anchor_cache.cache import build_anchor_cache
 from anchor_cache.cli import default_data_root
 from anchor_cache.data import read_jsonl, sample_rows, seed_demonstrations
 from anchor_cache.forward import Prefix, label_logits, last_hidden
+from anchor_cache.reweighting import learn_pool_beta
 from anchor_cache.task import PRESETS, TaskSpec
 from server.settings import builtin_task
 
@@ -24,6 +27,21 @@ def test_obvious_sentiment_is_classified(real_lm):
     texts = ["a wonderful film", "dreadful"]
     for method in (Method.HIDDEN_ANCHOR, Method.VANILLA):
         assert [p.label for p in clf.classify(texts, method)] == ["Positive", "Negative"], method
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+README_EXAMPLES = {"a wonderful film": "Positive", "dreadful": "Negative"}  # its curl and client examples
+
+
+def test_readme_examples_are_right_on_the_builtin_task_with_its_pool_beta(real_lm):
+    """What a new user sees: `make serve` learns β from the built-in task's pool at its first start."""
+    readme = README.read_text()
+    assert all(f'"{text}"' in readme for text in README_EXAMPLES)
+    beta, info = learn_pool_beta(Classifier(real_lm, TASK))
+    assert info["train_examples"] == len(TASK.examples) and info["epoch_losses"][-1] < info["epoch_losses"][0]
+    predictions = Classifier(real_lm, TASK, beta=beta).classify(list(README_EXAMPLES))
+    assert {text: p.label for text, p in zip(README_EXAMPLES, predictions, strict=True)} == README_EXAMPLES
+    assert all(max(p.probs.values()) > 0.9 for p in predictions), [p.probs for p in predictions]
 
 
 def test_real_model_keep_all_cache_matches_vanilla(real_lm):

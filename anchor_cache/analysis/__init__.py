@@ -5,7 +5,9 @@
     deep_layers       §2.3  AUCROC_l and R_l of the target's attention to label words
     error_diagnosis   §3.3  predicted vs real class confusion and their Spearman correlation
 
-All of them go through the one registered attention function (`anchor_cache.attention`).
+All of them go through the one registered attention function (`anchor_cache.attention`). Every
+result carries `warnings`, a list of sentences saying what degenerated (a model that predicted one
+class, a correlation with too few pairs, prompts left out for length); it is empty when all is well.
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ def run_analysis(
     start = time.perf_counter()
     results, plots = KINDS[kind].run(lm, data, params, control or JobControl())
     header = {"kind": kind, "task": data.task.name, "model": lm.name, "params": params.model_dump(),
-              "layers": lm.model.config.num_hidden_layers, "seconds": round(time.perf_counter() - start, 3)}
+              "layers": lm.model.config.num_hidden_layers, "seconds": round(time.perf_counter() - start, 3),
+              "warnings": results.pop("warnings")}
     return AnalysisOutput(results=json_safe(header | results), plots=plots)
 
 

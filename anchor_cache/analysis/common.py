@@ -105,6 +105,20 @@ def require_prompts(prepared: Sequence[tuple[list[Prompted], int]]) -> None:
             raise ValidationError(f"no prompt to analyse: {skipped} were longer than max_tokens (or no rows given)")
 
 
+def seeds_text(seeds: Sequence[int]) -> str:
+    """"seed 42" or "seeds 42, 43", for warnings."""
+    return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(map(str, seeds))
+
+
+def skipped_warning(prepared: Sequence[tuple[Sequence[Prompted], int]], max_tokens: int) -> list[str]:
+    """The warning for prompts left out for length, if any were."""
+    skipped = sum(s for _, s in prepared)
+    total = skipped + sum(len(p) for p, _ in prepared)
+    if not skipped:
+        return []
+    return [f"{skipped} of {total} prompts were longer than max_tokens={max_tokens} and were left out"]
+
+
 def final_hidden(lm: LoadedModel, batch: Sequence[Prompted], plan: AttentionPlan | None = None) -> torch.Tensor:
     """(B, hidden) at each prompt's last token; right-padded, so positions are those of the prompt."""
     return last_hidden(lm, Prefix(), [p.ids for p in batch], plan)

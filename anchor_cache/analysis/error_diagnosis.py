@@ -75,7 +75,7 @@ def predicted_confusion(queries: np.ndarray, keys: np.ndarray, components: int) 
     pca = PCA(n_components=min(components, *queries.shape)).fit(queries)
     projected = (keys @ pca.components_.T) * pca.singular_values_
     dist = np.linalg.norm(projected[:, None] - projected[None], axis=-1)
-    dist = dist / dist.max()
+    dist = dist / dist.max() if dist.max() > 0 else np.full_like(dist, np.nan)  # all keys alike: undefined
     np.fill_diagonal(dist, 1.0)
     return dist
 
@@ -98,9 +98,30 @@ def pair_spearman(pred: np.ndarray, real: np.ndarray) -> float | None:
     i, j = np.triu_indices(len(pred), 1)
     x, y = pred[i, j], (real[i, j] + real[j, i]) / 2
     ok = np.isfinite(x) & np.isfinite(y)
-    if ok.sum() < 3:
+    if ok.sum() < 3 or np.ptp(x[ok]) == 0 or np.ptp(y[ok]) == 0:  # a constant side has no ranking
         return None
     return float(spearmanr(x[ok], y[ok]).statistic)
+
+
+def degenerate(labels: list[str], gold: np.ndarray, pred: np.ndarray, spearman: float | None,
+               contexts: int, wanted: int, has_train: bool) -> list[str]:
+    """In words, what leaves the confusions or their correlation undefined or smaller than asked."""
+    out = []
+    if has_train and contexts < wanted:
+        out.append(f"the train split's rarest class has {contexts} rows, so {contexts} contexts were used, "
+                   f"not {wanted}")
+    absent = [label for c, label in enumerate(labels) if not (gold == c).any()]
+    if absent:
+        out.append(f"no analysed row has gold class {', '.join(map(repr, absent))}, so the real confusion of "
+                   "its pairs is undefined (null)")
+    if not np.isfinite(pred[~np.eye(len(labels), dtype=bool)]).any():
+        out.append("every label word has the same key in the PCA subspace, so the predicted confusion is undefined "
+                   "(null)")
+    if spearman is None:
+        reason = ("it needs at least 3 class pairs and 2 classes give one" if len(labels) < 3 else
+                  "fewer than 3 class pairs have both confusions, or one of them is the same for every pair")
+        out.append(f"the Spearman correlation is undefined (null): {reason}")
+    return out
 
 
 def _queries_and_probs(
@@ -149,7 +170,12 @@ def run(lm: LoadedModel, data: AnalysisData, params: ErrorDiagnosisParams, contr
     pred = predicted_confusion(queries, keys, params.components)
     real = real_confusion(probs, gold)
     spearman = pair_spearman(pred, real)
+    warnings = degenerate(labels, gold, pred, spearman, len(contexts), params.contexts, data.train is not None)
+    if len(rows) > len(keep):
+        warnings.insert(0, f"{len(rows) - len(keep)} of {len(rows)} rows had a prompt longer than "
+                        f"max_tokens={params.max_tokens} and were left out")
     results: dict[str, Any] = {
+        "warnings": warnings,
         "layer": layer, "components": min(params.components, *queries.shape), "contexts": len(contexts),
         "classes": labels, "predicted_confusion": pred.tolist(), "real_confusion": real.tolist(),
         "spearman": spearman, "examples": len(keep), "skipped": len(rows) - len(keep),

@@ -25,6 +25,8 @@ from anchor_cache.analysis.common import (
     padded_rows,
     prompt_rows,
     require_prompts,
+    seeds_text,
+    skipped_warning,
 )
 from anchor_cache.analysis.plots import loyalty_plot
 from anchor_cache.attention import AttentionPlan, Isolation
@@ -57,6 +59,22 @@ def random_positions(prompt: Prompted, rng: np.random.Generator) -> list[int]:
     return [int(i) for i in rng.choice(pool, min(len(pool), len(prompt.label_positions)), replace=False)]
 
 
+def degenerate(labels: list[str], seeds: list[int], references: list[np.ndarray], short_controls: int) -> list[str]:
+    """In words, what weakens the loyalty figures: seeds whose unmodified run predicted one class
+    for every row, and prompts too short for a full random control."""
+    out = []
+    single = {seed: labels[int(ref[0])] for seed, ref in zip(seeds, references, strict=True)
+              if len(np.unique(ref)) < 2}
+    for name in sorted(set(single.values())):
+        which = [seed for seed, c in single.items() if c == name]
+        out.append(f"the unmodified model predicted {name!r} for every row ({seeds_text(which)}), so label loyalty "
+                   f"there only says how often isolation leaves the prediction at {name!r}")
+    if short_controls:
+        out.append(f"{short_controls} prompt(s) had fewer other positions than label words, so their random control "
+                   "isolated fewer positions")
+    return out
+
+
 def _predict(
     lm: LoadedModel, batch: list[Prompted], label_ids: tuple[int, ...], top_k: int, plan: AttentionPlan | None
 ) -> tuple[np.ndarray, list[set[int]]]:
@@ -85,6 +103,7 @@ def run(lm: LoadedModel, data: AnalysisData, params: IsolationParams, control: J
     control.add_work(sum(-(-len(p) // params.batch_size) for p, _, _ in prepared) * (1 + len(settings)))
     scores: dict[str, dict] = {m: {w: {x: {str(k): [] for k in params.ks} for x in WHAT} for w in WHERE}
                                for m in ("label_loyalty", "word_loyalty")}
+    references = []
     for prompts, _, randoms in prepared:
         ref_preds, ref_top = [], []
         for batch in chunks(prompts, params.batch_size):
@@ -92,6 +111,7 @@ def run(lm: LoadedModel, data: AnalysisData, params: IsolationParams, control: J
             ref_preds.append(preds)
             ref_top += top
         ref = np.concatenate(ref_preds)
+        references.append(ref)
         for where, what, k in settings:
             layers = isolated_layers(where, k, n_layers)
             preds, top = [], []
@@ -107,8 +127,12 @@ def run(lm: LoadedModel, data: AnalysisData, params: IsolationParams, control: J
             scores["word_loyalty"][where][what][str(k)].append(100 * float(np.mean(list(map(_jaccard, top, ref_top)))))
     mean = {m: {w: {x: {k: float(np.mean(v)) for k, v in by_k.items()} for x, by_k in by_x.items()}
                 for w, by_x in by_w.items()} for m, by_w in scores.items()}
+    short = sum(len(r) < len(p.label_positions) for prompts, _, randoms in prepared
+                for p, r in zip(prompts, randoms, strict=True))
+    warnings = skipped_warning([(p, s) for p, s, _ in prepared], params.max_tokens) + degenerate(
+        data.task.labels, params.seeds, references, short)
     results: dict[str, Any] = mean | {
-        "word_top_k": params.word_top_k, "ks": params.ks,
+        "warnings": warnings, "word_top_k": params.word_top_k, "ks": params.ks,
         "examples": [len(p) for p, _, _ in prepared], "skipped": sum(s for _, s, _ in prepared),
         "per_seed": scores,
     }

@@ -30,6 +30,8 @@ from anchor_cache.analysis.common import (
     final_hidden,
     prompt_rows,
     require_prompts,
+    seeds_text,
+    skipped_warning,
 )
 from anchor_cache.analysis.plots import line_plot
 from anchor_cache.attention import AttentionPlan
@@ -71,6 +73,18 @@ def saliency_matrices(lm: LoadedModel, batch: list[Prompted], label_ids: tuple[i
     layers = sorted(plan.capture.multipliers)
     per_layer = torch.stack([plan.capture.multipliers[i].grad.sum(1).abs() for i in layers], 1)  # (B, L, T, S)
     return [per_layer[b, :, : len(p.ids), : len(p.ids)] for b, p in enumerate(batch)]
+
+
+def degenerate(seeds: list[int], per_seed: list[np.ndarray]) -> list[str]:
+    """In words, the layers where the flows are undefined, per seed: their saliency summed to zero
+    (no gradient reached the attention) or was not finite."""
+    bad = {seed: np.flatnonzero(~np.isfinite(flows_).all(0)) for seed, flows_ in zip(seeds, per_seed, strict=True)}
+    out = []
+    for layers in sorted({tuple(v) for v in bad.values() if v.size}):
+        which = [seed for seed, v in bad.items() if tuple(v) == layers]
+        out.append(f"the flows are undefined (null) in layers {', '.join(map(str, layers))} for {seeds_text(which)}: "
+                   "the saliency there summed to zero or was not finite, so those layers' means are null too")
+    return out
 
 
 def _per_example_demos(
@@ -124,10 +138,12 @@ def run(lm: LoadedModel, data: AnalysisData, params: SaliencyParams, control: Jo
         found = [control.step(lambda b=list(b): _batch_flows(lm, b, label_ids))
                  for b in chunks(prompts, params.batch_size)]
         mean = np.concatenate(found).mean(0)  # (3, L) over examples
-        per_seed.append(mean / mean.sum(0, keepdims=True))  # each layer's three flows sum to 1
+        with np.errstate(invalid="ignore", divide="ignore"):  # a layer with no saliency: reported in warnings
+            per_seed.append(mean / mean.sum(0, keepdims=True))  # each layer's three flows sum to 1
     s_wp, s_pq, s_ww = np.mean(per_seed, 0).tolist()
+    warnings = skipped_warning(prepared, params.max_tokens) + degenerate(params.seeds, per_seed)
     results: dict[str, Any] = {
-        "s_wp": s_wp, "s_pq": s_pq, "s_ww": s_ww,
+        "s_wp": s_wp, "s_pq": s_pq, "s_ww": s_ww, "warnings": warnings,
         "sampling": _sampling(params, data),
         "examples": [len(p) for p, _ in prepared], "skipped": sum(d for _, d in prepared),
         "per_seed": {str(seed): dict(zip(("s_wp", "s_pq", "s_ww"), flows_.tolist(), strict=True))

@@ -1,7 +1,8 @@
-"""Classification and task listing under /v1 (API key when one is set)."""
+"""Classification (vLLM's shape), the model list and task listing under /v1 (API key when one is set)."""
 
 from __future__ import annotations
 
+from asgi_correlation_id import correlation_id
 from fastapi import APIRouter, Depends, Request, Response
 
 from anchor_cache.task import Method
@@ -11,15 +12,24 @@ from server.protocol import (
     ClassificationData,
     ClassifyRequest,
     ClassifyResponse,
+    ModelCard,
+    ModelList,
     TaskFailure,
     TaskInfo,
     TaskList,
     Usage,
     error_responses,
+    timed_response,
+    timing_headers,
 )
 
 v1 = APIRouter(prefix="/v1", tags=["classify"], dependencies=[Depends(require_api_key), Depends(require_json)],
                responses=error_responses(401, 503))
+
+
+@v1.get("/models", response_model=ModelList, summary="The served model, in OpenAI's list shape")
+async def list_models(service: Classify) -> ModelList:
+    return ModelList(data=[ModelCard(id=service.model_name(), created=service.created)])
 
 
 @v1.get("/tasks", response_model=TaskList, summary="Served tasks, and those that failed to load")
@@ -38,20 +48,28 @@ async def get_task(name: str, tasks: Tasks, response: Response) -> TaskInfo:
 
 
 @v1.post("/classify", response_model=ClassifyResponse,
-         responses=error_responses(400, 404, 413, 415, 422, 429, 504))
-async def classify(body: ClassifyRequest, request: Request, service: Classify) -> ClassifyResponse:
-    async def disconnected() -> None:
-        """Resolves when the client goes away (vLLM's with_cancellation listens the same way)."""
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    request.state.task = body.task  # a metrics label only if the task is served (RequestCounter)
-    result = await service.classify(body.task, body.texts, Method(body.method) if body.method else None, disconnected)
+         responses=timed_response("the predictions, in input order") | error_responses(400, 404, 413, 415, 422, 429,
+                                                                                        504))
+async def classify(body: ClassifyRequest, request: Request, response: Response, service: Classify
+                   ) -> ClassifyResponse:
+    """vLLM's classify: `probs` is a list in label order, `index` the input's position. The
+    x-*-time headers are TEI's timing headers; `id` is the request's X-Request-ID."""
+    request.state.task = service.task_name(body.task)  # a metrics label only if the task is served
+    result = await service.classify(
+        body.task, body.texts, Method(body.method) if body.method else None, request.receive, model=body.model,
+        truncate=body.truncate, direction=body.truncation_direction,
+    )
+    response.headers.update(timing_headers(result.timing))
     return ClassifyResponse(
+        id=correlation_id.get() or "",
         model=result.model,
         data=[
-            ClassificationData(index=i, label=p.label, probs=p.probs, logprobs=p.logprobs,
-                               num_classes=len(result.labels), raw_probs=result.raw[i].probs if result.raw else None)
+            ClassificationData(
+                index=i, label=p.label, probs=[p.probs[label] for label in result.labels],
+                num_classes=len(result.labels),
+                label_probs=p.probs, label_logprobs=p.logprobs,
+                raw_label_probs=result.raw[i].probs if result.raw else None,
+            )
             for i, p in enumerate(result.predictions)
         ],
         usage=Usage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens),

@@ -1,0 +1,32 @@
+"""TEI's classification route, so a text-embeddings-inference client switches by changing the URL
+(API key when one is set, as TEI's `--api-key`)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request, Response
+
+from server.auth import require_api_key, require_json
+from server.deps import Classify
+from server.protocol import LabelScore, PredictRequest, error_responses, timed_response, timing_headers
+
+tei = APIRouter(tags=["tei"], dependencies=[Depends(require_api_key), Depends(require_json)],
+                responses=error_responses(401, 503))
+
+
+@tei.post("/predict", response_model=list[LabelScore] | list[list[LabelScore]],
+          responses=timed_response("[{label, score}] by descending score; a list of those for a batch")
+          | error_responses(400, 404, 413, 415, 422, 429, 504))
+async def predict(body: PredictRequest, request: Request, response: Response, service: Classify
+                  ) -> list[LabelScore] | list[list[LabelScore]]:
+    """TEI's /predict on the default task (`default_task`, else the first configured one) or `task`:
+    every label with its probability (the label words' logits with `raw_scores`), highest first."""
+    request.state.task = service.task_name(body.task)  # a metrics label only if the task is served
+    result = await service.classify(body.task, body.texts, None, request.receive, truncate=body.truncate,
+                                    direction=body.truncation_direction)
+    response.headers.update(timing_headers(result.timing))
+    rows = []
+    for prediction, logits in zip(result.predictions, result.logits, strict=True):
+        scores = logits if body.raw_scores else [prediction.probs[label] for label in result.labels]
+        ranked = sorted(zip(result.labels, scores, strict=True), key=lambda pair: pair[1], reverse=True)
+        rows.append([LabelScore(label=label, score=score) for label, score in ranked])
+    return rows if body.batched else rows[0]

@@ -1,0 +1,162 @@
+"""`anchorserve`: one command line for the server and the engine.
+
+    anchorserve serve                                   # the HTTP server on 127.0.0.1:8000
+    anchorserve serve --host 0.0.0.0 --port 9000 --config config.yaml
+    anchorserve classify --preset sst2 "a joyous film" "a dull mess"
+    anchorserve eval --preset sst2 --methods vanilla,hidden_anchor --limit 200 --out results.json
+    anchorserve reweight --preset sst2 --out beta/
+    anchorserve analyze saliency --preset trec --limit 100 --out runs/trec-saliency
+
+`anchorserve COMMAND --help` describes each command. `serve` is also `python -m server`; the
+engine commands are also `python -m anchor_cache`. The client is `anchorserve-client`.
+
+`serve` validates its settings and the model setting, then serves with uvicorn. A bad setting, or a
+model that cannot be found or loaded, ends the process with one clear line on stderr and a non-zero
+exit (2 for a setting, 1 for a failed load), so Docker or Kubernetes restarts it instead of leaving
+a replica that is never ready. SIGTERM/SIGINT shut down gracefully: queued requests finish first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import yaml
+from asgi_correlation_id import CorrelationIdFilter
+from pydantic import ValidationError
+
+from anchor_cache import cli as engine_cli
+from anchor_cache.errors import AnchorServeError
+from server.settings import CONFIG_ENV, Settings
+
+PROG = "anchorserve"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(correlation_id)s]: %(message)s"
+SERVE_DESCRIPTION = (
+    "Serve the configured tasks over HTTP (uvicorn). Settings come from ANCHORSERVE_<NAME> environment "
+    f"variables and a YAML/JSON settings file (--config, or {CONFIG_ENV}); the environment wins over the file, "
+    "and these flags win over both. server/settings.py and the README list every setting."
+)
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", help="address to listen on (default: ANCHORSERVE_HOST or HOST, else 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to listen on (default: ANCHORSERVE_PORT or PORT, else 8000)")
+    p.add_argument("--config", type=Path, metavar="FILE",
+                   help=f"YAML or JSON settings file (default: {CONFIG_ENV}, if set)")
+
+
+@contextlib.contextmanager
+def _environ(name: str, value: str | None) -> Iterator[None]:
+    """`os.environ[name] = value` for the duration (nothing changes for None)."""
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+
+
+def load_settings(args: argparse.Namespace) -> Settings:
+    """Defaults < the settings file < the environment < --host/--port."""
+    if args.config is not None and not args.config.is_file():
+        raise AnchorServeError(f"--config {args.config}: no such file")
+    overrides = {name: getattr(args, name) for name in ("host", "port") if getattr(args, name) is not None}
+    with _environ(CONFIG_ENV, str(args.config) if args.config is not None else None):
+        try:
+            return Settings(**overrides)
+        except yaml.YAMLError as exc:
+            raise AnchorServeError(f"the settings file {os.environ[CONFIG_ENV]} is not valid YAML or JSON: "
+                                   f"{engine_cli.one_line(exc)}") from None
+
+
+def event_loop_and_parser() -> tuple[str, str]:
+    """uvloop and httptools (dependencies) where importable, else the standard library's asyncio and
+    the pure-Python h11."""
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    return loop, http
+
+
+def configure_logging() -> None:
+    """Every log line carries the request id it was written for ("-" outside requests)."""
+    handler = logging.StreamHandler()
+    handler.addFilter(CorrelationIdFilter(default_value="-"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+
+def serve(args: argparse.Namespace, prog: str = PROG) -> int:
+    """Validate the settings and the model setting, then serve until SIGTERM/SIGINT."""
+    configure_logging()
+    engine_cli.quiet_progress_bars()
+    try:
+        settings = load_settings(args)
+        engine_cli.check_model(settings.model, settings.device, settings.dtype)
+    except (ValidationError, ValueError, AnchorServeError) as exc:
+        sys.stderr.write(f"{prog}: error: not starting: {engine_cli.one_line(exc)}\n")
+        return 2
+    # The web stack is imported only to serve: `anchorserve eval --help` stays quick.
+    import uvicorn
+
+    from server.app import build_app
+
+    server: uvicorn.Server | None = None
+
+    def fatal() -> None:
+        if server is not None:
+            server.should_exit = True
+
+    app = build_app(settings, on_fatal=fatal)
+    loop, http = event_loop_and_parser()
+    logging.getLogger("server").info("serving with the %s event loop and the %s HTTP parser", loop, http)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                                           timeout_graceful_shutdown=30, log_config=None, loop=loop, http=http))
+    server.run()
+    error = app.state.anchor.engine.startup_error
+    if error:
+        sys.stderr.write(f"{prog}: {error}\n")
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    head, examples, note = __doc__.split("\n\n", 3)[:3]
+    parser = engine_cli.CommandLineParser(prog=PROG, description=head, epilog=f"{examples}\n\n{note}",
+                                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="engine commands: log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sv = sub.add_parser("serve", help="serve the configured tasks over HTTP (also `python -m server`)",
+                        description=SERVE_DESCRIPTION)
+    add_serve_args(sv)
+    engine_cli.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `anchorserve` console script."""
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    return engine_cli.run_command(args, PROG)
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    """`python -m server`: the same as `anchorserve serve`."""
+    parser = engine_cli.CommandLineParser(prog="python -m server", description=SERVE_DESCRIPTION)
+    add_serve_args(parser)
+    return serve(parser.parse_args(argv), prog=PROG)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

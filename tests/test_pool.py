@@ -1,0 +1,90 @@
+"""A task's `examples` pool: β learned from it at start-up and on admin writes, stored once; and the
+engine's Python API answering exactly what the server answers for the same task (β, calibration)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from anchor_cache import Classifier, Demonstration, load_model
+from anchor_cache.reweighting import load_beta, pool_rows
+from anchor_cache.state.local import LocalStore
+from anchor_cache.storage import find_beta
+from tests.conftest import ADMIN, QUERIES, sentiment_task, wait_finished
+
+POOL = [Demonstration(text=t, label=label) for t, label in [
+    ("a warm and moving story", "Positive"), ("the fox was wonderful", "Positive"), ("a moving report", "Positive"),
+    ("dull from the start", "Negative"), ("lifeless and a waste", "Negative"), ("the markets fell", "Negative"),
+    ("dull and lifeless, a waste", "Negative"),  # a demonstration of sentiment_task(): dropped from training
+]]
+
+
+@pytest.fixture(scope="module")
+def server_lm(model_dir):
+    """The model the `serve` fixture's servers load, loaded here the same way."""
+    return load_model(str(model_dir), device="cpu", dtype="float32")
+
+
+def pooled(**overrides):
+    return sentiment_task(**({"examples": POOL} | overrides))
+
+
+def probs_of(item: dict) -> dict[str, float]:
+    """The per-label probabilities of one response item."""
+    return item["label_probs"] if "label_probs" in item else item["probs"]
+
+
+def test_pool_rows_drop_demonstrations(tiny_lm):
+    texts, labels = pool_rows(Classifier(tiny_lm, pooled()))
+    assert len(texts) == len(POOL) - 1 and "dull and lifeless, a waste" not in texts
+    assert labels == [1, 1, 1, 0, 0, 0]
+
+
+def test_beta_is_learned_from_the_pool_at_start_and_only_loaded_after(serve, tmp_path):
+    first = serve(tasks=[pooled()])
+    info = first.get("/v1/tasks/sentiment").json()
+    assert info["reweighted"] and info["reweighting"]["source"] == "examples"
+    assert info["reweighting"]["train_examples"] == len(POOL) - 1
+    first.__exit__(None, None, None)
+    again = serve(tasks=[pooled()]).get("/v1/tasks/sentiment").json()
+    assert again["reweighting"] == info["reweighting"]  # loaded, not learned again
+    changed = serve(tasks=[pooled(examples=POOL[1:])]).get("/v1/tasks/sentiment").json()
+    assert changed["reweighting"]["pool"] != info["reweighting"]["pool"]  # a new pool is learned again
+
+
+def test_an_admin_write_with_a_pool_learns_beta_in_its_job(serve):
+    client = serve(admin_api_key="admin-secret", admin_sync_wait_s=0)
+    answer = client.post("/admin/tasks", json=pooled(name="pooled").model_dump(mode="json"), headers=ADMIN)
+    assert answer.status_code == 202, answer.text
+    job = wait_finished(client, f"/admin/jobs/{answer.json()['job']}")
+    assert job["status"] == "succeeded", job
+    assert job["progress"]["done"] == job["progress"]["total"] > 0
+    assert job["result"]["reweighted"] and job["result"]["reweighting"]["source"] == "examples"
+    assert client.get("/v1/tasks/pooled").json()["reweighted"]
+
+
+@pytest.mark.parametrize("calibrate", [False, True])
+def test_the_python_api_answers_what_the_server_answers(serve, tmp_path, server_lm, calibrate):
+    spec = pooled(calibrate=calibrate)
+    client = serve(tasks=[spec])
+    served = client.post("/v1/classify", json={"task": "sentiment", "input": QUERIES}).json()["data"]
+    key = client.get("/v1/tasks/sentiment").json()["cache_hash"]
+    beta, _ = find_beta(LocalStore(tmp_path / "state"), key, server_lm)
+    local = Classifier(server_lm, spec, beta=beta).classify(QUERIES)
+    for item, prediction in zip(served, local, strict=True):
+        assert item["label"] == prediction.label
+        for label, p in probs_of(item).items():
+            assert math.isclose(p, prediction.probs[label], abs_tol=1e-5), (item, prediction)
+    if calibrate:
+        assert all(p.raw_probs is not None and p.raw_probs != p.probs for p in local)
+    plain = Classifier(server_lm, spec).classify(QUERIES)
+    assert [p.probs for p in plain] != [p.probs for p in local]  # β (and calibration) changed the answer
+
+
+def test_load_beta_reads_what_reweight_wrote(tmp_path):
+    beta = torch.arange(6, dtype=torch.float32).reshape(1, 2, 3)
+    save_file({"beta": beta}, str(tmp_path / "beta.safetensors"))
+    assert torch.equal(load_beta(tmp_path), beta) and torch.equal(load_beta(tmp_path / "beta.safetensors"), beta)
