@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from transformers import DynamicCache, PretrainedConfig
 
@@ -47,6 +48,21 @@ class AnchorCache:
             layer.lazy_initialization(k, v)
             layer.keys, layer.values = k, v  # `update` concatenates into new tensors, leaving ours intact
         return cache
+
+
+def merge_anchor_caches(caches: Sequence[AnchorCache]) -> AnchorCache:
+    """One cache holding several contexts' kept tokens side by side, each at its own original
+    positions (so they overlap: structured prompting's groups, encoded independently at the same
+    position offsets); a query attends to all of them and starts after the longest context."""
+    offsets = np.cumsum([0] + [c.num_tokens for c in caches[:-1]])
+    return AnchorCache(
+        keys=tuple(torch.cat(layer, dim=2) for layer in zip(*(c.keys for c in caches), strict=True)),
+        values=tuple(torch.cat(layer, dim=2) for layer in zip(*(c.values for c in caches), strict=True)),
+        positions=tuple(p for c in caches for p in c.positions),
+        context_length=max(c.context_length for c in caches),
+        label_slots=tuple(int(o) + s for o, c in zip(offsets, caches, strict=True) for s in c.label_slots),
+        label_classes=tuple(k for c in caches for k in c.label_classes),
+    )
 
 
 def concat_dynamic_cache(caches: Sequence[AnchorCache], config: PretrainedConfig) -> DynamicCache:

@@ -206,6 +206,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--limit", type=int, default=1000, help="test examples sampled per seed (default 1000)")
     ev.add_argument("--top-draws", type=int, default=20, help="random draws hidden_random_top chooses from")
     ev.add_argument("--top-dev-size", type=int, default=100, help="train rows (not demos) it chooses on")
+    ev.add_argument("--pool-per-class", type=int, default=16,
+                    help="labelled train rows per class (disjoint from demos and test) that linear_head and knn "
+                         "are fitted on, per seed (default 16)")
     ev.add_argument("--out", type=Path, metavar="FILE.json",
                     help="write results JSON here, and the accuracy/loyalty plot beside it (FILE.png)")
     _add_reweight_args(ev)
@@ -395,7 +398,7 @@ def run_eval(args: argparse.Namespace) -> None:
         data=data, template=task.template, labels=task.labels, methods=args.methods,
         shots_per_class=args.shots_per_class, seeds=args.seeds, limit=args.limit, batch_size=args.batch_size,
         top_draws=args.top_draws, top_dev_size=args.top_dev_size, train_per_class=args.train_per_class,
-        reweight=_train_config(args),
+        pool_per_class=args.pool_per_class, reweight=_train_config(args),
     )
     results = evaluate(_load(args), cfg)
     if args.out:

@@ -7,7 +7,9 @@ similarity of the top-5 full-vocabulary tokens at the last position, also agains
 
 Besides the six `Method`s, the variants below add learned β and/or contextual calibration to a
 base method. β is trained per seed on `train_per_class` rows per class drawn from train,
-disjoint from that seed's demonstrations (the paper's setting).
+disjoint from that seed's demonstrations (the paper's setting). `linear_head` and `knn` fit a head
+(heads.py) per seed on `pool_per_class` rows per class drawn the same way (the same rows as β's
+when the two counts are equal) and score the Hidden_anchor features with it.
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ from anchor_cache.classifier import Classifier, calibrate
 from anchor_cache.data import Example, read_jsonl, sample_rows, seed_demonstrations, training_draw
 from anchor_cache.errors import ValidationError
 from anchor_cache.forward import label_logits, vocab_logits
+from anchor_cache.heads import KnnHead, LinearHead, fit_knn_head, fit_linear_head
+from anchor_cache.many_shot import many_shot_cache
 from anchor_cache.models import LoadedModel
 from anchor_cache.reweighting import TrainConfig, train_reweighting
-from anchor_cache.task import Method, TaskSpec
+from anchor_cache.task import Demonstration, Method, TaskSpec
 
 WORD_LOYALTY_TOP_K = 5
 
@@ -38,6 +42,8 @@ class Variant:
     base: Method
     reweighted: bool = False
     calibrated: bool = False
+    head: str | None = None  # "linear" or "knn": a head fitted on the pool scores the features (heads.py)
+    many_shot: bool = False  # the pool as demonstrations: one anchor cache per group, merged (many_shot.py)
 
 
 VARIANTS = {m.value: Variant(m) for m in Method} | {
@@ -45,7 +51,11 @@ VARIANTS = {m.value: Variant(m) for m in Method} | {
     "hidden_anchor_reweighted": Variant(Method.HIDDEN_ANCHOR, reweighted=True),
     "calibrated": Variant(Method.VANILLA, calibrated=True),
     "hidden_anchor_reweighted_calibrated": Variant(Method.HIDDEN_ANCHOR, reweighted=True, calibrated=True),
+    "linear_head": Variant(Method.HIDDEN_ANCHOR, head="linear"),
+    "knn": Variant(Method.HIDDEN_ANCHOR, head="knn"),
+    "many_shot": Variant(Method.HIDDEN_ANCHOR, many_shot=True),
 }
+HEADS = {"linear": fit_linear_head, "knn": fit_knn_head}
 
 
 @dataclass
@@ -61,6 +71,7 @@ class EvalConfig:
     top_draws: int = 20
     top_dev_size: int = 100
     train_per_class: int = 4
+    pool_per_class: int = 16  # labelled rows per class the heads are fitted on, disjoint from demos and test
     reweight: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -76,7 +87,7 @@ class MethodRun:
 
 def _run_method(
     clf: Classifier, variant: Variant, beta: torch.Tensor | None, texts: Sequence[str], batch_size: int,
-    bytes_per_token: int, bar: tqdm,
+    bytes_per_token: int, bar: tqdm, head: LinearHead | KnnHead | None = None,
 ) -> MethodRun:
     method = variant.base
     plan = clf.reweighting_plan(method, beta) if beta is not None else None
@@ -87,7 +98,7 @@ def _run_method(
         part = texts[start : start + chunk]
         with torch.inference_mode():
             hidden = clf.hidden_states(part, method, batch_size, plan)
-            logits = label_logits(clf.lm, hidden, clf.prompt.label_ids)
+            logits = head.scores(hidden) if head is not None else label_logits(clf.lm, hidden, clf.prompt.label_ids)
             if content_free is not None:
                 logits = calibrate(logits, content_free)
             preds.append(logits.argmax(-1).cpu().numpy())
@@ -97,6 +108,7 @@ def _run_method(
     prefix = clf.prefix(method)
     query_lens = [len(clf.prompt.encode(t)) for t in texts]
     kv = prefix.kv_bytes if prefix.cache is not None else len(prefix.ids) * bytes_per_token
+    kv += head.nbytes if head is not None else 0
     return MethodRun(
         preds=np.concatenate(preds),
         topk=topk,
@@ -118,6 +130,33 @@ def _train_betas(
         base: train_reweighting(clf, texts, labels, replace(cfg.reweight, method=base, seed=seed), progress=False).beta
         for base in bases
     }
+
+
+def _pool(train: list[Example], used: set[int], cfg: EvalConfig, seed: int) -> list[Example]:
+    """This seed's labelled pool: `pool_per_class` rows per class from train, disjoint from the demos."""
+    return training_draw(train, used, len(cfg.labels), cfg.pool_per_class, seed)
+
+
+def _many_shot(clf: Classifier, pool: list[Example]) -> Classifier:
+    """A classifier whose Hidden_anchor prefix is the pool's merged group caches (many_shot.py)."""
+    task = clf.task
+    demos = [Demonstration(text=r.text, label=task.labels[r.label]) for r in pool]
+    many = Classifier(clf.lm, task, demonstrations=clf.prompt.demonstrations)
+    many.install_cache(Method.HIDDEN_ANCHOR, many_shot_cache(clf.lm, task, demos))
+    return many
+
+
+def _fit_heads(
+    clf: Classifier, variants: list[Variant], pool: list[Example], cfg: EvalConfig
+) -> dict[str, LinearHead | KnnHead]:
+    """Each requested head fitted on this seed's pool, featurised in the Hidden_anchor context."""
+    kinds = list(dict.fromkeys(v.head for v in variants if v.head))
+    if not kinds:
+        return {}
+    with torch.inference_mode():
+        features = clf.hidden_states([r.text for r in pool], Method.HIDDEN_ANCHOR, cfg.batch_size)
+    labels = np.array([r.label for r in pool])
+    return {kind: HEADS[kind](features, labels, len(cfg.labels)) for kind in kinds}
 
 
 def _jaccard(a: set[int], b: set[int]) -> float:
@@ -145,11 +184,15 @@ def evaluate(lm: LoadedModel, cfg: EvalConfig, progress: bool = True) -> dict[st
         texts = [r.text for r in rows]
         gold = np.array([r.label for r in rows])
         betas = _train_betas(clf, variants, train, used, cfg, seed)
+        pool = _pool(train, used, cfg, seed) if any(v.head or v.many_shot for v in variants) else []
+        heads = _fit_heads(clf, variants, pool, cfg)
+        many = _many_shot(clf, pool) if any(v.many_shot for v in variants) else None
         runs = {}
         for name, variant in zip(methods, variants, strict=True):
             bar.set_postfix(seed=seed, method=name)
             beta = betas.get(variant.base) if variant.reweighted else None
-            runs[name] = _run_method(clf, variant, beta, texts, cfg.batch_size, bytes_per_token, bar)
+            runs[name] = _run_method(many if variant.many_shot else clf, variant, beta, texts, cfg.batch_size,
+                                     bytes_per_token, bar, heads.get(variant.head))
         ref = runs[Method.VANILLA.value]
         for method, run in runs.items():
             per_seed[method].append(

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from anchor_cache import Classifier, Method, load_model
+from anchor_cache import Classifier, Demonstration, Method, load_model
 from anchor_cache.cache import build_anchor_cache
 from anchor_cache.cli import default_data_root
 from anchor_cache.data import read_jsonl, sample_rows, seed_demonstrations
 from anchor_cache.forward import Prefix, label_logits, last_hidden
+from anchor_cache.heads import fit_linear_head
 from anchor_cache.reweighting import learn_pool_beta
 from anchor_cache.task import PRESETS, TaskSpec
 from server.settings import builtin_task
@@ -89,3 +91,22 @@ def test_bfloat16_hidden_anchor_agrees_with_float32_on_sst2(real_lm, real_lm_bf1
     report = f"agreement {same.float().mean():.3f} on {len(texts)} rows; fp32 margins of the flips {margins}"
     assert same[decided].float().mean() >= 0.98 and same.float().mean() >= 0.97, report
     assert same[decided].all(), report
+
+
+DBPEDIA = ["Company", "EducationalInstitution", "Artist", "Athlete", "OfficeHolder", "MeanOfTransportation", "Building",
+           "NaturalPlace", "Village", "Animal", "Plant", "Album", "Film", "WrittenWork"]
+
+
+def test_a_fourteen_class_task_with_multi_token_label_words(real_lm):
+    """DBPedia-style: 14 classes, 7 of whose label words are several tokens (the first ones differ)."""
+    assert sum(len(real_lm.tokenizer(" " + label)["input_ids"]) > 1 for label in DBPEDIA) == 7
+    demos = [Demonstration(text=f"{label} example number {i}", label=label) for i, label in enumerate(DBPEDIA)]
+    task = TaskSpec(name="dbpedia", template="Text: {text}\nType:", labels=DBPEDIA, demonstrations=demos)
+    clf = Classifier(real_lm, task)
+    texts = ["Boeing builds aircraft in Seattle.", "The oak is a tree of the beech family."]
+    predictions = clf.classify(texts)
+    assert [len(p.probs) for p in predictions] == [14, 14]
+    with torch.inference_mode():
+        features = clf.hidden_states([d.text for d in demos], Method.HIDDEN_ANCHOR)
+    head = fit_linear_head(features, np.arange(14), 14)
+    assert head.scores(features).argmax(-1).tolist() == list(range(14))  # a 14-class head separates its pool

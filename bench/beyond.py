@@ -1,0 +1,151 @@
+"""Beyond the paper: more labelled rows per class, counted at Hidden_anchor's cost (issue 13).
+
+    python -m bench.beyond                      # bench/results/beyond.json, docs/beyond-curve.png
+    python -m bench.beyond --datasets sst2 --seeds 42,43 --limit 100   # a quicker look
+
+1. The comparison: on each dataset, 5 seeds, `--limit` test rows per seed, 16 labelled rows per class:
+   zero-shot, vanilla 1-shot, β + Hidden_anchor (β learned on the same 16 rows per class) against
+   `linear_head`, `knn` and `many_shot` (anchor_cache/heads.py, many_shot.py) — the eval's own code.
+2. The curve: accuracy of the pool methods with 1, 4, 16 and 64 rows per class (same seeds), as a PNG.
+3. Serving cost: batch-1 latency of `linear_head` (the Hidden_anchor forward plus one matmul) against
+   Hidden_anchor's label-word projection, interleaved, medians; cache bytes per method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from anchor_cache.analysis.plots import new_figure, to_png
+from anchor_cache.classifier import Classifier
+from anchor_cache.cli import default_data_root
+from anchor_cache.data import read_jsonl, sample_rows, seed_demonstrations, training_draw
+from anchor_cache.evaluate import EvalConfig, evaluate
+from anchor_cache.forward import label_logits
+from anchor_cache.heads import fit_linear_head
+from anchor_cache.models import load_model
+from anchor_cache.reweighting import TrainConfig
+from anchor_cache.task import PRESETS, Method, TaskSpec
+from bench.common import DATASETS, RESULTS
+
+BASELINES = ["zero_shot", "vanilla", "hidden_anchor_reweighted"]
+POOL_METHODS = ["linear_head", "knn", "many_shot"]
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def spread(per_seed: list[dict], key: str = "accuracy") -> dict[str, float]:
+    values = [s[key] for s in per_seed]
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+
+
+def compare(lm, data_root: Path, datasets: list[str], seeds: list[int], limit: int, pool: int) -> dict:
+    out = {}
+    for ds in datasets:
+        template, labels = PRESETS[ds]
+        cfg = EvalConfig(data=data_root / ds, template=template, labels=labels, methods=BASELINES + POOL_METHODS,
+                         seeds=seeds, limit=limit, train_per_class=pool, pool_per_class=pool,
+                         reweight=TrainConfig())
+        result = evaluate(lm, cfg, progress=False)
+        out[ds] = {m: spread(r["per_seed"]) | {"per_seed": [s["accuracy"] for s in r["per_seed"]],
+                                                "kv_cache_bytes": r["kv_cache_bytes"]}
+                   for m, r in result["methods"].items()}
+        sys.stderr.write(f"{ds}: " + ", ".join(f"{m} {v['mean']:.1f}" for m, v in out[ds].items()) + "\n")
+    return out
+
+
+def curve(lm, data_root: Path, datasets: list[str], seeds: list[int], limit: int, sizes: list[int]) -> dict:
+    out: dict = {}
+    for ds in datasets:
+        template, labels = PRESETS[ds]
+        for size in sizes:
+            cfg = EvalConfig(data=data_root / ds, template=template, labels=labels, methods=POOL_METHODS,
+                             seeds=seeds, limit=limit, pool_per_class=size)
+            result = evaluate(lm, cfg, progress=False)
+            for m in POOL_METHODS:
+                out.setdefault(ds, {}).setdefault(m, {})[size] = spread(result["methods"][m]["per_seed"])
+        sys.stderr.write(f"curve {ds} done\n")
+    return out
+
+
+def plot_curve(results: dict, sizes: list[int]) -> bytes:
+    fig, axes = new_figure(4.2 * len(results), 3.6, len(results))
+    for ax, (ds, methods) in zip(axes[0], results.items(), strict=True):
+        for m, by_size in methods.items():
+            means = [by_size[s]["mean"] for s in sizes]
+            stds = [by_size[s]["std"] for s in sizes]
+            ax.errorbar(sizes, means, yerr=stds, marker="o", capsize=3, label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(s) for s in sizes])
+        ax.set_title(ds)
+        ax.set_xlabel("labelled rows per class")
+        ax.set_ylabel("accuracy (%)")
+    axes[0][0].legend(fontsize=8)
+    return to_png(fig)
+
+
+def latency(lm, data_root: Path, repeats: int, pool: int) -> dict:
+    """Batch-1 ms of Hidden_anchor's label projection vs the linear head, same forward, interleaved."""
+    template, labels = PRESETS["sst2"]
+    train = read_jsonl(data_root / "sst2" / "train.jsonl", labels)
+    demos, used = seed_demonstrations(train, labels, 1, 42)
+    clf = Classifier(lm, TaskSpec(name="sst2", template=template, labels=labels, demonstrations=demos))
+    rows = training_draw(train, used, len(labels), pool, 42)
+    with torch.inference_mode():
+        head = fit_linear_head(clf.hidden_states([r.text for r in rows], Method.HIDDEN_ANCHOR),
+                               np.array([r.label for r in rows]), len(labels))
+    texts = [r.text for r in sample_rows(read_jsonl(data_root / "sst2" / "test.jsonl", labels), 32, 7)]
+
+    def anchor(text: str) -> None:
+        label_logits(lm, clf.hidden_states([text], Method.HIDDEN_ANCHOR), clf.prompt.label_ids)
+
+    def linear(text: str) -> None:
+        head.scores(clf.hidden_states([text], Method.HIDDEN_ANCHOR))
+
+    times: dict[str, list[float]] = {"hidden_anchor": [], "linear_head": []}
+    with torch.inference_mode():
+        for fn in (anchor, linear):
+            fn(texts[0])
+        for r in range(repeats):
+            for name, fn in ([("hidden_anchor", anchor), ("linear_head", linear)][:: 1 if r % 2 == 0 else -1]):
+                start = time.perf_counter()
+                for text in texts:
+                    fn(text)
+                times[name].append(1000 * (time.perf_counter() - start) / len(texts))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return med | {"ratio": med["linear_head"] / med["hidden_anchor"], "head_bytes": head.nbytes}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", type=lambda s: s.split(","), default=DATASETS)
+    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[42, 43, 44, 45, 46])
+    parser.add_argument("--limit", type=int, default=200)
+    parser.add_argument("--pool", type=int, default=16)
+    parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16, 64])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--data-root", type=Path, default=default_data_root())
+    parser.add_argument("--skip-curve", action="store_true")
+    args = parser.parse_args()
+    lm = load_model("default", "cpu", args.dtype)
+    result = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()} | {
+        "model": lm.name, "dtype": str(lm.dtype).removeprefix("torch.")}}
+    result["compare"] = compare(lm, args.data_root, args.datasets, args.seeds, args.limit, args.pool)
+    if not args.skip_curve:
+        result["curve"] = curve(lm, args.data_root, args.datasets, args.seeds, args.limit, args.sizes)
+        DOCS.joinpath("beyond-curve.png").write_bytes(plot_curve(result["curve"], args.sizes))
+    result["latency"] = latency(lm, args.data_root, args.repeats, args.pool)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "beyond.json").write_text(json.dumps(result, indent=1))
+    sys.stdout.write(json.dumps(result["latency"]) + "\n")
+
+
+if __name__ == "__main__":
+    main()
