@@ -22,18 +22,21 @@ from anchor_cache.cache import AnchorCache, build_anchor_cache
 from anchor_cache.data import load_demonstrations
 from anchor_cache.errors import ValidationError
 from anchor_cache.forward import Prefix, last_hidden
+from anchor_cache.heads import KnnHead, LinearHead, fit_knn_head, fit_linear_head
+from anchor_cache.many_shot import many_shot_cache
 from anchor_cache.methods import anchor_keep, random_keep
 from anchor_cache.models import LoadedModel
 from anchor_cache.packed import PackedRow, packed_hidden, packed_label_logits
 from anchor_cache.prompt import TaskPrompt
-from anchor_cache.task import Demonstration, Method, TaskSpec
+from anchor_cache.task import HEAD_METHODS, POOL_METHODS, Demonstration, Method, TaskSpec
 
 log = logging.getLogger(__name__)
 
 # Zhao et al. (2021)'s content-free inputs for contextual calibration.
 CONTENT_FREE_INPUTS = ("N/A", "", "[MASK]")
 
-CACHED_METHODS = frozenset({Method.HIDDEN_ANCHOR, Method.HIDDEN_RANDOM, Method.HIDDEN_RANDOM_TOP})
+CACHED_METHODS = frozenset({Method.HIDDEN_ANCHOR, Method.HIDDEN_RANDOM, Method.HIDDEN_RANDOM_TOP, *POOL_METHODS})
+HEADS = {Method.LINEAR_HEAD: fit_linear_head, Method.KNN: fit_knn_head}
 
 
 def calibrate(logits: torch.Tensor, content_free: torch.Tensor) -> torch.Tensor:
@@ -95,6 +98,8 @@ class Classifier:
         self._reweightings: dict[Method, tuple[torch.Tensor, Reweighting]] = {}  # last β per method
         self.beta = beta.to(lm.device) if beta is not None else None
         self._content_free: torch.Tensor | None = None  # under self.beta, computed on first use
+        self._heads: dict[Method, LinearHead | KnnHead] = {}
+        self._pool: list[Demonstration] | None = None
 
     # --- prefixes -------------------------------------------------------------------------------
 
@@ -137,6 +142,41 @@ class Classifier:
                 return Prefix(cache=self._cache(random_keep(ctx, np.random.default_rng(self.seed))))
             case Method.HIDDEN_RANDOM_TOP:
                 return self._random_top()
+            case Method.MANY_SHOT:
+                if not self.pool():
+                    raise ValidationError("method many_shot needs the task's labelled pool (`examples`)")
+                return Prefix(cache=many_shot_cache(self.lm, self.task, self.pool()))
+            case Method.KNN | Method.LINEAR_HEAD:
+                return self.prefix(Method.HIDDEN_ANCHOR)
+
+    # --- the labelled pool and its heads (beyond the paper) --------------------------------------
+
+    def pool(self) -> list[Demonstration]:
+        """The task's `examples` without rows equal to a demonstration (empty without a pool)."""
+        if self._pool is None:
+            examples = self.task.examples
+            rows = [] if examples is None else examples if isinstance(examples, list) else load_demonstrations(
+                examples, self.task.labels)
+            demos = {d.text for d in self.prompt.demonstrations}
+            self._pool = [Demonstration(text=r.text, label=self.task.labels[self.task.label_index(r.label)])
+                          for r in rows if r.text not in demos]
+        return self._pool
+
+    def head(self, method: Method | str) -> LinearHead | KnnHead | None:
+        """The head `method` scores with (fitted on the pool's Hidden_anchor features on first use),
+        None for a method that reads the label words."""
+        method = Method(method)
+        if method not in HEAD_METHODS:
+            return None
+        if method not in self._heads:
+            pool = self.pool()
+            if not pool:
+                raise ValidationError(f"method {method} needs the task's labelled pool (`examples`)")
+            with torch.inference_mode():
+                features = self.hidden_states([d.text for d in pool], Method.HIDDEN_ANCHOR)
+            labels = np.array([self.task.label_index(d.label) for d in pool])
+            self._heads[method] = HEADS[method](features, labels, len(self.task.labels))
+        return self._heads[method]
 
     def _random_top(self) -> Prefix:
         """Best of N seeded Hidden_random draws by label loyalty to vanilla on the dev texts."""
@@ -216,7 +256,7 @@ class Classifier:
         rows of other tasks; its logits are over this task's labels (calibration stays with the caller)."""
         rw = self.reweighting(method, beta) if beta is not None else None
         return PackedRow(prefix=self.prefix(method), ids=tuple(ids), label_ids=tuple(self.prompt.label_ids),
-                         reweighting=rw)
+                         reweighting=rw, head=self.head(method))
 
     @torch.inference_mode()
     def hidden_states(
@@ -256,16 +296,16 @@ class Classifier:
         """(N, C) label-word logits for already tokenised queries (the server tokenises before queueing):
         one packed forward per `batch_size` queries, in input order."""
         rw = self.reweighting(method, beta) if beta is not None else None
-        return self._packed_logits(self.prefix(method), queries, batch_size, rw)
+        return self._packed_logits(self.prefix(method), queries, batch_size, rw, self.head(method))
 
     def _packed_logits(
         self, prefix: Prefix, queries: Sequence[Sequence[int]], batch_size: int = 16,
-        reweighting: Reweighting | None = None,
+        reweighting: Reweighting | None = None, head: LinearHead | KnnHead | None = None,
     ) -> torch.Tensor:
         if not queries:
             return torch.empty(0, len(self.prompt.label_ids), device=self.lm.device)
         label_ids = tuple(self.prompt.label_ids)
-        rows = [PackedRow(prefix, tuple(q), label_ids, reweighting) for q in queries]
+        rows = [PackedRow(prefix, tuple(q), label_ids, reweighting, head) for q in queries]
         with torch.inference_mode():
             logits = []
             for start in range(0, len(rows), batch_size):

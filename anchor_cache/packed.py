@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from transformers import DynamicCache
@@ -42,6 +43,13 @@ from anchor_cache.cache import AnchorCache, concat_dynamic_cache
 from anchor_cache.errors import ValidationError
 from anchor_cache.forward import Prefix, label_logits
 from anchor_cache.models import LoadedModel
+
+
+class Head(Protocol):
+    """Scores (N, hidden) final hidden states as (N, C) class scores (heads.LinearHead, heads.KnnHead)."""
+
+    def scores(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
 
 # Query tokens per SDPA span on each device type; absent: one call over the whole sequence.
 BLOCK_TOKENS = {"cpu": 64, "cuda": 1024}
@@ -61,6 +69,7 @@ class PackedRow:
     ids: tuple[int, ...]
     label_ids: tuple[int, ...]
     reweighting: Reweighting | None = None
+    head: Head | None = None  # scores the row's hidden state instead of its label words (heads.py)
 
     @property
     def num_tokens(self) -> int:
@@ -239,19 +248,22 @@ def packed_hidden(
 def packed_label_logits(
     lm: LoadedModel, rows: Sequence[PackedRow], explicit: bool = False, block_tokens: int | str | None = "auto"
 ) -> list[torch.Tensor]:
-    """Per row, (C_row,) float32 logits of its own label words, from one packed forward.
+    """Per row, (C_row,) float32 logits of its own label words (or its head's scores), from one
+    packed forward.
 
-    Rows of one task share one (rows, C) matmul against the label rows of the LM head; calibration
-    is the caller's (ServedTask.scores)."""
+    Rows of one task share one (rows, C) matmul against the label rows of the LM head (or their
+    head's weights); calibration is the caller's (ServedTask.scores)."""
     if not rows:
         return []
     hidden = packed_hidden(lm, rows, explicit, block_tokens)
-    groups: dict[tuple[int, ...], list[int]] = {}
+    groups: dict[tuple[tuple[int, ...], int], list[int]] = {}  # (label words, head) -> rows
     for i, row in enumerate(rows):
-        groups.setdefault(tuple(row.label_ids), []).append(i)
+        groups.setdefault((tuple(row.label_ids), id(row.head)), []).append(i)
     out: list[torch.Tensor | None] = [None] * len(rows)
-    for labels, members in groups.items():
-        logits = label_logits(lm, hidden[torch.tensor(members, device=hidden.device)], labels)
+    for (labels, _), members in groups.items():
+        head = rows[members[0]].head
+        part = hidden[torch.tensor(members, device=hidden.device)]
+        logits = head.scores(part) if head is not None else label_logits(lm, part, labels)
         for i, row_logits in zip(members, logits, strict=True):
             out[i] = row_logits
     return out

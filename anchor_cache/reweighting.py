@@ -30,7 +30,6 @@ from tqdm import tqdm
 from anchor_cache.attention import AttentionPlan
 from anchor_cache.cache import extend_cache
 from anchor_cache.classifier import Classifier
-from anchor_cache.data import load_demonstrations
 from anchor_cache.errors import Cancelled, ValidationError
 from anchor_cache.forward import Prefix, label_logits, last_hidden
 from anchor_cache.task import Method
@@ -153,14 +152,8 @@ def train_reweighting(
 
 def pool_rows(clf: Classifier) -> tuple[list[str], list[int]]:
     """The task's `examples` as (texts, classes), without rows equal to a demonstration."""
-    task = clf.task
-    pool = task.examples
-    if pool is None:
-        return [], []
-    rows = pool if isinstance(pool, list) else load_demonstrations(pool, task.labels)
-    demos = {d.text for d in clf.prompt.demonstrations}
-    kept = [r for r in rows if r.text not in demos]
-    return [r.text for r in kept], [task.label_index(r.label) for r in kept]
+    pool = clf.pool()
+    return [r.text for r in pool], [clf.task.label_index(r.label) for r in pool]
 
 
 def pool_hash(clf: Classifier) -> str | None:

@@ -36,7 +36,7 @@ from anchor_cache.errors import CacheMismatchError
 from anchor_cache.models import LoadedModel
 from anchor_cache.prompt import TaskPrompt
 from anchor_cache.state.base import StateStore
-from anchor_cache.task import Method
+from anchor_cache.task import Method, TaskSpec
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,13 @@ def cache_identity(lm: LoadedModel, prompt: TaskPrompt, method: Method, seed: in
         "demonstrations": [d.model_dump() for d in prompt.demonstrations],
         "method": str(method),
         "seed": seed if method != Method.HIDDEN_ANCHOR else None,
-    }
+    } | ({"pool": _pool_identity(task)} if method == Method.MANY_SHOT else {})
+
+
+def _pool_identity(task: TaskSpec) -> Any:
+    """What a many-shot cache is built from besides the demonstrations: the task's pool."""
+    examples = task.examples
+    return [d.model_dump() for d in examples] if isinstance(examples, list) else examples.model_dump(mode="json")
 
 
 def cache_key(identity: dict[str, Any]) -> str:

@@ -82,6 +82,14 @@ class Method(StrEnum):
     HIDDEN_RANDOM = "hidden_random"  # cached K/V with label words swapped for random text tokens
     HIDDEN_RANDOM_TOP = "hidden_random_top"  # best of N hidden_random draws by label loyalty on dev
     ZERO_SHOT = "zero_shot"  # the query alone
+    # Beyond the paper: methods that count the task's `examples` pool (heads.py, many_shot.py).
+    MANY_SHOT = "many_shot"  # the pool as demonstrations: every group's anchor cache, merged
+    KNN = "knn"  # Hidden_anchor features, scored by nearest pool rows
+    LINEAR_HEAD = "linear_head"  # Hidden_anchor features, scored by a logistic-regression head fitted on the pool
+
+
+POOL_METHODS = frozenset({Method.MANY_SHOT, Method.KNN, Method.LINEAR_HEAD})
+HEAD_METHODS = frozenset({Method.KNN, Method.LINEAR_HEAD})
 
 
 class Demonstration(BaseModel):
@@ -160,6 +168,8 @@ class TaskSpec(BaseModel):
         if isinstance(self.examples, list):
             for row in self.examples:
                 label_index(row.label, self.labels)
+        if self.method in POOL_METHODS and self.examples is None:
+            raise ValueError(f"method {self.method} needs the task's labelled pool: give `examples`")
         return self
 
     def label_index(self, label: str) -> int:

@@ -139,6 +139,7 @@ class ClassifyService:
         self._check_inputs(texts, truncate)
         deadline = time.monotonic() + s.request_timeout_s
         method = method or served.spec.method
+        self.engine.check_method(served, method)
         tokenizing = time.perf_counter()
         queries = await asyncio.to_thread(self._encode, served, texts, truncate, direction)
         queued = time.perf_counter()

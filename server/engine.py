@@ -29,7 +29,7 @@ from anchor_cache.models import LoadedModel, load_model
 from anchor_cache.packed import packed_label_logits
 from anchor_cache.registry import ServedTask, TaskRegistry
 from anchor_cache.state import StateStore, TaskRecord
-from anchor_cache.task import Method, TaskSpec
+from anchor_cache.task import POOL_METHODS, Method, TaskSpec
 from server.metrics import Metrics
 from server.scheduler import BatchLimits, Scheduler, Work
 from server.settings import Settings
@@ -160,6 +160,14 @@ class Engine:
         """Tokens the template itself adds to every query (with an empty text)."""
         lm = self.require_ready().lm
         return len(lm.tokenizer(spec.render(""), add_special_tokens=False)["input_ids"])
+
+    @staticmethod
+    def check_method(served: ServedTask, method: Method) -> None:
+        """A method that counts the labelled pool needs the task to have one (checked here, before the
+        request joins a batch it would fail)."""
+        if method in POOL_METHODS and not served.classifier.pool():
+            raise ValidationError(f"method {method} needs the task's labelled pool; task {served.spec.name!r} has "
+                                  "no `examples`")
 
     def prefix_tokens(self, served: ServedTask, method: Method) -> int:
         """Tokens re-encoded before every query of `method`: the whole demonstration context for

@@ -17,8 +17,10 @@ from anchor_cache.task import Demonstration, FormatText, Method, Text
 if TYPE_CHECKING:
     from server.classify import Timing
 
-# hidden_random_top picks among random draws on a dev set: an evaluation method, not served.
-ServedMethod = Literal["vanilla", "hidden_anchor", "text_anchor", "hidden_random", "zero_shot"]
+# hidden_random_top picks among random draws on a dev set: an evaluation method, not served. The last
+# three count the task's labelled pool (`examples`).
+ServedMethod = Literal["vanilla", "hidden_anchor", "text_anchor", "hidden_random", "zero_shot", "many_shot", "knn",
+                       "linear_head"]
 TruncationDirection = Literal["right", "left"]
 PathText = FormatText  # paths are text without NUL characters
 

@@ -10,13 +10,14 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from anchor_cache import Classifier, Demonstration, Method
+from anchor_cache import Classifier, Demonstration, Method, load_model
 from anchor_cache.cache import merge_anchor_caches
 from anchor_cache.errors import ValidationError
 from anchor_cache.evaluate import EvalConfig, evaluate
 from anchor_cache.heads import LINEAR_C, fit_knn_head, fit_linear_head
 from anchor_cache.many_shot import groups_of, many_shot_cache
-from tests.conftest import QUERIES, sentiment_task
+from anchor_cache.packed import packed_label_logits
+from tests.conftest import QUERIES, error_of, sentiment_task
 
 
 def blobs(n_classes: int, per_class: int = 12, dim: int = 16, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
@@ -89,3 +90,42 @@ def test_eval_runs_the_pool_methods_with_disjoint_pools(tiny_lm, dataset_dir):
     anchor_bytes = result["methods"]["many_shot"]["kv_cache_bytes"]
     assert result["methods"]["linear_head"]["kv_cache_bytes"] < anchor_bytes  # a head, not a second cache
     assert all(len(m["per_seed"]) == 2 for m in result["methods"].values())
+
+
+POOL = [Demonstration(text=t, label=label) for t, label in [
+    ("a warm and moving story", "Positive"), ("the fox was wonderful", "Positive"), ("a moving report", "Positive"),
+    ("dull from the start", "Negative"), ("lifeless and a waste", "Negative"), ("the markets fell", "Negative")]]
+
+
+@pytest.mark.parametrize("method", [Method.LINEAR_HEAD, Method.KNN, Method.MANY_SHOT])
+def test_pool_methods_packed_with_other_tasks_equal_one_at_a_time(tiny_lm, method):
+    pooled = Classifier(tiny_lm, sentiment_task(examples=POOL, method=method))
+    other = Classifier(tiny_lm, sentiment_task(name="other", template="Text: {text}\nSentiment:"))
+    alone = [pooled.label_logits_ids([q], method)[0] for q in pooled.encode(QUERIES)]
+    rows = [r for q in pooled.encode(QUERIES) for r in (pooled.packed_row(q, method),
+                                                         other.packed_row(q, Method.HIDDEN_ANCHOR))]
+    packed = packed_label_logits(tiny_lm, rows)
+    for mine, reference in zip(packed[::2], alone, strict=True):
+        torch.testing.assert_close(mine, reference, atol=1e-5, rtol=1e-4)
+    if method != Method.MANY_SHOT:  # a head: one matmul on the Hidden_anchor features
+        head = pooled.head(method)
+        features = pooled.hidden_states(QUERIES, Method.HIDDEN_ANCHOR)
+        torch.testing.assert_close(torch.stack(alone), head.scores(features), atol=1e-5, rtol=1e-4)
+
+
+def test_a_pool_method_needs_a_pool():
+    with pytest.raises(ValueError, match="needs the task's labelled pool"):
+        sentiment_task(method=Method.LINEAR_HEAD)
+
+
+def test_the_server_serves_a_pool_method_as_the_engine_does(serve, model_dir):
+    spec = sentiment_task(examples=POOL, method=Method.LINEAR_HEAD)
+    client = serve(tasks=[spec, sentiment_task(name="plain")])
+    served = client.post("/v1/classify", json={"task": "sentiment", "input": QUERIES}).json()["data"]
+    local = Classifier(load_model(str(model_dir), device="cpu", dtype="float32"), spec).classify(QUERIES)
+    for item, prediction in zip(served, local, strict=True):
+        assert item["label"] == prediction.label
+        np.testing.assert_allclose(item["probs"], list(prediction.probs.values()), atol=1e-5)
+    knn = client.post("/v1/classify", json={"task": "sentiment", "input": QUERIES, "method": "knn"})
+    assert knn.status_code == 200, knn.text
+    error_of(client.post("/v1/classify", json={"task": "plain", "input": QUERIES, "method": "knn"}), 422, "validation")

@@ -7,9 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from anchor_cache import Classifier, Method, ValidationError
+from anchor_cache import Classifier, Demonstration, Method, ValidationError
 from anchor_cache.data import Example, read_jsonl, sample_demonstrations, sample_rows
 from anchor_cache.methods import anchor_keep, random_keep
+from anchor_cache.task import POOL_METHODS
 from tests.conftest import QUERIES, sentiment_task
 
 
@@ -24,13 +25,21 @@ def test_hidden_random_swaps_label_words_for_text_tokens(tiny_lm):
 
 
 def test_every_method_returns_distributions(tiny_lm):
-    clf = Classifier(tiny_lm, sentiment_task(), dev_texts=QUERIES, random_top_draws=3)
+    pool = [Demonstration(text=t, label=label) for t, label in [("a warm story", "Positive"), ("dull", "Negative")]]
+    clf = Classifier(tiny_lm, sentiment_task(examples=pool), dev_texts=QUERIES, random_top_draws=3)
     for method in Method:
         preds = clf.classify(QUERIES, method)
         assert [p.label in ("Negative", "Positive") for p in preds] == [True] * len(QUERIES)
         for p in preds:
             assert math.isclose(sum(p.probs.values()), 1.0, rel_tol=1e-5)
             assert p.logprobs[p.label] == max(p.logprobs.values())
+
+
+def test_pool_methods_need_a_pool(tiny_lm):
+    clf = Classifier(tiny_lm, sentiment_task())
+    for method in POOL_METHODS:
+        with pytest.raises(ValidationError, match="labelled pool"):
+            clf.classify(QUERIES, method)
 
 
 def test_random_top_needs_dev_texts(tiny_lm):
