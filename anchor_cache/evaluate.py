@@ -52,6 +52,7 @@ VARIANTS = {m.value: Variant(m) for m in Method} | {
     "calibrated": Variant(Method.VANILLA, calibrated=True),
     "hidden_anchor_reweighted_calibrated": Variant(Method.HIDDEN_ANCHOR, reweighted=True, calibrated=True),
     "linear_head": Variant(Method.HIDDEN_ANCHOR, head="linear"),
+    "linear_head_reweighted": Variant(Method.HIDDEN_ANCHOR, reweighted=True, head="linear"),
     "knn": Variant(Method.HIDDEN_ANCHOR, head="knn"),
     "many_shot": Variant(Method.HIDDEN_ANCHOR, many_shot=True),
 }
@@ -147,16 +148,20 @@ def _many_shot(clf: Classifier, pool: list[Example]) -> Classifier:
 
 
 def _fit_heads(
-    clf: Classifier, variants: list[Variant], pool: list[Example], cfg: EvalConfig
-) -> dict[str, LinearHead | KnnHead]:
-    """Each requested head fitted on this seed's pool, featurised in the Hidden_anchor context."""
-    kinds = list(dict.fromkeys(v.head for v in variants if v.head))
-    if not kinds:
-        return {}
-    with torch.inference_mode():
-        features = clf.hidden_states([r.text for r in pool], Method.HIDDEN_ANCHOR, cfg.batch_size)
+    clf: Classifier, variants: list[Variant], pool: list[Example], cfg: EvalConfig,
+    betas: dict[Method, torch.Tensor],
+) -> dict[Variant, LinearHead | KnnHead]:
+    """Each requested head fitted on this seed's pool, featurised in the Hidden_anchor context (under
+    the seed's β for a re-weighted variant, the features it will score)."""
+    heads: dict[Variant, LinearHead | KnnHead] = {}
     labels = np.array([r.label for r in pool])
-    return {kind: HEADS[kind](features, labels, len(cfg.labels)) for kind in kinds}
+    for variant in dict.fromkeys(v for v in variants if v.head):
+        beta = betas.get(variant.base) if variant.reweighted else None
+        plan = clf.reweighting_plan(variant.base, beta) if beta is not None else None
+        with torch.inference_mode():
+            features = clf.hidden_states([r.text for r in pool], variant.base, cfg.batch_size, plan)
+        heads[variant] = HEADS[variant.head](features, labels, len(cfg.labels))
+    return heads
 
 
 def _jaccard(a: set[int], b: set[int]) -> float:
@@ -185,14 +190,14 @@ def evaluate(lm: LoadedModel, cfg: EvalConfig, progress: bool = True) -> dict[st
         gold = np.array([r.label for r in rows])
         betas = _train_betas(clf, variants, train, used, cfg, seed)
         pool = _pool(train, used, cfg, seed) if any(v.head or v.many_shot for v in variants) else []
-        heads = _fit_heads(clf, variants, pool, cfg)
+        heads = _fit_heads(clf, variants, pool, cfg, betas)
         many = _many_shot(clf, pool) if any(v.many_shot for v in variants) else None
         runs = {}
         for name, variant in zip(methods, variants, strict=True):
             bar.set_postfix(seed=seed, method=name)
             beta = betas.get(variant.base) if variant.reweighted else None
             runs[name] = _run_method(many if variant.many_shot else clf, variant, beta, texts, cfg.batch_size,
-                                     bytes_per_token, bar, heads.get(variant.head))
+                                     bytes_per_token, bar, heads.get(variant))
         ref = runs[Method.VANILLA.value]
         for method, run in runs.items():
             per_seed[method].append(

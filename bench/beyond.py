@@ -122,6 +122,28 @@ def latency(lm, data_root: Path, repeats: int, pool: int) -> dict:
     return med | {"ratio": med["linear_head"] / med["hidden_anchor"], "head_bytes": head.nbytes}
 
 
+def markdown(result: dict) -> str:
+    """The comparison table (mean ± std over seeds) and the target checks, as RESULTS shows them."""
+    compare_ = result["compare"]
+    methods = BASELINES + POOL_METHODS
+    lines = ["| dataset | " + " | ".join(methods) + " | best pool − best baseline |",
+             "|---|" + "---|" * (len(methods) + 1)]
+    gaps = []
+    for ds, row in compare_.items():
+        best_base = max(row[m]["mean"] for m in BASELINES)
+        best_pool = max(row[m]["mean"] for m in POOL_METHODS)
+        gaps.append(best_pool - best_base)
+        cells = [f"{row[m]['mean']:.1f} ± {row[m]['std']:.1f}" for m in methods]
+        lines.append(f"| {ds} | " + " | ".join(cells) + f" | {best_pool - best_base:+.1f} |")
+    means = {m: np.mean([row[m]["mean"] for row in compare_.values()]) for m in methods}
+    lines.append("| **mean** | " + " | ".join(f"{means[m]:.1f}" for m in methods) +
+                 f" | {np.mean(gaps):+.1f} (per dataset) |")
+    per_method = {m: means[m] - max(means[b] for b in BASELINES) for m in POOL_METHODS}
+    lines.append("\nBest pool method's mean against the best baseline's mean: " +
+                 ", ".join(f"{m} {v:+.1f}" for m, v in per_method.items()))
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", type=lambda s: s.split(","), default=DATASETS)
@@ -144,7 +166,7 @@ def main() -> None:
     result["latency"] = latency(lm, args.data_root, args.repeats, args.pool)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "beyond.json").write_text(json.dumps(result, indent=1))
-    sys.stdout.write(json.dumps(result["latency"]) + "\n")
+    sys.stdout.write(markdown(result) + "\n" + json.dumps(result["latency"]) + "\n")
 
 
 if __name__ == "__main__":
