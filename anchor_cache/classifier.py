@@ -22,11 +22,20 @@ from anchor_cache.cache import AnchorCache, build_anchor_cache
 from anchor_cache.data import load_demonstrations
 from anchor_cache.errors import ValidationError
 from anchor_cache.forward import Prefix, last_hidden
-from anchor_cache.heads import KnnHead, LinearHead, fit_knn_head, fit_linear_head
+from anchor_cache.heads import (
+    FeatureLayers,
+    Features,
+    KnnHead,
+    LinearHead,
+    final_layer,
+    fit_knn_head,
+    fit_linear_head,
+    linear_layers,
+)
 from anchor_cache.many_shot import many_shot_cache
 from anchor_cache.methods import anchor_keep, random_keep
 from anchor_cache.models import LoadedModel
-from anchor_cache.packed import PackedRow, packed_hidden, packed_label_logits
+from anchor_cache.packed import PackedRow, packed_features, packed_hidden, packed_label_logits
 from anchor_cache.prompt import TaskPrompt
 from anchor_cache.task import HEAD_METHODS, POOL_METHODS, Demonstration, Method, TaskSpec
 
@@ -37,6 +46,7 @@ CONTENT_FREE_INPUTS = ("N/A", "", "[MASK]")
 
 CACHED_METHODS = frozenset({Method.HIDDEN_ANCHOR, Method.HIDDEN_RANDOM, Method.HIDDEN_RANDOM_TOP, *POOL_METHODS})
 HEADS = {Method.LINEAR_HEAD: fit_linear_head, Method.KNN: fit_knn_head}
+HEAD_LAYERS = {Method.LINEAR_HEAD: linear_layers, Method.KNN: final_layer}
 
 
 def calibrate(logits: torch.Tensor, content_free: torch.Tensor) -> torch.Tensor:
@@ -172,11 +182,31 @@ class Classifier:
             pool = self.pool()
             if not pool:
                 raise ValidationError(f"method {method} needs the task's labelled pool (`examples`)")
-            with torch.inference_mode():
-                features = self.hidden_states([d.text for d in pool], Method.HIDDEN_ANCHOR)
             labels = np.array([self.task.label_index(d.label) for d in pool])
-            self._heads[method] = HEADS[method](features, labels, len(self.task.labels))
+            self._heads[method] = self.fit_head(method, [d.text for d in pool], labels)
         return self._heads[method]
+
+    def fit_head(
+        self, method: Method | str, texts: Sequence[str], labels: np.ndarray, beta: torch.Tensor | None = None
+    ) -> LinearHead | KnnHead:
+        """`method`'s head fitted on labelled texts, featurised in the Hidden_anchor context (under
+        `beta` when given: the features a forward under that β gives)."""
+        method = Method(method)
+        layers = HEAD_LAYERS[method](self.lm.num_layers)
+        features = self.features(texts, Method.HIDDEN_ANCHOR, layers, beta)
+        return HEADS[method](features, labels, len(self.task.labels), layers)
+
+    def features(
+        self, texts: Sequence[str], method: Method | str, layers: FeatureLayers, beta: torch.Tensor | None = None,
+        batch_size: int = 16,
+    ) -> Features:
+        """What a head reading `layers` sees of each text: packed forwards of `batch_size` texts."""
+        rw = self.reweighting(method, beta) if beta is not None else None
+        rows = [PackedRow(self.prefix(method), tuple(q), tuple(self.prompt.label_ids), rw) for q in self.encode(texts)]
+        with torch.inference_mode():
+            parts = [packed_features(self.lm, rows[i : i + batch_size], layers)
+                     for i in range(0, len(rows), batch_size)]
+        return Features(torch.cat([p.hidden for p in parts]), torch.cat([p.label_logits for p in parts]))
 
     def _random_top(self) -> Prefix:
         """Best of N seeded Hidden_random draws by label loyalty to vanilla on the dev texts."""

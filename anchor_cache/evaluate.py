@@ -28,7 +28,7 @@ from anchor_cache.classifier import Classifier, calibrate
 from anchor_cache.data import Example, read_jsonl, sample_rows, seed_demonstrations, training_draw
 from anchor_cache.errors import ValidationError
 from anchor_cache.forward import label_logits, vocab_logits
-from anchor_cache.heads import KnnHead, LinearHead, fit_knn_head, fit_linear_head
+from anchor_cache.heads import KnnHead, LinearHead
 from anchor_cache.many_shot import many_shot_cache
 from anchor_cache.models import LoadedModel
 from anchor_cache.reweighting import TrainConfig, train_reweighting
@@ -42,7 +42,7 @@ class Variant:
     base: Method
     reweighted: bool = False
     calibrated: bool = False
-    head: str | None = None  # "linear" or "knn": a head fitted on the pool scores the features (heads.py)
+    head: Method | None = None  # LINEAR_HEAD or KNN: a head fitted on the pool scores the features (heads.py)
     many_shot: bool = False  # the pool as demonstrations: one anchor cache per group, merged (many_shot.py)
 
 
@@ -51,12 +51,11 @@ VARIANTS = {m.value: Variant(m) for m in Method} | {
     "hidden_anchor_reweighted": Variant(Method.HIDDEN_ANCHOR, reweighted=True),
     "calibrated": Variant(Method.VANILLA, calibrated=True),
     "hidden_anchor_reweighted_calibrated": Variant(Method.HIDDEN_ANCHOR, reweighted=True, calibrated=True),
-    "linear_head": Variant(Method.HIDDEN_ANCHOR, head="linear"),
-    "linear_head_reweighted": Variant(Method.HIDDEN_ANCHOR, reweighted=True, head="linear"),
-    "knn": Variant(Method.HIDDEN_ANCHOR, head="knn"),
+    "linear_head": Variant(Method.HIDDEN_ANCHOR, head=Method.LINEAR_HEAD),
+    "linear_head_reweighted": Variant(Method.HIDDEN_ANCHOR, reweighted=True, head=Method.LINEAR_HEAD),
+    "knn": Variant(Method.HIDDEN_ANCHOR, head=Method.KNN),
     "many_shot": Variant(Method.HIDDEN_ANCHOR, many_shot=True),
 }
-HEADS = {"linear": fit_linear_head, "knn": fit_knn_head}
 
 
 @dataclass
@@ -99,7 +98,9 @@ def _run_method(
         part = texts[start : start + chunk]
         with torch.inference_mode():
             hidden = clf.hidden_states(part, method, batch_size, plan)
-            logits = head.scores(hidden) if head is not None else label_logits(clf.lm, hidden, clf.prompt.label_ids)
+            logits = label_logits(clf.lm, hidden, clf.prompt.label_ids)
+            if head is not None:
+                logits = head.scores(clf.features(part, method, head.layers, beta, batch_size))
             if content_free is not None:
                 logits = calibrate(logits, content_free)
             preds.append(logits.argmax(-1).cpu().numpy())
@@ -148,20 +149,16 @@ def _many_shot(clf: Classifier, pool: list[Example]) -> Classifier:
 
 
 def _fit_heads(
-    clf: Classifier, variants: list[Variant], pool: list[Example], cfg: EvalConfig,
-    betas: dict[Method, torch.Tensor],
+    clf: Classifier, variants: list[Variant], pool: list[Example], betas: dict[Method, torch.Tensor],
 ) -> dict[Variant, LinearHead | KnnHead]:
     """Each requested head fitted on this seed's pool, featurised in the Hidden_anchor context (under
     the seed's β for a re-weighted variant, the features it will score)."""
-    heads: dict[Variant, LinearHead | KnnHead] = {}
     labels = np.array([r.label for r in pool])
-    for variant in dict.fromkeys(v for v in variants if v.head):
-        beta = betas.get(variant.base) if variant.reweighted else None
-        plan = clf.reweighting_plan(variant.base, beta) if beta is not None else None
-        with torch.inference_mode():
-            features = clf.hidden_states([r.text for r in pool], variant.base, cfg.batch_size, plan)
-        heads[variant] = HEADS[variant.head](features, labels, len(cfg.labels))
-    return heads
+    return {
+        variant: clf.fit_head(variant.head, [r.text for r in pool], labels,
+                              betas.get(variant.base) if variant.reweighted else None)
+        for variant in dict.fromkeys(v for v in variants if v.head)
+    }
 
 
 def _jaccard(a: set[int], b: set[int]) -> float:
@@ -190,7 +187,7 @@ def evaluate(lm: LoadedModel, cfg: EvalConfig, progress: bool = True) -> dict[st
         gold = np.array([r.label for r in rows])
         betas = _train_betas(clf, variants, train, used, cfg, seed)
         pool = _pool(train, used, cfg, seed) if any(v.head or v.many_shot for v in variants) else []
-        heads = _fit_heads(clf, variants, pool, cfg, betas)
+        heads = _fit_heads(clf, variants, pool, betas)
         many = _many_shot(clf, pool) if any(v.many_shot for v in variants) else None
         runs = {}
         for name, variant in zip(methods, variants, strict=True):

@@ -197,6 +197,10 @@ class LoadedModel:
         return next((t for t in (tok.pad_token_id, tok.eos_token_id) if t is not None), 0)
 
     @property
+    def num_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+    @property
     def max_positions(self) -> int | None:
         cfg = self.model.config
         return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)

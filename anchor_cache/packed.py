@@ -42,13 +42,17 @@ from anchor_cache.attention import AttentionPlan, Blocks, Reweighting
 from anchor_cache.cache import AnchorCache, concat_dynamic_cache
 from anchor_cache.errors import ValidationError
 from anchor_cache.forward import Prefix, label_logits
+from anchor_cache.heads import FeatureLayers, Features, read_features
 from anchor_cache.models import LoadedModel
 
 
 class Head(Protocol):
-    """Scores (N, hidden) final hidden states as (N, C) class scores (heads.LinearHead, heads.KnnHead)."""
+    """Scores rows' features (the hidden states of its `layers`, and their label-word logits) as
+    (N, C) class scores (heads.LinearHead, heads.KnnHead)."""
 
-    def scores(self, hidden: torch.Tensor) -> torch.Tensor: ...
+    layers: FeatureLayers
+
+    def scores(self, features: Features) -> torch.Tensor: ...
 
 
 # Query tokens per SDPA span on each device type; absent: one call over the whole sequence.
@@ -85,6 +89,7 @@ class PackedBatch:
     position_ids: torch.Tensor  # (1, T)
     attention_mask: torch.Tensor  # (1, 1, T, S + T) bool: True = may attend
     cache: DynamicCache | None  # S slots, batch 1; None when no row has a cache
+    first: torch.Tensor  # (B,) each row's first token in the sequence
     last: torch.Tensor  # (B,)
     reweighting: Reweighting | None  # every re-weighted row's entries, targets = `targets` order
     targets: torch.Tensor | None  # (1, R) last token of each re-weighted row
@@ -171,6 +176,7 @@ def pack(lm: LoadedModel, rows: Sequence[PackedRow], block_tokens: int | str | N
         position_ids=torch.cat(positions).to(device)[None],
         attention_mask=mask,
         cache=concat_dynamic_cache(distinct, lm.model.config) if distinct else None,
+        first=ends - lengths_t,
         last=ends - 1,
         reweighting=reweighting,
         targets=targets,
@@ -222,6 +228,22 @@ def _pack_reweighting(
     return packed, last[torch.tensor(reweighted, device=device)][None]
 
 
+def _forward(lm: LoadedModel, batch: PackedBatch, explicit: bool, all_layers: bool):
+    plan = None
+    if batch.reweighting is not None or batch.blocks is not None or explicit:
+        plan = AttentionPlan(reweighting=batch.reweighting, targets=batch.targets, explicit=explicit,
+                             blocks=batch.blocks)
+    return lm.model.base_model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        cache=batch.cache,
+        use_cache=batch.cache is not None,
+        anchor_plan=plan,
+        output_hidden_states=all_layers,
+    )
+
+
 def packed_hidden(
     lm: LoadedModel, rows: Sequence[PackedRow], explicit: bool = False, block_tokens: int | str | None = "auto"
 ) -> torch.Tensor:
@@ -230,19 +252,26 @@ def packed_hidden(
     explicit: run the written-out reference attention (tests) instead of SDPA + correction.
     block_tokens: see `pack`."""
     batch = pack(lm, rows, block_tokens)
-    plan = None
-    if batch.reweighting is not None or batch.blocks is not None or explicit:
-        plan = AttentionPlan(reweighting=batch.reweighting, targets=batch.targets, explicit=explicit,
-                             blocks=batch.blocks)
-    out = lm.model.base_model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        cache=batch.cache,
-        use_cache=batch.cache is not None,
-        anchor_plan=plan,
-    )
-    return out.last_hidden_state[0, batch.last]
+    return _forward(lm, batch, explicit, all_layers=False).last_hidden_state[0, batch.last]
+
+
+def _layer_states(out) -> list[torch.Tensor]:
+    """(T, H) per hidden-state index: the embeddings, each layer's output, the last one final-normed."""
+    states = [h[0] for h in out.hidden_states]
+    states[-1] = out.last_hidden_state[0]
+    return states
+
+
+def packed_features(
+    lm: LoadedModel, rows: Sequence[PackedRow], layers: FeatureLayers, block_tokens: int | str | None = "auto"
+) -> Features:
+    """The rows' features for a head reading `layers` (rows of one task: their label words are alike),
+    from one packed forward."""
+    batch = pack(lm, rows, block_tokens)
+    out = _forward(lm, batch, explicit=False, all_layers=True)
+    final = out.last_hidden_state[0, batch.last]
+    hidden = read_features(_layer_states(out), batch.first, batch.last, layers)
+    return Features(hidden, label_logits(lm, final, rows[0].label_ids))
 
 
 def packed_label_logits(
@@ -251,19 +280,24 @@ def packed_label_logits(
     """Per row, (C_row,) float32 logits of its own label words (or its head's scores), from one
     packed forward.
 
-    Rows of one task share one (rows, C) matmul against the label rows of the LM head (or their
-    head's weights); calibration is the caller's (ServedTask.scores)."""
+    Rows of one task share one (rows, C) matmul against the label rows of the LM head (and a head's
+    matmul on their features); calibration is the caller's (ServedTask.scores)."""
     if not rows:
         return []
-    hidden = packed_hidden(lm, rows, explicit, block_tokens)
+    batch = pack(lm, rows, block_tokens)
+    out = _forward(lm, batch, explicit, all_layers=any(row.head is not None for row in rows))
+    hidden = out.last_hidden_state[0, batch.last]
     groups: dict[tuple[tuple[int, ...], int], list[int]] = {}  # (label words, head) -> rows
     for i, row in enumerate(rows):
         groups.setdefault((tuple(row.label_ids), id(row.head)), []).append(i)
-    out: list[torch.Tensor | None] = [None] * len(rows)
+    results: list[torch.Tensor | None] = [None] * len(rows)
     for (labels, _), members in groups.items():
         head = rows[members[0]].head
-        part = hidden[torch.tensor(members, device=hidden.device)]
-        logits = head.scores(part) if head is not None else label_logits(lm, part, labels)
+        index = torch.tensor(members, device=hidden.device)
+        logits = label_logits(lm, hidden[index], labels)
+        if head is not None:
+            features = read_features(_layer_states(out), batch.first[index], batch.last[index], head.layers)
+            logits = head.scores(Features(features, logits))
         for i, row_logits in zip(members, logits, strict=True):
-            out[i] = row_logits
-    return out
+            results[i] = row_logits
+    return results

@@ -2,13 +2,16 @@
 
     python -m bench.beyond                      # bench/results/beyond.json, docs/beyond-curve.png
     python -m bench.beyond --datasets sst2 --seeds 42,43 --limit 100   # a quicker look
+    python -m bench.beyond --device cuda --parts curve                 # one part; the rest is kept
 
 1. The comparison: on each dataset, 5 seeds, `--limit` test rows per seed, 16 labelled rows per class:
    zero-shot, vanilla 1-shot, β + Hidden_anchor (β learned on the same 16 rows per class) against
-   `linear_head`, `knn` and `many_shot` (anchor_cache/heads.py, many_shot.py) — the eval's own code.
-2. The curve: accuracy of the pool methods with 1, 4, 16 and 64 rows per class (same seeds), as a PNG.
-3. Serving cost: batch-1 latency of `linear_head` (the Hidden_anchor forward plus one matmul) against
-   Hidden_anchor's label-word projection, interleaved, medians; cache bytes per method.
+   `linear_head` (with and without that β), `knn` and `many_shot` (anchor_cache/heads.py,
+   many_shot.py) — the eval's own code.
+2. The curve: accuracy of the pool methods without β with 1, 4, 16 and 64 rows per class (same
+   seeds), as a PNG.
+3. Serving cost: batch-1 latency of a `linear_head` task against the same task's Hidden_anchor,
+   through the serving forward, interleaved, medians; head and cache bytes.
 """
 
 from __future__ import annotations
@@ -28,15 +31,16 @@ from anchor_cache.classifier import Classifier
 from anchor_cache.cli import default_data_root
 from anchor_cache.data import read_jsonl, sample_rows, seed_demonstrations, training_draw
 from anchor_cache.evaluate import EvalConfig, evaluate
-from anchor_cache.forward import label_logits
-from anchor_cache.heads import fit_linear_head
 from anchor_cache.models import load_model
+from anchor_cache.packed import packed_label_logits
 from anchor_cache.reweighting import TrainConfig
-from anchor_cache.task import PRESETS, Method, TaskSpec
+from anchor_cache.task import PRESETS, Demonstration, Method, TaskSpec
 from bench.common import DATASETS, RESULTS
 
+PARTS = ["compare", "curve", "latency"]
 BASELINES = ["zero_shot", "vanilla", "hidden_anchor_reweighted"]
-POOL_METHODS = ["linear_head", "knn", "many_shot"]
+POOL_METHODS = ["linear_head", "linear_head_reweighted", "knn", "many_shot"]
+CURVE_METHODS = ["linear_head", "knn", "many_shot"]  # no β: learning one per size and seed is the cost
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
@@ -65,10 +69,10 @@ def curve(lm, data_root: Path, datasets: list[str], seeds: list[int], limit: int
     for ds in datasets:
         template, labels = PRESETS[ds]
         for size in sizes:
-            cfg = EvalConfig(data=data_root / ds, template=template, labels=labels, methods=POOL_METHODS,
+            cfg = EvalConfig(data=data_root / ds, template=template, labels=labels, methods=CURVE_METHODS,
                              seeds=seeds, limit=limit, pool_per_class=size)
             result = evaluate(lm, cfg, progress=False)
-            for m in POOL_METHODS:
+            for m in CURVE_METHODS:
                 out.setdefault(ds, {}).setdefault(m, {})[size] = spread(result["methods"][m]["per_seed"])
         sys.stderr.write(f"curve {ds} done\n")
     return out
@@ -91,35 +95,37 @@ def plot_curve(results: dict, sizes: list[int]) -> bytes:
 
 
 def latency(lm, data_root: Path, repeats: int, pool: int) -> dict:
-    """Batch-1 ms of Hidden_anchor's label projection vs the linear head, same forward, interleaved."""
+    """Batch-1 ms of a Hidden_anchor task against the same task served by its linear head (the same
+    forward reading more layers, plus the head's matmuls), through the serving forward, interleaved."""
     template, labels = PRESETS["sst2"]
     train = read_jsonl(data_root / "sst2" / "train.jsonl", labels)
     demos, used = seed_demonstrations(train, labels, 1, 42)
-    clf = Classifier(lm, TaskSpec(name="sst2", template=template, labels=labels, demonstrations=demos))
-    rows = training_draw(train, used, len(labels), pool, 42)
+    examples = [Demonstration(text=r.text, label=labels[r.label])
+                for r in training_draw(train, used, len(labels), pool, 42)]
+    spec = TaskSpec(name="sst2", template=template, labels=labels, demonstrations=demos, examples=examples)
+    clf = Classifier(lm, spec)
+    head = clf.head(Method.LINEAR_HEAD)
+    queries = clf.encode([r.text for r in sample_rows(read_jsonl(data_root / "sst2" / "test.jsonl", labels), 32, 7)])
+    sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
+
+    def run(method: Method) -> float:
+        start = time.perf_counter()
+        for q in queries:
+            packed_label_logits(lm, [clf.packed_row(q, method)])
+        sync()
+        return 1000 * (time.perf_counter() - start) / len(queries)
+
+    methods = [Method.HIDDEN_ANCHOR, Method.LINEAR_HEAD]
+    times: dict[str, list[float]] = {m.value: [] for m in methods}
     with torch.inference_mode():
-        head = fit_linear_head(clf.hidden_states([r.text for r in rows], Method.HIDDEN_ANCHOR),
-                               np.array([r.label for r in rows]), len(labels))
-    texts = [r.text for r in sample_rows(read_jsonl(data_root / "sst2" / "test.jsonl", labels), 32, 7)]
-
-    def anchor(text: str) -> None:
-        label_logits(lm, clf.hidden_states([text], Method.HIDDEN_ANCHOR), clf.prompt.label_ids)
-
-    def linear(text: str) -> None:
-        head.scores(clf.hidden_states([text], Method.HIDDEN_ANCHOR))
-
-    times: dict[str, list[float]] = {"hidden_anchor": [], "linear_head": []}
-    with torch.inference_mode():
-        for fn in (anchor, linear):
-            fn(texts[0])
+        for m in methods:
+            run(m)
         for r in range(repeats):
-            for name, fn in ([("hidden_anchor", anchor), ("linear_head", linear)][:: 1 if r % 2 == 0 else -1]):
-                start = time.perf_counter()
-                for text in texts:
-                    fn(text)
-                times[name].append(1000 * (time.perf_counter() - start) / len(texts))
+            for m in methods[:: 1 if r % 2 == 0 else -1]:
+                times[m.value].append(run(m))
     med = {k: statistics.median(v) for k, v in times.items()}
-    return med | {"ratio": med["linear_head"] / med["hidden_anchor"], "head_bytes": head.nbytes}
+    return med | {"ratio": med["linear_head"] / med["hidden_anchor"], "head_bytes": head.nbytes,
+                  "cache_bytes": clf.prefix(Method.HIDDEN_ANCHOR).kv_bytes, "device": lm.device.type}
 
 
 def markdown(result: dict) -> str:
@@ -154,19 +160,30 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--data-root", type=Path, default=default_data_root())
-    parser.add_argument("--skip-curve", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--parts", type=lambda s: s.split(","), default=PARTS,
+                        help="which parts to run; the others are kept from an earlier run's JSON")
+    parser.add_argument("--out", type=Path, default=RESULTS / "beyond.json")
     args = parser.parse_args()
-    lm = load_model("default", "cpu", args.dtype)
-    result = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()} | {
-        "model": lm.name, "dtype": str(lm.dtype).removeprefix("torch.")}}
-    result["compare"] = compare(lm, args.data_root, args.datasets, args.seeds, args.limit, args.pool)
-    if not args.skip_curve:
-        result["curve"] = curve(lm, args.data_root, args.datasets, args.seeds, args.limit, args.sizes)
+    lm = load_model("default", args.device, args.dtype)
+    result = json.loads(args.out.read_text()) if args.out.exists() else {}
+    result.setdefault("config", {})[",".join(args.parts)] = {
+        k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()} | {
+        "model": lm.name, "dtype": str(lm.dtype).removeprefix("torch."), "device": str(lm.device)}
+    if "compare" in args.parts:
+        result.setdefault("compare", {}).update(
+            compare(lm, args.data_root, args.datasets, args.seeds, args.limit, args.pool))
+    if "curve" in args.parts:
+        result.setdefault("curve", {}).update(
+            curve(lm, args.data_root, args.datasets, args.seeds, args.limit, args.sizes))
         DOCS.joinpath("beyond-curve.png").write_bytes(plot_curve(result["curve"], args.sizes))
-    result["latency"] = latency(lm, args.data_root, args.repeats, args.pool)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "beyond.json").write_text(json.dumps(result, indent=1))
-    sys.stdout.write(markdown(result) + "\n" + json.dumps(result["latency"]) + "\n")
+    if "latency" in args.parts:
+        result["latency"] = latency(lm, args.data_root, args.repeats, args.pool)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    if "compare" in result:
+        sys.stdout.write(markdown(result) + "\n")
+    sys.stdout.write(json.dumps(result.get("latency")) + "\n")
 
 
 if __name__ == "__main__":
