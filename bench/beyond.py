@@ -49,17 +49,18 @@ def spread(per_seed: list[dict], key: str = "accuracy") -> dict[str, float]:
     return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
 
 
-def compare(lm, data_root: Path, datasets: list[str], seeds: list[int], limit: int, pool: int) -> dict:
+def compare(lm, data_root: Path, datasets: list[str], seeds: list[int], limit: int, pool: int,
+            methods: list[str]) -> dict:
     out = {}
     for ds in datasets:
         template, labels = PRESETS[ds]
-        cfg = EvalConfig(data=data_root / ds, template=template, labels=labels, methods=BASELINES + POOL_METHODS,
+        cfg = EvalConfig(data=data_root / ds, template=template, labels=labels, methods=methods,
                          seeds=seeds, limit=limit, train_per_class=pool, pool_per_class=pool,
                          reweight=TrainConfig())
         result = evaluate(lm, cfg, progress=False)
         out[ds] = {m: spread(r["per_seed"]) | {"per_seed": [s["accuracy"] for s in r["per_seed"]],
                                                 "kv_cache_bytes": r["kv_cache_bytes"]}
-                   for m, r in result["methods"].items()}
+                   for m, r in result["methods"].items() if m in methods}
         sys.stderr.write(f"{ds}: " + ", ".join(f"{m} {v['mean']:.1f}" for m, v in out[ds].items()) + "\n")
     return out
 
@@ -160,6 +161,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--data-root", type=Path, default=default_data_root())
+    parser.add_argument("--methods", type=lambda s: s.split(","), default=BASELINES + POOL_METHODS,
+                        help="the comparison's methods; others already in --out are kept")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--parts", type=lambda s: s.split(","), default=PARTS,
                         help="which parts to run; the others are kept from an earlier run's JSON")
@@ -170,18 +173,21 @@ def main() -> None:
     result.setdefault("config", {})[",".join(args.parts)] = {
         k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()} | {
         "model": lm.name, "dtype": str(lm.dtype).removeprefix("torch."), "device": str(lm.device)}
-    if "compare" in args.parts:
-        result.setdefault("compare", {}).update(
-            compare(lm, args.data_root, args.datasets, args.seeds, args.limit, args.pool))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for ds in args.datasets if "compare" in args.parts else []:  # saved per dataset: a long run keeps its parts
+        for m, row in compare(lm, args.data_root, [ds], args.seeds, args.limit, args.pool, args.methods)[ds].items():
+            result.setdefault("compare", {}).setdefault(ds, {})[m] = row
+        args.out.write_text(json.dumps(result, indent=1))
+    for ds in args.datasets if "curve" in args.parts else []:
+        result.setdefault("curve", {}).update(curve(lm, args.data_root, [ds], args.seeds, args.limit, args.sizes))
+        args.out.write_text(json.dumps(result, indent=1))
     if "curve" in args.parts:
-        result.setdefault("curve", {}).update(
-            curve(lm, args.data_root, args.datasets, args.seeds, args.limit, args.sizes))
         DOCS.joinpath("beyond-curve.png").write_bytes(plot_curve(result["curve"], args.sizes))
     if "latency" in args.parts:
         result["latency"] = latency(lm, args.data_root, args.repeats, args.pool)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    if "compare" in result:
+    rows = result.get("compare", {}).values()
+    if rows and all(set(BASELINES + POOL_METHODS) <= set(row) for row in rows):
         sys.stdout.write(markdown(result) + "\n")
     sys.stdout.write(json.dumps(result.get("latency")) + "\n")
 
