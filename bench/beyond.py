@@ -83,6 +83,7 @@ def plot_curve(results: dict, sizes: list[int]) -> bytes:
     fig, axes = new_figure(4.2 * len(results), 3.6, len(results))
     for ax, (ds, methods) in zip(axes[0], results.items(), strict=True):
         for m, by_size in methods.items():
+            by_size = {int(k): v for k, v in by_size.items()}  # JSON keys are strings
             means = [by_size[s]["mean"] for s in sizes]
             stds = [by_size[s]["std"] for s in sizes]
             ax.errorbar(sizes, means, yerr=stds, marker="o", capsize=3, label=m)

@@ -7,14 +7,22 @@ import numpy as np
 import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from anchor_cache import Classifier, Demonstration, Method, load_model
 from anchor_cache.cache import merge_anchor_caches
 from anchor_cache.errors import ValidationError
 from anchor_cache.evaluate import EvalConfig, evaluate
-from anchor_cache.heads import LINEAR_C, fit_knn_head, fit_linear_head
+from anchor_cache.heads import (
+    LABEL_WEIGHTS,
+    LINEAR_C,
+    FeatureLayers,
+    Features,
+    fit_knn_head,
+    fit_linear_head,
+    linear_design,
+    read_features,
+)
 from anchor_cache.many_shot import groups_of, many_shot_cache
 from anchor_cache.packed import packed_label_logits
 from tests.conftest import QUERIES, error_of, sentiment_task
@@ -27,33 +35,76 @@ def blobs(n_classes: int, per_class: int = 12, dim: int = 16, seed: int = 0) -> 
     return torch.tensor(x, dtype=torch.float32), np.repeat(np.arange(n_classes), per_class)
 
 
+def with_logits(hidden: torch.Tensor, n_classes: int, seed: int = 0) -> Features:
+    return Features(hidden, torch.tensor(np.random.default_rng(seed).normal(0, 2, (len(hidden), n_classes)),
+                                         dtype=torch.float32))
+
+
+LAYERS = FeatureLayers(last=(3,))
+
+
 @pytest.mark.parametrize("n_classes", [2, 3, 14])
-def test_linear_head_is_the_fitted_pipeline_folded_into_one_matmul(n_classes):
+def test_linear_head_is_the_fitted_pipeline_folded_into_two_matmuls(n_classes):
     x, y = blobs(n_classes)
-    head = fit_linear_head(x, y, n_classes)
-    reference = make_pipeline(StandardScaler(), LogisticRegression(C=LINEAR_C, max_iter=5000)).fit(x.numpy(), y)
-    queries, _ = blobs(n_classes, per_class=5, seed=1)
+    pool = with_logits(x, n_classes)
+    head = fit_linear_head(pool, y, n_classes, LAYERS, label_weight=3.0)
+    scaler = StandardScaler().fit(x.numpy())
+    reference = LogisticRegression(C=LINEAR_C, max_iter=5000).fit(linear_design(pool, scaler, 3.0), y)
+    queries = with_logits(blobs(n_classes, per_class=5, seed=1)[0], n_classes, seed=1)
     scores = head.scores(queries)
-    assert scores.shape == (len(queries), n_classes) and head.weight.shape == (n_classes, x.shape[1])
-    assert np.array_equal(scores.argmax(-1).numpy(), reference.predict(queries.numpy()))
-    expected = reference.predict_proba(queries.numpy())
+    assert scores.shape == (len(queries.hidden), n_classes) and head.weight.shape == (n_classes, x.shape[1])
+    assert head.label_weight.shape == (n_classes, n_classes) and head.chosen_label_weight == 3.0
+    expected = reference.predict_proba(linear_design(queries, scaler, 3.0))
     np.testing.assert_allclose(torch.softmax(scores.double(), -1).numpy(), expected, atol=1e-4)
+
+
+def test_the_label_words_weight_is_chosen_on_the_pool():
+    """Label logits that tell the class outweigh noise features; label logits that lie are ignored."""
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 16)
+    noise = torch.tensor(rng.normal(0, 1, (len(y), 32)), dtype=torch.float32)
+    telling = torch.tensor(np.eye(3)[y] * 4 + rng.normal(0, 0.5, (len(y), 3)), dtype=torch.float32)
+    assert fit_linear_head(Features(noise, telling), y, 3, LAYERS).chosen_label_weight == max(LABEL_WEIGHTS)
+    x, _ = blobs(3, per_class=16)
+    lying = torch.tensor(np.eye(3)[rng.permutation(y)] * 4, dtype=torch.float32)
+    assert fit_linear_head(Features(x, lying), y, 3, LAYERS).chosen_label_weight == 0.0
+
+
+def test_features_read_the_last_token_and_the_mean_of_each_row():
+    states = [torch.arange(24, dtype=torch.float32).reshape(6, 4) * (i + 1) for i in range(3)]
+    first, last = torch.tensor([0, 2]), torch.tensor([1, 5])  # rows: tokens 0-1 and 2-5
+    got = read_features(states, first, last, FeatureLayers(last=(2,), mean=(1,)))
+    expected = torch.stack([torch.cat([states[2][int(b)], states[1][int(a) : int(b) + 1].mean(0)])
+                            for a, b in zip(first, last, strict=True)])
+    torch.testing.assert_close(got, expected)
 
 
 def test_knn_head_votes_among_the_nearest_rows():
     keys = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.2, 1.0]])
-    head = fit_knn_head(keys, np.array([0, 0, 1, 1, 1]), 2, k=2)
-    assert head.scores(torch.tensor([[1.0, 0.05], [0.05, 1.0]])).argmax(-1).tolist() == [0, 1]
+    head = fit_knn_head(with_logits(keys, 2), np.array([0, 0, 1, 1, 1]), 2, LAYERS, k=2)
+    assert head.scores(with_logits(torch.tensor([[1.0, 0.05], [0.05, 1.0]]), 2)).argmax(-1).tolist() == [0, 1]
     # votes are weighted by similarity: two close rows outvote three far ones
-    assert fit_knn_head(keys, np.array([0, 0, 1, 1, 1]), 2, k=5).scores(torch.tensor([[1.0, 0.0]])).argmax() == 0
+    far = fit_knn_head(with_logits(keys, 2), np.array([0, 0, 1, 1, 1]), 2, LAYERS, k=5)
+    assert far.scores(with_logits(torch.tensor([[1.0, 0.0]]), 2)).argmax() == 0
 
 
 def test_a_head_needs_every_class_in_its_pool():
     x, y = blobs(3)
+    pool = with_logits(x[y < 2], 3)
     with pytest.raises(ValidationError, match=r"classes \[2\]"):
-        fit_linear_head(x[y < 2], y[y < 2], 3)
+        fit_linear_head(pool, y[y < 2], 3, LAYERS)
     with pytest.raises(ValidationError, match=r"classes \[2\]"):
-        fit_knn_head(x[y < 2], y[y < 2], 3)
+        fit_knn_head(pool, y[y < 2], 3, LAYERS)
+
+
+def test_the_final_layer_of_a_packed_forward_is_the_served_hidden_state(tiny_lm):
+    clf = Classifier(tiny_lm, sentiment_task())
+    layers = FeatureLayers(last=(tiny_lm.num_layers,))
+    features = clf.features(QUERIES, Method.HIDDEN_ANCHOR, layers)
+    torch.testing.assert_close(features.hidden, clf.hidden_states(QUERIES, Method.HIDDEN_ANCHOR).float(),
+                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(features.label_logits, clf.label_logits(QUERIES, Method.HIDDEN_ANCHOR),
+                               atol=1e-5, rtol=1e-4)
 
 
 def test_many_shot_groups_one_row_per_class_in_label_order():
@@ -109,7 +160,7 @@ def test_pool_methods_packed_with_other_tasks_equal_one_at_a_time(tiny_lm, metho
         torch.testing.assert_close(mine, reference, atol=1e-5, rtol=1e-4)
     if method != Method.MANY_SHOT:  # a head: one matmul on the Hidden_anchor features
         head = pooled.head(method)
-        features = pooled.hidden_states(QUERIES, Method.HIDDEN_ANCHOR)
+        features = pooled.features(QUERIES, Method.HIDDEN_ANCHOR, head.layers)
         torch.testing.assert_close(torch.stack(alone), head.scores(features), atol=1e-5, rtol=1e-4)
 
 

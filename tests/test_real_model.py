@@ -13,7 +13,6 @@ from anchor_cache.cache import build_anchor_cache
 from anchor_cache.cli import default_data_root
 from anchor_cache.data import read_jsonl, sample_rows, seed_demonstrations
 from anchor_cache.forward import Prefix, label_logits, last_hidden
-from anchor_cache.heads import fit_linear_head
 from anchor_cache.reweighting import learn_pool_beta
 from anchor_cache.task import PRESETS, TaskSpec
 from server.settings import builtin_task
@@ -106,7 +105,6 @@ def test_a_fourteen_class_task_with_multi_token_label_words(real_lm):
     texts = ["Boeing builds aircraft in Seattle.", "The oak is a tree of the beech family."]
     predictions = clf.classify(texts)
     assert [len(p.probs) for p in predictions] == [14, 14]
-    with torch.inference_mode():
-        features = clf.hidden_states([d.text for d in demos], Method.HIDDEN_ANCHOR)
-    head = fit_linear_head(features, np.arange(14), 14)
+    head = clf.fit_head(Method.LINEAR_HEAD, [d.text for d in demos], np.arange(14))
+    features = clf.features([d.text for d in demos], Method.HIDDEN_ANCHOR, head.layers)
     assert head.scores(features).argmax(-1).tolist() == list(range(14))  # a 14-class head separates its pool
