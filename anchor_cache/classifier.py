@@ -108,7 +108,7 @@ class Classifier:
         self._reweightings: dict[Method, tuple[torch.Tensor, Reweighting]] = {}  # last β per method
         self.beta = beta.to(lm.device) if beta is not None else None
         self._content_free: torch.Tensor | None = None  # under self.beta, computed on first use
-        self._heads: dict[Method, LinearHead | KnnHead] = {}
+        self._heads: dict[Method, tuple[torch.Tensor | None, LinearHead | KnnHead]] = {}  # with its β
         self._pool: list[Demonstration] | None = None
 
     # --- prefixes -------------------------------------------------------------------------------
@@ -172,19 +172,22 @@ class Classifier:
                           for r in rows if r.text not in demos]
         return self._pool
 
-    def head(self, method: Method | str) -> LinearHead | KnnHead | None:
-        """The head `method` scores with (fitted on the pool's Hidden_anchor features on first use),
-        None for a method that reads the label words."""
+    def head(self, method: Method | str, beta: torch.Tensor | None = None) -> LinearHead | KnnHead | None:
+        """The head `method` scores with, fitted on the pool's Hidden_anchor features under `beta` (the
+        features it will score) on first use, and again when `beta` changes; None for a method that
+        reads the label words."""
         method = Method(method)
         if method not in HEAD_METHODS:
             return None
-        if method not in self._heads:
+        fitted = self._heads.get(method)
+        if fitted is None or fitted[0] is not beta:
             pool = self.pool()
             if not pool:
                 raise ValidationError(f"method {method} needs the task's labelled pool (`examples`)")
             labels = np.array([self.task.label_index(d.label) for d in pool])
-            self._heads[method] = self.fit_head(method, [d.text for d in pool], labels)
-        return self._heads[method]
+            fitted = (beta, self.fit_head(method, [d.text for d in pool], labels, beta))
+            self._heads[method] = fitted
+        return fitted[1]
 
     def fit_head(
         self, method: Method | str, texts: Sequence[str], labels: np.ndarray, beta: torch.Tensor | None = None
@@ -286,7 +289,7 @@ class Classifier:
         rows of other tasks; its logits are over this task's labels (calibration stays with the caller)."""
         rw = self.reweighting(method, beta) if beta is not None else None
         return PackedRow(prefix=self.prefix(method), ids=tuple(ids), label_ids=tuple(self.prompt.label_ids),
-                         reweighting=rw, head=self.head(method))
+                         reweighting=rw, head=self.head(method, beta))
 
     @torch.inference_mode()
     def hidden_states(
@@ -326,7 +329,7 @@ class Classifier:
         """(N, C) label-word logits for already tokenised queries (the server tokenises before queueing):
         one packed forward per `batch_size` queries, in input order."""
         rw = self.reweighting(method, beta) if beta is not None else None
-        return self._packed_logits(self.prefix(method), queries, batch_size, rw, self.head(method))
+        return self._packed_logits(self.prefix(method), queries, batch_size, rw, self.head(method, beta))
 
     def _packed_logits(
         self, prefix: Prefix, queries: Sequence[Sequence[int]], batch_size: int = 16,

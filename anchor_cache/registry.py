@@ -46,7 +46,7 @@ from anchor_cache.storage import (
     save_beta,
     save_cache,
 )
-from anchor_cache.task import HEAD_METHODS, Method, TaskSpec, preview
+from anchor_cache.task import Method, TaskSpec, preview
 
 log = logging.getLogger(__name__)
 
@@ -154,13 +154,13 @@ class TaskRegistry:
                 clf.install_cache(spec.method, cache)
             else:
                 save_cache(self.store, clf.prefix(spec.method).cache, identity, self.lm.name)
-        clf.head(spec.method)  # a head method fits its head on the pool now, not on the first request
         beta, info = None, None
         try:
             beta, info = find_beta(self.store, key, self.lm) or (None, None)
         except CacheMismatchError as exc:
             moved = self._quarantine(beta_blob(key), exc, f"task {spec.name}: serving without β")
             info = {"lost": f"{exc}; moved to {moved}"}
+        clf.head(spec.method, beta)  # a head method fits its head on the pool now, not on the first request
         prefix = clf.prefix(spec.method)
         served = self.with_beta(
             ServedTask(
@@ -199,7 +199,7 @@ class TaskRegistry:
     def needs_pool_beta(served: ServedTask) -> bool:
         """A task with an `examples` pool whose β is missing, or was learned from another pool (a β
         an admin job trained is kept)."""
-        if served.spec.examples is None or served.spec.method in HEAD_METHODS:  # a head scores without label words
+        if served.spec.examples is None or served.spec.method == Method.KNN:  # knn reads no label words
             return False
         info = served.reweighting or {}
         if served.beta is None:

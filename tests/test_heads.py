@@ -170,13 +170,26 @@ def test_a_pool_method_needs_a_pool():
 
 
 def test_the_server_serves_a_pool_method_as_the_engine_does(serve, model_dir):
-    spec = sentiment_task(examples=POOL, method=Method.LINEAR_HEAD)
+    spec = sentiment_task(examples=POOL, method=Method.KNN)  # knn learns no β: the engine's plain answer
     client = serve(tasks=[spec, sentiment_task(name="plain")])
     served = client.post("/v1/classify", json={"task": "sentiment", "input": QUERIES}).json()["data"]
     local = Classifier(load_model(str(model_dir), device="cpu", dtype="float32"), spec).classify(QUERIES)
     for item, prediction in zip(served, local, strict=True):
         assert item["label"] == prediction.label
         np.testing.assert_allclose(item["probs"], list(prediction.probs.values()), atol=1e-5)
-    knn = client.post("/v1/classify", json={"task": "sentiment", "input": QUERIES, "method": "knn"})
-    assert knn.status_code == 200, knn.text
+    linear = client.post("/v1/classify", json={"task": "sentiment", "input": QUERIES, "method": "linear_head"})
+    assert linear.status_code == 200, linear.text
     error_of(client.post("/v1/classify", json={"task": "plain", "input": QUERIES, "method": "knn"}), 422, "validation")
+
+
+def test_a_head_is_fitted_again_under_a_new_beta(tiny_lm):
+    clf = Classifier(tiny_lm, sentiment_task(examples=POOL, method=Method.LINEAR_HEAD))
+    plain = clf.head(Method.LINEAR_HEAD)
+    assert clf.head(Method.LINEAR_HEAD) is plain  # fitted once
+    beta = torch.full_like(clf.zero_beta(), 2.0)
+    under_beta = clf.head(Method.LINEAR_HEAD, beta)
+    assert under_beta is not plain and not torch.equal(under_beta.weight, plain.weight)
+    pool = clf.pool()
+    labels = np.array([clf.task.label_index(d.label) for d in pool])
+    reference = clf.fit_head(Method.LINEAR_HEAD, [d.text for d in pool], labels, beta)
+    torch.testing.assert_close(under_beta.weight, reference.weight)

@@ -66,9 +66,11 @@ def test_an_admin_write_with_a_pool_learns_beta_in_its_job(serve):
     assert client.get("/v1/tasks/pooled").json()["reweighted"]
 
 
-@pytest.mark.parametrize("calibrate", [False, True])
-def test_the_python_api_answers_what_the_server_answers(serve, tmp_path, server_lm, calibrate):
-    spec = pooled(calibrate=calibrate)
+@pytest.mark.parametrize(("method", "calibrate"), [("hidden_anchor", False), ("hidden_anchor", True),
+                                                    ("linear_head", False)])
+def test_the_python_api_answers_what_the_server_answers(serve, tmp_path, server_lm, method, calibrate):
+    """A linear head is fitted under the task's pool β, on the server as in the engine."""
+    spec = pooled(calibrate=calibrate, method=method)
     client = serve(tasks=[spec])
     served = client.post("/v1/classify", json={"task": "sentiment", "input": QUERIES}).json()["data"]
     key = client.get("/v1/tasks/sentiment").json()["cache_hash"]
