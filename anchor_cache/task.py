@@ -170,6 +170,8 @@ class TaskSpec(BaseModel):
                 label_index(row.label, self.labels)
         if self.method in POOL_METHODS and self.examples is None:
             raise ValueError(f"method {self.method} needs the task's labelled pool: give `examples`")
+        if self.method in HEAD_METHODS and self.calibrate:
+            raise ValueError(f"method {self.method} scores with a head, not label words: `calibrate` does not apply")
         return self
 
     def label_index(self, label: str) -> int:

@@ -164,9 +164,11 @@ def test_pool_methods_packed_with_other_tasks_equal_one_at_a_time(tiny_lm, metho
         torch.testing.assert_close(torch.stack(alone), head.scores(features), atol=1e-5, rtol=1e-4)
 
 
-def test_a_pool_method_needs_a_pool():
+def test_a_pool_method_needs_a_pool_and_a_head_takes_no_calibration():
     with pytest.raises(ValueError, match="needs the task's labelled pool"):
         sentiment_task(method=Method.LINEAR_HEAD)
+    with pytest.raises(ValueError, match="`calibrate` does not apply"):
+        sentiment_task(method=Method.KNN, examples=POOL, calibrate=True)
 
 
 def test_the_server_serves_a_pool_method_as_the_engine_does(serve, model_dir):
