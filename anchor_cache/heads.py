@@ -66,9 +66,8 @@ def read_features(
     parts = [hidden_states[i][last].float() for i in layers.last]
     counts = (last - first + 1).float()[:, None]
     for i in layers.mean:
-        sums = torch.cumsum(hidden_states[i].float(), dim=0)
-        before = torch.where((first > 0)[:, None], sums[(first - 1).clamp(min=0)], torch.zeros_like(sums[0]))
-        parts.append((sums[last] - before) / counts)
+        sums = torch.nn.functional.pad(torch.cumsum(hidden_states[i].float(), dim=0), (0, 0, 1, 0))  # sums[t]: < t
+        parts.append((sums[last + 1] - sums[first]) / counts)
     return torch.cat(parts, dim=-1)
 
 

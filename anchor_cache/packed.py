@@ -290,13 +290,14 @@ def packed_label_logits(
     groups: dict[tuple[tuple[int, ...], int], list[int]] = {}  # (label words, head) -> rows
     for i, row in enumerate(rows):
         groups.setdefault((tuple(row.label_ids), id(row.head)), []).append(i)
+    states = _layer_states(out) if out.hidden_states is not None else None
     results: list[torch.Tensor | None] = [None] * len(rows)
     for (labels, _), members in groups.items():
         head = rows[members[0]].head
         index = torch.tensor(members, device=hidden.device)
         logits = label_logits(lm, hidden[index], labels)
         if head is not None:
-            features = read_features(_layer_states(out), batch.first[index], batch.last[index], head.layers)
+            features = read_features(states, batch.first[index], batch.last[index], head.layers)
             logits = head.scores(Features(features, logits))
         for i, row_logits in zip(members, logits, strict=True):
             results[i] = row_logits
