@@ -15,6 +15,9 @@ by `module.layer_idx`:
 - blocks: a packed forward's hint that query spans see only the cache and their own span; SDPA
   then runs span by span over those keys (the mask still decides inside), instead of over the
   whole T × (S + T) square, most of which the mask forbids.
+- key_bias: an additive logit per key, e.g. structured prompting's log(1/G) on the anchors of G
+  demonstration groups encoded side by side (many_shot.py), so that together they hold the
+  attention one group would. It turns the boolean mask into an additive one on every path.
 - isolation (paper §2.2): chosen rows attend only to themselves in chosen layers, masked before
   softmax. It is a mask change, so it keeps the fast path.
 - saliency (paper §2.1): the post-softmax weights are multiplied by a leaf of ones; after a
@@ -124,6 +127,7 @@ class AttentionPlan:
     capture_target_weights: keep each target row's weights in `capture.target_weights`.
     capture_qk_layers: layers whose target queries and keys go to `capture.queries`/`capture.keys`.
     capture_maps: keep every layer's full weights, summed over heads, in `capture.maps` (large).
+    key_bias: (B|1, S) added to every query's logit for each key before the softmax; None: none.
     explicit: compute every intervention on the written-out attention matrix (the reference path).
     blocks: run the fast path's SDPA per query span of a packed sequence (ignored by the explicit
         path, which writes out everything).
@@ -139,6 +143,7 @@ class AttentionPlan:
     capture_target_weights: bool = False
     capture_qk_layers: frozenset[int] = frozenset()
     capture_maps: bool = False
+    key_bias: torch.Tensor | None = None
     explicit: bool = False
     blocks: Blocks | None = None
     targets: torch.Tensor | None = None
@@ -170,6 +175,11 @@ def _bool_mask(mask: torch.Tensor | None, q_len: int, kv_len: int, device: torch
     if mask.dtype != torch.bool:
         return mask > torch.finfo(mask.dtype).min / 2
     return mask
+
+
+def _with_bias(allowed: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An additive mask: `bias` (broadcast over the trailing key axis) where allowed, else the dtype's min."""
+    return torch.where(allowed, bias.to(dtype), torch.finfo(dtype).min)
 
 
 def _plan_mask(
@@ -205,6 +215,8 @@ def explicit_attention(
     key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)  # (B, Hq, S, D)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     scores = torch.matmul(query, key.transpose(2, 3)) * scale  # (B, Hq, T, S)
+    if plan.key_bias is not None:
+        scores = scores + plan.key_bias[:, None, None, :].to(scores.dtype)
     allowed = _bool_mask(attention_mask, query.shape[2], key.shape[2], query.device)
     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
@@ -233,7 +245,7 @@ def explicit_attention(
 
 def target_row_weights(
     query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None,
-    targets: torch.Tensor,
+    targets: torch.Tensor, key_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(N, Hq, S) float32 softmax of each target query against all keys, grouped K/V as is.
 
@@ -249,6 +261,8 @@ def target_row_weights(
     q = q.reshape(batch, kv_heads, heads // kv_heads * per, dim)  # query head h = g·rep + r
     scale = scaling if scaling is not None else dim**-0.5
     scores = torch.matmul(q, key.transpose(2, 3)).view(batch, heads, per, kv_len).float() * scale  # (B, Hq, R, S)
+    if key_bias is not None:
+        scores = scores + key_bias[:, None, None, :].float()
     allowed = _bool_mask(attention_mask, q_len, kv_len, query.device)[:, 0].expand(batch, -1, -1)  # (B, T, S)
     allowed = allowed.gather(1, targets[:, :, None].expand(batch, per, kv_len))  # (B, R, S)
     scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
@@ -274,7 +288,8 @@ def reweight_target_rows(
 
 def blocked_sdpa(
     module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-    attention_mask: torch.Tensor, blocks: Blocks, dropout: float, scaling: float | None, **kwargs,
+    attention_mask: torch.Tensor, blocks: Blocks, dropout: float, scaling: float | None,
+    key_bias: torch.Tensor | None = None, **kwargs,
 ) -> torch.Tensor:
     """(1, T, Hq, D): one SDPA call over the spans gathered into a batch, each seeing the cache keys
     and its own tokens under the matching slice of the mask; equal to SDPA over the whole sequence
@@ -289,7 +304,10 @@ def blocked_sdpa(
     allowed = _bool_mask(attention_mask, query.shape[2], key.shape[2], query.device)[0, 0]  # (T, S + T)
     allowed = allowed.index_select(0, q_index).view(n, span, -1)
     allowed = allowed.gather(2, blocks.keys[:, None, :].expand(n, span, -1)) & blocks.real_keys[:, None, :]
-    out, _ = sdpa_attention_forward(module, q, k, v, allowed[:, None], dropout=dropout, scaling=scaling, **kwargs)
+    mask = allowed[:, None]
+    if key_bias is not None:  # (1, S + T) -> (n, 1, 1, C + L) along each span's keys
+        mask = _with_bias(mask, key_bias[0].index_select(0, k_index).view(n, 1, 1, -1), query.dtype)
+    out, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scaling, **kwargs)
     return out.reshape(n * span, heads, dim).index_select(0, blocks.order)[None]  # (n, L, Hq, D) -> (1, T, Hq, D)
 
 
@@ -319,12 +337,18 @@ def anchor_attention(
         _capture_qk(module, query, key, plan)
     if plan.needs_explicit:
         return explicit_attention(module, query, key, value, mask, scaling, plan)
+    bias = plan.key_bias
     if plan.blocks is not None and mask is not None:
-        out = blocked_sdpa(module, query, key, value, mask, plan.blocks, dropout, scaling, **kwargs)
+        out = blocked_sdpa(module, query, key, value, mask, plan.blocks, dropout, scaling, bias, **kwargs)
     else:
-        out, _ = sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+        dense_mask = mask
+        if bias is not None:
+            allowed = _bool_mask(mask, query.shape[2], key.shape[2], query.device)
+            dense_mask = _with_bias(allowed, bias[:, None, None, :], query.dtype)
+        out, _ = sdpa_attention_forward(module, query, key, value, dense_mask, dropout=dropout, scaling=scaling,
+                                        **kwargs)
     if plan.reweighting is not None or plan.capture_target_weights:
-        weights = target_row_weights(query, key, mask, scaling, plan.targets)
+        weights = target_row_weights(query, key, mask, scaling, plan.targets, bias)
         if plan.capture_target_weights:
             plan.capture.target_weights[module.layer_idx] = weights.detach()
         if plan.reweighting is not None:

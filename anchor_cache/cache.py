@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache, PretrainedConfig
 
+from anchor_cache.attention import AttentionPlan
 from anchor_cache.models import LoadedModel
 
 
@@ -30,6 +31,7 @@ class AnchorCache:
     context_length: int  # tokens in the full context: the query's first position
     label_slots: tuple[int, ...]  # index into the kept tokens of each kept label word
     label_classes: tuple[int, ...]  # class of each kept label word
+    key_bias: torch.Tensor | None = None  # (M,) float32 logit every query adds for each kept token; None: 0
 
     @property
     def num_tokens(self) -> int:
@@ -49,6 +51,13 @@ class AnchorCache:
             layer.keys, layer.values = k, v  # `update` concatenates into new tensors, leaving ours intact
         return cache
 
+    def bias_row(self, new_tokens: int) -> torch.Tensor | None:
+        """(1, M + new_tokens) key bias of a forward of `new_tokens` behind this cache (the new tokens
+        get none), for `AttentionPlan.key_bias`; None when the cache has none."""
+        if self.key_bias is None:
+            return None
+        return torch.nn.functional.pad(self.key_bias, (0, new_tokens))[None]
+
 
 def merge_anchor_caches(caches: Sequence[AnchorCache]) -> AnchorCache:
     """One cache holding several contexts' kept tokens side by side, each at its own original
@@ -62,7 +71,24 @@ def merge_anchor_caches(caches: Sequence[AnchorCache]) -> AnchorCache:
         context_length=max(c.context_length for c in caches),
         label_slots=tuple(int(o) + s for o, c in zip(offsets, caches, strict=True) for s in c.label_slots),
         label_classes=tuple(k for c in caches for k in c.label_classes),
+        key_bias=_concat_bias(caches),
     )
+
+
+def _concat_bias(caches: Sequence[AnchorCache]) -> torch.Tensor | None:
+    """The caches' key biases one after another (zeros for a cache without), or None when none has one."""
+    if all(c.key_bias is None for c in caches):
+        return None
+    device = caches[0].keys[0].device
+    return torch.cat([c.key_bias if c.key_bias is not None else torch.zeros(c.num_tokens, device=device)
+                      for c in caches])
+
+
+def packed_key_bias(caches: Sequence[AnchorCache], new_tokens: int) -> torch.Tensor | None:
+    """(1, S + new_tokens) key bias of a packed forward over `caches` (concat_dynamic_cache's order)
+    and `new_tokens` tokens; None when no cache has one."""
+    bias = _concat_bias(caches)
+    return None if bias is None else torch.nn.functional.pad(bias, (0, new_tokens))[None]
 
 
 def concat_dynamic_cache(caches: Sequence[AnchorCache], config: PretrainedConfig) -> DynamicCache:
@@ -129,12 +155,14 @@ def extend_cache(lm: LoadedModel, cache: AnchorCache | None, ids: Sequence[int])
     start = cache.context_length if cache is not None else 0
     cached = cache.num_tokens if cache is not None else 0
     dynamic = cache.as_dynamic_cache(1, lm.model.config) if cache is not None else DynamicCache(config=lm.model.config)
+    bias = cache.bias_row(len(ids)) if cache is not None else None
     out = lm.model.base_model(
         input_ids=torch.tensor([list(ids)], device=lm.device),
         attention_mask=torch.ones((1, cached + len(ids)), dtype=torch.long, device=lm.device),
         position_ids=torch.arange(start, start + len(ids), device=lm.device)[None],
         cache=dynamic,
         use_cache=True,
+        anchor_plan=AttentionPlan(key_bias=bias) if bias is not None else None,
     )
     keys, values = zip(*((k.contiguous(), v.contiguous()) for k, v, _ in out.cache), strict=True)
     return AnchorCache(
@@ -144,4 +172,5 @@ def extend_cache(lm: LoadedModel, cache: AnchorCache | None, ids: Sequence[int])
         context_length=start + len(ids),
         label_slots=cache.label_slots if cache is not None else (),
         label_classes=cache.label_classes if cache is not None else (),
+        key_bias=bias[0] if bias is not None else None,
     )

@@ -66,6 +66,9 @@ def last_hidden(
     attention_mask[:, cached:] = torch.arange(longest, device=lm.device)[None, :] < lengths[:, None]
     position_ids = (torch.arange(longest, device=lm.device) + prefix.first_position).expand(batch, -1)
     cache = prefix.cache.as_dynamic_cache(batch, lm.model.config) if prefix.cache is not None else None
+    bias = prefix.cache.bias_row(longest) if prefix.cache is not None else None
+    if bias is not None:
+        plan = dataclasses.replace(plan or AttentionPlan(), key_bias=bias)
     if plan is not None:
         plan = dataclasses.replace(plan, targets=lengths - 1)  # each row's last token: the q of re-weighting
     out = lm.model.base_model(

@@ -4,13 +4,20 @@ The demonstrations are split into groups of one per class (as the task's own con
 group is encoded on its own from position 0, as "structured prompting" (Hao et al., 2022) does, so
 no group runs past the model's context however many there are. Each group keeps only its
 formatting and label-word K/V (Hidden_anchor), and the groups' caches are merged side by side
-(cache.merge_anchor_caches): the query attends to every group's anchors. The cache grows with the
-number of label words; re-weighting β (label keys of every group) and calibration work unchanged.
+(cache.merge_anchor_caches): the query attends to every group's anchors. As in structured prompting,
+every anchor key carries a logit bias of log(1/G) (`AnchorCache.key_bias`): G groups then hold the
+attention mass one group would, next to the query's own tokens, instead of G times as much (each
+group repeats the same formatting tokens, the start-of-text sink among them). The cache grows with
+the number of label words; re-weighting β (label keys of every group) and calibration work unchanged.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Sequence
+
+import torch
 
 from anchor_cache.cache import AnchorCache, build_anchor_cache, merge_anchor_caches
 from anchor_cache.methods import anchor_keep
@@ -34,4 +41,6 @@ def many_shot_cache(lm: LoadedModel, task: TaskSpec, demonstrations: Sequence[De
     for group in groups_of(task, demonstrations):
         ctx = TaskPrompt.build(task, group, lm.tokenizer).context
         caches.append(build_anchor_cache(lm, ctx.ids, anchor_keep(ctx), ctx.label_positions, ctx.classes))
-    return merge_anchor_caches(caches)
+    merged = merge_anchor_caches(caches)
+    bias = torch.full((merged.num_tokens,), -math.log(len(caches)), device=lm.device)
+    return dataclasses.replace(merged, key_bias=bias)

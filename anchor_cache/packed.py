@@ -39,7 +39,7 @@ import torch
 from transformers import DynamicCache
 
 from anchor_cache.attention import AttentionPlan, Blocks, Reweighting
-from anchor_cache.cache import AnchorCache, concat_dynamic_cache
+from anchor_cache.cache import AnchorCache, concat_dynamic_cache, packed_key_bias
 from anchor_cache.errors import ValidationError
 from anchor_cache.forward import Prefix, label_logits
 from anchor_cache.heads import FeatureLayers, Features, read_features
@@ -94,6 +94,7 @@ class PackedBatch:
     reweighting: Reweighting | None  # every re-weighted row's entries, targets = `targets` order
     targets: torch.Tensor | None  # (1, R) last token of each re-weighted row
     blocks: Blocks | None  # spans of whole rows for the fast path; None: one SDPA call
+    key_bias: torch.Tensor | None  # (1, S + T) the caches' key biases (many_shot.py); None: none
 
 
 def _spans(lengths: Sequence[int], row_slots: Sequence[range], block_tokens: int | None, cached: int,
@@ -182,6 +183,7 @@ def pack(lm: LoadedModel, rows: Sequence[PackedRow], block_tokens: int | str | N
         targets=targets,
         blocks=_spans(lengths, [range(a, a + n) for a, n in zip(slot_start, slots_of, strict=True)], block_tokens,
                       num_slots, device),
+        key_bias=packed_key_bias(distinct, total),
     )
 
 
@@ -230,9 +232,9 @@ def _pack_reweighting(
 
 def _forward(lm: LoadedModel, batch: PackedBatch, explicit: bool, all_layers: bool):
     plan = None
-    if batch.reweighting is not None or batch.blocks is not None or explicit:
+    if batch.reweighting is not None or batch.blocks is not None or batch.key_bias is not None or explicit:
         plan = AttentionPlan(reweighting=batch.reweighting, targets=batch.targets, explicit=explicit,
-                             blocks=batch.blocks)
+                             blocks=batch.blocks, key_bias=batch.key_bias)
     return lm.model.base_model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,

@@ -55,7 +55,7 @@ def cache_identity(lm: LoadedModel, prompt: TaskPrompt, method: Method, seed: in
         "demonstrations": [d.model_dump() for d in prompt.demonstrations],
         "method": str(method),
         "seed": seed if method != Method.HIDDEN_ANCHOR else None,
-    } | ({"pool": _pool_identity(task)} if method == Method.MANY_SHOT else {})
+    } | ({"pool": _pool_identity(task), "group_bias": "log(1/G)"} if method == Method.MANY_SHOT else {})
 
 
 def _pool_identity(task: TaskSpec) -> Any:
@@ -183,6 +183,8 @@ def save_cache(store: StateStore, cache: AnchorCache, identity: dict[str, Any], 
     key = cache_key(identity)
     tensors = {f"layers.{i}.keys": k for i, k in enumerate(cache.keys)}
     tensors |= {f"layers.{i}.values": v for i, v in enumerate(cache.values)}
+    if cache.key_bias is not None:
+        tensors["key_bias"] = cache.key_bias
     manifest = {
         "key": key,
         "model_name": model_name,
@@ -227,6 +229,7 @@ def load_cache(data: bytes, name: str, lm: LoadedModel, expected: dict[str, Any]
             context_length=manifest["context_length"],
             label_slots=tuple(manifest["label_slots"]),
             label_classes=tuple(manifest["label_classes"]),
+            key_bias=tensors.get("key_bias"),
         )
     except (KeyError, TypeError, AttributeError) as exc:
         raise CacheMismatchError(f"{shown(name)} is not an anchor cache ({type(exc).__name__}: {exc})") from exc

@@ -3,6 +3,9 @@ references, and wired into the eval's methods."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -10,9 +13,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from anchor_cache import Classifier, Demonstration, Method, load_model
-from anchor_cache.cache import merge_anchor_caches
+from anchor_cache.attention import AttentionPlan
+from anchor_cache.cache import extend_cache, merge_anchor_caches
 from anchor_cache.errors import ValidationError
 from anchor_cache.evaluate import EvalConfig, evaluate
+from anchor_cache.forward import Prefix, label_logits, last_hidden
 from anchor_cache.heads import (
     LABEL_WEIGHTS,
     LINEAR_C,
@@ -24,7 +29,7 @@ from anchor_cache.heads import (
     read_features,
 )
 from anchor_cache.many_shot import groups_of, many_shot_cache
-from anchor_cache.packed import packed_label_logits
+from anchor_cache.packed import PackedRow, packed_label_logits
 from tests.conftest import QUERIES, error_of, sentiment_task
 
 
@@ -130,7 +135,74 @@ def test_one_group_many_shot_is_hidden_anchor_and_more_groups_add_their_anchors(
     assert two.num_tokens == 2 * base.num_tokens and two.context_length == base.context_length
     assert two.label_slots == base.label_slots + tuple(s + base.num_tokens for s in base.label_slots)
     merged.install_cache(Method.HIDDEN_ANCHOR, two)
-    assert not torch.allclose(merged.label_logits(QUERIES, Method.HIDDEN_ANCHOR), expected)
+    assert not torch.allclose(merged.label_logits(QUERIES, Method.HIDDEN_ANCHOR), expected)  # unscaled: more mass
+
+
+def _logits_every_path(clf: Classifier, beta: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Hidden_anchor label logits of QUERIES: packed (one SDPA call and span by span), padded, explicit."""
+    rw = clf.reweighting(Method.HIDDEN_ANCHOR, beta) if beta is not None else None
+    rows = [PackedRow(clf.prefix(Method.HIDDEN_ANCHOR), tuple(q), tuple(clf.prompt.label_ids), rw)
+            for q in clf.encode(QUERIES)]
+    plan = AttentionPlan(reweighting=rw)
+    with torch.inference_mode():
+        out = {f"packed/{b}": torch.stack(packed_label_logits(clf.lm, rows, block_tokens=b)) for b in (None, 4)}
+        for name, p in (("padded", plan), ("explicit", dataclasses.replace(plan, explicit=True))):
+            hidden = last_hidden(clf.lm, clf.prefix(Method.HIDDEN_ANCHOR), clf.encode(QUERIES), p)
+            out[name] = label_logits(clf.lm, hidden, clf.prompt.label_ids)
+    return out
+
+
+@pytest.mark.parametrize("groups", [2, 3])
+def test_g_copies_of_a_group_under_the_log_1_over_g_bias_are_that_group_on_every_path(tiny_lm, groups):
+    """Structured prompting's rescaling, exact where it must be: G identical groups whose keys all carry
+    log(1/G) hold the attention one group holds, with and without β, on the packed (whole and
+    blocked), padded and explicit paths."""
+    clf = Classifier(tiny_lm, sentiment_task())
+    base = clf.prefix(Method.HIDDEN_ANCHOR).cache
+    merged = merge_anchor_caches([base] * groups)
+    copies = Classifier(tiny_lm, sentiment_task())
+    copies.install_cache(Method.HIDDEN_ANCHOR, dataclasses.replace(
+        merged, key_bias=torch.full((merged.num_tokens,), -math.log(groups))))
+    torch.manual_seed(0)
+    beta = torch.randn_like(clf.zero_beta())
+    for b in (None, beta):
+        expected = clf.label_logits(QUERIES, Method.HIDDEN_ANCHOR, beta=b)
+        for path, logits in _logits_every_path(copies, b).items():
+            torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-4, msg=f"{path}, beta={b is not None}")
+    unbiased = Classifier(tiny_lm, sentiment_task())
+    unbiased.install_cache(Method.HIDDEN_ANCHOR, merged)
+    assert (unbiased.label_logits(QUERIES, Method.HIDDEN_ANCHOR) - expected).abs().max() > 1e-3
+
+
+def test_many_shot_cache_biases_every_anchor_and_its_paths_agree(tiny_lm):
+    task = sentiment_task()
+    many = Classifier(tiny_lm, task)
+    demos = [*POOL, *many.prompt.demonstrations]
+    cache = many_shot_cache(tiny_lm, task, demos)
+    groups = len(groups_of(task, demos))
+    assert groups > 2
+    torch.testing.assert_close(cache.key_bias, torch.full((cache.num_tokens,), -math.log(groups)))
+    many.install_cache(Method.HIDDEN_ANCHOR, cache)
+    torch.manual_seed(1)
+    paths = _logits_every_path(many, torch.randn_like(many.zero_beta()))
+    for path, logits in paths.items():
+        torch.testing.assert_close(logits, paths["explicit"], atol=1e-5, rtol=1e-4, msg=path)
+
+
+def test_extending_a_biased_cache_keeps_its_bias(tiny_lm):
+    """β training caches each query's tokens but its last behind the prefix (extend_cache) and runs the
+    last one alone: that must equal the whole query behind a many-shot cache."""
+    task = sentiment_task()
+    many = Classifier(tiny_lm, task)
+    many.install_cache(Method.HIDDEN_ANCHOR, many_shot_cache(tiny_lm, task, [*POOL, *many.prompt.demonstrations]))
+    prefix = many.prefix(Method.HIDDEN_ANCHOR)
+    query = many.encode([QUERIES[0]])[0]
+    extended = extend_cache(tiny_lm, prefix.cache, query[:-1])
+    assert extended.key_bias.shape == (prefix.cache.num_tokens + len(query) - 1,)
+    with torch.inference_mode():
+        whole = last_hidden(tiny_lm, prefix, [query])
+        stepped = last_hidden(tiny_lm, Prefix(cache=extended), [[query[-1]]])
+    torch.testing.assert_close(stepped, whole, atol=1e-5, rtol=1e-4)
 
 
 def test_eval_runs_the_pool_methods_with_disjoint_pools(tiny_lm, dataset_dir):

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from anchor_cache import CacheMismatchError, Classifier, Method
+from anchor_cache import CacheMismatchError, Classifier, Demonstration, Method
 from anchor_cache.state.local import LocalStore
 from anchor_cache.storage import (
     beta_blob,
@@ -44,6 +44,20 @@ def _saved(tiny_lm, tmp_path, method=Method.HIDDEN_ANCHOR):
     key = save_cache(LocalStore(tmp_path), clf.prefix(method).cache, identity, tiny_lm.name)
     return clf, identity, key
 
+
+
+def test_a_many_shot_cache_keeps_its_group_bias_through_storage(tiny_lm, tmp_path):
+    pool = [Demonstration(text=t, label=label) for t, label in
+            [("warm", "Positive"), ("dull", "Negative"), ("moving", "Positive"), ("lifeless", "Negative")]]
+    clf = Classifier(tiny_lm, sentiment_task(examples=pool))
+    original = clf.prefix(Method.MANY_SHOT).cache
+    identity = cache_identity(tiny_lm, clf.prompt, Method.MANY_SHOT, clf.seed)
+    save_cache(LocalStore(tmp_path), original, identity, tiny_lm.name)
+    loaded = find_cache(LocalStore(tmp_path), identity, tiny_lm)
+    assert original.key_bias is not None and torch.equal(loaded.key_bias, original.key_bias)
+    restored = Classifier(tiny_lm, clf.task)
+    restored.install_cache(Method.MANY_SHOT, loaded)
+    assert torch.equal(restored.label_logits(QUERIES, Method.MANY_SHOT), clf.label_logits(QUERIES, Method.MANY_SHOT))
 
 def data_offset(blob: bytes) -> int:
     """Where a safetensors file's tensor bytes start (after its length prefix and JSON header)."""
