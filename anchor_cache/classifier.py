@@ -30,6 +30,7 @@ from anchor_cache.heads import (
     final_layer,
     fit_knn_head,
     fit_linear_head,
+    linear_choices,
     linear_layers,
 )
 from anchor_cache.many_shot import many_shot_cache
@@ -45,8 +46,6 @@ log = logging.getLogger(__name__)
 CONTENT_FREE_INPUTS = ("N/A", "", "[MASK]")
 
 CACHED_METHODS = frozenset({Method.HIDDEN_ANCHOR, Method.HIDDEN_RANDOM, Method.HIDDEN_RANDOM_TOP, *POOL_METHODS})
-HEADS = {Method.LINEAR_HEAD: fit_linear_head, Method.KNN: fit_knn_head}
-HEAD_LAYERS = {Method.LINEAR_HEAD: linear_layers, Method.KNN: final_layer}
 
 
 def calibrate(logits: torch.Tensor, content_free: torch.Tensor) -> torch.Tensor:
@@ -194,10 +193,13 @@ class Classifier:
     ) -> LinearHead | KnnHead:
         """`method`'s head fitted on labelled texts, featurised in the Hidden_anchor context (under
         `beta` when given: the features a forward under that β gives)."""
-        method = Method(method)
-        layers = HEAD_LAYERS[method](self.lm.num_layers)
-        features = self.features(texts, Method.HIDDEN_ANCHOR, layers, beta)
-        return HEADS[method](features, labels, len(self.task.labels), layers)
+        method, depth, n_classes = Method(method), self.lm.num_layers, len(self.task.labels)
+        if method == Method.LINEAR_HEAD:
+            layers = linear_layers(depth)
+            features = self.features(texts, Method.HIDDEN_ANCHOR, layers, beta)
+            return fit_linear_head(features, labels, n_classes, layers, choices=linear_choices(depth))
+        layers = final_layer(depth)
+        return fit_knn_head(self.features(texts, Method.HIDDEN_ANCHOR, layers, beta), labels, n_classes, layers)
 
     def features(
         self, texts: Sequence[str], method: Method | str, layers: FeatureLayers, beta: torch.Tensor | None = None,

@@ -9,10 +9,14 @@ pool turns them into class scores:
   stacked with the label words' log-probabilities, with the standardisation folded into the
   weights, so serving it is one (C, F) and one (C, C) matmul. Deep-but-not-last layers carry more
   of what a class looks like than the final one, which is tuned to predict the next token; the
-  label words carry what the context's demonstrations taught. How much they count (their scale
-  against the unit-variance hidden features, hence against the L2 prior) is chosen on the pool by
-  stratified cross-validation (log loss): on SST-2 the label words are the better half of the
-  evidence, on TREC they mislead.
+  label words carry what the context's demonstrations taught. Two things are chosen per task on
+  the pool by stratified cross-validation (log loss): which layers to read (`LAYER_CHOICES`: two
+  deep states and a mid-depth mean, or nine states across the upper half; topic-like tasks such as
+  TREC gain from the wider read, sentiment loses) and how much the label words count (their scale
+  against the unit-variance hidden features, hence against the L2 prior: on SST-2 they are the
+  better half of the evidence, on TREC they mislead). The regression runs on the pool's principal
+  components, which gives the same model as on the raw features (with an L2 prior the weights lie
+  in the span of the rows) at the cost of a few dozen dimensions instead of thousands.
 - `KnnHead`: cosine k-nearest neighbours among the pool's final hidden states (kNN Prompting's
   idea on hidden states rather than label-word distributions); scores are the log of smoothed
   similarity-weighted neighbour votes.
@@ -22,11 +26,13 @@ Both give (N, C) scores whose argmax is the prediction and whose softmax reads a
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.preprocessing import StandardScaler
@@ -36,7 +42,8 @@ from anchor_cache.errors import ValidationError
 LINEAR_C = 0.01  # inverse L2 strength: a few rows per class in thousands of dimensions need a strong prior
 LABEL_WEIGHTS = (0.0, 3.0, 10.0)  # scales of the label log-probs against unit-variance hidden features
 CV_FOLDS = 4
-LAST_DEPTH, MEAN_DEPTH = 0.8, 0.53  # fractions of the model's depth read at the last token / averaged
+# (at the last token, averaged over the row's tokens), as fractions of the model's depth
+LAYER_CHOICES = (((0.8, 1.0), (0.53,)), ((0.53, 0.67, 0.8, 0.9, 1.0), (0.4, 0.53, 0.67, 0.8)))
 KNN_K = 8
 
 
@@ -48,10 +55,26 @@ class FeatureLayers:
     last: tuple[int, ...] = ()
     mean: tuple[int, ...] = ()
 
+    def union(self, other: FeatureLayers) -> FeatureLayers:
+        return FeatureLayers(tuple(sorted({*self.last, *other.last})), tuple(sorted({*self.mean, *other.mean})))
+
+    def columns(self, subset: FeatureLayers, width: int) -> np.ndarray:
+        """Indices of `subset`'s columns among features laid out as `read_features` lays out these layers,
+        `width` columns per layer."""
+        blocks = [self.last.index(i) for i in subset.last] + [len(self.last) + self.mean.index(i) for i in subset.mean]
+        return np.concatenate([np.arange(b * width, (b + 1) * width) for b in blocks])
+
+
+def linear_choices(num_layers: int) -> tuple[FeatureLayers, ...]:
+    """The layer sets the linear head chooses among for a model `num_layers` deep (LAYER_CHOICES)."""
+    def at(fractions: tuple[float, ...]) -> tuple[int, ...]:
+        return tuple(sorted({round(f * num_layers) for f in fractions}))
+    return tuple(FeatureLayers(at(last), at(mean)) for last, mean in LAYER_CHOICES)
+
 
 def linear_layers(num_layers: int) -> FeatureLayers:
-    """The linear head's layers for a model `num_layers` deep."""
-    return FeatureLayers(last=(round(LAST_DEPTH * num_layers), num_layers), mean=(round(MEAN_DEPTH * num_layers),))
+    """Every layer any of the linear head's choices reads: what its pool is featurised with."""
+    return functools.reduce(FeatureLayers.union, linear_choices(num_layers))
 
 
 def final_layer(num_layers: int) -> FeatureLayers:
@@ -89,11 +112,11 @@ def _check(n_features: int, labels: np.ndarray, n_classes: int) -> None:
 
 @dataclass(frozen=True)
 class LinearHead:
-    layers: FeatureLayers
+    layers: FeatureLayers  # the layers it reads (its chosen LAYER_CHOICES entry)
     weight: torch.Tensor  # (C, F) on the hidden features, float32
     label_weight: torch.Tensor  # (C, C) on the label words' log-probabilities
     bias: torch.Tensor  # (C,)
-    chosen_label_weight: float  # the scale the regression saw them at (choose_label_weight)
+    chosen_label_weight: float  # the scale the regression saw them at
 
     def scores(self, features: Features) -> torch.Tensor:
         device = features.hidden.device
@@ -106,46 +129,78 @@ class LinearHead:
         return self.weight.nbytes + self.label_weight.nbytes + self.bias.nbytes
 
 
-def linear_design(features: Features, scaler: StandardScaler, label_weight: float) -> np.ndarray:
-    """The matrix the regression sees: standardised hidden features, then the scaled label log-probs."""
-    logprobs = torch.log_softmax(features.label_logits.float(), dim=-1).cpu().numpy()
-    return np.hstack([scaler.transform(features.hidden.float().cpu().numpy()), label_weight * logprobs])
+@dataclass(frozen=True)
+class LinearDesign:
+    """The pool's hidden features standardised and turned to their principal components: the
+    coordinates the regression is fitted in, and the map back to raw features for serving."""
+
+    scaler: StandardScaler
+    pca: PCA
+
+    @classmethod
+    def fit(cls, hidden: np.ndarray) -> LinearDesign:
+        scaler = StandardScaler().fit(hidden)
+        return cls(scaler, PCA(svd_solver="full").fit(scaler.transform(hidden)))
+
+    def matrix(self, features: Features, label_weight: float) -> np.ndarray:
+        """What the regression sees: principal coordinates, then the scaled label log-probs."""
+        logprobs = torch.log_softmax(features.label_logits.float(), dim=-1).cpu().numpy()
+        hidden = self.pca.transform(self.scaler.transform(features.hidden.float().cpu().numpy()))
+        return np.hstack([hidden, label_weight * logprobs])
+
+    def fold(self, coef: np.ndarray, intercept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(C, F) weights and (C,) bias on raw features equal to `coef` (C, K) on the coordinates."""
+        on_standard = coef @ self.pca.components_  # (C, F)
+        scale = np.where(self.scaler.scale_ > 0, self.scaler.scale_, 1.0)
+        bias = intercept - on_standard @ (self.scaler.mean_ / scale) - on_standard @ self.pca.mean_
+        return on_standard / scale, bias
 
 
-def choose_label_weight(features: Features, labels: np.ndarray, scaler: StandardScaler, c: float) -> float:
-    """The LABEL_WEIGHTS entry with the best cross-validated log loss on the pool (the middle one when a
-    class has a single row, too few to split)."""
-    folds = min(CV_FOLDS, int(np.bincount(labels).min()))
-    if folds < 2:
-        return LABEL_WEIGHTS[len(LABEL_WEIGHTS) // 2]
+def _cv_log_loss(x: np.ndarray, labels: np.ndarray, c: float, folds: int) -> float:
     split = StratifiedKFold(folds, shuffle=True, random_state=0)
-    scores = [cross_val_score(LogisticRegression(C=c, max_iter=5000), linear_design(features, scaler, w), labels,
-                              cv=split, scoring="neg_log_loss").mean() for w in LABEL_WEIGHTS]
-    return LABEL_WEIGHTS[int(np.argmax(scores))]
+    return float(cross_val_score(LogisticRegression(C=c, max_iter=5000), x, labels, cv=split,
+                                 scoring="neg_log_loss").mean())
 
 
 def fit_linear_head(
-    features: Features, labels: np.ndarray, n_classes: int, layers: FeatureLayers, c: float = LINEAR_C,
-    label_weight: float | None = None,
+    features: Features, labels: np.ndarray, n_classes: int, layers: FeatureLayers,
+    choices: Sequence[FeatureLayers] | None = None, c: float = LINEAR_C, label_weight: float | None = None,
 ) -> LinearHead:
-    """`label_weight` None: chosen by cross-validation (choose_label_weight)."""
+    """`features` read `layers`; the head reads one of `choices` (subsets of `layers`; None: `layers`
+    itself) with one of LABEL_WEIGHTS (or `label_weight` when given), whichever pair has the best
+    cross-validated log loss on the pool. With a class of a single row, too few to split, the first
+    choice and the middle weight."""
     y = np.asarray(labels)
     _check(len(features.hidden), y, n_classes)
-    scaler = StandardScaler().fit(features.hidden.float().cpu().numpy())
-    if label_weight is None:
-        label_weight = choose_label_weight(features, y, scaler, c)
-    model = LogisticRegression(C=c, max_iter=5000).fit(linear_design(features, scaler, label_weight), y)
+    choices = list(choices) if choices is not None else [layers]
+    weights = list(LABEL_WEIGHTS) if label_weight is None else [label_weight]
+    width = features.hidden.shape[1] // (len(layers.last) + len(layers.mean))
+    hidden = features.hidden.float().cpu().numpy()
+    designs = [LinearDesign.fit(hidden[:, layers.columns(choice, width)]) for choice in choices]
+
+    def subset(i: int, part: Features) -> Features:
+        columns = torch.as_tensor(layers.columns(choices[i], width), device=part.hidden.device)
+        return Features(part.hidden.index_select(1, columns), part.label_logits)
+
+    folds = min(CV_FOLDS, int(np.bincount(y).min()))
+    if folds < 2 or len(choices) * len(weights) == 1:
+        best = (0, weights[len(weights) // 2])
+    else:
+        scores = {(i, w): _cv_log_loss(designs[i].matrix(subset(i, features), w), y, c, folds)
+                  for i in range(len(choices)) for w in weights}
+        best = max(scores, key=scores.get)
+    i, w = best
+    model = LogisticRegression(C=c, max_iter=5000).fit(designs[i].matrix(subset(i, features), w), y)
     coef, intercept = model.coef_, model.intercept_
     if coef.shape[0] == 1:  # binary: one logit z for class 1, i.e. scores (0, z)
         coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
-    n_hidden = features.hidden.shape[1]
-    on_hidden, on_labels = coef[:, :n_hidden], coef[:, n_hidden:] * label_weight
-    scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
-    bias = intercept - (scaler.mean_ / scale) @ on_hidden.T  # (z - μ)/σ · w = z · w/σ - μ·w/σ
-    full = np.zeros((n_classes, n_hidden)), np.zeros((n_classes, n_classes)), np.full(n_classes, -1e4)
-    full[0][model.classes_], full[1][model.classes_], full[2][model.classes_] = on_hidden / scale, on_labels, bias
+    n_coords = designs[i].pca.n_components_
+    on_hidden, bias = designs[i].fold(coef[:, :n_coords], intercept)
+    on_labels = coef[:, n_coords:] * w
+    full = np.zeros((n_classes, on_hidden.shape[1])), np.zeros((n_classes, n_classes)), np.full(n_classes, -1e4)
+    full[0][model.classes_], full[1][model.classes_], full[2][model.classes_] = on_hidden, on_labels, bias
     weight, label_w, full_bias = (torch.tensor(a, dtype=torch.float32) for a in full)
-    return LinearHead(layers, weight, label_w, full_bias, label_weight)
+    return LinearHead(choices[i], weight, label_w, full_bias, w)
 
 
 @dataclass(frozen=True)
