@@ -108,3 +108,10 @@ def test_a_fourteen_class_task_with_multi_token_label_words(real_lm):
     head = clf.fit_head(Method.LINEAR_HEAD, [d.text for d in demos], np.arange(14))
     features = clf.features([d.text for d in demos], Method.HIDDEN_ANCHOR, head.layers)
     assert head.scores(features).argmax(-1).tolist() == list(range(14))  # a 14-class head separates its pool
+    pool = [Demonstration(text=f"another {label} example, number {i}", label=label)
+            for i in range(2) for label in DBPEDIA]
+    pooled = Classifier(real_lm, task.model_copy(update={"examples": pool}))
+    for method in (Method.MANY_SHOT, Method.KNN, Method.LINEAR_HEAD):
+        assert [len(p.probs) for p in pooled.classify(texts, method)] == [14, 14], method
+    many, one = pooled.prefix(Method.MANY_SHOT).cache, pooled.prefix(Method.HIDDEN_ANCHOR).cache
+    assert many.label_classes == 2 * one.label_classes  # the pool's two groups, each class once
