@@ -17,7 +17,8 @@ by `module.layer_idx`:
   whole T × (S + T) square, most of which the mask forbids.
 - key_bias: an additive logit per key, e.g. structured prompting's log(1/G) on the anchors of G
   demonstration groups encoded side by side (many_shot.py), so that together they hold the
-  attention one group would. It turns the boolean mask into an additive one on every path.
+  attention one group would. SDPA paths get it as an additive mask, the written-out ones add it to
+  the scores, rounded to the query's dtype on both.
 - isolation (paper §2.2): chosen rows attend only to themselves in chosen layers, masked before
   softmax. It is a mask change, so it keeps the fast path.
 - saliency (paper §2.1): the post-softmax weights are multiplied by a leaf of ones; after a
@@ -261,8 +262,8 @@ def target_row_weights(
     q = q.reshape(batch, kv_heads, heads // kv_heads * per, dim)  # query head h = g·rep + r
     scale = scaling if scaling is not None else dim**-0.5
     scores = torch.matmul(q, key.transpose(2, 3)).view(batch, heads, per, kv_len).float() * scale  # (B, Hq, R, S)
-    if key_bias is not None:
-        scores = scores + key_bias[:, None, None, :].float()
+    if key_bias is not None:  # rounded as SDPA's additive mask rounds it, so the correction matches
+        scores = scores + key_bias[:, None, None, :].to(query.dtype).float()
     allowed = _bool_mask(attention_mask, q_len, kv_len, query.device)[:, 0].expand(batch, -1, -1)  # (B, T, S)
     allowed = allowed.gather(1, targets[:, :, None].expand(batch, per, kv_len))  # (B, R, S)
     scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)

@@ -11,12 +11,13 @@ pool turns them into class scores:
   of what a class looks like than the final one, which is tuned to predict the next token; the
   label words carry what the context's demonstrations taught. Two things are chosen per task on
   the pool by stratified cross-validation (log loss): which layers to read (`LAYER_CHOICES`: two
-  deep states and a mid-depth mean, or nine states across the upper half; topic-like tasks such as
-  TREC gain from the wider read, sentiment loses) and how much the label words count (their scale
-  against the unit-variance hidden features, hence against the L2 prior: on SST-2 they are the
-  better half of the evidence, on TREC they mislead). The regression runs on the pool's principal
-  components, which gives the same model as on the raw features (with an L2 prior the weights lie
-  in the span of the rows) at the cost of a few dozen dimensions instead of thousands.
+  deep last-token states and a mid-depth mean, or five last-token states and four means from 0.4
+  of the depth up; topic-like tasks such as TREC gain from the wider read, sentiment loses) and
+  how much the label words count (their scale against the unit-variance hidden features, hence
+  against the L2 prior: on SST-2 they are the better half of the evidence, on TREC they mislead).
+  The regression runs on the pool's principal components, which gives the same model as on the
+  raw features (with an L2 prior the weights lie in the span of the rows) in as many dimensions as
+  the pool has rows instead of thousands.
 - `KnnHead`: cosine k-nearest neighbours among the pool's final hidden states (kNN Prompting's
   idea on hidden states rather than label-word distributions); scores are the log of smoothed
   similarity-weighted neighbour votes.
@@ -151,7 +152,7 @@ class LinearDesign:
     def fold(self, coef: np.ndarray, intercept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(C, F) weights and (C,) bias on raw features equal to `coef` (C, K) on the coordinates."""
         on_standard = coef @ self.pca.components_  # (C, F)
-        scale = np.where(self.scaler.scale_ > 0, self.scaler.scale_, 1.0)
+        scale = self.scaler.scale_  # constant features have scale 1 (StandardScaler)
         bias = intercept - on_standard @ (self.scaler.mean_ / scale) - on_standard @ self.pca.mean_
         return on_standard / scale, bias
 
@@ -174,7 +175,12 @@ def fit_linear_head(
     _check(len(features.hidden), y, n_classes)
     choices = list(choices) if choices is not None else [layers]
     weights = list(LABEL_WEIGHTS) if label_weight is None else [label_weight]
-    width = features.hidden.shape[1] // (len(layers.last) + len(layers.mean))
+    blocks = len(layers.last) + len(layers.mean)
+    width = features.hidden.shape[1] // blocks
+    if width * blocks != features.hidden.shape[1] or any(not set(choice.last) <= set(layers.last) or not set(
+            choice.mean) <= set(layers.mean) or not (choice.last or choice.mean) for choice in choices):
+        raise ValidationError(f"features of {features.hidden.shape[1]} columns do not read {layers}, or a choice "
+                              "is empty or reads other layers")
     hidden = features.hidden.float().cpu().numpy()
     designs = [LinearDesign.fit(hidden[:, layers.columns(choice, width)]) for choice in choices]
 

@@ -42,5 +42,7 @@ def many_shot_cache(lm: LoadedModel, task: TaskSpec, demonstrations: Sequence[De
         ctx = TaskPrompt.build(task, group, lm.tokenizer).context
         caches.append(build_anchor_cache(lm, ctx.ids, anchor_keep(ctx), ctx.label_positions, ctx.classes))
     merged = merge_anchor_caches(caches)
+    if len(caches) == 1:  # log(1/1) = 0: exactly Hidden_anchor, on its boolean-mask paths
+        return merged
     bias = torch.full((merged.num_tokens,), -math.log(len(caches)), device=lm.device)
     return dataclasses.replace(merged, key_bias=bias)

@@ -10,6 +10,8 @@ batch size 1:
                               by many rows appears once; one distinct cache is used as is, no copy)
     mask          (1, 1, T, S + T) bool: a token sees its own row's cache slots and, causally, its
                               own row's earlier tokens, nothing else
+    key bias      (1, S + T) each cache's own logit offsets (a many-shot cache's log(1/G)), 0 on
+                              tokens; absent when no cache has any
 
 On CPU the fast path also gets `Blocks`: consecutive whole rows grouped into spans of at most
 `block_tokens` tokens, so SDPA runs per span over the cache and the span's own keys instead of over

@@ -222,6 +222,10 @@ def load_cache(data: bytes, name: str, lm: LoadedModel, expected: dict[str, Any]
         if expected is not None and cache_key(expected) != key:
             changed = sorted(k for k in expected if expected[k] != stored.get(k))
             raise CacheMismatchError(f"{shown(name)} belongs to another task or method (differs in {changed})")
+        bias = tensors.get("key_bias")
+        if bias is not None and tuple(bias.shape) != (len(manifest["positions"]),):
+            raise CacheMismatchError(f"{shown(name)}: key_bias has shape {tuple(bias.shape)} for "
+                                     f"{len(manifest['positions'])} cached tokens")
         return AnchorCache(
             keys=tuple(tensors[f"layers.{i}.keys"] for i in range(n)),
             values=tuple(tensors[f"layers.{i}.values"] for i in range(n)),
@@ -229,7 +233,7 @@ def load_cache(data: bytes, name: str, lm: LoadedModel, expected: dict[str, Any]
             context_length=manifest["context_length"],
             label_slots=tuple(manifest["label_slots"]),
             label_classes=tuple(manifest["label_classes"]),
-            key_bias=tensors.get("key_bias"),
+            key_bias=bias,
         )
     except (KeyError, TypeError, AttributeError) as exc:
         raise CacheMismatchError(f"{shown(name)} is not an anchor cache ({type(exc).__name__}: {exc})") from exc

@@ -23,6 +23,7 @@ from anchor_cache.heads import (
     LINEAR_C,
     FeatureLayers,
     Features,
+    LinearDesign,
     fit_knn_head,
     fit_linear_head,
     read_features,
@@ -82,20 +83,33 @@ def test_the_label_words_weight_is_chosen_on_the_pool():
     assert fit_linear_head(Features(x, lying), y, 3, LAYERS).chosen_label_weight == 0.0
 
 
-@pytest.mark.parametrize("telling_layer", [4, 7])
-def test_the_layers_are_chosen_on_the_pool_and_the_head_reads_only_them(telling_layer):
+def test_the_fold_maps_principal_coordinates_back_to_raw_features_exactly():
+    x, _ = blobs(3, dim=400)
+    design = LinearDesign.fit(x.numpy().astype(np.float64))
+    rng = np.random.default_rng(2)
+    coef, intercept = rng.normal(size=(3, design.pca.n_components_)), rng.normal(size=3)
+    weight, bias = design.fold(coef, intercept)
+    queries = blobs(3, per_class=5, dim=400, seed=1)[0].numpy().astype(np.float64)
+    coordinates = design.pca.transform(design.scaler.transform(queries))
+    np.testing.assert_allclose(queries @ weight.T + bias, coordinates @ coef.T + intercept, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("telling", ["last", "mean"])
+def test_the_layers_are_chosen_on_the_pool_and_the_head_reads_only_them(telling):
     """Features of two layers, one telling the class and one noise: the head picks the telling one,
     and scores features of that layer alone."""
     rng = np.random.default_rng(0)
     x, y = blobs(3, per_class=16)
     noise = torch.tensor(rng.normal(0, 3, x.shape), dtype=torch.float32)
-    both = FeatureLayers(last=(4, 7))
-    hidden = torch.cat([x, noise] if telling_layer == 4 else [noise, x], dim=1)
+    both = FeatureLayers(last=(4,), mean=(7,))  # read_features: the last-token block, then the mean block
+    hidden = torch.cat([x, noise] if telling == "last" else [noise, x], dim=1)
     lying = torch.tensor(np.eye(3)[rng.permutation(y)], dtype=torch.float32)
-    choices = [FeatureLayers(last=(4,)), FeatureLayers(last=(7,))]
-    head = fit_linear_head(Features(hidden, lying), y, 3, both, choices=choices)
-    assert head.layers == FeatureLayers(last=(telling_layer,)) and head.weight.shape == (3, x.shape[1])
+    choices = {"last": FeatureLayers(last=(4,)), "mean": FeatureLayers(mean=(7,))}
+    head = fit_linear_head(Features(hidden, lying), y, 3, both, choices=list(choices.values()))
+    assert head.layers == choices[telling] and head.weight.shape == (3, x.shape[1])
     assert (head.scores(Features(x, lying)).argmax(-1).numpy() == y).mean() > 0.9
+    with pytest.raises(ValidationError, match="do not read"):
+        fit_linear_head(Features(hidden, lying), y, 3, both, choices=[FeatureLayers(last=(5,))])
 
 
 def test_features_read_the_last_token_and_the_mean_of_each_row():

@@ -69,8 +69,9 @@ def test_an_admin_write_with_a_pool_learns_beta_in_its_job(serve):
 @pytest.mark.parametrize(("method", "calibrate"), [("hidden_anchor", False), ("hidden_anchor", True),
                                                     ("linear_head", False), ("many_shot", True)])
 def test_the_python_api_answers_what_the_server_answers(serve, tmp_path, server_lm, method, calibrate):
-    """A linear head is fitted under the task's pool β, and many-shot anchors (their group bias in every
-    forward, β training's included) take β and calibration, on the server as in the engine."""
+    """A linear head is fitted under the task's pool β, and a many-shot task learns β and calibrates,
+    on the server as in the engine (that the group bias reaches every path, β training's cache
+    extension included, is test_heads.py's)."""
     spec = pooled(calibrate=calibrate, method=method)
     client = serve(tasks=[spec])
     served = client.post("/v1/classify", json={"task": "sentiment", "input": QUERIES}).json()["data"]

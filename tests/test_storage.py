@@ -45,7 +45,6 @@ def _saved(tiny_lm, tmp_path, method=Method.HIDDEN_ANCHOR):
     return clf, identity, key
 
 
-
 def test_a_many_shot_cache_keeps_its_group_bias_through_storage(tiny_lm, tmp_path):
     pool = [Demonstration(text=t, label=label) for t, label in
             [("warm", "Positive"), ("dull", "Negative"), ("moving", "Positive"), ("lifeless", "Negative")]]
@@ -58,6 +57,11 @@ def test_a_many_shot_cache_keeps_its_group_bias_through_storage(tiny_lm, tmp_pat
     restored = Classifier(tiny_lm, clf.task)
     restored.install_cache(Method.MANY_SHOT, loaded)
     assert torch.equal(restored.label_logits(QUERIES, Method.MANY_SHOT), clf.label_logits(QUERIES, Method.MANY_SHOT))
+    save_cache(LocalStore(tmp_path), dataclasses.replace(original, key_bias=original.key_bias[:3]), identity,
+               tiny_lm.name)
+    with pytest.raises(CacheMismatchError, match="key_bias has shape"):
+        find_cache(LocalStore(tmp_path), identity, tiny_lm)
+
 
 def data_offset(blob: bytes) -> int:
     """Where a safetensors file's tensor bytes start (after its length prefix and JSON header)."""
