@@ -51,13 +51,6 @@ class AnchorCache:
             layer.keys, layer.values = k, v  # `update` concatenates into new tensors, leaving ours intact
         return cache
 
-    def bias_row(self, new_tokens: int) -> torch.Tensor | None:
-        """(1, M + new_tokens) key bias of a forward of `new_tokens` behind this cache (the new tokens
-        get none), for `AttentionPlan.key_bias`; None when the cache has none."""
-        if self.key_bias is None:
-            return None
-        return torch.nn.functional.pad(self.key_bias, (0, new_tokens))[None]
-
 
 def merge_anchor_caches(caches: Sequence[AnchorCache]) -> AnchorCache:
     """One cache holding several contexts' kept tokens side by side, each at its own original
@@ -84,9 +77,9 @@ def _concat_bias(caches: Sequence[AnchorCache]) -> torch.Tensor | None:
                       for c in caches])
 
 
-def packed_key_bias(caches: Sequence[AnchorCache], new_tokens: int) -> torch.Tensor | None:
-    """(1, S + new_tokens) key bias of a packed forward over `caches` (concat_dynamic_cache's order)
-    and `new_tokens` tokens; None when no cache has one."""
+def key_bias_row(caches: Sequence[AnchorCache], new_tokens: int) -> torch.Tensor | None:
+    """(1, S + new_tokens) `AttentionPlan.key_bias` of a forward of `new_tokens` tokens (which get
+    none) behind `caches` one after another (concat_dynamic_cache's order); None when no cache has one."""
     bias = _concat_bias(caches)
     return None if bias is None else torch.nn.functional.pad(bias, (0, new_tokens))[None]
 
@@ -155,7 +148,7 @@ def extend_cache(lm: LoadedModel, cache: AnchorCache | None, ids: Sequence[int])
     start = cache.context_length if cache is not None else 0
     cached = cache.num_tokens if cache is not None else 0
     dynamic = cache.as_dynamic_cache(1, lm.model.config) if cache is not None else DynamicCache(config=lm.model.config)
-    bias = cache.bias_row(len(ids)) if cache is not None else None
+    bias = key_bias_row([cache], len(ids)) if cache is not None else None
     out = lm.model.base_model(
         input_ids=torch.tensor([list(ids)], device=lm.device),
         attention_mask=torch.ones((1, cached + len(ids)), dtype=torch.long, device=lm.device),

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from anchor_cache.attention import AttentionPlan
-from anchor_cache.cache import AnchorCache
+from anchor_cache.cache import AnchorCache, key_bias_row
 from anchor_cache.errors import ValidationError
 from anchor_cache.models import LoadedModel
 
@@ -66,7 +66,7 @@ def last_hidden(
     attention_mask[:, cached:] = torch.arange(longest, device=lm.device)[None, :] < lengths[:, None]
     position_ids = (torch.arange(longest, device=lm.device) + prefix.first_position).expand(batch, -1)
     cache = prefix.cache.as_dynamic_cache(batch, lm.model.config) if prefix.cache is not None else None
-    bias = prefix.cache.bias_row(longest) if prefix.cache is not None else None
+    bias = key_bias_row([prefix.cache], longest) if prefix.cache is not None else None
     if bias is not None:
         plan = dataclasses.replace(plan or AttentionPlan(), key_bias=bias)
     if plan is not None:

@@ -143,11 +143,9 @@ class LinearDesign:
         scaler = StandardScaler().fit(hidden)
         return cls(scaler, PCA(svd_solver="full").fit(scaler.transform(hidden)))
 
-    def matrix(self, features: Features, label_weight: float) -> np.ndarray:
-        """What the regression sees: principal coordinates, then the scaled label log-probs."""
-        logprobs = torch.log_softmax(features.label_logits.float(), dim=-1).cpu().numpy()
-        hidden = self.pca.transform(self.scaler.transform(features.hidden.float().cpu().numpy()))
-        return np.hstack([hidden, label_weight * logprobs])
+    def coordinates(self, hidden: np.ndarray) -> np.ndarray:
+        """(N, K) principal coordinates of raw hidden features (N, F)."""
+        return self.pca.transform(self.scaler.transform(hidden))
 
     def fold(self, coef: np.ndarray, intercept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(C, F) weights and (C,) bias on raw features equal to `coef` (C, K) on the coordinates."""
@@ -182,21 +180,23 @@ def fit_linear_head(
         raise ValidationError(f"features of {features.hidden.shape[1]} columns do not read {layers}, or a choice "
                               "is empty or reads other layers")
     hidden = features.hidden.float().cpu().numpy()
-    designs = [LinearDesign.fit(hidden[:, layers.columns(choice, width)]) for choice in choices]
+    logprobs = torch.log_softmax(features.label_logits.float(), dim=-1).cpu().numpy()
+    parts = [hidden[:, layers.columns(choice, width)] for choice in choices]
+    designs = [LinearDesign.fit(part) for part in parts]
+    coordinates = [design.coordinates(part) for design, part in zip(designs, parts, strict=True)]
 
-    def subset(i: int, part: Features) -> Features:
-        columns = torch.as_tensor(layers.columns(choices[i], width), device=part.hidden.device)
-        return Features(part.hidden.index_select(1, columns), part.label_logits)
+    def matrix(i: int, w: float) -> np.ndarray:
+        """What the regression sees: choice i's principal coordinates, then the scaled label log-probs."""
+        return np.hstack([coordinates[i], w * logprobs])
 
     folds = min(CV_FOLDS, int(np.bincount(y).min()))
     if folds < 2 or len(choices) * len(weights) == 1:
         best = (0, weights[len(weights) // 2])
     else:
-        scores = {(i, w): _cv_log_loss(designs[i].matrix(subset(i, features), w), y, c, folds)
-                  for i in range(len(choices)) for w in weights}
+        scores = {(i, w): _cv_log_loss(matrix(i, w), y, c, folds) for i in range(len(choices)) for w in weights}
         best = max(scores, key=scores.get)
     i, w = best
-    model = LogisticRegression(C=c, max_iter=5000).fit(designs[i].matrix(subset(i, features), w), y)
+    model = LogisticRegression(C=c, max_iter=5000).fit(matrix(i, w), y)
     coef, intercept = model.coef_, model.intercept_
     if coef.shape[0] == 1:  # binary: one logit z for class 1, i.e. scores (0, z)
         coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])

@@ -41,7 +41,7 @@ import torch
 from transformers import DynamicCache
 
 from anchor_cache.attention import AttentionPlan, Blocks, Reweighting
-from anchor_cache.cache import AnchorCache, concat_dynamic_cache, packed_key_bias
+from anchor_cache.cache import AnchorCache, concat_dynamic_cache, key_bias_row
 from anchor_cache.errors import ValidationError
 from anchor_cache.forward import Prefix, label_logits
 from anchor_cache.heads import FeatureLayers, Features, read_features
@@ -185,7 +185,7 @@ def pack(lm: LoadedModel, rows: Sequence[PackedRow], block_tokens: int | str | N
         targets=targets,
         blocks=_spans(lengths, [range(a, a + n) for a, n in zip(slot_start, slots_of, strict=True)], block_tokens,
                       num_slots, device),
-        key_bias=packed_key_bias(distinct, total),
+        key_bias=key_bias_row(distinct, total),
     )
 
 
