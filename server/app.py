@@ -39,11 +39,13 @@ def acceptable_request_id(value: str) -> bool:
     return _REQUEST_ID.fullmatch(value) is not None
 
 
-def build_app(settings: Settings | None = None, on_fatal: Callable[[], None] | None = None) -> FastAPI:
+def build_app(settings: Settings | None = None, on_fatal: Callable[[], None] | None = None,
+              engine_address: str | None = None) -> FastAPI:
     """The ASGI app. `on_fatal` is called when the model cannot load (`python -m server` then exits
-    non-zero, so Docker or Kubernetes restarts it); without it /ready reports the failure."""
+    non-zero, so Docker or Kubernetes restarts it); without it /ready reports the failure.
+    `engine_address`: serve HTTP frontends on this ZeroMQ address too (the engine-core process)."""
     settings = settings or Settings()
-    state = ServerState(settings)
+    state = ServerState(settings, engine_address)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -1,11 +1,17 @@
 """The classify service: everything between a parsed request and its predictions.
 
 It resolves the task (the request's, or `default_task`) and checks the model the request names,
-checks the request's limits, tokenises off the event loop (after a byte-length check, so a huge
-input costs nothing; with truncation, cutting the end or the start of each text), submits to the
-scheduler with a deadline, races the result against the client's disconnect and the deadline,
-applies calibration, counts usage and times each step. The routes (`/v1/classify` in vLLM's shape,
-`/predict` in TEI's) only parse and shape the response (vLLM's ServingClassification split).
+checks the request's limits, tokenises where it runs (after a byte-length check, so a huge input
+costs nothing; with truncation, cutting the end or the start of each text), submits to the engine
+with a deadline, races the result against the client's disconnect and the deadline, counts usage
+and times each step. The engine is an `EngineClient`: the engine in this process, or an engine-core
+process behind a socket (server/remote.py), so the same service runs in every HTTP frontend. The
+routes (`/v1/classify` in vLLM's shape, `/predict` in TEI's) only parse and shape the response
+(vLLM's ServingClassification split).
+
+Small requests are tokenised on the event loop (a fast-tokenizer call is tens of microseconds, far
+less than a thread hop under load); requests with more text than `INLINE_TOKENIZE_BYTES` go to a
+thread, so one large request cannot stall the loop.
 
 Timing, as TEI's headers report it (`Timing`): the scheduler does not tell when a queued request's
 forward starts, so the time between entering the queue and getting the logits back, waiting for a
@@ -15,19 +21,15 @@ batch included, counts as inference; queue time is only the admission into the q
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
-
 from anchor_cache.classifier import Prediction
 from anchor_cache.errors import ValidationError
-from anchor_cache.registry import ServedTask
-from anchor_cache.task import Method
-from server.engine import Engine
+from anchor_cache.task import POOL_METHODS, Method
+from server.engine_client import EngineClient, Scores, TaskChanged, TaskView
 from server.errors import DeadlineExceeded, ModelNotServed
 from server.metrics import Metrics
 from server.settings import Settings
@@ -35,13 +37,16 @@ from server.settings import Settings
 # The ASGI `receive` of the request: the service listens on it for the client's disconnect.
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 
+# Text per request tokenised on the event loop; more goes to a thread (see the module docstring).
+INLINE_TOKENIZE_BYTES = 16_384
+
 
 @dataclass(frozen=True)
 class Timing:
     """Seconds one request spent in each step (TEI's split, see the module docstring)."""
 
     total_s: float  # from entering the service to the predictions
-    tokenization_s: float  # rendering the template and tokenising, off the event loop
+    tokenization_s: float  # rendering the template and tokenising
     queue_s: float  # admission into the scheduler's queue
     inference_s: float  # from the queue to the predictions: waiting for a batch, forward(s), calibration
     compute_tokens: int  # tokens the forwards ran (= usage.prompt_tokens)
@@ -60,7 +65,7 @@ class Classification:
 
 
 class ClassifyService:
-    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, engine: EngineClient, settings: Settings, metrics: Metrics) -> None:
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
@@ -77,8 +82,7 @@ class ClassifyService:
 
     def model_name(self) -> str:
         """The served model's name (503 while loading)."""
-        self.engine.require_ready()
-        return self.engine.describe()["model"]
+        return self.engine.model_name()
 
     def _check_model(self, model: str | None) -> None:
         """vLLM's _check_model: a request may name the served model (or the `model` setting it was loaded from)."""
@@ -108,17 +112,34 @@ class ClassifyService:
                     "ANCHORSERVE_TRUNCATE=true"
                 )
 
-    def _encode(self, served: ServedTask, texts: list[str], truncate: bool,
-                direction: Literal["right", "left"]) -> list[list[int]]:
-        """Token ids of each text in the task's template, within max_input_tokens (runs in a thread).
-        The engine facade truncates at the end; cutting the start is done here, text by text."""
+    @staticmethod
+    def _check_method(view: TaskView, method: Method) -> None:
+        """A method that counts the labelled pool needs the task to have one (checked before the
+        request joins a batch it would fail)."""
+        if method in POOL_METHODS and not view.has_pool:
+            raise ValidationError(f"method {method} needs the task's labelled pool; task {view.name!r} has "
+                                  "no `examples`")
+
+    def encode(self, view: TaskView, texts: list[str], truncate: bool,
+               direction: Literal["right", "left"]) -> list[list[int]]:
+        """Token ids of each text in the task's template, within max_input_tokens: one call of the
+        fast tokenizer for them all, or text by text when truncating (cutting the end or the start)."""
         max_tokens = self.settings.max_input_tokens
-        if not truncate or direction == "right":
-            return self.engine.encode(served, texts, max_tokens, truncate)
-        # Any text longer than this many characters is cut anyway: keep its tail only, before tokenising.
-        tail = self.engine.max_text_bytes(max_tokens)
-        prompt = served.classifier.prompt
-        return [prompt.encode_within(text[-tail:], max_tokens, direction="left") for text in texts]
+        prompt = view.prompt
+        if truncate:
+            # Any text longer than this many characters is cut anyway: keep only the part that can stay.
+            keep = self.engine.max_text_bytes(max_tokens)
+            cut = (lambda t: t[:keep]) if direction == "right" else (lambda t: t[-keep:])
+            return [prompt.encode_within(cut(text), max_tokens, direction=direction) for text in texts]
+        queries = prompt.encode_batch(texts)
+        for index, ids in enumerate(queries):
+            if len(ids) > max_tokens:
+                raise ValidationError(
+                    f"input {index} has {len(ids)} tokens with the template; the limit is {max_tokens} "
+                    "(max_input_tokens). Shorten it, send \"truncate\": true, or start the server with "
+                    "ANCHORSERVE_TRUNCATE=true"
+                )
+        return queries
 
     async def classify(
         self, task: str | None, texts: list[str], method: Method | None, receive: Receive, *,
@@ -134,50 +155,69 @@ class ClassifyService:
         self._check_model(model)
         if not name:
             raise ValidationError("no task given and none configured: send \"task\", or set default_task")
-        served = self.engine.task(name)
         truncate = s.truncate if truncate is None else truncate
         self._check_inputs(texts, truncate)
         deadline = time.monotonic() + s.request_timeout_s
-        method = method or served.spec.method
-        self.engine.check_method(served, method)
-        tokenizing = time.perf_counter()
-        queries = await asyncio.to_thread(self._encode, served, texts, truncate, direction)
-        queued = time.perf_counter()
+        for attempt in range(2):
+            view = await self.engine.view(name)
+            chosen = method or view.spec.method
+            self._check_method(view, chosen)
+            tokenizing = time.perf_counter()
+            if sum(len(t) for t in texts) <= INLINE_TOKENIZE_BYTES:
+                queries = self.encode(view, texts, truncate, direction)
+            else:
+                queries = await asyncio.to_thread(self.encode, view, texts, truncate, direction)
+            queued = time.perf_counter()
+            future = self.engine.submit(view, chosen, queries, deadline)
+            admitted = time.perf_counter()
+            try:
+                scores = await self._race(future, receive)
+                break
+            except TaskChanged:  # replaced after it was tokenised: once more against the new version
+                if attempt:
+                    raise
         self.metrics.tokenize_seconds.observe(queued - tokenizing)
         for q in queries:
             self.metrics.request_tokens.observe(len(q))
-        prefix = self.engine.prefix_tokens(served, method)
-        future = await self.engine.submit(served, method, queries, prefix, deadline)
-        admitted = time.perf_counter()
-        logits = await self._race(future, receive)
-        predictions, raw = self.engine.predictions(served, method, logits)
+        predictions, raw = scores.predictions(view.spec.labels)
         done = time.perf_counter()
-        prompt_tokens = sum(len(q) + prefix for q in queries)
+        prompt_tokens = sum(len(q) for q in queries) + len(queries) * view.prefix_tokens(chosen)
         return Classification(
-            model=self.engine.describe()["model"], task=name, labels=served.spec.labels, predictions=predictions,
-            raw=raw, logits=logits.float().tolist(), prompt_tokens=prompt_tokens,
+            model=self.model_name(), task=name, labels=view.spec.labels, predictions=predictions, raw=raw,
+            logits=scores.logits, prompt_tokens=prompt_tokens,
             timing=Timing(total_s=done - start, tokenization_s=queued - tokenizing, queue_s=admitted - queued,
                           inference_s=done - admitted, compute_tokens=prompt_tokens),
         )
 
-    async def _race(self, future: asyncio.Future, receive: Receive) -> torch.Tensor:
-        """The logits, or DeadlineExceeded: the scheduler fails the future at its deadline (and
-        counts it); a client that leaves first has its queued work cancelled here."""
+    async def _race(self, future: asyncio.Future[Scores], receive: Receive) -> Scores:
+        """The scores, or DeadlineExceeded: the engine fails the future at its deadline; a client
+        that leaves first has its queued work cancelled here. The disconnect is watched by a
+        callback chain on `receive` (vLLM's with_cancellation listens the same way), not a task
+        racing the result."""
+        loop = asyncio.get_running_loop()
+        waiting: asyncio.Future | None = None
+        left = False
 
-        async def disconnected() -> None:
-            """Resolves when the client goes away (vLLM's with_cancellation listens the same way)."""
-            while (await receive())["type"] != "http.disconnect":
-                pass
+        def listen(_: object = None) -> None:
+            nonlocal waiting, left
+            if future.done():
+                return
+            if waiting is not None and not waiting.cancelled() and waiting.exception() is None \
+                    and waiting.result()["type"] == "http.disconnect":
+                left = True
+                future.cancel()  # the engine skips it if it has not started
+                return
+            waiting = asyncio.ensure_future(receive(), loop=loop)
+            waiting.add_done_callback(listen)
 
-        waiter = asyncio.ensure_future(asyncio.shield(future))
-        gone = asyncio.ensure_future(disconnected())
-        done, _ = await asyncio.wait({waiter, gone}, return_when=asyncio.FIRST_COMPLETED)
-        gone.cancel()
-        if waiter in done:
-            return waiter.result()
-        future.cancel()  # the scheduler skips it if it has not started
-        waiter.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await waiter
-        self.metrics.failures.labels("client_disconnected").inc()
-        raise DeadlineExceeded("the client went away before its result")
+        listen()
+        try:
+            return await future  # cancelling this request cancels the engine's work too
+        except asyncio.CancelledError:
+            if not left:
+                raise
+            self.metrics.failures.labels("client_disconnected").inc()
+            raise DeadlineExceeded("the client went away before its result") from None
+        finally:
+            if waiting is not None and not waiting.done():
+                waiting.cancel()

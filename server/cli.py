@@ -106,6 +106,8 @@ def serve(args: argparse.Namespace, prog: str = PROG) -> int:
     except (ValidationError, ValueError, AnchorServeError) as exc:
         sys.stderr.write(f"{prog}: error: not starting: {engine_cli.one_line(exc)}\n")
         return 2
+    if settings.api_servers:
+        return _serve_split(settings, args, prog)
     # The web stack is imported only to serve: `anchorserve eval --help` stays quick.
     import uvicorn
 
@@ -121,13 +123,33 @@ def serve(args: argparse.Namespace, prog: str = PROG) -> int:
     loop, http = event_loop_and_parser()
     logging.getLogger("server").info("serving with the %s event loop and the %s HTTP parser", loop, http)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
-                                           timeout_graceful_shutdown=30, log_config=None, loop=loop, http=http))
+                                           timeout_graceful_shutdown=30, log_config=None, loop=loop, http=http,
+                                           access_log=settings.access_log))
     server.run()
     error = app.state.anchor.engine.startup_error
     if error:
         sys.stderr.write(f"{prog}: {error}\n")
         return 1
     return 0
+
+
+def _serve_split(settings: Settings, args: argparse.Namespace, prog: str) -> int:
+    """One engine core behind `api_servers` frontends (server/supervisor.py); the children read
+    the same settings from this process's environment."""
+    from server import supervisor
+
+    try:
+        sock = supervisor.listen(settings)
+    except OSError as exc:
+        sys.stderr.write(f"{prog}: error: not starting: cannot listen on {settings.host}:{settings.port}: "
+                         f"{exc.strerror}\n")
+        return 2
+    if args.config is not None:
+        os.environ[CONFIG_ENV] = str(args.config.resolve())
+    for name in ("host", "port"):
+        if getattr(args, name) is not None:
+            os.environ[f"ANCHORSERVE_{name.upper()}"] = str(getattr(args, name))
+    return supervisor.supervise(settings, sock)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,6 +16,7 @@ model that cannot load is fatal (`on_fatal`), so the process exits and its super
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -23,18 +24,28 @@ from typing import Any
 
 import torch
 
-from anchor_cache.classifier import CACHED_METHODS, Prediction
-from anchor_cache.errors import UnavailableError, ValidationError
+from anchor_cache.classifier import CACHED_METHODS
+from anchor_cache.errors import UnavailableError
 from anchor_cache.models import LoadedModel, load_model
 from anchor_cache.packed import packed_label_logits
 from anchor_cache.registry import ServedTask, TaskRegistry
 from anchor_cache.state import StateStore, TaskRecord
-from anchor_cache.task import POOL_METHODS, Method, TaskSpec
+from anchor_cache.task import Method, TaskSpec
+from server.engine_client import Scores, TaskView
 from server.metrics import Metrics
 from server.scheduler import BatchLimits, Scheduler, Work
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def scores_of(served: ServedTask, method: Method, logits: torch.Tensor) -> Scores:
+    """A request's (N, C) logits as Scores: calibrated log-probabilities (the raw ones beside them)
+    for the task's own method when it is calibrated, raw ones otherwise."""
+    calibrated = served.content_free is not None and method == served.spec.method
+    logprobs = torch.log_softmax(served.scores(logits, method), -1)
+    raw = torch.log_softmax(logits, -1).tolist() if calibrated else None
+    return Scores(logits=logits.tolist(), logprobs=logprobs.tolist(), raw_logprobs=raw)
 
 
 class Engine:
@@ -133,83 +144,82 @@ class Engine:
         self.metrics.cache_bytes.labels(name).set(served.cache_bytes)
         self.metrics.task_loads.labels(name, "disk" if served.loaded_from_disk else "built").inc()
 
-    # --- classification -------------------------------------------------------------------------
+    # --- classification (the EngineClient protocol, server/engine_client.py) ---------------------
+
+    def model_name(self) -> str:
+        self.require_ready()
+        return self.lm.name
 
     def max_text_bytes(self, max_tokens: int) -> int:
         """UTF-8 bytes beyond which a text certainly has more than `max_tokens` tokens: no token
         covers more bytes than the longest vocabulary entry (×4 for non-byte-level vocabularies)."""
         return (max_tokens + 2) * self._max_token_bytes
 
-    def encode(self, served: ServedTask, texts: list[str], max_tokens: int, truncate: bool) -> list[list[int]]:
-        """A request's inputs rendered into the task's template as token ids, each within
-        `max_tokens`: one call of the fast tokenizer for them all (truncation goes text by text)."""
-        prompt = served.classifier.prompt
-        if truncate:
-            return [prompt.encode_within(text[: self.max_text_bytes(max_tokens)], max_tokens) for text in texts]
-        queries = prompt.encode_batch(texts)
-        for index, ids in enumerate(queries):
-            if len(ids) > max_tokens:
-                raise ValidationError(
-                    f"input {index} has {len(ids)} tokens with the template; the limit is {max_tokens} "
-                    "(max_input_tokens). Shorten it, send \"truncate\": true, or start the server with "
-                    "ANCHORSERVE_TRUNCATE=true"
-                )
-        return queries
+    @property
+    def max_token_bytes(self) -> int:
+        return self._max_token_bytes
+
+    @functools.cached_property
+    def vocab_size(self) -> int:
+        """Token ids the model embeds."""
+        return self.require_ready().lm.model.get_input_embeddings().num_embeddings
 
     def template_tokens(self, spec: TaskSpec) -> int:
         """Tokens the template itself adds to every query (with an empty text)."""
         lm = self.require_ready().lm
         return len(lm.tokenizer(spec.render(""), add_special_tokens=False)["input_ids"])
 
+    async def view(self, name: str) -> TaskView:
+        return self.view_of(self.task(name))
+
     @staticmethod
-    def check_method(served: ServedTask, method: Method) -> None:
-        """A method that counts the labelled pool needs the task to have one (checked here, before the
-        request joins a batch it would fail)."""
-        if method in POOL_METHODS and not served.classifier.pool():
-            raise ValidationError(f"method {method} needs the task's labelled pool; task {served.spec.name!r} has "
-                                  "no `examples`")
+    def view_of(served: ServedTask) -> TaskView:
+        return TaskView(spec=served.spec, revision=served.revision, prompt=served.classifier.prompt,
+                        anchor_tokens=served.anchor_tokens, has_pool=bool(served.classifier.pool()), handle=served)
 
-    def prefix_tokens(self, served: ServedTask, method: Method) -> int:
-        """Tokens re-encoded before every query of `method`: the whole demonstration context for
-        vanilla, its formatting and labels for text_anchor, none for cached methods and zero-shot.
-        Counted from the prompt, so a prefix not built yet is not built on the event loop."""
-        prompt = served.classifier.prompt
-        match method:
-            case Method.VANILLA:
-                return len(prompt.context.ids)
-            case Method.TEXT_ANCHOR:
-                return len(prompt.encode_text_anchor_context())
-            case _:
-                return 0
-
-    async def submit(self, served: ServedTask, method: Method, queries: list[list[int]], prefix_tokens: int,
-                     deadline: float) -> asyncio.Future:
-        """Queue tokenised queries; the future resolves to their (N, C) label logits. Each row is
-        charged for what it attends over: its cached anchor tokens (the task's own cache size
-        stands in for other cached methods) and its `prefix_tokens` re-encoded ones."""
+    def submit(self, view: TaskView, method: Method, queries: list[list[int]], deadline: float
+               ) -> asyncio.Future[Scores]:
+        """Queue tokenised queries of the task version `view.handle`. Each row is charged for what it
+        attends over: its cached anchor tokens (the task's own cache size stands in for other
+        cached methods) and the tokens re-encoded before it."""
+        served: ServedTask = view.handle
         cached = served.anchor_tokens if method in CACHED_METHODS else 0
-        attended = cached + prefix_tokens
-        return await self.scheduler.submit(served, method, queries, attended, deadline)
+        attended = cached + view.prefix_tokens(method)
+        logits = self.scheduler.submit(served, method, queries, attended, deadline)
+        scores = asyncio.get_running_loop().create_future()
+
+        def resolve(done: asyncio.Future) -> None:
+            if scores.done():
+                return
+            if done.cancelled():
+                scores.cancel()
+            elif done.exception() is not None:
+                scores.set_exception(done.exception())
+            else:
+                scores.set_result(scores_of(served, method, done.result()))
+
+        def forward_cancel(outer: asyncio.Future) -> None:
+            if outer.cancelled():
+                logits.cancel()  # the scheduler skips what has not reached the model yet
+
+        logits.add_done_callback(resolve)
+        scores.add_done_callback(forward_cancel)
+        return scores
 
     @torch.inference_mode()
     def _run_batch(self, work: list[Work]) -> list[torch.Tensor]:
-        """One packed forward for every row of every part, whatever their tasks and methods."""
+        """One packed forward for every row of every part, whatever their tasks and methods; the
+        logits come to the host in one copy, as float32."""
         rows = [w.task.classifier.packed_row(q, w.method, w.task.beta_for(w.method)) for w in work for q in w.queries]
         logits = packed_label_logits(self.lm, rows)
-        parts, start = [], 0
+        host = torch.cat([row.float().reshape(-1) for row in logits]).cpu()
+        parts, start, row = [], 0, 0
         for w in work:
-            parts.append(torch.stack(logits[start : start + len(w.queries)]))
-            start += len(w.queries)
+            width = logits[row].numel()  # a part's rows share their task's label count
+            parts.append(host[start : start + len(w.queries) * width].view(len(w.queries), width))
+            start += len(w.queries) * width
+            row += len(w.queries)
         return parts
-
-    def predictions(self, served: ServedTask, method: Method, logits: torch.Tensor
-                    ) -> tuple[list[Prediction], list[Prediction] | None]:
-        """Calibrated predictions (raw ones beside them) for the task's own method when it is
-        calibrated; raw predictions only otherwise."""
-        clf = served.classifier
-        calibrated = served.content_free is not None and method == served.spec.method
-        raw = clf.predictions(logits) if calibrated else None
-        return clf.predictions(served.scores(logits, method)), raw
 
     # --- building tasks -------------------------------------------------------------------------
 

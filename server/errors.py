@@ -9,6 +9,8 @@ Client errors are logged in one line without a traceback, so a client cannot flo
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from typing import Any
 
 from asgi_correlation_id import correlation_id
 from fastapi import FastAPI, Request
@@ -78,10 +80,25 @@ def printable(message: str) -> str:
     return message.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def error_body(kind: str, message: str) -> dict[str, str]:
+    return {"error": printable(message), "type": kind}
+
+
 def error_response(kind: str, message: str, status: int | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status or status_of(kind), content={"error": printable(message), "type": kind},
-                        headers=headers)
+    return JSONResponse(status_code=status or status_of(kind), content=error_body(kind, message), headers=headers)
+
+
+def invalid_body(errors: Sequence[Any]) -> tuple[str, str]:
+    """The kind and message for pydantic's errors on a request body: "malformed_json" when it is
+    not JSON at all, else "validation" naming each field."""
+    parts = []
+    for err in errors:
+        # Field names only: pydantic also names union members ("function-before[...]") in loc.
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body" and "[" not in str(p))
+        parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+    kind = "malformed_json" if any(e.get("type") == "json_invalid" for e in errors) else "validation"
+    return kind, "; ".join(parts)
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -96,13 +113,7 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = []
-        for err in exc.errors():
-            # Field names only: pydantic also names union members ("function-before[...]") in loc.
-            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body" and "[" not in str(p))
-            parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
-        kind = "malformed_json" if any(e.get("type") == "json_invalid" for e in exc.errors()) else "validation"
-        return error_response(kind, "; ".join(parts))
+        return error_response(*invalid_body(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

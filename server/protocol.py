@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from anchor_cache.task import Demonstration, FormatText, Method, Text
 
 if TYPE_CHECKING:
-    from server.classify import Timing
+    from server.classify import Classification, Timing
 
 # hidden_random_top picks among random draws on a dev set: an evaluation method, not served. The last
 # three count the task's labelled pool (`examples`).
@@ -160,6 +160,32 @@ def timing_headers(timing: Timing) -> dict[str, str]:
         "x-inference-time": str(int(timing.inference_s * 1000)),
         "x-compute-tokens": str(timing.compute_tokens),
     }
+
+
+def classify_body(result: Classification, request_id: str) -> dict[str, Any]:
+    """vLLM's classify response (ClassifyResponse's fields) as JSON-ready data: `probs` is a list in
+    label order, `index` the input's position."""
+    labels = result.labels
+    data = [
+        {"index": i, "label": p.label, "probs": [p.probs[label] for label in labels], "num_classes": len(labels),
+         "label_probs": p.probs, "label_logprobs": p.logprobs,
+         "raw_label_probs": result.raw[i].probs if result.raw else None}
+        for i, p in enumerate(result.predictions)
+    ]
+    usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens, "completion_tokens": 0}
+    return {"id": request_id, "object": "list", "created": int(time.time()), "model": result.model, "data": data,
+            "usage": usage}
+
+
+def predict_body(result: Classification, raw_scores: bool, batched: bool) -> list:
+    """TEI's /predict response as JSON-ready data: every label with its probability (its logit with
+    `raw_scores`), highest first; a list of those for a batch."""
+    rows = []
+    for prediction, logits in zip(result.predictions, result.logits, strict=True):
+        scores = logits if raw_scores else [prediction.probs[label] for label in result.labels]
+        ranked = sorted(zip(result.labels, scores, strict=True), key=lambda pair: pair[1], reverse=True)
+        rows.append([{"label": label, "score": score} for label, score in ranked])
+    return rows if batched else rows[0]
 
 
 def timed_response(description: str) -> dict[int | str, dict[str, Any]]:

@@ -155,7 +155,7 @@ class Scheduler:
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._batch_loop(), name="anchorserve-batcher")
 
-    async def submit(
+    def submit(
         self, task: Any, method: Method, queries: list[list[int]], prefix_tokens: int, deadline: float
     ) -> asyncio.Future:
         """Queue a request; the returned future resolves to the (N, C) logits of its N queries, in order.

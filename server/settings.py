@@ -81,6 +81,10 @@ class Settings(BaseSettings):
                                    "(changes arrive sooner by notification)")
     job_ttl_s: float = Field(86400.0, gt=0, description="how long finished job records and plots are kept")
 
+    api_servers: int = Field(0, ge=0, le=64, description="HTTP frontend processes in front of one engine-core "
+                             "process (tokenising and shaping answers in parallel); 0: one process does everything")
+    access_log: bool = Field(False, description="log every HTTP request (uvicorn's access log)")
+
     api_key: SecretStr | None = Field(None, description="Bearer key for /v1/*; unset = open")
     admin_api_key: SecretStr | None = Field(None, description="Bearer key for /admin/*; unset = admin disabled")
 

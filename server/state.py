@@ -9,6 +9,7 @@ from collections.abc import Callable
 from anchor_cache.state import open_store
 from server.analyses import AnalysisService
 from server.classify import ClassifyService
+from server.core import CoreEndpoint
 from server.engine import Engine
 from server.jobs import JobRunner
 from server.metrics import Metrics
@@ -18,7 +19,7 @@ from server.tasks import TaskService
 
 
 class ServerState:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, engine_address: str | None = None) -> None:
         self.settings = settings
         self.metrics = Metrics()
         self.store = open_store(settings.state_url.get_secret_value(), settings.state_dir)
@@ -28,8 +29,12 @@ class ServerState:
         self.classify = ClassifyService(self.engine, settings, self.metrics)
         self.tasks = TaskService(self.engine, self.replication, self.jobs, settings)
         self.analyses = AnalysisService(self.engine, self.jobs, settings)
+        # An engine core's socket for HTTP frontends (server/frontend.py); None in a single process.
+        self.endpoint = CoreEndpoint(self.engine, engine_address, self.metrics) if engine_address else None
 
     async def start(self, on_fatal: Callable[[], None] | None = None) -> None:
+        if self.endpoint is not None:  # frontends connect while the model loads, and hear "unavailable"
+            self.endpoint.start()
         await self.engine.start(on_fatal)
         if self.engine.ready:
             self.replication.start()
@@ -38,4 +43,6 @@ class ServerState:
         await self.replication.stop()
         await self.jobs.shutdown()
         await self.engine.stop()
+        if self.endpoint is not None:
+            await self.endpoint.stop()
         self.store.close()

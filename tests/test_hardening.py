@@ -130,10 +130,10 @@ def test_demonstration_paths_stay_under_the_data_root(serve, tmp_path, dataset_d
 
 def test_huge_input_is_refused_before_tokenising(serve):
     client = serve(max_payload_bytes=2_000_000)
-    engine = client.app.state.anchor.engine
+    service = client.app.state.anchor.classify
     calls = []
-    encode = engine.encode
-    engine.encode = lambda *args: calls.append(args) or encode(*args)
+    encode = service.encode
+    service.encode = lambda *args: calls.append(args) or encode(*args)
     message = error_of(client.post("/v1/classify", json={"task": "sentiment", "input": "word " * 180_000}), 422,
                        "validation")
     assert "bytes" in message and calls == []

@@ -100,7 +100,7 @@ def run(limits: BatchLimits, scenario, metrics: Metrics | None = None):
 async def occupy(scheduler: Scheduler, model: Model) -> asyncio.Future:
     """Hold the model thread in a forward of its own, so what is submitted next queues up."""
     model.hold(BUSY)
-    busy = await scheduler.submit("t", M, [[BUSY]], 0, later())
+    busy = scheduler.submit("t", M, [[BUSY]], 0, later())
     await model.started(BUSY)
     return busy
 
@@ -112,8 +112,8 @@ def test_token_budget_counts_prefix_tokens(prefix, forwards):
 
     async def scenario(scheduler, model):
         busy = await occupy(scheduler, model)
-        a = await scheduler.submit("t", M, [[1] * 30], prefix, later())
-        b = await scheduler.submit("t", M, [[2] * 30], prefix, later())
+        a = scheduler.submit("t", M, [[1] * 30], prefix, later())
+        b = scheduler.submit("t", M, [[2] * 30], prefix, later())
         model.release(BUSY)
         await asyncio.gather(busy, a, b)
         return model.firsts()
@@ -125,7 +125,7 @@ def test_prefix_tokens_split_one_request():
     """Three rows of prefix 100 + query 20 (120 each) under 250: two rows, then one."""
 
     async def scenario(scheduler, model):
-        future = await scheduler.submit("t", M, [[1] * 20, [2] * 20, [3] * 20], 100, later())
+        future = scheduler.submit("t", M, [[1] * 20, [2] * 20, [3] * 20], 100, later())
         return await future, model.firsts()
 
     logits, calls = run(BatchLimits(8, 250, 0.0, 10), scenario)
@@ -136,7 +136,7 @@ def test_oversized_request_is_split_and_reassembled_in_order():
     queries = [[i] * (1 + i % 3) for i in range(10)]
 
     async def scenario(scheduler, model):
-        future = await scheduler.submit("t", M, queries, 0, later())
+        future = scheduler.submit("t", M, queries, 0, later())
         return await future, model.calls
 
     logits, calls = run(BatchLimits(4, 1000, 0.0, 10), scenario)
@@ -150,8 +150,8 @@ def test_one_row_over_the_budget_runs_alone():
 
     async def scenario(scheduler, model):
         busy = await occupy(scheduler, model)
-        big = await scheduler.submit("t", M, [[1] * 10, [2] * 10], 300, later())
-        small = await scheduler.submit("t", M, [[3]], 0, later())
+        big = scheduler.submit("t", M, [[1] * 10, [2] * 10], 300, later())
+        small = scheduler.submit("t", M, [[3]], 0, later())
         model.release(BUSY)
         await asyncio.gather(busy, big, small)
         return model.firsts(), big.result()[:, 0].tolist()
@@ -166,8 +166,8 @@ def test_expired_entry_never_reaches_the_model():
 
     async def scenario(scheduler, model):
         busy = await occupy(scheduler, model)
-        doomed = await scheduler.submit("t", M, [[1]], 0, soon())
-        after = await scheduler.submit("t", M, [[2]], 0, later())
+        doomed = scheduler.submit("t", M, [[1]], 0, soon())
+        after = scheduler.submit("t", M, [[2]], 0, later())
         with pytest.raises(DeadlineExceeded):
             await doomed
         assert not busy.done()
@@ -185,8 +185,8 @@ def test_expired_entry_is_dropped_when_the_batch_is_taken():
 
     async def scenario():
         scheduler = Scheduler(Model(), BatchLimits(8, 1000, 0.0, 10), metrics)  # not started: take by hand
-        doomed = await scheduler.submit("t", M, [[1]], 0, time.monotonic() - 1)
-        live = await scheduler.submit("t", M, [[2]], 0, later())
+        doomed = scheduler.submit("t", M, [[1]], 0, time.monotonic() - 1)
+        live = scheduler.submit("t", M, [[2]], 0, later())
         batch = scheduler._take_batch()  # nothing awaited since the submits: the expiry timer has not run
         assert [c.entry.future for c in batch] == [live]
         assert isinstance(doomed.exception(), DeadlineExceeded)
@@ -204,9 +204,9 @@ def test_deadline_between_chunks_stops_a_split_request():
 
     async def scenario(scheduler, model):
         model.hold(1)
-        doomed = await scheduler.submit("t", M, [[1], [2], [3], [4], [5]], 0, soon())
+        doomed = scheduler.submit("t", M, [[1], [2], [3], [4], [5]], 0, soon())
         await model.started(1)
-        after = await scheduler.submit("t", M, [[6]], 0, later())
+        after = scheduler.submit("t", M, [[6]], 0, later())
         with pytest.raises(DeadlineExceeded):
             await doomed
         model.release(1)
@@ -221,8 +221,8 @@ def test_failing_chunk_fails_the_request_once_and_the_queue_goes_on():
     async def scenario(scheduler, model):
         busy = await occupy(scheduler, model)
         model.fail_on = 3
-        split = await scheduler.submit("t", M, [[1], [2], [3], [4], [5], [6]], 0, later())
-        after = await scheduler.submit("t", M, [[7]], 0, later())
+        split = scheduler.submit("t", M, [[1], [2], [3], [4], [5], [6]], 0, later())
+        after = scheduler.submit("t", M, [[7]], 0, later())
         model.release(BUSY)
         await busy
         with pytest.raises(RuntimeError, match="forward failed"):
@@ -238,8 +238,8 @@ def test_failed_forward_fails_every_request_in_it():
     async def scenario(scheduler, model):
         busy = await occupy(scheduler, model)
         model.fail_on = 1
-        a = await scheduler.submit("t", M, [[1]], 0, later())
-        b = await scheduler.submit("t", M, [[2]], 0, later())
+        a = scheduler.submit("t", M, [[1]], 0, later())
+        b = scheduler.submit("t", M, [[2]], 0, later())
         model.release(BUSY)
         await busy
         results = await asyncio.gather(a, b, return_exceptions=True)
@@ -254,9 +254,9 @@ def test_cancelled_requests_are_skipped():
     async def scenario(scheduler, model):
         busy = await occupy(scheduler, model)
         model.hold(2)
-        gone = await scheduler.submit("t", M, [[1]], 0, later())
-        split = await scheduler.submit("u", M, [[2], [3], [4]], 0, later())
-        kept = await scheduler.submit("u", M, [[5]], 0, later())
+        gone = scheduler.submit("t", M, [[1]], 0, later())
+        split = scheduler.submit("u", M, [[2], [3], [4]], 0, later())
+        kept = scheduler.submit("u", M, [[5]], 0, later())
         gone.cancel()  # client left while queued
         model.release(BUSY)
         await model.started(2)  # the split request's first chunk [2, 3] is on the model thread
@@ -273,12 +273,12 @@ def test_full_scheduler_refuses_with_overloaded():
 
     async def scenario(scheduler, model):
         busy = await occupy(scheduler, model)
-        queued = await scheduler.submit("t", M, [[1]], 0, later())
+        queued = scheduler.submit("t", M, [[1]], 0, later())
         with pytest.raises(Overloaded):
-            await scheduler.submit("t", M, [[2]], 0, later())
+            scheduler.submit("t", M, [[2]], 0, later())
         model.release(BUSY)
         await asyncio.gather(busy, queued)
-        await scheduler.submit("t", M, [[3]], 0, later())  # room again
+        scheduler.submit("t", M, [[3]], 0, later())  # room again
 
     run(BatchLimits(8, 1000, 0.0, 2), scenario, metrics)
     assert failures(metrics, "overloaded") == 1
@@ -290,7 +290,7 @@ def test_run_exclusive_waits_only_for_the_running_forward():
     async def scenario(scheduler, model):
         busy = await occupy(scheduler, model)
         build = scheduler.run_exclusive(lambda: model.calls.append([["build"]]) or "built")
-        queued = await scheduler.submit("t", M, [[1]], 0, later())
+        queued = scheduler.submit("t", M, [[1]], 0, later())
         model.release(BUSY)
         assert await build == "built"
         await asyncio.gather(busy, queued)
@@ -303,7 +303,7 @@ def test_metrics_per_forward_and_per_request():
     metrics = Metrics()
 
     async def scenario(scheduler, model):
-        await (await scheduler.submit("t", M, [[i] for i in range(5)], 0, later()))
+        await scheduler.submit("t", M, [[i] for i in range(5)], 0, later())
 
     run(BatchLimits(2, 1000, 0.0, 10), scenario, metrics)
     sample = metrics.registry.get_sample_value
@@ -321,12 +321,12 @@ def test_scheduler_drains_on_stop_and_then_refuses():
         scheduler = Scheduler(model, BatchLimits(4, 1000, 0.0, 10), Metrics())
         scheduler.start()
         model.hold(0)
-        futures = [await scheduler.submit("t", M, [[i, i]], 0, later()) for i in range(6)]
+        futures = [scheduler.submit("t", M, [[i, i]], 0, later()) for i in range(6)]
         await model.started(0)
         stopping = asyncio.ensure_future(scheduler.stop())
         await asyncio.sleep(0)  # let stop() begin
         with pytest.raises(UnavailableError):
-            await scheduler.submit("t", M, [[1]], 0, later())
+            scheduler.submit("t", M, [[1]], 0, later())
         assert not any(f.done() for f in futures)
         model.release(0)
         await asyncio.wait_for(stopping, GUARD)
@@ -341,7 +341,7 @@ def test_requests_of_different_tasks_share_a_forward():
 
     async def scenario(scheduler, model):
         busy = await occupy(scheduler, model)
-        futures = [await scheduler.submit(f"task-{i}", M, [[i] * 5], 10, later()) for i in range(1, 5)]
+        futures = [scheduler.submit(f"task-{i}", M, [[i] * 5], 10, later()) for i in range(1, 5)]
         model.release(BUSY)
         await busy
         results = await asyncio.gather(*futures)

@@ -7,7 +7,14 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from server.auth import require_api_key, require_json
 from server.deps import Classify
-from server.protocol import LabelScore, PredictRequest, error_responses, timed_response, timing_headers
+from server.protocol import (
+    LabelScore,
+    PredictRequest,
+    error_responses,
+    predict_body,
+    timed_response,
+    timing_headers,
+)
 
 tei = APIRouter(tags=["tei"], dependencies=[Depends(require_api_key), Depends(require_json)],
                 responses=error_responses(401, 503))
@@ -16,17 +23,11 @@ tei = APIRouter(tags=["tei"], dependencies=[Depends(require_api_key), Depends(re
 @tei.post("/predict", response_model=list[LabelScore] | list[list[LabelScore]],
           responses=timed_response("[{label, score}] by descending score; a list of those for a batch")
           | error_responses(400, 404, 413, 415, 422, 429, 504))
-async def predict(body: PredictRequest, request: Request, response: Response, service: Classify
-                  ) -> list[LabelScore] | list[list[LabelScore]]:
+async def predict(body: PredictRequest, request: Request, response: Response, service: Classify) -> list:
     """TEI's /predict on the default task (`default_task`, else the first configured one) or `task`:
     every label with its probability (the label words' logits with `raw_scores`), highest first."""
     request.state.task = service.task_name(body.task)  # a metrics label only if the task is served
     result = await service.classify(body.task, body.texts, None, request.receive, truncate=body.truncate,
                                     direction=body.truncation_direction)
     response.headers.update(timing_headers(result.timing))
-    rows = []
-    for prediction, logits in zip(result.predictions, result.logits, strict=True):
-        scores = logits if body.raw_scores else [prediction.probs[label] for label in result.labels]
-        ranked = sorted(zip(result.labels, scores, strict=True), key=lambda pair: pair[1], reverse=True)
-        rows.append([LabelScore(label=label, score=score) for label, score in ranked])
-    return rows if body.batched else rows[0]
+    return predict_body(result, body.raw_scores, body.batched)

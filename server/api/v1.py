@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from asgi_correlation_id import correlation_id
 from fastapi import APIRouter, Depends, Request, Response
 
@@ -9,7 +11,6 @@ from anchor_cache.task import Method
 from server.auth import require_api_key, require_json
 from server.deps import Classify, Tasks
 from server.protocol import (
-    ClassificationData,
     ClassifyRequest,
     ClassifyResponse,
     ModelCard,
@@ -17,7 +18,7 @@ from server.protocol import (
     TaskFailure,
     TaskInfo,
     TaskList,
-    Usage,
+    classify_body,
     error_responses,
     timed_response,
     timing_headers,
@@ -51,7 +52,7 @@ async def get_task(name: str, tasks: Tasks, response: Response) -> TaskInfo:
          responses=timed_response("the predictions, in input order") | error_responses(400, 404, 413, 415, 422, 429,
                                                                                         504))
 async def classify(body: ClassifyRequest, request: Request, response: Response, service: Classify
-                   ) -> ClassifyResponse:
+                   ) -> dict[str, Any]:
     """vLLM's classify: `probs` is a list in label order, `index` the input's position. The
     x-*-time headers are TEI's timing headers; `id` is the request's X-Request-ID."""
     request.state.task = service.task_name(body.task)  # a metrics label only if the task is served
@@ -60,17 +61,4 @@ async def classify(body: ClassifyRequest, request: Request, response: Response, 
         truncate=body.truncate, direction=body.truncation_direction,
     )
     response.headers.update(timing_headers(result.timing))
-    return ClassifyResponse(
-        id=correlation_id.get() or "",
-        model=result.model,
-        data=[
-            ClassificationData(
-                index=i, label=p.label, probs=[p.probs[label] for label in result.labels],
-                num_classes=len(result.labels),
-                label_probs=p.probs, label_logprobs=p.logprobs,
-                raw_label_probs=result.raw[i].probs if result.raw else None,
-            )
-            for i, p in enumerate(result.predictions)
-        ],
-        usage=Usage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens),
-    )
+    return classify_body(result, correlation_id.get() or "")

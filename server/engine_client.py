@@ -1,0 +1,103 @@
+"""`EngineClient`: what the classify service needs from an engine, in vLLM's sense (its
+`vllm/engine/protocol.py`), implemented in process (`server.engine.Engine`) and across a socket
+(`server.remote.RemoteEngine`, the client of an engine-core process).
+
+The service tokenises where it runs, so a task reaches it as a `TaskView`: the task's spec bound
+to the tokenizer, at one revision. The engine answers a submitted request with `Scores`, computed
+for the whole batch on the engine's side: label-word logits, and log-probabilities (calibrated for
+a calibrated task, the raw ones beside them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from anchor_cache.classifier import Prediction
+from anchor_cache.errors import AnchorServeError
+from anchor_cache.prompt import TaskPrompt
+from anchor_cache.task import Method, TaskSpec
+
+
+class TaskChanged(AnchorServeError):
+    """The task was replaced after the request was tokenised against it: tokenise again."""
+
+    kind = "conflict"
+
+
+@dataclass(frozen=True)
+class TaskView:
+    """A served task at one revision, as much as tokenising and checking a request needs.
+
+    `handle` is the engine's own object for this version (the in-process engine's ServedTask, so a
+    task replaced while a request waits still answers with the labels it was tokenised for); a
+    remote engine names the version by `revision` instead."""
+
+    spec: TaskSpec
+    revision: int
+    prompt: TaskPrompt
+    anchor_tokens: int  # cached anchor tokens a row of the task's cached methods attends over
+    has_pool: bool  # the task has labelled `examples` (what the pool methods need)
+    handle: Any = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def prefix_tokens(self, method: Method) -> int:
+        """Tokens re-encoded before every query of `method`: the whole demonstration context for
+        vanilla, its formatting and labels for text_anchor, none for cached methods and zero-shot."""
+        match method:
+            case Method.VANILLA:
+                return len(self.prompt.context.ids)
+            case Method.TEXT_ANCHOR:
+                return len(self.prompt.encode_text_anchor_context())
+            case _:
+                return 0
+
+
+@dataclass(frozen=True)
+class Scores:
+    """One request's results, a row per input in input order."""
+
+    logits: list[list[float]]  # the label words' logits (a head's scores), before softmax and calibration
+    logprobs: list[list[float]]  # log-softmax of the served scores: calibrated for a calibrated task
+    raw_logprobs: list[list[float]] | None  # before calibration, for a calibrated task; else None
+
+    def predictions(self, labels: list[str]) -> tuple[list[Prediction], list[Prediction] | None]:
+        """Per input, the served prediction and (for a calibrated task) the raw one."""
+        served = [_prediction(labels, row) for row in self.logprobs]
+        raw = [_prediction(labels, row) for row in self.raw_logprobs] if self.raw_logprobs is not None else None
+        return served, raw
+
+
+def _prediction(labels: list[str], logprobs: list[float]) -> Prediction:
+    best = max(range(len(logprobs)), key=logprobs.__getitem__)
+    return Prediction(index=best, label=labels[best],
+                      probs={label: math.exp(lp) for label, lp in zip(labels, logprobs, strict=True)},
+                      logprobs=dict(zip(labels, logprobs, strict=True)))
+
+
+class EngineClient(Protocol):
+    """The engine as the classify service sees it. Every method raises AnchorServeError kinds
+    (`unavailable` while loading or when the engine is gone, `not_found` for an unknown task)."""
+
+    def model_name(self) -> str:
+        """The served model's name (UnavailableError until the model is loaded)."""
+        ...
+
+    def max_text_bytes(self, max_tokens: int) -> int:
+        """UTF-8 bytes beyond which a text certainly has more than `max_tokens` tokens."""
+        ...
+
+    async def view(self, name: str) -> TaskView:
+        """The task as served now."""
+        ...
+
+    def submit(self, view: TaskView, method: Method, queries: list[list[int]], deadline: float
+               ) -> asyncio.Future[Scores]:
+        """Queue tokenised queries; the future resolves to their Scores, or fails at `deadline`
+        (time.monotonic()) with DeadlineExceeded. Cancelling it drops the request's queued rows."""
+        ...

@@ -1,0 +1,194 @@
+"""An HTTP frontend: one of N processes in front of the engine core (`--api-servers N`).
+
+Each frontend is a lean pure-ASGI app under uvicorn, all frontends sharing one listening socket.
+It serves the classification routes itself: it checks the key and the media type, reads the body
+within `max_payload_bytes`, validates it with the same pydantic models as the core's routes,
+tokenises with its own tokenizer, sends token ids to the core over ZeroMQ (server/remote.py) and
+shapes the answer with the same functions as the core's routes, encoded by orjson. Every other
+route (admin, jobs, analyses, tasks, /ready, /metrics, /docs) is relayed to the core's own HTTP
+server on a unix socket, so writes, jobs and replication keep one owner.
+
+Both paths answer 503 `unavailable` at once while the core is down; the request id (the client's
+X-Request-ID, or a new one) travels with a relayed request and comes back on every answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+import orjson
+import pydantic
+from starlette.types import Message, Receive, Scope, Send
+
+from anchor_cache.errors import AnchorServeError
+from anchor_cache.task import Method
+from server.app import REQUEST_ID_HEADER, acceptable_request_id
+from server.auth import key_matches
+from server.classify import Classification, ClassifyService
+from server.errors import error_body, invalid_body, kind_of, status_of
+from server.metrics import Metrics
+from server.protocol import ClassifyRequest, PredictRequest, classify_body, predict_body, timing_headers
+from server.remote import RemoteEngine
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per relayed request otherwise
+
+# Not relayed: they describe one hop's connection, not the request.
+HOP_HEADERS = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
+                         b"host", b"content-length", b"x-request-id"})
+RELAY_TIMEOUT = httpx.Timeout(120.0, connect=2.0)
+
+
+class Reply(Exception):
+    """An answer decided before the service runs (an error, or a 413)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+Handler = Callable[[bytes, Scope, Receive, str], Awaitable[tuple[Any, dict[str, str]]]]
+
+
+class Frontend:
+    def __init__(self, settings: Settings, engine_address: str, core_http: str) -> None:
+        self.settings = settings
+        self.engine = RemoteEngine(engine_address)
+        self.service = ClassifyService(self.engine, settings, Metrics())
+        self.core = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=core_http), base_url="http://core",
+                                      timeout=RELAY_TIMEOUT)
+        self.routes: dict[str, Handler] = {"/v1/classify": self._classify, "/predict": self._predict}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        headers = dict(scope["headers"])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if acceptable_request_id(given) else secrets.token_hex(16)
+        handler = self.routes.get(scope["path"]) if scope["method"] == "POST" else None
+        if handler is None:
+            await self._relay(scope, receive, send, request_id)
+            return
+        try:
+            self._check_key(headers.get(b"authorization"))
+            if not headers.get(b"content-type", b"").startswith(b"application/json"):
+                raise Reply("unsupported_media_type", "send the body as JSON with 'Content-Type: application/json'")
+            body = await self._read_body(scope, receive)
+            data, extra = await handler(body, scope, receive, request_id)
+            await _respond(send, 200, orjson.dumps(data), request_id, extra)
+        except (Reply, AnchorServeError) as exc:
+            kind = exc.kind if isinstance(exc, Reply) else kind_of(exc)
+            if status_of(kind) >= 500:
+                log.error("%s %s -> %s: %s", scope["method"], scope["path"], kind, exc)
+            await _respond(send, status_of(kind), orjson.dumps(error_body(kind, str(exc))), request_id)
+        except Exception:
+            log.exception("unexpected error on %s %s", scope["method"], scope["path"])
+            message = f"internal error; quote request id {request_id} to the operator"
+            await _respond(send, 500, orjson.dumps(error_body("internal", message)), request_id)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self.engine.start()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.engine.stop()
+                await self.core.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # --- classification ---------------------------------------------------------------------------
+
+    def _check_key(self, header: bytes | None) -> None:
+        key = self.settings.api_key
+        if key is not None and not key_matches(header.decode("latin-1") if header else None, key):
+            raise Reply("unauthorized", "missing or wrong API key: send 'Authorization: Bearer <API_KEY>'")
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        """The body, refused with 413 past max_payload_bytes (declared or as it arrives)."""
+        limit = self.settings.max_payload_bytes
+        too_large = Reply("payload_too_large", f"payload exceeds {limit} bytes (max_payload_bytes)")
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks, seen = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                raise Reply("timeout", "the client went away before its body ended")
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > limit:
+                raise too_large
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    @staticmethod
+    def _parse(model: type[pydantic.BaseModel], body: bytes) -> Any:
+        try:
+            return model.model_validate_json(body)
+        except pydantic.ValidationError as exc:
+            raise Reply(*invalid_body(exc.errors())) from None
+
+    async def _classify(self, body: bytes, scope: Scope, receive: Receive, request_id: str
+                        ) -> tuple[Any, dict[str, str]]:
+        request: ClassifyRequest = self._parse(ClassifyRequest, body)
+        result = await self.service.classify(
+            request.task, request.texts, Method(request.method) if request.method else None, receive,
+            model=request.model, truncate=request.truncate, direction=request.truncation_direction,
+        )
+        return classify_body(result, request_id), timing_headers(result.timing)
+
+    async def _predict(self, body: bytes, scope: Scope, receive: Receive, request_id: str
+                       ) -> tuple[Any, dict[str, str]]:
+        request: PredictRequest = self._parse(PredictRequest, body)
+        result: Classification = await self.service.classify(
+            request.task, request.texts, None, receive, truncate=request.truncate,
+            direction=request.truncation_direction,
+        )
+        return predict_body(result, request.raw_scores, request.batched), timing_headers(result.timing)
+
+    # --- everything else: the core's own routes -----------------------------------------------------
+
+    async def _relay(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
+        try:
+            body = await self._read_body(scope, receive)
+        except Reply as exc:
+            await _respond(send, status_of(exc.kind), orjson.dumps(error_body(exc.kind, str(exc))), request_id)
+            return
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() not in HOP_HEADERS]
+        headers.append((b"x-request-id", request_id.encode()))
+        url = scope["raw_path"].decode("latin-1") if scope.get("raw_path") else scope["path"]
+        if scope.get("query_string"):
+            url += "?" + scope["query_string"].decode("latin-1")
+        try:
+            answer = await self.core.request(scope["method"], url, headers=headers, content=body)
+        except httpx.TransportError:
+            message = "the engine core is not running (starting or restarting); retry shortly"
+            await _respond(send, 503, orjson.dumps(error_body("unavailable", message)), request_id)
+            return
+        kept = [(k, v) for k, v in answer.headers.raw if k.lower() not in HOP_HEADERS]
+        kept += [(b"content-length", str(len(answer.content)).encode()), (b"x-request-id", request_id.encode())]
+        await send({"type": "http.response.start", "status": answer.status_code, "headers": kept})
+        await send({"type": "http.response.body", "body": answer.content})
+
+
+async def _respond(send: Send, status: int, body: bytes, request_id: str, extra: dict[str, str] | None = None
+                   ) -> None:
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (REQUEST_ID_HEADER.lower().encode(), request_id.encode())]
+    headers += [(k.encode(), v.encode()) for k, v in (extra or {}).items()]
+    start: Message = {"type": "http.response.start", "status": status, "headers": headers}
+    with contextlib.suppress(OSError):  # the client left: nothing to answer
+        await send(start)
+        await send({"type": "http.response.body", "body": body})

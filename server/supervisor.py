@@ -1,0 +1,200 @@
+"""`anchorserve serve` with `api_servers` ≥ 1: one engine-core process behind N HTTP frontends.
+
+The supervisor (this process, which runs no model) binds the public address, then starts:
+- the engine core: the whole single-process server (model, tasks, scheduler, jobs, replication,
+  admin routes), its HTTP on a unix socket for the frontends to relay to, and a ZeroMQ socket for
+  token ids (server/core.py);
+- N frontends: uvicorn over the one inherited listening socket (the kernel spreads connections
+  between them), each a `server.frontend.Frontend`.
+
+Supervision: a child that dies is restarted; meanwhile the frontends answer 503 for the core
+(within a request, not after a timeout), and the others keep serving for a frontend. A core that
+exits with FATAL (its model or state store cannot load) is not restarted: the supervisor stops
+everything and exits 1, so the orchestrator sees the failure. SIGTERM/SIGINT stop the frontends
+first (each drains its requests in flight, which still reach the core), then the core (which
+finishes its queue). Children get SIGTERM if the supervisor itself dies (PR_SET_PDEATHSIG).
+
+Children are `python -m server.supervisor {core|frontend} RUNTIME_DIR [FD]`, with the supervisor's
+environment (settings, and ANCHORSERVE_CONFIG for a settings file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from server.cli import configure_logging, event_loop_and_parser
+from server.settings import Settings
+
+log = logging.getLogger("server.supervisor")
+
+FATAL = 1  # the core's exit status when its model or state cannot load: not worth restarting
+RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
+POLL_S = 0.1
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    with_libc = ctypes.CDLL(None, use_errno=True)
+    with_libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def engine_address(runtime: Path) -> str:
+    return f"ipc://{runtime / 'engine.sock'}"
+
+
+def core_http(runtime: Path) -> str:
+    return str(runtime / "core-http.sock")
+
+
+class Child:
+    """One supervised process: how to start it, and when it last started."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], fds: tuple[int, ...] = ()) -> None:
+        self.name, self.argv, self.env, self.fds = name, argv, env, fds
+        self.process: subprocess.Popen | None = None
+        self.restarts = 0
+        self.started = 0.0
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.argv, env=self.env, pass_fds=self.fds, stdin=subprocess.DEVNULL,
+                                        preexec_fn=_die_with_parent)
+        self.started = time.monotonic()
+        log.info("started %s (pid %d)", self.name, self.process.pid)
+
+    def backoff(self) -> float:
+        """Seconds to wait before a restart: more for a child that keeps dying young."""
+        self.restarts = self.restarts + 1 if time.monotonic() - self.started < 10 else 0
+        return RESTART_BACKOFF_S[min(self.restarts, len(RESTART_BACKOFF_S) - 1)]
+
+    def signal(self, sig: int) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+
+    def wait(self, timeout: float) -> None:
+        if self.process is None:
+            return
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop within %.0fs; killing it", self.name, timeout)
+            self.process.kill()
+            self.process.wait()
+
+
+def listen(settings: Settings) -> socket.socket:
+    """The public listening socket, bound before anything loads so a busy port fails at once."""
+    sock = socket.create_server((settings.host, settings.port), backlog=4096)
+    sock.set_inheritable(True)
+    return sock
+
+
+def supervise(settings: Settings, sock: socket.socket) -> int:
+    runtime = Path(tempfile.mkdtemp(prefix="anchorserve-"))
+    env = dict(os.environ)
+    command = [sys.executable, "-m", "server.supervisor"]
+    core = Child("engine core", [*command, "core", str(runtime)], env)
+    frontends = [Child(f"frontend {i}", [*command, "frontend", str(runtime), str(sock.fileno())], env,
+                       (sock.fileno(),)) for i in range(settings.api_servers)]
+    stopping: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda number, _: stopping.append(number))
+    log.info("serving on http://%s:%d with %d frontend(s) and one engine core", settings.host, settings.port,
+             len(frontends))
+    code = 0
+    try:
+        for child in [core, *frontends]:
+            child.start()
+        restart_at: dict[Child, float] = {}
+        while not stopping:
+            time.sleep(POLL_S)
+            now = time.monotonic()
+            for child in [core, *frontends]:
+                status = child.process.poll()
+                if status is None or child in restart_at:
+                    continue
+                if child is core and status == FATAL:
+                    log.error("the engine core could not load its model or state; stopping (its log says why)")
+                    stopping.append(0)
+                    code = 1
+                    break
+                restart_at[child] = now + child.backoff()
+                log.warning("%s exited (%s); restarting in %.1fs", child.name,
+                            f"signal {-status}" if status < 0 else f"status {status}", restart_at[child] - now)
+            for child, when in list(restart_at.items()):
+                if when <= now and not stopping:
+                    child.start()
+                    del restart_at[child]
+    finally:
+        grace = settings.request_timeout_s + 5
+        for child in frontends:  # first the doors, so no new request arrives; in-flight ones drain
+            child.signal(signal.SIGTERM)
+        for child in frontends:
+            child.wait(grace)
+        core.signal(signal.SIGTERM)
+        core.wait(grace + 30)
+        sock.close()
+        shutil.rmtree(runtime, ignore_errors=True)
+    log.info("stopped")
+    return code
+
+
+def _core(runtime: Path) -> int:
+    import uvicorn
+
+    from server.app import build_app
+
+    settings = Settings()
+    server: uvicorn.Server | None = None
+
+    def fatal() -> None:
+        if server is not None:
+            server.should_exit = True
+
+    app = build_app(settings, on_fatal=fatal, engine_address=engine_address(runtime))
+    loop, http = event_loop_and_parser()
+    server = uvicorn.Server(uvicorn.Config(app, uds=core_http(runtime), log_level="info", log_config=None,
+                                           timeout_graceful_shutdown=30, loop=loop, http=http,
+                                           access_log=settings.access_log))
+    server.run()
+    return FATAL if app.state.anchor.engine.startup_error else 0
+
+
+def _frontend(runtime: Path, fd: int) -> int:
+    import uvicorn
+
+    from server.frontend import Frontend
+
+    settings = Settings()
+    app = Frontend(settings, engine_address(runtime), core_http(runtime))
+    loop, http = event_loop_and_parser()
+    sock = socket.socket(fileno=fd)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info", log_config=None, timeout_graceful_shutdown=30,
+                                           loop=loop, http=http, access_log=settings.access_log))
+    server.run(sockets=[sock])
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m server.supervisor",
+                                     description="A child of `anchorserve serve --api-servers N` (not for direct use).")
+    parser.add_argument("role", choices=["core", "frontend"])
+    parser.add_argument("runtime", type=Path, help="the supervisor's runtime folder (sockets)")
+    parser.add_argument("fd", type=int, nargs="?", help="frontend: the inherited listening socket")
+    args = parser.parse_args(argv)
+    configure_logging()
+    return _core(args.runtime) if args.role == "core" else _frontend(args.runtime, args.fd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

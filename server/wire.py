@@ -1,0 +1,89 @@
+"""The messages between HTTP frontends and the engine core, and how they travel.
+
+One ZeroMQ socket pair per frontend: the core binds a ROUTER on an ipc:// path, each frontend
+connects a DEALER (vLLM's V1 split, over the same library). Messages are MessagePack encoded by
+msgspec into the typed structs below, never pickled: the core decodes each frame against the
+`Request` union and refuses anything else (a frame over `MAX_MESSAGE_BYTES` is dropped by ZeroMQ
+itself, which disconnects the sender). Every request carries an `id` the reply repeats, so one
+socket carries many requests at once.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+# The largest request: max_inputs_per_request × max_input_tokens ids is far below this.
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+
+class Hello(msgspec.Struct, tag="hello"):
+    """Asks for the model's facts (answered by ModelFacts once the model is loaded)."""
+
+    id: int
+
+
+class Describe(msgspec.Struct, tag="describe"):
+    """Asks for a task as served now (answered by TaskFacts)."""
+
+    id: int
+    task: str
+
+
+class Classify(msgspec.Struct, tag="classify"):
+    """Token ids of one request, tokenised against the task at `revision`."""
+
+    id: int
+    task: str
+    revision: int
+    method: str
+    queries: list[list[int]]
+    timeout_s: float  # what is left of the request's deadline when it was sent
+
+
+class Abort(msgspec.Struct, tag="abort"):
+    """The client left: drop request `id`'s queued rows."""
+
+    id: int
+
+
+Request = Hello | Describe | Classify | Abort
+
+
+class ModelFacts(msgspec.Struct, tag="model"):
+    id: int
+    name: str
+    model_dir: str  # where the frontend loads the same tokenizer from
+    max_token_bytes: int
+
+
+class TaskFacts(msgspec.Struct, tag="task"):
+    id: int
+    spec: bytes  # the TaskSpec as JSON
+    revision: int
+    anchor_tokens: int
+    has_pool: bool
+
+
+class Scored(msgspec.Struct, tag="scored"):
+    id: int
+    logits: list[list[float]]
+    logprobs: list[list[float]]
+    raw_logprobs: list[list[float]] | None
+
+
+class Failed(msgspec.Struct, tag="failed"):
+    """An AnchorServeError by kind (server/errors.py maps kinds to statuses); kind "stale" means the
+    task's served revision is no longer the one the request was tokenised for."""
+
+    id: int
+    kind: str
+    message: str
+
+
+Reply = ModelFacts | TaskFacts | Scored | Failed
+
+STALE = "stale"
+
+encoder = msgspec.msgpack.Encoder()
+request_decoder = msgspec.msgpack.Decoder(Request)
+reply_decoder = msgspec.msgpack.Decoder(Reply)
