@@ -75,6 +75,10 @@ class Frontend:
         given = headers.get(b"x-request-id", b"").decode("latin-1")
         request_id = given if acceptable_request_id(given) else secrets.token_hex(16)
         handler = self.routes.get(scope["path"]) if scope["method"] == "POST" else None
+        if scope["path"] == "/ready" and not self.engine.ready:
+            message = "this frontend is connecting to the engine core; retry shortly"
+            await _respond(send, 503, orjson.dumps(error_body("unavailable", message)), request_id)
+            return
         if handler is None:
             await self._relay(scope, receive, send, request_id)
             return

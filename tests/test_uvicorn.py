@@ -54,9 +54,11 @@ def running_server(root, **settings):
             assert key is None or key not in text  # keys are never logged
 
 
-@pytest.fixture(scope="module")
-def server_url(tmp_path_factory):
-    with running_server(tmp_path_factory.mktemp("uvicorn"), api_key="user-key", admin_api_key="admin-key") as url:
+@pytest.fixture(scope="module", params=[0, 2], ids=["one-process", "two-frontends"])
+def server_url(request, tmp_path_factory):
+    """The server in one process, and as an engine core behind two HTTP frontends."""
+    with running_server(tmp_path_factory.mktemp("uvicorn"), api_key="user-key", admin_api_key="admin-key",
+                        api_servers=request.param) as url:
         yield url
 
 

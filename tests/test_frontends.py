@@ -1,0 +1,251 @@
+"""One engine core behind two HTTP frontends (`api_servers: 2`), as real processes: answers equal
+the single-process server's, admin writes reach every frontend, and the faults the split must
+survive (a killed core or frontend, SIGTERM with requests in flight, bad messages on the engine
+socket)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import msgspec
+import pytest
+import zmq
+
+from server import wire
+from tests.conftest import QUERIES, sentiment_task
+from tests.test_uvicorn import free_port, save_tiny_model
+
+ADMIN = {"Authorization": "Bearer admin-key"}
+
+
+@dataclass
+class Split:
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def pids(self, role: str) -> list[int]:
+        """Live children of the supervisor in `role` (core or frontend)."""
+        out = subprocess.run(["pgrep", "-P", str(self.process.pid), "-f", f"server.supervisor {role}"],
+                             capture_output=True, text=True).stdout
+        return [int(pid) for pid in out.split()]
+
+    def engine_address(self) -> str:
+        found = re.findall(r"listening for frontends on (ipc://\S+)", self.log.read_text())
+        assert found, "the core never opened its socket"
+        return found[-1]
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+async def until(condition, timeout: float = 30) -> None:
+    """Yield to the event loop until `condition()` holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def ready(url: str) -> bool:
+    with contextlib.suppress(httpx.HTTPError):
+        return httpx.get(f"{url}/ready", timeout=2).status_code == 200
+    return False
+
+
+@contextlib.contextmanager
+def split_server(root: Path, **settings) -> Iterator[Split]:
+    model = save_tiny_model("gpt2", root / "model")
+    config = root / "config.yaml"
+    config.write_text(json.dumps({
+        "model": str(model), "device": "cpu", "dtype": "float32", "state_dir": str(root / "state"),
+        "tasks": [sentiment_task().model_dump(mode="json")], "api_servers": 2, "admin_api_key": "admin-key",
+    } | settings))
+    port = free_port()
+    env = os.environ | {"ANCHORSERVE_CONFIG": str(config), "PORT": str(port)}
+    log = root / "server.log"
+    with log.open("w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "server"], env=env, stdout=out, stderr=subprocess.STDOUT)
+    split = Split(f"http://127.0.0.1:{port}", process, log)
+    try:
+        wait_until(lambda: ready(split.url) or process.poll() is not None, 120, "the split server")
+        assert process.poll() is None, log.read_text()[-3000:]
+        yield split
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory) -> Iterator[Split]:
+    with split_server(tmp_path_factory.mktemp("split")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The same config served in one process (in-process app), the reference."""
+    from fastapi.testclient import TestClient
+
+    from server.app import build_app
+    from server.settings import Settings
+    from tests.conftest import wait_ready
+
+    root = tmp_path_factory.mktemp("single")
+    model = save_tiny_model("gpt2", root / "model")
+    settings = Settings(model=str(model), device="cpu", dtype="float32", state_dir=root / "state",
+                        tasks=[sentiment_task()])
+    with TestClient(build_app(settings)) as client:
+        wait_ready(client)
+        yield client
+
+
+def test_answers_equal_the_single_process_server(split, single):
+    body = {"input": QUERIES}
+    got = httpx.post(f"{split.url}/v1/classify", json=body, timeout=30)
+    want = single.post("/v1/classify", json=body)
+    assert got.status_code == want.status_code == 200
+    for g, w in zip(got.json()["data"], want.json()["data"], strict=True):
+        assert g["label"] == w["label"] and g["probs"] == pytest.approx(w["probs"], abs=1e-6)
+    assert got.json()["usage"] == want.json()["usage"]
+    assert {"x-inference-time", "x-request-id"} <= set(got.headers)
+    batch = {"inputs": [[q] for q in QUERIES], "raw_scores": True}
+    got, want = httpx.post(f"{split.url}/predict", json=batch).json(), single.post("/predict", json=batch).json()
+    for g, w in zip(got, want, strict=True):
+        assert [s["label"] for s in g] == [s["label"] for s in w]
+        assert [s["score"] for s in g] == pytest.approx([s["score"] for s in w], abs=1e-5)
+
+
+def test_errors_keep_the_envelope(split, single):
+    cases = [({"input": "x", "task": "nope"}, 404, "not_found"), ({"input": []}, 422, "validation"),
+             ({"inputs": "x"}, 422, "validation")]
+    for body, status, kind in cases:
+        got = httpx.post(f"{split.url}/v1/classify", json=body)
+        assert (got.status_code, got.json()["type"]) == (status, kind)
+        assert got.json() == single.post("/v1/classify", json=body).json()
+    bad = httpx.post(f"{split.url}/v1/classify", content=b'{"input": ', headers={"content-type": "application/json"})
+    assert (bad.status_code, bad.json()["type"]) == (400, "malformed_json")
+    text = httpx.post(f"{split.url}/v1/classify", content=b"x", headers={"content-type": "text/plain"})
+    assert (text.status_code, text.json()["type"]) == (415, "unsupported_media_type")
+
+
+def test_a_replaced_task_is_served_by_every_frontend(split):
+    spec = sentiment_task(name="swap").model_dump(mode="json")
+    assert httpx.post(f"{split.url}/admin/tasks", json=spec, headers=ADMIN, timeout=60).status_code == 201
+
+    async def label_orders() -> set[tuple[str, ...]]:
+        async with httpx.AsyncClient(base_url=split.url, timeout=30) as client:
+            answers = await asyncio.gather(*(client.post("/v1/classify", json={"task": "swap", "input": f"t {i}"})
+                                             for i in range(16)))  # new connections: both frontends answer
+        return {tuple(r.json()["data"][0]["label_probs"]) for r in answers}
+
+    assert asyncio.run(label_orders()) == {("Negative", "Positive")}
+    spec["labels"] = ["Positive", "Negative"]
+    replaced = httpx.put(f"{split.url}/admin/tasks/swap", json=spec, headers=ADMIN, timeout=60)
+    assert replaced.status_code == 201, replaced.text
+    assert asyncio.run(label_orders()) == {("Positive", "Negative")}
+
+
+def test_bad_messages_on_the_engine_socket_are_refused(split):
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 10_000)
+    sock.connect(split.engine_address())
+    try:
+        sock.send(b"\xc1 not msgpack")
+        sock.send(wire.encoder.encode({"type": "classify", "id": 1}))  # a known tag, fields missing
+        sock.send(b"\x00" * (wire.MAX_MESSAGE_BYTES + 1))  # ZeroMQ drops the sender; it reconnects
+        task = httpx.get(f"{split.url}/v1/tasks/sentiment").json()
+        out_of_range = wire.Classify(id=7, task="sentiment", revision=task["revision"], method="hidden_anchor",
+                                     queries=[[10**9]], timeout_s=5)
+        deadline = time.monotonic() + 10
+        reply = None
+        while reply is None and time.monotonic() < deadline:  # resend until the reconnected socket answers
+            sock.send(wire.encoder.encode(out_of_range))
+            with contextlib.suppress(zmq.Again):
+                sock.setsockopt(zmq.RCVTIMEO, 500)
+                reply = wire.reply_decoder.decode(sock.recv())
+        assert isinstance(reply, wire.Failed) and (reply.id, reply.kind) == (7, "validation")
+    finally:
+        sock.close()
+        context.term()
+    assert httpx.post(f"{split.url}/v1/classify", json={"input": "still here"}).status_code == 200
+    assert "refused a message on the engine socket" in split.log.read_text()
+    with pytest.raises(msgspec.ValidationError):
+        wire.request_decoder.decode(wire.encoder.encode({"type": "classify", "id": 1}))
+
+
+def test_a_killed_frontend_leaves_the_other_serving(split):
+    first, second = split.pids("frontend")
+    os.kill(first, signal.SIGKILL)
+    answers = [httpx.post(f"{split.url}/v1/classify", json={"input": f"text {i}"}, timeout=10) for i in range(20)]
+    assert [a.status_code for a in answers] == [200] * 20
+    wait_until(lambda: len(split.pids("frontend")) == 2, 60, "the frontend's restart")
+    assert second in split.pids("frontend")
+
+
+def test_a_killed_core_gives_503_at_once_then_recovers(split):
+    async def load(stop: asyncio.Event) -> list[tuple[int, float]]:
+        results = []
+        async with httpx.AsyncClient(base_url=split.url, timeout=30) as client:
+            async def worker() -> None:
+                while not stop.is_set():
+                    start = time.monotonic()
+                    r = await client.post("/v1/classify", json={"input": "under load"})
+                    results.append((r.status_code, time.monotonic() - start))
+            workers = [asyncio.create_task(worker()) for _ in range(8)]
+            await until(lambda: len(results) >= 20)
+            (core,) = split.pids("core")
+            os.kill(core, signal.SIGKILL)
+            await until(lambda: sum(status == 503 for status, _ in results) >= 20)
+            stop.set()
+            await asyncio.gather(*workers)
+        return results
+
+    results = asyncio.run(load(asyncio.Event()))
+    statuses = {status for status, _ in results}
+    assert statuses <= {200, 503} and 503 in statuses and 200 in statuses
+    assert max(seconds for status, seconds in results if status == 503) < 1.0  # no hang
+    wait_until(lambda: all(ready(split.url) for _ in range(6)), 120, "/ready from both frontends after the restart")
+    answers = [httpx.post(f"{split.url}/v1/classify", json={"input": "back"}, timeout=30) for _ in range(6)]
+    assert [a.status_code for a in answers] == [200] * 6
+    assert "engine core exited (signal 9); restarting" in split.log.read_text()
+
+
+def test_sigterm_drains_requests_in_flight(tmp_path):
+    with split_server(tmp_path, max_wait_ms=1500) as server:
+        async def in_flight() -> list[int]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+                sent = [asyncio.create_task(client.post("/v1/classify", json={"input": f"wait {i}"}))
+                        for i in range(4)]
+
+                async def queued() -> bool:  # all four wait in the core's 1.5 s batch window
+                    metrics = (await client.get("/metrics")).text
+                    return "anchorserve_queue_size 4.0" in metrics
+
+                while not await queued():
+                    await asyncio.sleep(0.01)
+                server.process.send_signal(signal.SIGTERM)
+                return [r.status_code for r in await asyncio.gather(*sent)]
+
+        assert asyncio.run(in_flight()) == [200] * 4
+        assert server.process.wait(timeout=60) == 0
