@@ -30,7 +30,7 @@ from anchor_cache.classifier import Prediction
 from anchor_cache.errors import ValidationError
 from anchor_cache.task import POOL_METHODS, Method
 from server.engine_client import EngineClient, Scores, TaskChanged, TaskView
-from server.errors import DeadlineExceeded, ModelNotServed
+from server.errors import ClientDisconnected, ModelNotServed
 from server.metrics import Metrics
 from server.settings import Settings
 
@@ -147,8 +147,8 @@ class ClassifyService:
     ) -> Classification:
         """Predictions for `texts` on `task` (None: the default task). `truncate` None follows the
         server's setting. DeadlineExceeded past request_timeout_s (counted from arrival, tokenising
-        included) or when the client goes away first (its disconnect arrives on `receive`); either
-        way its queued work is dropped before the forward."""
+        included), ClientDisconnected when the client goes away first (its disconnect arrives on
+        `receive`); either way its queued work is dropped before the forward."""
         start = time.perf_counter()
         s = self.settings
         name = self.task_name(task)
@@ -190,10 +190,10 @@ class ClassifyService:
         )
 
     async def _race(self, future: asyncio.Future[Scores], receive: Receive) -> Scores:
-        """The scores, or DeadlineExceeded: the engine fails the future at its deadline; a client
-        that leaves first has its queued work cancelled here. The disconnect is watched by a
-        callback chain on `receive` (vLLM's with_cancellation listens the same way), not a task
-        racing the result."""
+        """The scores, DeadlineExceeded (the engine fails the future at its deadline), or
+        ClientDisconnected when the client leaves first: its queued work is cancelled here. The
+        disconnect is watched by a callback chain on `receive` (vLLM's with_cancellation listens
+        the same way), not a task racing the result."""
         loop = asyncio.get_running_loop()
         waiting: asyncio.Future | None = None
         left = False
@@ -217,7 +217,7 @@ class ClassifyService:
             if not left:
                 raise
             self.metrics.failures.labels("client_disconnected").inc()
-            raise DeadlineExceeded("the client went away before its result") from None
+            raise ClientDisconnected("the client went away before its result") from None
         finally:
             if waiting is not None and not waiting.done():
                 waiting.cancel()

@@ -112,6 +112,7 @@ def serve(args: argparse.Namespace, prog: str = PROG) -> int:
     import uvicorn
 
     from server.app import build_app
+    from server.engine import fit_threads
 
     server: uvicorn.Server | None = None
 
@@ -119,6 +120,7 @@ def serve(args: argparse.Namespace, prog: str = PROG) -> int:
         if server is not None:
             server.should_exit = True
 
+    fit_threads(settings)
     app = build_app(settings, on_fatal=fatal)
     loop, http = event_loop_and_parser()
     logging.getLogger("server").info("serving with the %s event loop and the %s HTTP parser", loop, http)

@@ -16,6 +16,7 @@ model that cannot load is fatal (`on_fatal`), so the process exits and its super
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 
 from anchor_cache.classifier import CACHED_METHODS
+from anchor_cache.cpus import torch_threads, usable_cpus
 from anchor_cache.errors import UnavailableError
 from anchor_cache.models import LoadedModel, load_model
 from anchor_cache.packed import packed_label_logits
@@ -37,6 +39,20 @@ from server.scheduler import BatchLimits, Scheduler, Work
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def fit_threads(settings: Settings) -> None:
+    """Size torch's thread pool to the CPUs this process may use (anchor_cache/cpus.py), leaving one
+    for each HTTP process: its own event loop, or the frontends beside an engine core. Called by
+    the server's entry points, not by the app, so tests that build apps keep their own setting."""
+    usable = usable_cpus()
+    http = max(1, settings.api_servers)
+    threads = settings.torch_threads or torch_threads(usable, http)
+    torch.set_num_threads(threads)
+    with contextlib.suppress(RuntimeError):  # settable only before torch's first parallel work
+        torch.set_num_interop_threads(1)
+    log.info("torch runs %d thread(s): %d usable CPU(s), %d HTTP process(es)%s", threads, usable, http,
+             " (the torch_threads setting)" if settings.torch_threads else "")
 
 
 def scores_of(served: ServedTask, method: Method, logits: torch.Tensor) -> Scores:

@@ -38,6 +38,7 @@ STATUS: dict[str, int] = {
     "validation": 422,
     "model_unavailable": 424,  # the configured model is missing (TEI's Backend → 424); start-up ends on it
     "overloaded": 429,
+    "client_closed": 499,  # nginx's code: the client left before its answer (logged and counted, never sent)
     "internal": 500,
     "unavailable": 503,
     "timeout": 504,
@@ -54,6 +55,10 @@ class Overloaded(AnchorServeError):
 
 class DeadlineExceeded(AnchorServeError):
     kind = "timeout"
+
+
+class ClientDisconnected(AnchorServeError):
+    kind = "client_closed"
 
 
 class Unauthorized(AnchorServeError):

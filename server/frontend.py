@@ -53,14 +53,16 @@ class Reply(Exception):
         self.kind = kind
 
 
-Handler = Callable[[bytes, Scope, Receive, str], Awaitable[tuple[Any, dict[str, str]]]]
+# A classification route: (body, scope, receive, request id) -> (answer, extra headers, task served).
+Handler = Callable[[bytes, Scope, Receive, str], Awaitable[tuple[Any, dict[str, str], str]]]
 
 
 class Frontend:
     def __init__(self, settings: Settings, engine_address: str, core_http: str) -> None:
         self.settings = settings
         self.engine = RemoteEngine(engine_address)
-        self.service = ClassifyService(self.engine, settings, Metrics())
+        self.metrics = Metrics()
+        self.service = ClassifyService(self.engine, settings, self.metrics)
         self.core = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=core_http), base_url="http://core",
                                       timeout=RELAY_TIMEOUT)
         self.routes: dict[str, Handler] = {"/v1/classify": self._classify, "/predict": self._predict}
@@ -82,22 +84,29 @@ class Frontend:
         if handler is None:
             await self._relay(scope, receive, send, request_id)
             return
+        status = 500
+        task = ""
         try:
             self._check_key(headers.get(b"authorization"))
             if not headers.get(b"content-type", b"").startswith(b"application/json"):
                 raise Reply("unsupported_media_type", "send the body as JSON with 'Content-Type: application/json'")
             body = await self._read_body(scope, receive)
-            data, extra = await handler(body, scope, receive, request_id)
-            await _respond(send, 200, orjson.dumps(data), request_id, extra)
+            data, extra, task = await handler(body, scope, receive, request_id)
+            status = 200
+            await _respond(send, status, orjson.dumps(data), request_id, extra)
         except (Reply, AnchorServeError) as exc:
             kind = exc.kind if isinstance(exc, Reply) else kind_of(exc)
-            if status_of(kind) >= 500:
+            status = status_of(kind)
+            if status >= 500:
                 log.error("%s %s -> %s: %s", scope["method"], scope["path"], kind, exc)
-            await _respond(send, status_of(kind), orjson.dumps(error_body(kind, str(exc))), request_id)
+            await _respond(send, status, orjson.dumps(error_body(kind, str(exc))), request_id)
         except Exception:
             log.exception("unexpected error on %s %s", scope["method"], scope["path"])
             message = f"internal error; quote request id {request_id} to the operator"
             await _respond(send, 500, orjson.dumps(error_body("internal", message)), request_id)
+        finally:
+            # Labelled by task only once it answered: made-up names cannot grow the label set.
+            self.metrics.requests.labels(scope["path"], task, str(status)).inc()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -145,22 +154,22 @@ class Frontend:
             raise Reply(*invalid_body(exc.errors())) from None
 
     async def _classify(self, body: bytes, scope: Scope, receive: Receive, request_id: str
-                        ) -> tuple[Any, dict[str, str]]:
+                        ) -> tuple[Any, dict[str, str], str]:
         request: ClassifyRequest = self._parse(ClassifyRequest, body)
         result = await self.service.classify(
             request.task, request.texts, Method(request.method) if request.method else None, receive,
             model=request.model, truncate=request.truncate, direction=request.truncation_direction,
         )
-        return classify_body(result, request_id), timing_headers(result.timing)
+        return classify_body(result, request_id), timing_headers(result.timing), result.task
 
     async def _predict(self, body: bytes, scope: Scope, receive: Receive, request_id: str
-                       ) -> tuple[Any, dict[str, str]]:
+                       ) -> tuple[Any, dict[str, str], str]:
         request: PredictRequest = self._parse(PredictRequest, body)
         result: Classification = await self.service.classify(
             request.task, request.texts, None, receive, truncate=request.truncate,
             direction=request.truncation_direction,
         )
-        return predict_body(result, request.raw_scores, request.batched), timing_headers(result.timing)
+        return predict_body(result, request.raw_scores, request.batched), timing_headers(result.timing), result.task
 
     # --- everything else: the core's own routes -----------------------------------------------------
 

@@ -1,18 +1,24 @@
 """Prometheus metrics (vLLM-style names: anchorserve_* with _seconds / _total suffixes).
 
-Each app gets its own registry, so tests can build several apps in one process.
+Each app gets its own registry, so tests can build several apps in one process. An engine core
+behind HTTP frontends (server/supervisor.py) runs the client library's multiprocess mode: every
+process writes its values under PROMETHEUS_MULTIPROC_DIR, and /metrics sums them, so request
+counts from every frontend and batch figures from the core come out as one server's.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # 10 µs .. ~60 s, ×2 per bucket (TEI uses ×1.5 from 10 µs).
 DURATION_BUCKETS = tuple(1e-5 * 2**i for i in range(23))
 SIZE_BUCKETS = tuple(2**i for i in range(11))
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class Metrics:
@@ -31,17 +37,28 @@ class Metrics:
         self.inference_seconds = Histogram(
             "anchorserve_batch_inference_seconds", "Forward time per batch", buckets=DURATION_BUCKETS, registry=r
         )
-        self.queue_size = Gauge("anchorserve_queue_size", "Requests waiting for the worker", registry=r)
+        # Only the core sets the gauges; "livesum" drops a dead core's value in multiprocess mode.
+        self.queue_size = Gauge("anchorserve_queue_size", "Requests waiting for the worker", registry=r,
+                                multiprocess_mode="livesum")
         self.batch_size = Histogram("anchorserve_batch_size", "Inputs per forward", buckets=SIZE_BUCKETS, registry=r)
         self.request_tokens = Histogram(
             "anchorserve_request_tokens", "Query tokens per input", buckets=SIZE_BUCKETS, registry=r
         )
-        self.cache_bytes = Gauge("anchorserve_anchor_cache_bytes", "Anchor-cache bytes", ["task"], registry=r)
+        self.cache_bytes = Gauge("anchorserve_anchor_cache_bytes", "Anchor-cache bytes", ["task"], registry=r,
+                                 multiprocess_mode="livesum")
         self.task_loads = Counter(
             "anchorserve_task_loads", "Task caches made ready, by source", ["task", "source"], registry=r
         )
         self.failures = Counter("anchorserve_request_failure", "Failed requests", ["reason"], registry=r)
         self._per_task = (self.requests, self.cache_bytes, self.task_loads)
+
+    def exposition(self) -> bytes:
+        """The text /metrics serves: this app's registry, or every process's values in multiprocess mode."""
+        if os.environ.get(MULTIPROCESS_ENV):
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)
 
     def forget_task(self, name: str) -> None:
         """Drop every series labelled with a deleted task, so label sets stay bounded by live tasks."""

@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     api_servers: int = Field(0, ge=0, le=64, description="HTTP frontend processes in front of one engine-core "
                              "process (tokenising and shaping answers in parallel); 0: one process does everything")
     access_log: bool = Field(False, description="log every HTTP request (uvicorn's access log)")
+    torch_threads: int | None = Field(None, ge=1, description="torch threads of the process that runs the model; "
+                                      "unset: the CPUs it may use (affinity, cgroup quota) less one for each HTTP "
+                                      "process beside it (at least 1)")
 
     api_key: SecretStr | None = Field(None, description="Bearer key for /v1/*; unset = open")
     admin_api_key: SecretStr | None = Field(None, description="Bearer key for /admin/*; unset = admin disabled")

@@ -7,6 +7,9 @@ The supervisor (this process, which runs no model) binds the public address, the
 - N frontends: uvicorn over the one inherited listening socket (the kernel spreads connections
   between them), each a `server.frontend.Frontend`.
 
+Every child writes its metrics under the runtime folder (Prometheus' multiprocess mode), and the
+core's /metrics sums them (server/metrics.py).
+
 Supervision: a child that dies is restarted; meanwhile the frontends answer 503 for the core
 (within a request, not after a timeout), and the others keep serving for a frontend. A core that
 exits with FATAL (its model or state store cannot load) is not restarted: the supervisor stops
@@ -33,7 +36,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from prometheus_client.multiprocess import mark_process_dead
+
 from server.cli import configure_logging, event_loop_and_parser
+from server.metrics import MULTIPROCESS_ENV
 from server.settings import Settings
 
 log = logging.getLogger("server.supervisor")
@@ -101,7 +107,8 @@ def listen(settings: Settings) -> socket.socket:
 
 def supervise(settings: Settings, sock: socket.socket) -> int:
     runtime = Path(tempfile.mkdtemp(prefix="anchorserve-"))
-    env = dict(os.environ)
+    (runtime / "metrics").mkdir()
+    env = dict(os.environ) | {MULTIPROCESS_ENV: str(runtime / "metrics")}
     command = [sys.executable, "-m", "server.supervisor"]
     core = Child("engine core", [*command, "core", str(runtime)], env)
     frontends = [Child(f"frontend {i}", [*command, "frontend", str(runtime), str(sock.fileno())], env,
@@ -128,6 +135,7 @@ def supervise(settings: Settings, sock: socket.socket) -> int:
                     stopping.append(0)
                     code = 1
                     break
+                mark_process_dead(child.process.pid, str(runtime / "metrics"))
                 restart_at[child] = now + child.backoff()
                 log.warning("%s exited (%s); restarting in %.1fs", child.name,
                             f"signal {-status}" if status < 0 else f"status {status}", restart_at[child] - now)
@@ -153,8 +161,10 @@ def _core(runtime: Path) -> int:
     import uvicorn
 
     from server.app import build_app
+    from server.engine import fit_threads
 
     settings = Settings()
+    fit_threads(settings)
     server: uvicorn.Server | None = None
 
     def fatal() -> None:

@@ -134,6 +134,22 @@ def test_answers_equal_the_single_process_server(split, single):
         assert [s["score"] for s in g] == pytest.approx([s["score"] for s in w], abs=1e-5)
 
 
+def classified(metrics: str) -> float:
+    """anchorserve_requests_total of 200s on /v1/classify, over every process."""
+    found = re.search(r'anchorserve_requests_total\{route="/v1/classify",status="200",task="sentiment"\} (\S+)',
+                      metrics)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_metrics_sum_every_process(split):
+    before = httpx.get(f"{split.url}/metrics").text
+    for i in range(5):  # new connections: both frontends answer
+        assert httpx.post(f"{split.url}/v1/classify", json={"input": f"count {i}"}).status_code == 200
+    after = httpx.get(f"{split.url}/metrics").text
+    assert classified(after) - classified(before) == 5
+    assert "anchorserve_batch_size_count" in after and "anchorserve_request_tokenize_seconds_count" in after
+
+
 def test_errors_keep_the_envelope(split, single):
     cases = [({"input": "x", "task": "nope"}, 404, "not_found"), ({"input": []}, 422, "validation"),
              ({"inputs": "x"}, 422, "validation")]
