@@ -38,6 +38,14 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.latency
 	$(BIN)/python -m bench.load
 
+# Serving throughput under wrk, this tree against BEFORE, a worktree of an earlier commit
+# (git worktree add /tmp/anchorserve-before <rev>): bench/results/serving.json.
+.PHONY: bench-serving
+bench-serving: $(STAMP)
+	@test -n "$(BEFORE)" || { echo "usage: make bench-serving BEFORE=/tmp/anchorserve-before"; exit 2; }
+	command -v wrk >/dev/null || apt-get install -y wrk
+	$(BIN)/python -m bench.serving --before $(BEFORE)
+
 # Optional: llama.cpp (llama-cpp-python, a ~10 min source build) for `python -m bench.peers`. Not part of test.
 # AMX off: the AMX kernels crashed on our CPU; OpenMP off: ggml's own thread pool.
 LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF \
