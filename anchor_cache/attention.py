@@ -12,9 +12,10 @@ by `module.layer_idx`:
   Σ_i (exp(β) − 1) · A(q, p_i) · v_{p_i} to the target row, which needs that row's softmax only.
   A packed forward (one batch row holding many requests, see packed.py) has several targets per
   batch row, each with its own β and label keys: the same formula, entry by entry.
-- blocks: a packed forward's hint that query spans see only the cache and their own span; SDPA
-  then runs span by span over those keys (the mask still decides inside), instead of over the
-  whole T × (S + T) square, most of which the mask forbids.
+- blocks: a packed forward's query spans, each of which sees only its rows' cache slots and its
+  own tokens; SDPA then runs span by span over those keys under each span's own mask, computed
+  from the sequence's `Segments`, instead of over the whole T × (S + T) square, most of which
+  the mask forbids. The model's `attention_mask` is not read on that path.
 - key_bias: an additive logit per key, e.g. structured prompting's log(1/G) on the anchors of G
   demonstration groups encoded side by side (many_shot.py), so that together they hold the
   attention one group would. SDPA paths get it as an additive mask, the written-out ones add it to
@@ -85,37 +86,83 @@ class Capture:
 
 
 @dataclass(frozen=True)
+class Segments:
+    """The mask of a packed sequence (packed.py) in O(S + T) numbers instead of T × (S + T): a token
+    sees the cache slots of its own row's cache and, causally, its own row's earlier tokens. Keys
+    are numbered as the model sees them, the S cache slots first, then the T tokens; any piece of
+    the mask is `allowed(queries, keys)`."""
+
+    query_row: torch.Tensor  # (T,) each token's row
+    query_cache: torch.Tensor  # (T,) its row's cache; -1: none
+    key_row: torch.Tensor  # (S + T,) the key's row; -1 on cache slots, which belong to no row
+    key_cache: torch.Tensor  # (S + T,) the key's cache; -2 on tokens, so no query's cache matches
+
+    @classmethod
+    def build(cls, lengths: Sequence[int], row_cache: Sequence[int], cache_sizes: Sequence[int],
+              device: torch.device) -> Segments:
+        """Rows of `lengths` tokens laid out in order, row i using cache `row_cache[i]` (-1: none),
+        caches of `cache_sizes` slots laid out in order; built on the CPU, copied once."""
+        rows = torch.arange(len(lengths))
+        counts = torch.tensor(lengths, dtype=torch.long)
+        query_row = rows.repeat_interleave(counts)
+        query_cache = torch.tensor(row_cache, dtype=torch.long).repeat_interleave(counts)
+        slot_cache = torch.arange(len(cache_sizes)).repeat_interleave(torch.tensor(cache_sizes, dtype=torch.long))
+        slots, tokens = slot_cache.shape[0], query_row.shape[0]
+        key_row = torch.cat([torch.full((slots,), -1), query_row])
+        key_cache = torch.cat([slot_cache, torch.full((tokens,), -2)])
+        return cls(*(t.to(device) for t in (query_row, query_cache, key_row, key_cache)))
+
+    @property
+    def cached(self) -> int:
+        """S, the cache slots in front of the tokens."""
+        return self.key_row.shape[0] - self.query_row.shape[0]
+
+    def allowed(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """(..., L, K) bool, True = may attend: token queries (..., L) against keys (..., K)."""
+        q, k = queries[..., :, None], keys[..., None, :]
+        own_cache = self.key_cache[k] == self.query_cache[q]
+        own_row = (self.key_row[k] == self.query_row[q]) & (k - self.cached <= q)  # slots: always <= q
+        return own_cache | own_row
+
+
+@dataclass(frozen=True)
 class Blocks:
-    """Spans [start, end) of a batch-1 packed sequence whose queries see no key outside their own
-    rows' cache slots and the span's own tokens: a promise about the mask that lets the fast path
-    skip the keys it forbids. The fast path gathers the spans into a (n, ·, L, ·) batch, padding a
-    short span by repeating its last token and a short list of cache slots by repeating a slot (a
-    repeated key is masked, a repeated query dropped), and runs one SDPA call on it, still under
-    the mask. With many tasks in a batch, each span reads only its own tasks' caches."""
+    """Spans [start, end) of a batch-1 packed sequence, each query seeing no key outside its rows'
+    cache slots and the span's own tokens. The fast path gathers the spans into a (n, ·, L, ·)
+    batch, padding a short span by repeating its last token and a short list of cache slots by
+    repeating a slot (a repeated key is masked, a repeated query dropped), and runs one SDPA call
+    on it under `allowed`, each span's mask. With many tasks in a batch, each span reads only its
+    own tasks' caches."""
 
     spans: tuple[tuple[int, int], ...]  # cover the queries in order
     queries: torch.Tensor  # (n, L) query index of each span slot
     keys: torch.Tensor  # (n, C + L) key index: the span's cache slots, then the span's own tokens
-    real_keys: torch.Tensor  # (n, C + L) False on padding repeats
+    allowed: torch.Tensor  # (n, 1, L, C + L) bool: each span's mask, False on padding repeats
     order: torch.Tensor  # (T,) each query's slot in the flattened (n·L) span batch
+    segments: Segments  # the whole mask, for the rows of re-weighted and captured targets
 
     @classmethod
-    def build(cls, spans: tuple[tuple[int, int], ...], cache_slots: Sequence[Sequence[int]], cached: int,
-              device: torch.device) -> Blocks:
-        """`cache_slots[i]`: the cache slots span i's rows use; `cached`: all cache slots (S)."""
-        longest = max(end - start for start, end in spans)
+    def build(cls, spans: tuple[tuple[int, int], ...], cache_slots: Sequence[Sequence[int]],
+              segments: Segments) -> Blocks:
+        """`cache_slots[i]`: the cache slots span i's rows use. Indices are built on the CPU and
+        copied once; the spans' mask is one broadcast comparison on the segments' device."""
+        n, device = len(spans), segments.key_row.device
+        starts = torch.tensor([start for start, _ in spans])
+        sizes = torch.tensor([end - start for start, end in spans])
+        longest = int(sizes.max())
         widest = max(len(slots) for slots in cache_slots)
         slot = torch.arange(longest)
-        starts = torch.tensor([start for start, _ in spans])[:, None]
-        sizes = torch.tensor([end - start for start, end in spans])[:, None]
-        queries = starts + torch.minimum(slot[None], sizes - 1)  # (n, L)
+        queries = starts[:, None] + torch.minimum(slot[None], sizes[:, None] - 1)  # (n, L)
         cache_keys = torch.tensor([list(slots) + [0] * (widest - len(slots)) for slots in cache_slots],
-                                  dtype=torch.long).reshape(len(spans), widest)
+                                  dtype=torch.long).reshape(n, widest)
         real_cache = torch.arange(widest)[None] < torch.tensor([len(slots) for slots in cache_slots])[:, None]
-        keys = torch.cat([cache_keys, cached + queries], dim=1)
-        real = torch.cat([real_cache, slot[None] < sizes], dim=1)
-        order = torch.cat([i * longest + torch.arange(end - start) for i, (start, end) in enumerate(spans)])
-        return cls(spans, queries.to(device), keys.to(device), real.to(device), order.to(device))
+        keys = torch.cat([cache_keys, segments.cached + queries], dim=1)
+        real = torch.cat([real_cache, slot[None] < sizes[:, None]], dim=1)  # (n, C + L) False on repeats
+        # query t of span i sits at i·L + (t - start_i)
+        order = torch.arange(int(sizes.sum())) + (torch.arange(n) * longest - starts).repeat_interleave(sizes)
+        queries, keys, real, order = (t.to(device) for t in (queries, keys, real, order))
+        allowed = segments.allowed(queries, keys) & real[:, None, :]
+        return cls(spans, queries, keys, allowed[:, None], order, segments)
 
 
 @dataclass(frozen=True)
@@ -130,8 +177,9 @@ class AttentionPlan:
     capture_maps: keep every layer's full weights, summed over heads, in `capture.maps` (large).
     key_bias: (B|1, S) added to every query's logit for each key before the softmax; None: none.
     explicit: compute every intervention on the written-out attention matrix (the reference path).
-    blocks: run the fast path's SDPA per query span of a packed sequence (ignored by the explicit
-        path, which writes out everything).
+    blocks: run the fast path's SDPA per query span of a packed sequence, under the spans' own mask;
+        the model's `attention_mask` is then a placeholder, so the written-out paths and isolation,
+        which read it, refuse blocks.
     targets: (B,) query index of each row's last token, the q of re-weighting and capture; filled
         in by the forward, which knows the padding. (B, R): R targets per batch row (a packed
         forward). Targets are flattened row-major to N = B·R; captures are indexed by that order.
@@ -150,6 +198,10 @@ class AttentionPlan:
     targets: torch.Tensor | None = None
     capture: Capture = field(default_factory=Capture)
 
+    def __post_init__(self):
+        if self.blocks is not None and (self.needs_explicit or self.isolation is not None):
+            raise ValueError("blocks bring their own mask; the written-out attention and isolation need the dense one")
+
     @property
     def needs_explicit(self) -> bool:
         return self.record_weights or self.explicit or self.saliency or self.capture_maps
@@ -165,6 +217,13 @@ class AttentionPlan:
     def reweight_entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(E,) target (into `target_index`), key and class of every re-weighted attention weight."""
         return self.reweighting.entries(self.target_index[1].shape[0])
+
+    @cached_property
+    def target_mask(self) -> torch.Tensor:
+        """(1, N, S + T) the targets' rows of a blocked (batch-1) plan's mask, from its segments."""
+        segments = self.blocks.segments
+        keys = torch.arange(segments.key_row.shape[0], device=segments.key_row.device)
+        return segments.allowed(self.target_index[1], keys)[None]
 
 
 def _bool_mask(mask: torch.Tensor | None, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
@@ -244,17 +303,26 @@ def explicit_attention(
     return out, probs
 
 
+def _mask_rows(attention_mask: torch.Tensor | None, targets: torch.Tensor, q_len: int, kv_len: int,
+               device: torch.device) -> torch.Tensor:
+    """(B, R, S) the rows of a dense mask at `targets`, (B,) or (B, R) query indices."""
+    targets = targets if targets.ndim == 2 else targets[:, None]
+    batch, per = targets.shape
+    allowed = _bool_mask(attention_mask, q_len, kv_len, device)[:, 0].expand(batch, -1, -1)  # (B, T, S)
+    return allowed.gather(1, targets[:, :, None].expand(batch, per, kv_len))
+
+
 def target_row_weights(
-    query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None,
+    query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor, scaling: float | None,
     targets: torch.Tensor, key_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(N, Hq, S) float32 softmax of each target query against all keys, grouped K/V as is.
 
-    `targets` is (B,) or (B, R) query indices, flattened row-major to N = B·R. Only these N rows
-    are computed, O(N·Hq·S·D): what the fast path needs to correct or report a row without
-    writing out the full attention matrix.
+    `targets` is (B,) or (B, R) query indices, flattened row-major to N = B·R, and `allowed`
+    (B, R, S) their rows of the mask. Only these N rows are computed, O(N·Hq·S·D): what the fast
+    path needs to correct or report a row without writing out the full attention matrix.
     """
-    batch, heads, q_len, dim = query.shape
+    batch, heads, _, dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
     targets = targets if targets.ndim == 2 else targets[:, None]  # (B, R)
     per = targets.shape[1]
@@ -264,8 +332,6 @@ def target_row_weights(
     scores = torch.matmul(q, key.transpose(2, 3)).view(batch, heads, per, kv_len).float() * scale  # (B, Hq, R, S)
     if key_bias is not None:  # rounded as SDPA's additive mask rounds it, so the correction matches
         scores = scores + key_bias[:, None, None, :].to(query.dtype).float()
-    allowed = _bool_mask(attention_mask, q_len, kv_len, query.device)[:, 0].expand(batch, -1, -1)  # (B, T, S)
-    allowed = allowed.gather(1, targets[:, :, None].expand(batch, per, kv_len))  # (B, R, S)
     scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
     return torch.softmax(scores, dim=-1).transpose(1, 2).reshape(batch * per, heads, kv_len)
 
@@ -288,13 +354,12 @@ def reweight_target_rows(
 
 
 def blocked_sdpa(
-    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-    attention_mask: torch.Tensor, blocks: Blocks, dropout: float, scaling: float | None,
-    key_bias: torch.Tensor | None = None, **kwargs,
+    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, blocks: Blocks,
+    dropout: float, scaling: float | None, key_bias: torch.Tensor | None = None, **kwargs,
 ) -> torch.Tensor:
-    """(1, T, Hq, D): one SDPA call over the spans gathered into a batch, each seeing the cache keys
-    and its own tokens under the matching slice of the mask; equal to SDPA over the whole sequence
-    when the mask keeps to the spans, for a fraction of the work."""
+    """(1, T, Hq, D): one SDPA call over the spans gathered into a batch, each seeing its cache keys
+    and its own tokens under its own mask; equal to SDPA over the whole sequence under the packed
+    mask, for a fraction of the work."""
     assert query.shape[0] == 1, "blocks describe a packed batch of one row"
     n, span = blocks.queries.shape
     heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[3]
@@ -302,10 +367,7 @@ def blocked_sdpa(
     q = query[0].index_select(1, q_index).view(heads, n, span, dim).transpose(0, 1)  # (n, Hq, L, D)
     k = key[0].index_select(1, k_index).view(kv_heads, n, -1, dim).transpose(0, 1)  # (n, Hkv, S + L, D)
     v = value[0].index_select(1, k_index).view(kv_heads, n, -1, dim).transpose(0, 1)
-    allowed = _bool_mask(attention_mask, query.shape[2], key.shape[2], query.device)[0, 0]  # (T, S + T)
-    allowed = allowed.index_select(0, q_index).view(n, span, -1)
-    allowed = allowed.gather(2, blocks.keys[:, None, :].expand(n, span, -1)) & blocks.real_keys[:, None, :]
-    mask = allowed[:, None]
+    mask = blocks.allowed
     if key_bias is not None:  # (1, S + T) -> (n, 1, 1, C + L) along each span's keys
         mask = _with_bias(mask, key_bias[0].index_select(0, k_index).view(n, 1, 1, -1), query.dtype)
     out, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -339,8 +401,8 @@ def anchor_attention(
     if plan.needs_explicit:
         return explicit_attention(module, query, key, value, mask, scaling, plan)
     bias = plan.key_bias
-    if plan.blocks is not None and mask is not None:
-        out = blocked_sdpa(module, query, key, value, mask, plan.blocks, dropout, scaling, bias, **kwargs)
+    if plan.blocks is not None:
+        out = blocked_sdpa(module, query, key, value, plan.blocks, dropout, scaling, bias, **kwargs)
     else:
         dense_mask = mask
         if bias is not None:
@@ -349,7 +411,11 @@ def anchor_attention(
         out, _ = sdpa_attention_forward(module, query, key, value, dense_mask, dropout=dropout, scaling=scaling,
                                         **kwargs)
     if plan.reweighting is not None or plan.capture_target_weights:
-        weights = target_row_weights(query, key, mask, scaling, plan.targets, bias)
+        if plan.blocks is not None:
+            allowed = plan.target_mask
+        else:
+            allowed = _mask_rows(mask, plan.targets, query.shape[2], key.shape[2], query.device)
+        weights = target_row_weights(query, key, allowed, scaling, plan.targets, bias)
         if plan.capture_target_weights:
             plan.capture.target_weights[module.layer_idx] = weights.detach()
         if plan.reweighting is not None:

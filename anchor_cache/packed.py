@@ -8,8 +8,9 @@ batch size 1:
     position_ids  (1, T)      each row continues at its own prefix's first position
     cache         S slots     the batch's distinct anchor caches, one after another (a cache shared
                               by many rows appears once; one distinct cache is used as is, no copy)
-    mask          (1, 1, T, S + T) bool: a token sees its own row's cache slots and, causally, its
-                              own row's earlier tokens, nothing else
+    mask          Segments    a token sees its own row's cache slots and, causally, its own row's
+                              earlier tokens, nothing else: per token its row and its row's cache,
+                              per cache slot its cache, from which any piece of the mask is computed
     key bias      (1, S + T) each cache's own logit offsets (a many-shot cache's log(1/G)), 0 on
                               tokens; absent when no cache has any
 
@@ -22,9 +23,16 @@ batch 64 but 1.37x slower at batch 256 (7,680 tokens: the mask's square grows wi
 GPU spans are 1,024 tokens. A span reads only the cache slots of its own rows, so a batch of many
 tasks does not make every span attend over every task's cache.
 
+Each span's mask is computed from the segments, so with spans the whole mask, which grows with
+the square of the batch, is never written out (bench/pack.py times `pack`). The dense
+`attention_mask` (1, 1, T, S + T) is built only when it is small, a single span of at most
+block_tokens × (S + block_tokens), or when asked for: without spans, and for the written-out
+reference path, which reads it.
+
 transformers returns a 4-D mask as is (`masking_utils._preprocess_mask_arguments` exits early for
 any 4-D tensor), so it reaches the registered attention function unchanged and SDPA's fast path
-runs with it. Re-weighting becomes one `Reweighting` whose entries each name their target (a row's
+runs with it; with spans it still needs one, and gets a placeholder of that shape that nothing
+reads. Re-weighting becomes one `Reweighting` whose entries each name their target (a row's
 last token), key (packed cache slot or token) and class (into the rows' β concatenated along the
 class axis), so rows with different β, label counts or none at all share the forward.
 
@@ -33,6 +41,7 @@ A packed row's result equals the row run alone (tests/test_packed.py) up to floa
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -40,7 +49,7 @@ from typing import Protocol
 import torch
 from transformers import DynamicCache
 
-from anchor_cache.attention import AttentionPlan, Blocks, Reweighting
+from anchor_cache.attention import AttentionPlan, Blocks, Reweighting, Segments
 from anchor_cache.cache import AnchorCache, concat_dynamic_cache, key_bias_row
 from anchor_cache.errors import ValidationError
 from anchor_cache.forward import Prefix, label_logits
@@ -89,49 +98,47 @@ class PackedBatch:
 
     input_ids: torch.Tensor  # (1, T)
     position_ids: torch.Tensor  # (1, T)
-    attention_mask: torch.Tensor  # (1, 1, T, S + T) bool: True = may attend
+    # (1, 1, T, S + T) bool, True = may attend; with `blocks`, an all-False placeholder that nothing reads
+    attention_mask: torch.Tensor
     cache: DynamicCache | None  # S slots, batch 1; None when no row has a cache
     first: torch.Tensor  # (B,) each row's first token in the sequence
     last: torch.Tensor  # (B,)
     reweighting: Reweighting | None  # every re-weighted row's entries, targets = `targets` order
     targets: torch.Tensor | None  # (1, R) last token of each re-weighted row
-    blocks: Blocks | None  # spans of whole rows for the fast path; None: one SDPA call
+    blocks: Blocks | None  # spans of whole rows for the fast path, with their masks; None: one SDPA call
     key_bias: torch.Tensor | None  # (1, S + T) the caches' key biases (many_shot.py); None: none
 
 
-def _spans(lengths: Sequence[int], row_slots: Sequence[range], block_tokens: int | None, cached: int,
-           device: torch.device) -> Blocks | None:
+def _spans(lengths: Sequence[int], row_cache: Sequence[int], cache_slots: Sequence[range],
+           block_tokens: int | None) -> tuple[tuple[tuple[int, int], ...], list[list[int]]]:
     """Consecutive whole rows grouped greedily into spans of at most `block_tokens` tokens (a longer
-    row alone), each with the cache slots its rows use; None when that leaves a single span."""
-    if block_tokens is None:
-        return None
-    spans, slots, start, end, used = [], [], 0, 0, set()
-    for n, row in zip(lengths, row_slots, strict=True):
-        if end > start and end + n - start > block_tokens:
+    row alone; None: one span), each with the cache slots its rows use (`cache_slots[c]` of cache c)."""
+    spans, used, start, end, caches = [], [], 0, 0, set()
+    for n, c in zip(lengths, row_cache, strict=True):
+        if block_tokens is not None and end > start and end + n - start > block_tokens:
             spans.append((start, end))
-            slots.append(sorted(used))
-            start, used = end, set()
+            used.append(caches)
+            start, caches = end, set()
         end += n
-        used.update(row)
+        if c >= 0:
+            caches.add(c)
     spans.append((start, end))
-    slots.append(sorted(used))
-    return Blocks.build(tuple(spans), slots, cached, device) if len(spans) > 1 else None
+    used.append(caches)
+    return tuple(spans), [[slot for c in sorted(cs) for slot in cache_slots[c]] for cs in used]
 
 
 def pack(lm: LoadedModel, rows: Sequence[PackedRow], block_tokens: int | str | None = "auto") -> PackedBatch:
     """Lay `rows` out as one sequence; see the module docstring. `block_tokens`: span size for the
-    fast path ("auto": BLOCK_TOKENS of the model's device type; None: no spans)."""
+    fast path ("auto": BLOCK_TOKENS of the model's device type; None: no spans, the dense mask)."""
     if block_tokens == "auto":
         block_tokens = BLOCK_TOKENS.get(lm.device.type)
     device, limit = lm.device, lm.max_positions
-    caches: dict[int, tuple[int, AnchorCache, int]] = {}  # id(cache) -> (distinct index, cache, first slot)
-    slot_start: list[int] = []  # first packed cache slot of each row's cache
-    cache_index: list[int] = []  # per row, its distinct cache (-1: none)
-    slots_of: list[int] = []  # cache slots per row
+    caches: dict[int, int] = {}  # id(cache) -> its index among the distinct caches
+    distinct: list[AnchorCache] = []
+    row_cache: list[int] = []  # per row, its distinct cache (-1: none)
     input_ids: list[int] = []
-    positions: list[torch.Tensor] = []
+    positions: list[int] = []
     lengths: list[int] = []
-    num_slots = 0
     for i, row in enumerate(rows):
         n = row.num_tokens
         if n == 0:
@@ -142,61 +149,54 @@ def pack(lm: LoadedModel, rows: Sequence[PackedRow], block_tokens: int | str | N
                 f"prompt needs {first + n} positions but the model supports {limit}; shorten the input (row {i})"
             )
         cache = row.prefix.cache
-        if cache is None:
-            cache_index.append(-1)
-            slot_start.append(0)
-            slots_of.append(0)
-        else:
-            if id(cache) not in caches:
-                caches[id(cache)] = (len(caches), cache, num_slots)
-                num_slots += cache.num_tokens
-            index, _, start = caches[id(cache)]
-            cache_index.append(index)
-            slot_start.append(start)
-            slots_of.append(cache.num_tokens)
+        if cache is not None and id(cache) not in caches:
+            caches[id(cache)] = len(distinct)
+            distinct.append(cache)
+        row_cache.append(-1 if cache is None else caches[id(cache)])
         input_ids += row.prefix.ids
         input_ids += row.ids
-        positions.append(torch.arange(first, first + n))
+        positions += range(first, first + n)
         lengths.append(n)
-    total = len(input_ids)
-    lengths_t = torch.tensor(lengths, device=device)
-    ends = torch.cumsum(lengths_t, 0)  # (B,) one past each row's last token
-    row_of_token = torch.repeat_interleave(torch.arange(len(rows), device=device), lengths_t)  # (T,)
-    cache_of_token = torch.tensor(cache_index, device=device)[row_of_token]
-    cache_of_slot = torch.repeat_interleave(
-        torch.arange(len(caches), device=device),
-        torch.tensor([c.num_tokens for _, c, _ in caches.values()], device=device, dtype=torch.long),
-    )  # (S,)
-    sees_slot = cache_of_token[:, None] == cache_of_slot[None, :]  # (T, S); -1 matches no slot
-    token = torch.arange(total, device=device)
-    sees_token = (row_of_token[:, None] == row_of_token[None, :]) & (token[None, :] <= token[:, None])  # (T, T)
-    mask = torch.cat([sees_slot, sees_token], dim=1)[None, None]
-    distinct = [c for _, c, _ in caches.values()]
-    reweighting, targets = _pack_reweighting(rows, slot_start, slots_of, ends - lengths_t, ends - 1, num_slots,
-                                             device)
+    # Indices are built on the CPU and copied to the device once each; masks are computed there from them.
+    sizes = [c.num_tokens for c in distinct]
+    bounds = list(itertools.accumulate(sizes, initial=0))
+    cache_slots = [range(a, b) for a, b in itertools.pairwise(bounds)]
+    num_slots, total = bounds[-1], len(input_ids)
+    segments = Segments.build(lengths, row_cache, sizes, device)
+    spans, span_slots = _spans(lengths, row_cache, cache_slots, block_tokens)
+    blocks = Blocks.build(spans, span_slots, segments) if len(spans) > 1 else None
+    if blocks is None:
+        mask = segments.allowed(torch.arange(total, device=device), torch.arange(num_slots + total, device=device))
+        mask = mask[None, None]
+    else:  # all False, so a path that read it by mistake would not look right
+        mask = torch.zeros(1, 1, 1, 1, dtype=torch.bool, device=device).expand(1, 1, total, num_slots + total)
+    ends = list(itertools.accumulate(lengths))
+    starts = [end - n for end, n in zip(ends, lengths, strict=True)]
+    first, last = torch.tensor([starts, [end - 1 for end in ends]], device=device)  # (B,) each
+    row_slots = [cache_slots[c] if c >= 0 else range(0) for c in row_cache]
+    reweighting, targets = _pack_reweighting(rows, row_slots, starts, ends, num_slots, device)
     return PackedBatch(
         input_ids=torch.tensor([input_ids], device=device),
-        position_ids=torch.cat(positions).to(device)[None],
+        position_ids=torch.tensor([positions], device=device),
         attention_mask=mask,
         cache=concat_dynamic_cache(distinct, lm.model.config) if distinct else None,
-        first=ends - lengths_t,
-        last=ends - 1,
+        first=first,
+        last=last,
         reweighting=reweighting,
         targets=targets,
-        blocks=_spans(lengths, [range(a, a + n) for a, n in zip(slot_start, slots_of, strict=True)], block_tokens,
-                      num_slots, device),
+        blocks=blocks,
         key_bias=key_bias_row(distinct, total),
     )
 
 
 def _pack_reweighting(
-    rows: Sequence[PackedRow], slot_start: list[int], slots_of: list[int], token_start: torch.Tensor,
-    last: torch.Tensor, num_slots: int, device: torch.device,
+    rows: Sequence[PackedRow], row_slots: list[range], token_start: list[int], ends: list[int], num_slots: int,
+    device: torch.device,
 ) -> tuple[Reweighting | None, torch.Tensor | None]:
     """Every re-weighted row's (target, key, class) entries in packed coordinates, and the targets.
 
     Rows sharing one Reweighting object (a task's β) are translated together; rows sharing one β
-    tensor share its columns of the concatenated β."""
+    tensor share its columns of the concatenated β. Device work is per Reweighting, not per row."""
     groups: dict[int, tuple[Reweighting, list[int]]] = {}
     for i, row in enumerate(rows):
         if row.reweighting is not None:
@@ -205,23 +205,24 @@ def _pack_reweighting(
             groups.setdefault(id(row.reweighting), (row.reweighting, []))[1].append(i)
     if not groups:
         return None, None
-    reweighted = [i for _, members in groups.values() for i in members]
-    target_of = {row: t for t, row in enumerate(reweighted)}
+    reweighted = [i for _, members in groups.values() for i in members]  # target order: group by group
+    # (3, R, 1) per re-weighted row: its cache slots, its first cache slot, its first token's key
+    offsets = torch.tensor([[len(row_slots[i]) for i in reweighted], [row_slots[i].start for i in reweighted],
+                            [num_slots + token_start[i] for i in reweighted]], device=device)[..., None]
     betas: dict[int, tuple[int, torch.Tensor]] = {}  # id(beta) -> (first column, beta)
-    columns = 0
+    columns, done = 0, 0
     keys, classes, targets = [], [], []
     for rw, members in groups.values():
         if id(rw.beta) not in betas:
             betas[id(rw.beta)] = (columns, rw.beta)
             columns += rw.beta.shape[2]
         offset = betas[id(rw.beta)][0]
-        index = torch.tensor(members, device=device)
-        m = torch.tensor([slots_of[i] for i in members], device=device)[:, None]  # (G, 1)
-        start = torch.tensor([slot_start[i] for i in members], device=device)[:, None]
+        m, start, tokens = offsets[:, done : done + len(members)]  # (G, 1) each
         k = rw.label_keys.to(device)[None, :]  # (1, P): row-relative, cache slots first
-        keys.append(torch.where(k < m, start + k, num_slots + token_start[index][:, None] + k - m).reshape(-1))
+        keys.append(torch.where(k < m, start + k, tokens + k - m).reshape(-1))
         classes.append((rw.label_classes.to(device) + offset).repeat(len(members)))
-        targets.append(torch.tensor([target_of[i] for i in members], device=device).repeat_interleave(k.shape[1]))
+        targets.append(torch.arange(done, done + len(members), device=device).repeat_interleave(k.shape[1]))
+        done += len(members)
     beta = [b for _, b in betas.values()]
     packed = Reweighting(
         beta=beta[0] if len(beta) == 1 else torch.cat(beta, dim=2),
@@ -229,7 +230,7 @@ def _pack_reweighting(
         label_classes=torch.cat(classes),
         label_targets=torch.cat(targets),
     )
-    return packed, last[torch.tensor(reweighted, device=device)][None]
+    return packed, torch.tensor([[ends[i] - 1 for i in reweighted]], device=device)
 
 
 def _forward(lm: LoadedModel, batch: PackedBatch, explicit: bool, all_layers: bool):
@@ -253,9 +254,9 @@ def packed_hidden(
 ) -> torch.Tensor:
     """(B, hidden) final-norm hidden state at each row's last token, from one packed forward.
 
-    explicit: run the written-out reference attention (tests) instead of SDPA + correction.
-    block_tokens: see `pack`."""
-    batch = pack(lm, rows, block_tokens)
+    explicit: run the written-out reference attention (tests) instead of SDPA + correction; it
+        reads the dense mask, so no spans. block_tokens: see `pack`."""
+    batch = pack(lm, rows, None if explicit else block_tokens)
     return _forward(lm, batch, explicit, all_layers=False).last_hidden_state[0, batch.last]
 
 
@@ -288,7 +289,7 @@ def packed_label_logits(
     matmul on their features); calibration is the caller's (ServedTask.scores)."""
     if not rows:
         return []
-    batch = pack(lm, rows, block_tokens)
+    batch = pack(lm, rows, None if explicit else block_tokens)
     out = _forward(lm, batch, explicit, all_layers=any(row.head is not None for row in rows))
     hidden = out.last_hidden_state[0, batch.last]
     groups: dict[tuple[tuple[int, ...], int], list[int]] = {}  # (label words, head) -> rows

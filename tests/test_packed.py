@@ -1,5 +1,6 @@
 """The packed forward (several tasks' requests in one unpadded sequence) against each row run alone,
-on tiny GPT-2 and Llama-GQA (fp32). Every equivalence has a twin showing that it can fail."""
+on tiny GPT-2 and Llama-GQA (fp32), and its mask pieces against the mask written out by its
+definition. Every equivalence has a twin showing that it can fail."""
 
 from __future__ import annotations
 
@@ -11,10 +12,14 @@ import torch
 
 from anchor_cache import AttentionPlan, Classifier, Demonstration, Method, ValidationError
 from anchor_cache.forward import Prefix, label_logits, last_hidden
-from anchor_cache.packed import PackedRow, pack, packed_hidden, packed_label_logits
+from anchor_cache.packed import PackedBatch, PackedRow, pack, packed_hidden, packed_label_logits
 from tests.conftest import QUERIES, sentiment_task
 
 TOPIC_QUERIES = ["the report on the match", "markets", "who wrote the lazy fox report?"]
+# a many_shot pool: with the demonstrations, several groups, so its cache carries a key bias of log(1/G)
+POOL = [Demonstration(text=t, label=label) for t, label in [
+    ("a warm and moving story", "Positive"), ("dull from the start", "Negative"), ("a moving report", "Positive"),
+    ("lifeless and a waste", "Negative")]]
 
 
 def topic_task():
@@ -78,9 +83,47 @@ def mixed(tiny_lm):
     return rows, refs
 
 
-def _run(lm, rows, **changes) -> list[torch.Tensor]:
+def _written_out_mask(rows) -> torch.Tensor:
+    """(T, S + T) the packed mask by its definition, row by row: the distinct caches' slots in order
+    of first use, then the tokens; a token sees its own row's cache slots and its own row's tokens
+    up to itself."""
+    slots: dict[int, range] = {}
+    cached = 0
+    for row in rows:
+        cache = row.prefix.cache
+        if cache is not None and id(cache) not in slots:
+            slots[id(cache)] = range(cached, cached + cache.num_tokens)
+            cached += cache.num_tokens
+    total = sum(row.num_tokens for row in rows)
+    mask = torch.zeros(total, cached + total, dtype=torch.bool)
+    start = 0
+    for row in rows:
+        n = row.num_tokens
+        if row.prefix.cache is not None:
+            own = slots[id(row.prefix.cache)]
+            mask[start : start + n, own.start : own.stop] = True
+        for j in range(n):
+            mask[start + j, cached + start : cached + start + j + 1] = True
+        start += n
+    return mask
+
+
+def _assert_spans_follow(batch: PackedBatch, reference: torch.Tensor) -> None:
+    """Each span's queries are its tokens in order, and under its mask each of them sees every key
+    the reference allows exactly once (a padding repeat masked) and no other key."""
+    blocks = batch.blocks
+    for i, (start, end) in enumerate(blocks.spans):
+        n = end - start
+        assert blocks.queries[i, :n].tolist() == list(range(start, end))
+        keys = blocks.keys[i][None].expand(n, -1)
+        seen = torch.zeros(n, reference.shape[1]).index_put_(
+            (torch.arange(n)[:, None].expand_as(keys), keys), blocks.allowed[i, 0, :n].float(), accumulate=True)
+        assert torch.equal(seen, reference[start:end].float()), f"span {i} ({start}, {end})"
+
+
+def _run(lm, rows, block_tokens=None, **changes) -> list[torch.Tensor]:
     """Logits of a hand-modified PackedBatch (for the tests that must fail); a fresh cache each time."""
-    batch = dataclasses.replace(pack(lm, rows), **changes)
+    batch = dataclasses.replace(pack(lm, rows, block_tokens), **changes)
     plan = AttentionPlan(reweighting=batch.reweighting, targets=batch.targets, blocks=batch.blocks)
     with torch.inference_mode():
         out = lm.model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -172,6 +215,46 @@ def test_mixed_batch_tests_can_fail(tiny_lm, mixed):
     assert _max_diff(_run(tiny_lm, rows, attention_mask=wrong_slot), alone) > 1e-4
 
 
+def test_blocked_batch_tests_can_fail(tiny_lm, mixed):
+    """With spans the spans' masks decide: a span seeing all its keys, or one cache key seen by the
+    wrong rows, is visible; the (placeholder) attention_mask is not read at all."""
+    rows, refs = mixed
+    alone = [_alone(*ref) for ref in refs]
+    blocks = pack(tiny_lm, rows, 16).blocks
+    assert len(blocks.spans) > 2
+    # were the model's mask read, this one would let every row see every other
+    see_all = torch.ones(1, 1, 1, 1, dtype=torch.bool).expand(pack(tiny_lm, rows, None).attention_mask.shape)
+    torch.testing.assert_close(torch.cat(_run(tiny_lm, rows, 16, attention_mask=see_all)), torch.cat(alone),
+                               atol=1e-5, rtol=0)
+    open_spans = dataclasses.replace(blocks, allowed=torch.ones_like(blocks.allowed))
+    assert _max_diff(_run(tiny_lm, rows, 16, blocks=open_spans), alone) > 1e-3
+    wrong = blocks.allowed.clone()
+    wrong[..., 0] = ~wrong[..., 0]  # each span's first cache key
+    assert _max_diff(_run(tiny_lm, rows, 16, blocks=dataclasses.replace(blocks, allowed=wrong)), alone) > 1e-4
+
+
+@pytest.mark.parametrize("block_tokens", [None, 1, 16, 64])
+def test_mask_pieces_equal_the_written_out_mask(tiny_lm, mixed, block_tokens):
+    """The dense mask, each span's mask and the targets' rows, all computed from the segments, are
+    the pieces of the mask written out by its definition."""
+    rows, _ = mixed
+    reference = _written_out_mask(rows)
+    batch = pack(tiny_lm, rows, block_tokens)
+    assert batch.attention_mask.shape == (1, 1, *reference.shape)
+    if batch.blocks is None:
+        assert torch.equal(batch.attention_mask[0, 0], reference)
+        return
+    assert len(batch.blocks.spans) > 1
+    _assert_spans_follow(batch, reference)
+    plan = AttentionPlan(blocks=batch.blocks, targets=batch.last[None])
+    assert torch.equal(plan.target_mask[0], reference[batch.last])
+    segments = batch.blocks.segments
+    queries, keys = torch.randperm(reference.shape[0])[:7], torch.randperm(reference.shape[1])[:11]
+    assert torch.equal(segments.allowed(queries, keys), reference[queries][:, keys])
+    with pytest.raises(ValueError, match="dense"):  # the written-out path reads the dense mask
+        AttentionPlan(blocks=batch.blocks, explicit=True)
+
+
 @pytest.mark.parametrize("block_tokens", [None, 1, 16, "auto"])
 def test_blocked_sdpa_equals_one_call(tiny_lm, mixed, block_tokens):
     """Spans of whole rows (SDPA per span, CPU) = one masked SDPA call = each row alone; the spans
@@ -185,16 +268,8 @@ def test_blocked_sdpa_equals_one_call(tiny_lm, mixed, block_tokens):
     assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
     row_ends = set((batch.last + 1).tolist())
     assert all(end in row_ends for _, end in spans)
-    mask, cached = batch.attention_mask[0, 0], batch.attention_mask.shape[-1] - batch.input_ids.shape[1]
-    for i, (start, end) in enumerate(spans):
-        outside = torch.ones_like(mask[start:end])
-        if batch.blocks is None:
-            outside[:, :cached] = False
-        else:  # only the cache slots the span lists (its own rows' tasks)
-            listed = batch.blocks.keys[i][batch.blocks.real_keys[i]]
-            outside[:, listed[listed < cached]] = False
-        outside[:, cached + start : cached + end] = False
-        assert not mask[start:end][outside].any()
+    if batch.blocks is not None:
+        _assert_spans_follow(batch, _written_out_mask(rows))
     with torch.inference_mode():
         packed = packed_label_logits(tiny_lm, rows, block_tokens=block_tokens)
     for i, (got, ref) in enumerate(zip(packed, refs, strict=True)):
@@ -205,7 +280,7 @@ def test_the_4d_mask_reaches_the_attention_function(tiny_lm, mixed):
     """The mask trap: transformers must pass our 4-D mask through unchanged. Were it dropped or
     rebuilt, the attention function would see plain causal attention across rows."""
     rows, _ = mixed
-    batch = pack(tiny_lm, rows)
+    batch = pack(tiny_lm, rows, None)
     mask = batch.attention_mask[0, 0]
     assert not mask.all(-1).any() and (~mask).any()
     with torch.inference_mode():
@@ -215,15 +290,56 @@ def test_the_4d_mask_reaches_the_attention_function(tiny_lm, mixed):
     for layer, weights in enumerate(out.attentions):  # explicit path: (1, Hq, T, S + T)
         assert weights[0][:, ~mask].abs().max() == 0, f"layer {layer} attends across rows"
         assert (weights[0] > 0).any(0).sum() > 0.5 * mask.sum(), f"layer {layer}: allowed slots carry weight"
-    # the fast path's target rows see the same mask
-    plan = AttentionPlan(capture_target_weights=True, targets=batch.last[None])
-    with torch.inference_mode():
-        tiny_lm.model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                 position_ids=batch.position_ids, cache=pack(tiny_lm, rows).cache, use_cache=True,
-                                 anchor_plan=plan)
-    for weights in plan.capture.target_weights.values():  # (B, Hq, S + T)
-        assert weights.sum(1)[~mask[batch.last]].abs().max() == 0
-        torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:2]))
+    # the fast path's target rows see the same mask, from the dense mask or, with spans, the segments
+    for block_tokens in (None, 16):
+        batch = pack(tiny_lm, rows, block_tokens)
+        plan = AttentionPlan(capture_target_weights=True, targets=batch.last[None], blocks=batch.blocks)
+        with torch.inference_mode():
+            tiny_lm.model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                     position_ids=batch.position_ids, cache=batch.cache, use_cache=True,
+                                     anchor_plan=plan)
+        for weights in plan.capture.target_weights.values():  # (B, Hq, S + T)
+            assert weights.sum(1)[~mask[batch.last]].abs().max() == 0
+            assert (weights.sum(1)[mask[batch.last]] > 0).float().mean() > 0.5
+            torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:2]))
+
+
+def test_a_large_batch_with_spans_equals_one_call_and_each_row_alone(tiny_lm):
+    """Enough rows for many spans, four tasks (one a many-shot cache with its key bias), every
+    prefix kind, rows with and without β: spans = one masked call = each row alone, and no
+    T × (S + T) mask is kept."""
+    sent, topic, question = (Classifier(tiny_lm, t) for t in (sentiment_task(), topic_task(), question_task()))
+    many = Classifier(tiny_lm, sentiment_task(name="many", examples=POOL, method=Method.MANY_SHOT))
+    assert many.prefix(Method.MANY_SHOT).cache.key_bias is not None
+    betas = {id(clf): _beta(clf, seed) for seed, clf in enumerate((sent, topic, question), 1)}
+    betas[id(many)] = torch.randn_like(many.zero_beta())
+    kinds = [(sent, Method.HIDDEN_ANCHOR), (topic, Method.HIDDEN_ANCHOR), (many, Method.MANY_SHOT),
+             (question, Method.HIDDEN_ANCHOR), (topic, Method.VANILLA), (sent, Method.ZERO_SHOT),
+             (question, Method.TEXT_ANCHOR)]
+    texts = [*QUERIES, *TOPIC_QUERIES, "who wrote it?", "a dull report on the markets"]
+    spec = [(*kinds[i % len(kinds)], texts[i % len(texts)], i % 3 != 0) for i in range(48)]
+    weighted_methods = (Method.HIDDEN_ANCHOR, Method.VANILLA, Method.MANY_SHOT)  # those with label keys
+    refs = [(clf, method, clf.prompt.encode(text), betas[id(clf)] if weighted and method in weighted_methods else None)
+            for clf, method, text, weighted in spec]
+    results = []
+    for with_beta in (True, False):
+        cases = [ref if with_beta else (*ref[:3], None) for ref in refs]
+        rows = [clf.packed_row(ids, method, beta) for clf, method, ids, beta in cases]
+        batch = pack(tiny_lm, rows, 64)
+        total = batch.input_ids.shape[1]
+        assert len(batch.blocks.spans) > 8 and len({id(r.prefix.cache) for r in rows}) == 5  # 4 caches and none
+        assert batch.attention_mask.untyped_storage().nbytes() < total
+        _assert_spans_follow(batch, _written_out_mask(rows))
+        with torch.inference_mode():
+            one_call = packed_label_logits(tiny_lm, rows, block_tokens=None)
+            for block_tokens in (64, 16):
+                spans = packed_label_logits(tiny_lm, rows, block_tokens=block_tokens)
+                torch.testing.assert_close(torch.cat(spans), torch.cat(one_call), atol=1e-5, rtol=0,
+                                           msg=f"spans of {block_tokens} vs one call, beta={with_beta}")
+        for i, (got, ref) in enumerate(zip(one_call, cases, strict=True)):
+            torch.testing.assert_close(got, _alone(*ref), atol=1e-5, rtol=1e-4, msg=f"row {i}, beta={with_beta}")
+        results.append(one_call)
+    assert _max_diff(*results) > 1e-3  # β matters here
 
 
 def test_zero_beta_changes_nothing(tiny_lm, mixed):
