@@ -36,6 +36,7 @@ from anchor_cache.errors import AnchorServeError
 from server.settings import CONFIG_ENV, Settings
 
 PROG = "anchorserve"
+FLAG_SETTINGS = ("host", "port", "api_servers")  # settings `serve` also takes as flags
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(correlation_id)s]: %(message)s"
 SERVE_DESCRIPTION = (
     "Serve the configured tasks over HTTP (uvicorn). Settings come from ANCHORSERVE_<NAME> environment "
@@ -47,6 +48,9 @@ SERVE_DESCRIPTION = (
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="address to listen on (default: ANCHORSERVE_HOST or HOST, else 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to listen on (default: ANCHORSERVE_PORT or PORT, else 8000)")
+    p.add_argument("--api-servers", type=int, metavar="N",
+                   help="HTTP frontend processes in front of one engine-core process; 0: one process does "
+                        "everything (default: ANCHORSERVE_API_SERVERS, else 0)")
     p.add_argument("--config", type=Path, metavar="FILE",
                    help=f"YAML or JSON settings file (default: {CONFIG_ENV}, if set)")
 
@@ -68,10 +72,10 @@ def _environ(name: str, value: str | None) -> Iterator[None]:
 
 
 def load_settings(args: argparse.Namespace) -> Settings:
-    """Defaults < the settings file < the environment < --host/--port."""
+    """Defaults < the settings file < the environment < --host/--port/--api-servers."""
     if args.config is not None and not args.config.is_file():
         raise AnchorServeError(f"--config {args.config}: no such file")
-    overrides = {name: getattr(args, name) for name in ("host", "port") if getattr(args, name) is not None}
+    overrides = {name: getattr(args, name) for name in FLAG_SETTINGS if getattr(args, name) is not None}
     with _environ(CONFIG_ENV, str(args.config) if args.config is not None else None):
         try:
             return Settings(**overrides)
@@ -148,7 +152,7 @@ def _serve_split(settings: Settings, args: argparse.Namespace, prog: str) -> int
         return 2
     if args.config is not None:
         os.environ[CONFIG_ENV] = str(args.config.resolve())
-    for name in ("host", "port"):
+    for name in FLAG_SETTINGS:
         if getattr(args, name) is not None:
             os.environ[f"ANCHORSERVE_{name.upper()}"] = str(getattr(args, name))
     return supervisor.supervise(settings, sock)
