@@ -50,7 +50,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, help="port to listen on (default: ANCHORSERVE_PORT or PORT, else 8000)")
     p.add_argument("--api-servers", type=int, metavar="N",
                    help="HTTP frontend processes in front of one engine-core process; 0: one process does "
-                        "everything (default: ANCHORSERVE_API_SERVERS, else 0)")
+                        "everything (default: ANCHORSERVE_API_SERVERS, else 0 on up to 2 usable CPUs, one per 8 "
+                        "beyond)")
     p.add_argument("--config", type=Path, metavar="FILE",
                    help=f"YAML or JSON settings file (default: {CONFIG_ENV}, if set)")
 

@@ -42,9 +42,9 @@ log = logging.getLogger(__name__)
 
 
 def fit_threads(settings: Settings) -> None:
-    """Size torch's thread pool to the CPUs this process may use (anchor_cache/cpus.py), leaving one
-    for each HTTP process: its own event loop, or the frontends beside an engine core. Called by
-    the server's entry points, not by the app, so tests that build apps keep their own setting."""
+    """Size torch's thread pool to the CPUs this process may use and the HTTP processes beside it
+    (anchor_cache/cpus.py). Called by the server's entry points, not by the app, so tests that
+    build apps keep their own setting."""
     usable = usable_cpus()
     http = max(1, settings.api_servers)
     threads = settings.torch_threads or torch_threads(usable, http)

@@ -13,6 +13,7 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
+from anchor_cache.cpus import api_servers_for, usable_cpus
 from anchor_cache.models import DEFAULT_MODEL, cache_dir
 from anchor_cache.task import Demonstration, TaskSpec
 
@@ -81,12 +82,14 @@ class Settings(BaseSettings):
                                    "(changes arrive sooner by notification)")
     job_ttl_s: float = Field(86400.0, gt=0, description="how long finished job records and plots are kept")
 
-    api_servers: int = Field(0, ge=0, le=64, description="HTTP frontend processes in front of one engine-core "
-                             "process (tokenising and shaping answers in parallel); 0: one process does everything")
+    api_servers: int = Field(default_factory=lambda: api_servers_for(usable_cpus()), ge=0, le=64,
+                             description="HTTP frontend processes in front of one engine-core process (tokenising "
+                             "and shaping answers in parallel); 0: one process does everything. Default: 0 on up "
+                             "to 2 usable CPUs, else one per 8")
     access_log: bool = Field(False, description="log every HTTP request (uvicorn's access log)")
     torch_threads: int | None = Field(None, ge=1, description="torch threads of the process that runs the model; "
-                                      "unset: the CPUs it may use (affinity, cgroup quota) less one for each HTTP "
-                                      "process beside it (at least 1)")
+                                      "unset: the CPUs it may use (affinity, cgroup quota), less one for each HTTP "
+                                      "frontend after the first (at least 1)")
 
     api_key: SecretStr | None = Field(None, description="Bearer key for /v1/*; unset = open")
     admin_api_key: SecretStr | None = Field(None, description="Bearer key for /admin/*; unset = admin disabled")
