@@ -12,6 +12,8 @@ template. Vanilla ICL runs that concatenation; Hidden_anchor caches part of ids(
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -38,8 +40,18 @@ class EncodedContext:
         return tuple(tokens[0] for tokens in self.label_tokens)
 
 
-def _overlapping(offsets: list[tuple[int, int]], start: int, end: int) -> tuple[int, ...]:
-    return tuple(i for i, (a, b) in enumerate(offsets) if a < end and b > start)
+def _overlapping(offsets: list[tuple[int, int]], ends: list[int], start: int, end: int) -> tuple[int, ...]:
+    """Indices of the tokens whose character span meets [start, end). A fast tokenizer's offsets
+    run in text order, so a binary search finds the first candidate and the scan stops past `end`:
+    the whole context costs O(tokens + spans · log tokens), not tokens × spans."""
+    found = []
+    for i in range(bisect.bisect_right(ends, start), len(offsets)):
+        a, b = offsets[i]
+        if a >= end:
+            break
+        if b > start:
+            found.append(i)
+    return tuple(found)
 
 
 @dataclass(frozen=True)
@@ -167,8 +179,9 @@ def encode_context(
 
     enc = tokenizer("".join(pieces), add_special_tokens=False, return_offsets_mapping=True)
     offsets = [tuple(o) for o in enc["offset_mapping"]]
-    text_tokens = tuple(_overlapping(offsets, *span) for span in text_spans)
-    label_tokens = tuple(_overlapping(offsets, *span) for span in label_spans)
+    ends = list(itertools.accumulate((b for _, b in offsets), max))  # nondecreasing, for bisect
+    text_tokens = tuple(_overlapping(offsets, ends, *span) for span in text_spans)
+    label_tokens = tuple(_overlapping(offsets, ends, *span) for span in label_spans)
     in_text = {i for tokens in text_tokens for i in tokens}
     for k, tokens in enumerate(label_tokens):
         if not tokens or tokens[0] in in_text:

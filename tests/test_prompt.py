@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pydantic
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from anchor_cache import Demonstration, TaskSpec, ValidationError
-from anchor_cache.prompt import TaskPrompt
+from anchor_cache.prompt import TaskPrompt, _overlapping
 from tests.conftest import make_tokenizer, sentiment_task
 
 
@@ -97,3 +101,17 @@ def test_batch_encoding_equals_one_text_at_a_time(tokenizer):
     texts = ["a wonderful, moving film", "", "dull\nand {text} lifeless", "the quick brown fox " * 20]
     assert prompt.encode_batch(texts) == [prompt.encode(t) for t in texts]
     assert prompt.encode_batch([]) == []
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 4)), max_size=40), st.integers(0, 60), st.integers(0, 20))
+def test_overlap_search_equals_the_scan_over_every_token(steps, start, width):
+    """Offsets in text order (gaps, zero-width and overlapping tokens included): the binary search
+    finds exactly the tokens the definition names."""
+    offsets, cursor = [], 0
+    for gap, length in steps:
+        cursor += gap
+        offsets.append((cursor, cursor + length))
+    ends = list(itertools.accumulate((b for _, b in offsets), max))
+    end = start + width
+    assert _overlapping(offsets, ends, start, end) == tuple(
+        i for i, (a, b) in enumerate(offsets) if a < end and b > start)
