@@ -115,3 +115,10 @@ def test_overlap_search_equals_the_scan_over_every_token(steps, start, width):
     end = start + width
     assert _overlapping(offsets, ends, start, end) == tuple(
         i for i, (a, b) in enumerate(offsets) if a < end and b > start)
+
+
+@given(st.lists(st.text(max_size=60), min_size=1, max_size=6))
+def test_batch_encoding_equals_the_tokenizer_call(tokenizer, texts):
+    """The Rust tokenizer's own batch call gives the ids transformers' wrapper gives, text by text."""
+    prompt = TaskPrompt.build(sentiment_task(), list(sentiment_task().demonstrations), tokenizer)
+    assert prompt.encode_batch(texts) == [prompt.encode(t) for t in texts]
