@@ -33,7 +33,7 @@ from anchor_cache.errors import (
 from anchor_cache.registry import ServedTask
 from anchor_cache.reweighting import TrainConfig, train_reweighting
 from anchor_cache.state import ABSENT, TaskRecord
-from anchor_cache.task import Method, TaskSpec, label_index, preview
+from anchor_cache.task import TEXT_SLOT, Method, TaskSpec, label_index, preview
 from server.datafiles import dataset_file, inline_rows
 from server.engine import Engine
 from server.jobs import Job, JobRunner, in_background_thread
@@ -83,6 +83,7 @@ class TaskService:
             raise ValidationError("method hidden_random_top is an evaluation method (it needs a dev set); "
                                   "serve hidden_anchor or hidden_random")
         spec = await asyncio.to_thread(inline_rows, self.settings, spec)
+        self._check_sizes(spec)
         overhead = self.engine.template_tokens(spec)
         if overhead > self.settings.max_input_tokens:
             raise ValidationError(f"the template alone takes {overhead} tokens, more than max_input_tokens "
@@ -95,6 +96,25 @@ class TaskService:
         kind = "replace_task" if previous is not None and previous.live else "create_task"
         job = Job(kind=kind, target=spec.name)
         return self.jobs.submit(kind, spec.name, lambda cancel: self._apply(record, previous, job, cancel), job)
+
+    def _check_sizes(self, spec: TaskSpec) -> None:
+        """The limits that need no tokenizer, before any work that grows with the spec: every
+        demonstration adds at least its label token, and a context of more bytes than
+        `max_demo_tokens` tokens could ever cover is too long whatever it tokenises to. The pool is
+        what β learns from, so it is held to `max_train_examples` like a training request."""
+        s = self.settings
+        if len(spec.demonstrations) > s.max_demo_tokens:
+            raise ValidationError(f"{len(spec.demonstrations)} demonstrations; each takes at least one token and the "
+                                  f"limit is {s.max_demo_tokens} tokens (max_demo_tokens)")
+        before, _, after = spec.template.partition(TEXT_SLOT)
+        frame = len((before + after + " " + spec.separator).encode())
+        size = sum(frame + len(d.text.encode()) + len(d.label.encode()) for d in spec.demonstrations)
+        if size > self.engine.max_text_bytes(s.max_demo_tokens):
+            raise ValidationError(f"the demonstrations take {size} bytes, certainly more than the limit of "
+                                  f"{s.max_demo_tokens} tokens (max_demo_tokens)")
+        if len(spec.examples) > s.max_train_examples:
+            raise ValidationError(f"the labelled pool (`examples`) has {len(spec.examples)} rows; the limit is "
+                                  f"{s.max_train_examples} (max_train_examples): send a sample of it")
 
     async def _apply(self, record: TaskRecord, previous: TaskRecord | None, job: Job,
                      cancel: threading.Event) -> dict[str, Any]:

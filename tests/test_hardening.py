@@ -219,3 +219,28 @@ def test_a_model_that_fails_to_load_exits_non_zero(tmp_path):
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == (
         "anchorserve: start-up failed: the model could not be loaded (the server log says why)")
+
+
+# --- admin work is bounded before it starts ----------------------------------------------------
+
+
+def test_oversized_specs_are_refused_before_tokenising(serve):
+    """Counts and byte sizes are checked before the spec meets the tokenizer (whose work grows with it)."""
+    client = serve(admin_api_key="admin-secret", max_demo_tokens=4096, max_train_examples=64)
+    tokenized = []
+    registry_check = client.app.state.anchor.engine.check
+    client.app.state.anchor.engine.check = lambda spec: tokenized.append(spec) or registry_check(spec)
+    base = sentiment_task(name="big").model_dump(mode="json")
+    demo, other = {"text": "a fine film", "label": "Positive"}, {"text": "a dull film", "label": "Negative"}
+    many = error_of(client.post("/admin/tasks", json=base | {"demonstrations": [demo, other] * 3000}, headers=ADMIN),
+                    422, "validation")
+    assert "6000 demonstrations" in many and "max_demo_tokens" in many
+    long = error_of(client.post("/admin/tasks", json=base | {"demonstrations": [demo | {"text": "x" * 400_000}, other]},
+                                headers=ADMIN), 422, "validation")
+    assert "bytes, certainly more than" in long
+    pool = error_of(client.post("/admin/tasks", json=base | {"examples": [demo] * 65}, headers=ADMIN), 422,
+                    "validation")
+    assert "65 rows" in pool and "max_train_examples" in pool
+    assert tokenized == []
+    assert client.post("/admin/tasks", json=base | {"examples": [demo] * 64}, headers=ADMIN).status_code in (201, 202)
+    assert len(tokenized) == 1
