@@ -21,7 +21,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from anchor_cache.errors import ValidationError
 
@@ -132,7 +132,8 @@ class TaskSpec(BaseModel):
     separator: FormatText = Field("\n", min_length=1)
     demonstrations: list[Demonstration] | DemonstrationSource
     method: Method = Method.HIDDEN_ANCHOR
-    calibrate: bool = Field(False, description="contextual calibration: divide by content-free label probabilities")
+    calibrate: StrictBool = Field(False, description="contextual calibration: divide by content-free label "
+                                  "probabilities")
     examples: list[Demonstration] | DemonstrationSource | None = Field(
         None, description="a labelled pool, apart from the demonstrations: re-weighting β is learned from it when "
         "the task is built and no β learned from this pool is stored yet (rows equal to a demonstration are dropped)")

@@ -29,11 +29,14 @@ def require_api_key(request: Request) -> None:
         raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <API_KEY>'")
 
 
+def is_json(content_type: str) -> bool:
+    """`application/json`, in any case, with or without parameters (`; charset=utf-8`)."""
+    return content_type.partition(";")[0].strip().lower() == "application/json"
+
+
 def require_json(request: Request) -> None:
     """Bodies must be JSON (vLLM's validate_json_request); anything else is a clear 415."""
-    if request.method in ("POST", "PUT") and not request.headers.get("content-type", "").startswith(
-        "application/json"
-    ):
+    if request.method in ("POST", "PUT") and not is_json(request.headers.get("content-type", "")):
         raise UnsupportedMediaType("send the body as JSON with 'Content-Type: application/json'")
 
 

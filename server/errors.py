@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from anchor_cache.errors import AnchorServeError, ModelNotFoundError
 
@@ -85,7 +86,15 @@ def printable(message: str) -> str:
     return message.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+# An error message quotes what it must to say what is wrong, never a whole request: a large invalid
+# body must not come back several times larger.
+MAX_MESSAGE_CHARS = 2000
+MAX_FIELD_ERRORS = 10
+
+
 def error_body(kind: str, message: str) -> dict[str, str]:
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS] + f"… ({len(message) - MAX_MESSAGE_CHARS} more characters)"
     return {"error": printable(message), "type": kind}
 
 
@@ -98,12 +107,20 @@ def invalid_body(errors: Sequence[Any]) -> tuple[str, str]:
     """The kind and message for pydantic's errors on a request body: "malformed_json" when it is
     not JSON at all, else "validation" naming each field."""
     parts = []
-    for err in errors:
+    for err in errors[:MAX_FIELD_ERRORS]:
         # Field names only: pydantic also names union members ("function-before[...]") in loc.
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body" and "[" not in str(p))
         parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+    if len(errors) > MAX_FIELD_ERRORS:
+        parts.append(f"and {len(errors) - MAX_FIELD_ERRORS} more errors")
     kind = "malformed_json" if any(e.get("type") == "json_invalid" for e in errors) else "validation"
     return kind, "; ".join(parts)
+
+
+def allowed_methods(app: FastAPI, scope: dict[str, Any]) -> list[str]:
+    """Every method some route answers on the request's path, found the way the router matches."""
+    return [method for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+            if any(route.matches(scope | {"method": method})[0] == Match.FULL for route in app.router.routes)]
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -121,9 +138,13 @@ def install_handlers(app: FastAPI) -> None:
         return error_response(*invalid_body(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = {404: "not_found", 405: "method_not_allowed", 403: "forbidden"}.get(exc.status_code, "http_error")
-        return error_response(kind, str(exc.detail), exc.status_code, exc.headers)  # 405 keeps its Allow
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Starlette's only 400 is a body it could not parse.
+        kinds = {400: "malformed_json", 404: "not_found", 405: "method_not_allowed", 403: "forbidden"}
+        headers = exc.headers
+        if exc.status_code == 405:  # Starlette names the methods of the first route on the path only
+            headers = (headers or {}) | {"Allow": ", ".join(allowed_methods(app, request.scope))}
+        return error_response(kinds.get(exc.status_code, "http_error"), str(exc.detail), exc.status_code, headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -28,7 +28,7 @@ from starlette.types import Message, Receive, Scope, Send
 from anchor_cache.errors import AnchorServeError
 from anchor_cache.task import Method
 from server.app import REQUEST_ID_HEADER, acceptable_request_id
-from server.auth import key_matches
+from server.auth import is_json, key_matches
 from server.classify import Classification, ClassifyService
 from server.errors import error_body, invalid_body, kind_of, status_of
 from server.metrics import Metrics
@@ -84,29 +84,27 @@ class Frontend:
         if handler is None:
             await self._relay(scope, receive, send, request_id)
             return
-        status = 500
-        task = ""
+        task, extra = "", None
         try:
             self._check_key(headers.get(b"authorization"))
-            if not headers.get(b"content-type", b"").startswith(b"application/json"):
+            if not is_json(headers.get(b"content-type", b"").decode("latin-1")):
                 raise Reply("unsupported_media_type", "send the body as JSON with 'Content-Type: application/json'")
             body = await self._read_body(scope, receive)
             data, extra, task = await handler(body, scope, receive, request_id)
-            status = 200
-            await _respond(send, status, orjson.dumps(data), request_id, extra)
+            status, answer = 200, orjson.dumps(data)
         except (Reply, AnchorServeError) as exc:
             kind = exc.kind if isinstance(exc, Reply) else kind_of(exc)
-            status = status_of(kind)
+            status, answer = status_of(kind), orjson.dumps(error_body(kind, str(exc)))
             if status >= 500:
                 log.error("%s %s -> %s: %s", scope["method"], scope["path"], kind, exc)
-            await _respond(send, status, orjson.dumps(error_body(kind, str(exc))), request_id)
         except Exception:
             log.exception("unexpected error on %s %s", scope["method"], scope["path"])
             message = f"internal error; quote request id {request_id} to the operator"
-            await _respond(send, 500, orjson.dumps(error_body("internal", message)), request_id)
-        finally:
-            # Labelled by task only once it answered: made-up names cannot grow the label set.
-            self.metrics.requests.labels(scope["path"], task, str(status)).inc()
+            status, answer = 500, orjson.dumps(error_body("internal", message))
+        # Counted before the answer leaves, so a client that reads /metrics next sees its request.
+        # Labelled by task only once it answered: made-up names cannot grow the label set.
+        self.metrics.requests.labels(scope["path"], task, str(status)).inc()
+        await _respond(send, status, answer, request_id, extra)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from anchor_cache.task import Demonstration, FormatText, Method, Text
 
@@ -41,7 +41,7 @@ class ClassifyRequest(BaseModel):
     input: Text | list[Text] = Field(description="one text or a list of texts")
     method: ServedMethod | None = Field(None, description="defaults to the task's configured method "
                                        "(hidden_anchor); hidden_random_top is evaluation-only")
-    truncate: bool | None = Field(None, description=TRUNCATE_DESCRIPTION)
+    truncate: StrictBool | None = Field(None, description=TRUNCATE_DESCRIPTION)
     truncation_direction: TruncationDirection = Field("right", description=DIRECTION_DESCRIPTION)
 
     @property
@@ -103,9 +103,9 @@ class PredictRequest(BaseModel):
     inputs: Text | list[Text] | list[list[Text]] = Field(
         description="a string, [string], or a batch [[string], [string], ...]",
         examples=["a wonderful film", [["a wonderful film"], ["a dull mess"]]])
-    raw_scores: bool = Field(False, description="the label words' logits instead of probabilities (before "
+    raw_scores: StrictBool = Field(False, description="the label words' logits instead of probabilities (before "
                              "calibration)")
-    truncate: bool | None = Field(None, description=TRUNCATE_DESCRIPTION)
+    truncate: StrictBool | None = Field(None, description=TRUNCATE_DESCRIPTION)
     truncation_direction: TruncationDirection = Field("right", description=DIRECTION_DESCRIPTION)
     task: Text | None = Field(None, description="a served task; unset: the server's default_task")
 

@@ -43,6 +43,8 @@ from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
+MAX_REVISION_DIGITS = 18  # revisions count writes; more digits than an int64 holds is never one
+
 class TaskService:
     def __init__(self, engine: Engine, replication: Replication, jobs: JobRunner, settings: Settings) -> None:
         self.engine = engine
@@ -112,7 +114,7 @@ class TaskService:
         if size > self.engine.max_text_bytes(s.max_demo_tokens):
             raise ValidationError(f"the demonstrations take {size} bytes, certainly more than the limit of "
                                   f"{s.max_demo_tokens} tokens (max_demo_tokens)")
-        if len(spec.examples) > s.max_train_examples:
+        if len(spec.examples or []) > s.max_train_examples:
             raise ValidationError(f"the labelled pool (`examples`) has {len(spec.examples)} rows; the limit is "
                                   f"{s.max_train_examples} (max_train_examples): send a sample of it")
 
@@ -199,8 +201,9 @@ class TaskService:
             if record is None or not record.live:
                 raise PreconditionFailedError(f"If-Match: * but task {preview(name)} does not exist")
             return record.revision
-        if not value.isdigit():
-            raise ValidationError(f"If-Match must be a revision as the ETag gives it (\"12\") or *, got {if_match!r}")
+        if not (value.isascii() and value.isdigit() and len(value) <= MAX_REVISION_DIGITS):
+            raise ValidationError(f"If-Match must be a revision as the ETag gives it (\"12\") or *, got "
+                                  f"{preview(if_match)}")
         return int(value)
 
     async def _collect_garbage(self) -> None:

@@ -244,3 +244,45 @@ def test_oversized_specs_are_refused_before_tokenising(serve):
     assert tokenized == []
     assert client.post("/admin/tasks", json=base | {"examples": [demo] * 64}, headers=ADMIN).status_code in (201, 202)
     assert len(tokenized) == 1
+
+
+def test_405_names_every_method_of_the_path(serve):
+    client = serve(admin_api_key="admin-secret")
+    for path in ("/admin/tasks/sentiment", "/admin/jobs/job-1", "/admin/analyses/job-1"):
+        response = client.post(path, json={}, headers=ADMIN)
+        error_of(response, 405, "method_not_allowed")
+        assert "DELETE" in response.headers["allow"].split(", "), path
+
+
+def test_if_match_of_any_shape_is_a_4xx(serve):
+    client = serve(admin_api_key="admin-secret")
+    spec = sentiment_task().model_dump(mode="json")
+    for value in ("9" * 4301, "+12", "W/\"x\"", "", "1e3"):
+        response = client.put("/admin/tasks/sentiment", json=spec, headers=ADMIN | {"If-Match": value})
+        assert response.status_code == 422 and response.json()["type"] == "validation", value
+        assert len(response.text) < 1000
+
+
+def test_media_types_are_parsed(serve):
+    client = serve()
+    body = json.dumps({"input": "fine"}).encode()
+    for content_type in ("APPLICATION/JSON", "application/json; charset=utf-8", "Application/Json ;charset=UTF-8"):
+        assert client.post("/v1/classify", content=body, headers={"Content-Type": content_type}).status_code == 200
+    for content_type in ("application/jsonx", "text/plain", "application/json-seq"):
+        error_of(client.post("/v1/classify", content=body, headers={"Content-Type": content_type}), 415,
+                 "unsupported_media_type")
+
+
+def test_booleans_are_strict(serve):
+    client = serve()
+    for field, value in (("truncate", 0), ("truncate", "yes"), ("truncate", 1)):
+        error_of(client.post("/v1/classify", json={"input": "fine", field: value}), 422, "validation")
+    error_of(client.post("/predict", json={"inputs": "fine", "raw_scores": 1}), 422, "validation")
+
+
+def test_error_bodies_do_not_echo_large_inputs(serve):
+    client = serve(max_payload_bytes=2_000_000)
+    huge = {"input": [{"not": "a string"}] * 20_000}  # 20,000 field errors
+    response = client.post("/v1/classify", json=huge)
+    error_of(response, 422, "validation")
+    assert len(response.content) < 4000 and "more errors" in response.json()["error"]
