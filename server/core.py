@@ -64,24 +64,35 @@ class CoreEndpoint:
         self._context.term()
 
     async def _serve(self) -> None:
+        drain = wire.plain(self._socket)
         while True:
-            frames = await self._socket.recv_multipart(copy=True)
-            if len(frames) != 2:
-                self._refuse(f"{len(frames)} frames")
-                continue
-            sender, payload = frames
-            try:
-                message = wire.request_decoder.decode(payload)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                self._refuse(str(exc))
-                continue
-            try:
-                self._handle(sender, message)
-            except AnchorServeError as exc:
-                self._send(sender, wire.Failed(id=message.id, kind=kind_of(exc), message=str(exc)))
-            except Exception as exc:  # the loop must outlive any one message
-                log.exception("engine core failed on a %s message", type(message).__name__)
-                self._send(sender, wire.Failed(id=message.id, kind="internal", message=f"engine core error: {exc}"))
+            self._take(await self._socket.recv_multipart())
+            # Under load many messages wait at once: take them all before yielding to the loop again.
+            while True:
+                try:
+                    frames = drain.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._take(frames)
+
+    def _take(self, frames: list[bytes]) -> None:
+        """Decode and handle one message; nothing it does may stop the loop."""
+        if len(frames) != 2:
+            self._refuse(f"{len(frames)} frames")
+            return
+        sender, payload = frames
+        try:
+            message = wire.request_decoder.decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self._refuse(str(exc))
+            return
+        try:
+            self._handle(sender, message)
+        except AnchorServeError as exc:
+            self._send(sender, wire.Failed(id=message.id, kind=kind_of(exc), message=str(exc)))
+        except Exception as exc:  # the loop must outlive any one message
+            log.exception("engine core failed on a %s message", type(message).__name__)
+            self._send(sender, wire.Failed(id=message.id, kind="internal", message=f"engine core error: {exc}"))
 
     def _refuse(self, why: str) -> None:
         self.metrics.failures.labels("bad_message").inc()

@@ -76,6 +76,7 @@ class Engine:
         self.started = time.monotonic()
         self.ready_after_s: float | None = None
         self._max_token_bytes = 0
+        self._views: dict[str, TaskView] = {}  # by task name, for the version served now
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -188,10 +189,15 @@ class Engine:
     async def view(self, name: str) -> TaskView:
         return self.view_of(self.task(name))
 
-    @staticmethod
-    def view_of(served: ServedTask) -> TaskView:
-        return TaskView(spec=served.spec, revision=served.revision, prompt=served.classifier.prompt,
-                        anchor_tokens=served.anchor_tokens, has_pool=bool(served.classifier.pool()), handle=served)
+    def view_of(self, served: ServedTask) -> TaskView:
+        """The view of this version of a task, made once per version (every request asks)."""
+        view = self._views.get(served.spec.name)
+        if view is None or view.handle is not served:
+            view = TaskView(spec=served.spec, revision=served.revision, prompt=served.classifier.prompt,
+                            anchor_tokens=served.anchor_tokens, has_pool=bool(served.classifier.pool()),
+                            handle=served)
+            self._views[served.spec.name] = view
+        return view
 
     def submit(self, view: TaskView, method: Method, queries: list[list[int]], deadline: float
                ) -> asyncio.Future[Scores]:
@@ -253,6 +259,7 @@ class Engine:
             self.track(served)
         elif record.spec is None:
             self.metrics.forget_task(record.name)
+            self._views.pop(record.name, None)
         return served
 
     async def collect_garbage(self) -> None:

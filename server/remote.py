@@ -19,6 +19,7 @@ import itertools
 import logging
 import time
 
+import msgspec
 import zmq
 import zmq.asyncio
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -124,22 +125,30 @@ class RemoteEngine:
             return
 
     async def _receive(self) -> None:
+        drain = wire.plain(self._socket)
         while True:
-            payload = await self._socket.recv()
-            try:
-                reply = wire.reply_decoder.decode(payload)
-            except Exception:
-                log.exception("undecodable reply from the engine core")
-                continue
-            future = self._pending.pop(reply.id, None)
-            if future is None or future.done():
-                continue  # answered after the caller gave up
-            if isinstance(reply, wire.Failed):
-                error = TaskChanged(reply.message) if reply.kind == wire.STALE else EngineError(reply.kind,
-                                                                                                reply.message)
-                future.set_exception(error)
-            else:
-                future.set_result(reply)
+            self._take(await self._socket.recv())
+            while True:  # under load many replies wait at once: take them all before yielding
+                try:
+                    payload = drain.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._take(payload)
+
+    def _take(self, payload: bytes) -> None:
+        try:
+            reply = wire.reply_decoder.decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            log.exception("undecodable reply from the engine core")
+            return
+        future = self._pending.pop(reply.id, None)
+        if future is None or future.done():
+            return  # answered after the caller gave up
+        if isinstance(reply, wire.Failed):
+            future.set_exception(TaskChanged(reply.message) if reply.kind == wire.STALE
+                                 else EngineError(reply.kind, reply.message))
+        else:
+            future.set_result(reply)
 
     def _fail_pending(self, error: AnchorServeError) -> None:
         pending, self._pending = self._pending, {}

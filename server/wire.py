@@ -11,6 +11,8 @@ socket carries many requests at once.
 from __future__ import annotations
 
 import msgspec
+import zmq
+import zmq.asyncio
 
 # The largest request: max_inputs_per_request × max_input_tokens ids is far below this.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
@@ -87,3 +89,10 @@ STALE = "stale"
 encoder = msgspec.msgpack.Encoder()
 request_decoder = msgspec.msgpack.Decoder(Request)
 reply_decoder = msgspec.msgpack.Decoder(Reply)
+
+
+def plain(sock: zmq.asyncio.Socket) -> zmq.Socket:
+    """The same socket without asyncio futures, for draining the messages already waiting. Only
+    the task that awaits the socket's receives may use it: ZeroMQ's file descriptor signals by
+    edges, and the asyncio socket checks for pending messages before it waits again."""
+    return zmq.Socket.shadow(sock.underlying)
