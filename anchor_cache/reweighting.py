@@ -63,9 +63,18 @@ class _Example:
     gold: int
 
 
-def _examples(clf: Classifier, prefix: Prefix, texts: Sequence[str], labels: Sequence[int]) -> list[_Example]:
+def _stop_if(should_stop: Callable[[], bool] | None) -> None:
+    if should_stop is not None and should_stop():
+        raise Cancelled("re-weighting was cancelled")
+
+
+def _examples(clf: Classifier, prefix: Prefix, texts: Sequence[str], labels: Sequence[int],
+              should_stop: Callable[[], bool] | None = None) -> list[_Example]:
+    """Each example's cache extended by its query but the last token: a forward per row, so a
+    large pool takes long enough that a cancel must be heard between rows."""
     out = []
     for query, gold in zip(clf.encode(texts), labels, strict=True):
+        _stop_if(should_stop)
         cache = extend_cache(clf.lm, prefix.cache, list(prefix.ids) + query[:-1])
         out.append(_Example(Prefix(cache=cache), query[-1], int(gold)))
     return out
@@ -93,7 +102,7 @@ def train_reweighting(
 ) -> TrainResult:
     """Fit β on (texts, class indices); returns the best β (by dev loss when dev data is given).
 
-    `should_stop` is polled before every step; when it answers True the run raises
+    `should_stop` is polled before every step and every example's precompute; when it answers True the run raises
     Cancelled, so a cancelled run never yields a half-trained β. `on_step(done, total)` is
     called after every step (job progress); `progress` shows a tqdm bar.
     """
@@ -104,8 +113,8 @@ def train_reweighting(
     prefix = clf.prefix(cfg.method)
     beta = clf.zero_beta().requires_grad_(True)
     plan = clf.reweighting_plan(cfg.method, beta)
-    examples = _examples(clf, prefix, texts, labels)
-    dev_examples = _examples(clf, prefix, *dev) if dev else None
+    examples = _examples(clf, prefix, texts, labels, should_stop)
+    dev_examples = _examples(clf, prefix, *dev, should_stop) if dev else None
     optimizer = torch.optim.Adam([beta], lr=cfg.lr)
     rng = np.random.default_rng(cfg.seed)
     result = TrainResult(beta=beta.detach().clone())
@@ -116,8 +125,7 @@ def train_reweighting(
             order = rng.permutation(len(examples))
             epoch = []
             for i in range(0, len(order), cfg.batch_size):
-                if should_stop is not None and should_stop():
-                    raise Cancelled("re-weighting was cancelled")
+                _stop_if(should_stop)
                 idx = order[i : i + cfg.batch_size]
                 loss = _loss(clf, plan, [examples[j] for j in idx])
                 optimizer.zero_grad()

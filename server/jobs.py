@@ -173,6 +173,11 @@ def lower_priority() -> None:
 
 
 async def in_background_thread(fn: Callable[[], Any], name: str) -> Any:
-    """Run `fn` in its own nice-19 thread and wait for it without blocking the event loop."""
-    with ThreadPoolExecutor(1, thread_name_prefix=name, initializer=lower_priority) as pool:
+    """Run `fn` in its own nice-19 thread and wait for it without blocking the event loop. When the
+    waiting task is cancelled (a job cancel, shutdown) the thread is left to see its cancel event and
+    end on its own: waiting for it here would block the event loop, and with it the shutdown."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix=name, initializer=lower_priority)
+    try:
         return await asyncio.get_running_loop().run_in_executor(pool, fn)
+    finally:
+        pool.shutdown(wait=False)

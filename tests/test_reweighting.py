@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from anchor_cache import Classifier, Method, ValidationError
+from anchor_cache import Classifier, Method, ValidationError, reweighting
 from anchor_cache.forward import label_logits, last_hidden
-from anchor_cache.reweighting import TrainConfig, train_reweighting
+from anchor_cache.reweighting import Cancelled, TrainConfig, train_reweighting
 from tests.conftest import QUERIES, sentiment_task
 
 METHODS = (Method.HIDDEN_ANCHOR, Method.VANILLA)
@@ -127,3 +127,22 @@ def test_training_shortcut_equals_the_full_forward(tiny_lm, method):
     with torch.no_grad():
         shortcut = _loss(clf, plan, examples)
     torch.testing.assert_close(shortcut, full, atol=1e-5, rtol=0)
+
+
+def test_a_cancel_is_heard_between_the_rows_of_the_precompute(tiny_lm, monkeypatch):
+    """Each training row costs a forward before the first step: a large pool must stop at the next
+    row once cancelled, not after all of them."""
+    extended = []
+    real = reweighting.extend_cache
+    monkeypatch.setattr(reweighting, "extend_cache", lambda *a: extended.append(1) or real(*a))
+    polls = []
+
+    def cancelled_after_three() -> bool:
+        polls.append(1)
+        return len(polls) > 3
+
+    texts = QUERIES * 20
+    with pytest.raises(Cancelled):
+        train_reweighting(Classifier(tiny_lm, sentiment_task()), texts, [0, 1, 0] * 20, progress=False,
+                          should_stop=cancelled_after_three)
+    assert len(extended) == 3  # of 60 rows
