@@ -336,7 +336,8 @@ class TaskRegistry:
     def apply(self, record: TaskRecord) -> ServedTask | None:
         """Make this replica serve `record` (build, then swap in); returns the task it put, if any.
         A record no newer than the revision applied here is skipped, so revisions only move forward.
-        Never raises for a task that cannot serve: that is recorded in `failures()`."""
+        Never raises for a task that cannot serve: that is recorded in `failures()`. Raises
+        UnavailableError when the store fails mid-build, leaving the revision to be applied again."""
         name = record.name
         if name in self._revisions and record.revision <= self._revisions[name]:
             return None  # applied already, or a newer revision was applied meanwhile
@@ -353,6 +354,12 @@ class TaskRegistry:
             served = self.prepare(TaskSpec.model_validate(record.spec), record.revision)
             self.put(served)
             return served
+        except UnavailableError:
+            # The store went away mid-build: nothing is wrong with this revision, so it is not
+            # recorded as applied, and the next resync builds it again once the store is back.
+            log.warning("task %s (revision %d): the state store is unreachable; building it again when it is "
+                        "back", name, record.revision)
+            raise
         except Exception as exc:  # one task that cannot load must leave the others serving
             self.fail(name, record.revision, _one_line(exc))
             log.error("task %s (revision %d) failed to load: %s", name, record.revision, _one_line(exc))

@@ -6,6 +6,8 @@ applies the new revision: the writer at once, the others when the store's change
 resync every `sync_interval_s`, so a missed message heals. Applying builds the new version while
 the old one keeps serving and swaps it in when ready; revisions only move forward (registry.apply
 skips a stale one), so concurrent writes end the same on every replica: the later revision wins.
+A build that the store's outage interrupted is not counted as applied, so every resync tries it
+again until the store is back and it builds: replicas converge on the store's current revision.
 
 When the store cannot be reached, the replica keeps serving what it has; the loop logs it once,
 retries, and resyncs when the store is back.
@@ -65,9 +67,18 @@ class Replication:
         for record in records.values():
             newest_here = max(registry.revision(record.name), self._applying.get(record.name, 0))
             if record.revision > newest_here:
-                task = asyncio.create_task(self.apply(record), name=f"apply-{record.name}-{record.revision}")
+                task = asyncio.create_task(self._apply_or_retry(record),
+                                           name=f"apply-{record.name}-{record.revision}")
                 self._pending.add(task)
                 task.add_done_callback(self._pending.discard)
+
+    async def _apply_or_retry(self, record: TaskRecord) -> None:
+        """A sync's apply: a build the store's outage stopped is left to the next sync (the registry
+        did not count it as applied), which runs at least every `interval_s`."""
+        try:
+            await self.apply(record)
+        except UnavailableError as exc:
+            self.store_down = str(exc)
 
     async def _run(self) -> None:
         seen = -1

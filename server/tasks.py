@@ -125,7 +125,11 @@ class TaskService:
         with an `examples` pool and no β learned from it then learns β (the job's progress) and
         stores it as the next revision."""
         registry = self.engine.require_ready()
-        served = await self.replication.apply(record)
+        try:
+            served = await self.replication.apply(record)
+        except UnavailableError as exc:  # stored, so not rolled back: every replica builds it when the store is back
+            raise UnavailableError(f"task {record.name!r} is stored as revision {record.revision} but could not be "
+                                   f"built: {exc}. Every replica builds it once the store is back") from exc
         reason = registry.build_error(record.name, record.revision)
         if reason is not None:
             await self._roll_back(record, previous)

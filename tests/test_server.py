@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from anchor_cache import Classifier, load_model
+from anchor_cache.errors import UnavailableError
 from server.app import build_app
 from server.protocol import ClassifyResponse, TaskInfo
 from server.settings import Settings
@@ -402,3 +403,28 @@ def test_requests_of_different_tasks_share_forwards_and_match_the_engine(serve, 
     forwards = float(next(line.split()[-1] for line in metrics.splitlines()
                           if line.startswith("anchorserve_batch_size_count")))
     assert forwards < len(jobs)
+
+
+def test_a_write_the_store_outage_stopped_is_built_once_the_store_is_back(serve):
+    """The record is stored, then the store fails before the build saves its cache: 503 (never a
+    201 for a write not served), no rollback, and the resync builds the stored revision later."""
+    client = serve(admin_api_key="admin-secret", sync_interval_s=0.2)
+    store = client.app.state.anchor.store
+    put_blob = store.put_blob
+
+    def down(name: str, data: bytes) -> None:
+        raise UnavailableError("the state store test://down is unreachable")
+
+    store.put_blob = down
+    spec = sentiment_task(template="Opinion: {text}\nVerdict:").model_dump(mode="json")
+    answer = client.put("/admin/tasks/sentiment", json=spec, headers=ADMIN)
+    message = error_of(answer, 503, "unavailable")
+    stored = store.record("sentiment")
+    assert f"revision {stored.revision}" in message and stored.spec["template"] == spec["template"]
+    assert client.get("/v1/tasks/sentiment").json()["template"] != spec["template"]  # the old one serves
+    store.put_blob = put_blob
+    deadline = time.monotonic() + 30
+    while client.get("/v1/tasks/sentiment").json()["revision"] != stored.revision:
+        assert time.monotonic() < deadline, "the stored revision was never built"
+        time.sleep(0.05)
+    assert client.get("/v1/tasks/sentiment").json()["template"] == spec["template"]
