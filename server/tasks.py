@@ -93,6 +93,7 @@ class TaskService:
         await self.engine.check(spec)
         self.engine.require_ready().check_room(spec.name)
         previous = await self._record(spec.name)
+        self._check_store_kept(spec.name, previous)
         expect = ABSENT if not replace else self._expected(spec.name, previous, if_match)
         record = await self._store(self.store.write, spec.name, spec.model_dump(mode="json"), "admin", expect)
         kind = "replace_task" if previous is not None and previous.live else "create_task"
@@ -176,11 +177,27 @@ class TaskService:
         if name in self.training:
             raise ConflictError(f"task {name!r} has a training job running; wait for it or cancel it")
         previous = await self._record(name)
+        self._check_store_kept(name, previous)
         if previous is None or not previous.live:
             raise NotFoundError(f"unknown task {preview(name)}")
         record = await self._store(self.store.write, name, None, "admin", self._expected(name, previous, if_match))
         await self.replication.apply(record)
         await self._collect_garbage()
+
+    def _check_store_kept(self, name: str, record: TaskRecord | None) -> None:
+        """Refuse a write when the store holds an older revision of `name` than this replica
+        applied (or none at all): it lost data (a Redis restarted without persistence, a state dir
+        restored from an old copy) and its revision counter went back, so the write would get a
+        revision every replica skips as stale: acknowledged, never served."""
+        applied = self.engine.require_ready().revision(name)
+        stored = record.revision if record is not None else 0
+        if stored < applied:
+            log.error("the state store %s holds revision %d of task %s but this replica applied revision %d: the "
+                      "store lost data; admin writes are refused until it is restored", self.store.url, stored,
+                      name, applied)
+            raise UnavailableError(f"the state store lost task {preview(name)} (it holds revision {stored}, this "
+                                   f"replica serves {applied}); admin writes are refused until the store is restored "
+                                   "from its persistence; classification goes on")
 
     async def _record(self, name: str) -> TaskRecord | None:
         return await self._store(self.store.record, name)

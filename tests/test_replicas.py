@@ -167,7 +167,7 @@ def test_jobs_answer_on_every_replica_and_b_cancels_a_job_running_on_a(replicas)
 
 def test_kill_9_of_a_replica_mid_write_loses_no_acknowledged_write(replicas):
     a, b = replicas([review(n=SMALL)])
-    target = article(n=400)  # ~4000 demonstration tokens: its build is still running when A dies
+    target = article()  # ~4000 demonstration tokens, within max_demo_tokens: its build is still running when A dies
     request = a.send_raw("PUT", "/admin/tasks/sentiment", target)
     request.read_until(request.sent_at + 0.15)
     a.kill()

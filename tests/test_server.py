@@ -428,3 +428,18 @@ def test_a_write_the_store_outage_stopped_is_built_once_the_store_is_back(serve)
         assert time.monotonic() < deadline, "the stored revision was never built"
         time.sleep(0.05)
     assert client.get("/v1/tasks/sentiment").json()["template"] == spec["template"]
+
+
+def test_a_store_that_lost_its_records_refuses_writes(serve, tmp_path):
+    """The state dir loses its records and counter (as a Redis restarted without persistence would):
+    a write would get revision 1, below what the replica serves, so it is refused, not acknowledged."""
+    client = serve(admin_api_key="admin-secret")
+    served = client.get("/v1/tasks/sentiment").json()["revision"]
+    for path in [*(tmp_path / "state" / "tasks").iterdir(), tmp_path / "state" / "revision"]:
+        path.unlink()
+    spec = sentiment_task(template="Opinion: {text}\nVerdict:").model_dump(mode="json")
+    message = error_of(client.put("/admin/tasks/sentiment", json=spec, headers=ADMIN), 503, "unavailable")
+    assert f"replica serves {served}" in message
+    error_of(client.delete("/admin/tasks/sentiment", headers=ADMIN), 503, "unavailable")
+    assert client.get("/v1/tasks/sentiment").json()["revision"] == served
+    assert client.post("/v1/classify", json={"task": "sentiment", "input": "fine"}).status_code == 200
