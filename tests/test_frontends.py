@@ -229,12 +229,14 @@ def test_a_killed_core_gives_503_at_once_then_recovers(split):
                     r = await client.post("/v1/classify", json={"input": "under load"})
                     results.append((r.status_code, time.monotonic() - start))
             workers = [asyncio.create_task(worker()) for _ in range(8)]
-            await until(lambda: len(results) >= 20)
-            (core,) = split.pids("core")
-            os.kill(core, signal.SIGKILL)
-            await until(lambda: sum(status == 503 for status, _ in results) >= 20)
-            stop.set()
-            await asyncio.gather(*workers)
+            try:
+                await until(lambda: len(results) >= 20)
+                (core,) = split.pids("core")
+                os.kill(core, signal.SIGKILL)
+                await until(lambda: sum(status == 503 for status, _ in results) >= 20)
+            finally:
+                stop.set()
+                await asyncio.gather(*workers)
         return results
 
     results = asyncio.run(load(asyncio.Event()))
@@ -248,17 +250,19 @@ def test_a_killed_core_gives_503_at_once_then_recovers(split):
 
 
 def test_sigterm_drains_requests_in_flight(tmp_path):
-    with split_server(tmp_path, max_wait_ms=1500) as server:
+    with split_server(tmp_path, max_wait_ms=4000) as server:
         async def in_flight() -> list[int]:
             async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
                 sent = [asyncio.create_task(client.post("/v1/classify", json={"input": f"wait {i}"}))
                         for i in range(4)]
 
-                async def queued() -> bool:  # all four wait in the core's 1.5 s batch window
+                async def queued() -> bool:  # all four wait in the core's 4 s batch window
                     metrics = (await client.get("/metrics")).text
                     return "anchorserve_queue_size 4.0" in metrics
 
+                deadline = time.monotonic() + 30
                 while not await queued():
+                    assert time.monotonic() < deadline, "the four requests never waited in the core together"
                     await asyncio.sleep(0.01)
                 server.process.send_signal(signal.SIGTERM)
                 return [r.status_code for r in await asyncio.gather(*sent)]
