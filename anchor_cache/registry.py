@@ -279,15 +279,13 @@ class TaskRegistry:
     def start(self, configured: list[TaskSpec], gc_grace_s: float = START_GC_GRACE_S) -> None:
         """Seed the configured tasks into the store (and delete seeded ones no longer configured),
         load every live record independently, then collect garbage. A task that cannot load is
-        recorded in `failures()`; the others serve."""
+        recorded in `failures()`; the others serve. β a task's pool asks for is not learned here:
+        the task serves without it meanwhile (the server learns it in a background job)."""
         for spec in configured:
             self.seed(spec)
         self._unseed({spec.name for spec in configured})
         for record in sorted(self.store.records().values(), key=lambda r: r.name):
             self.apply(record)
-        for served in self.all():
-            if self.needs_pool_beta(served):
-                self._start_with_pool_beta(served)
         self.collect_garbage(gc_grace_s)
         if self._failed:
             log.error("serving %d tasks; %d failed: %s", len(self._tasks), len(self._failed), sorted(self._failed))
@@ -306,21 +304,6 @@ class TaskRegistry:
             log.info("task %s: configured spec stored as revision %d", spec.name, written.revision)
         except (ConflictError, PreconditionFailedError):
             log.info("task %s: another replica stored it first", spec.name)
-
-    def _start_with_pool_beta(self, served: ServedTask) -> None:
-        """At start: learn the β a task's pool asks for, then store a new revision of the same spec so
-        every replica loads it (when another replica stored one first, that one is loaded instead)."""
-        name = served.spec.name
-        try:
-            self.learn_pool_beta(served)
-            record = self.store.write(name, served.spec.model_dump(mode="json"), self.store.record(name).source,
-                                      served.revision)
-        except PreconditionFailedError:
-            record = self.store.record(name)
-        except Exception as exc:  # the task serves without β rather than not at all
-            log.error("task %s: could not learn β from its pool, serving without: %s", name, _one_line(exc))
-            return
-        self.apply(record)
 
     def _unseed(self, configured: set[str]) -> None:
         """Delete tasks seeded from a configuration that no longer lists them (replicas of one

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import time
 from pathlib import Path
+
+import httpx
 
 from anchor_cache.cli import default_data_root
 
@@ -18,3 +22,23 @@ def dataset_parser(doc: str) -> argparse.ArgumentParser:
     parser.add_argument("--model", default="default")
     parser.add_argument("--dtype", default="auto")
     return parser
+
+
+def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float) -> float:
+    """Poll `url`/ready until it answers 200; seconds it took. Raises with the end of the server's
+    log when the process exits first or `timeout` passes."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}; the end of {log}:\n{log_tail(log)}")
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return time.monotonic() - start
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"the server was not ready after {timeout:.0f} s; the end of {log}:\n{log_tail(log)}")
+
+
+def log_tail(log: Path, chars: int = 3000) -> str:
+    return log.read_text(errors="replace")[-chars:] if log.is_file() else "(no log)"

@@ -29,7 +29,7 @@ import httpx
 
 from anchor_cache.cli import default_data_root
 from anchor_cache.models import cache_dir
-from bench.common import RESULTS
+from bench.common import RESULTS, wait_ready
 
 
 def free_port() -> int:
@@ -40,6 +40,7 @@ def free_port() -> int:
 
 # Packages of this venv that make the server faster but that an older tree may not require.
 SPEED_PACKAGES = ("uvloop", "httptools")
+READY_TIMEOUT_S = 600  # the default model's first start converts its GGUF
 
 
 def hide_unrequired(tree: Path, into: Path) -> Path:
@@ -60,20 +61,10 @@ def start_server(env_extra: dict[str, str], log_path: Path, tree: Path | None = 
     env = os.environ | env_extra | {"PORT": str(port)}
     if tree is not None:
         env["PYTHONPATH"] = f"{hide_unrequired(tree, log_path.parent / f'site-{tree.name}')}{os.pathsep}{tree}"
-    start = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "server"], env=env, stdout=log_path.open("w"),
                             stderr=subprocess.STDOUT, cwd=tree)
     url = f"http://127.0.0.1:{port}"
-    while True:
-        if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"server exited; the end of {log_path}:\n{tail}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                return proc, url, time.monotonic() - start
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
+    return proc, url, wait_ready(proc, url, log_path, READY_TIMEOUT_S)
 
 
 def stop_server(proc: subprocess.Popen) -> None:

@@ -77,7 +77,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from anchor_cache.cli import default_data_root
 from anchor_cache.models import DEFAULT_MODEL, resolve_model_dir
-from bench.common import RESULTS
+from bench.common import RESULTS, log_tail, wait_ready
 from bench.load import free_port, hide_unrequired
 from bench.throughput import commit_of
 from server.settings import builtin_task
@@ -149,31 +149,17 @@ def server_env(tree: Path, setup: Setup, state_dir: Path, config: Path, port: in
     } | extra
 
 
-def log_tail(log: Path, chars: int = 3000) -> str:
-    return log.read_text(errors="replace")[-chars:] if log.is_file() else "(no log)"
-
-
 def start_server(tree: Path, env: dict[str, str], log: Path, timeout: float) -> tuple[subprocess.Popen, str, float]:
     """`python -m server` in `tree`; returns the process, its URL and seconds until /ready was 200."""
     url = f"http://127.0.0.1:{env['ANCHORSERVE_PORT']}"
-    started = time.monotonic()
     # Its own session, so stopping it reaches every process it spawns (frontends, workers).
     proc = subprocess.Popen([sys.executable, "-m", "server"], cwd=tree, env=env, stdout=log.open("w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = started + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server from {tree} exited with {proc.returncode}; the end of {log}:\n"
-                               f"{log_tail(log)}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                return proc, url, time.monotonic() - started
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    stop_server(proc, 10)
-    raise RuntimeError(f"the server from {tree} was not ready after {timeout:.0f} s; the end of {log}:\n"
-                       f"{log_tail(log)}")
+    try:
+        return proc, url, wait_ready(proc, url, log, timeout)
+    except RuntimeError as exc:
+        stop_server(proc, 10)
+        raise RuntimeError(f"the server from {tree}: {exc}") from None
 
 
 def stop_server(proc: subprocess.Popen, timeout: float) -> dict:

@@ -151,12 +151,33 @@ class TaskService:
 
         trained = await in_background_thread(lambda: registry.learn_pool_beta(served, cancel.is_set, progress),
                                              "anchorserve-training")
-        try:
+        current = await self._record(served.spec.name)
+        try:  # the same spec and source (a configured task stays configured), as the next revision
             record = await self._store(self.store.write, served.spec.name, served.spec.model_dump(mode="json"),
-                                       "admin", served.revision)
+                                       current.source if current is not None else "admin", served.revision)
         except PreconditionFailedError:
-            return None
+            return None  # a newer write came first, or another replica stored its β first
         return await self.replication.apply(record) or trained
+
+    def learn_pool_betas(self) -> list[Job]:
+        """At start: a job per served task whose pool asks for a β it does not have yet. Each task
+        serves without β (and with its calibration) until its job swaps the learned β in, so a
+        first start answers at once instead of after minutes of training."""
+        registry = self.engine.require_ready()
+        jobs = []
+        for served in self.engine.tasks():
+            if registry.needs_pool_beta(served):
+                job = Job(kind="learn_pool_beta", target=served.spec.name)
+
+                async def learn(cancel: threading.Event, served: ServedTask = served, job: Job = job
+                                ) -> dict[str, Any]:
+                    trained = await self._learn_pool_beta(served, job, cancel)
+                    return self.info(trained or registry.get(served.spec.name)).model_dump()
+
+                jobs.append(self.jobs.submit(job.kind, job.target, learn, job))
+                log.info("task %s serves without β while it learns β from its pool (job %s)", served.spec.name,
+                         job.id)
+        return jobs
 
     async def _roll_back(self, failed: TaskRecord, previous: TaskRecord | None) -> None:
         spec = previous.spec if previous is not None else None

@@ -134,6 +134,16 @@ def wait_finished(client: TestClient, path: str, timeout: float = 60) -> dict:
     raise TimeoutError(job)
 
 
+def wait_reweighted(client: TestClient, name: str, timeout: float = 120) -> dict:
+    """Poll a task until it serves a β (a pool's β is learned in a job after start); its info."""
+    deadline = time.monotonic() + timeout
+    while not (info := client.get(f"/v1/tasks/{name}").json())["reweighted"]:
+        if time.monotonic() > deadline:
+            raise TimeoutError(info)
+        time.sleep(0.02)
+    return info
+
+
 def wait_ready(client: TestClient, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

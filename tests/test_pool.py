@@ -1,19 +1,22 @@
-"""A task's `examples` pool: β learned from it at start-up and on admin writes, stored once; and the
+"""A task's `examples` pool: β learned from it after start-up and on admin writes, stored once; and the
 engine's Python API answering exactly what the server answers for the same task (β, calibration)."""
 
 from __future__ import annotations
 
 import math
+import threading
+import time
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from anchor_cache import Classifier, Demonstration, load_model
+from anchor_cache.registry import TaskRegistry
 from anchor_cache.reweighting import load_beta, pool_rows
 from anchor_cache.state.local import LocalStore
 from anchor_cache.storage import find_beta
-from tests.conftest import ADMIN, QUERIES, sentiment_task, wait_finished
+from tests.conftest import ADMIN, QUERIES, sentiment_task, wait_finished, wait_reweighted
 
 POOL = [Demonstration(text=t, label=label) for t, label in [
     ("a warm and moving story", "Positive"), ("the fox was wonderful", "Positive"), ("a moving report", "Positive"),
@@ -43,16 +46,38 @@ def test_pool_rows_drop_demonstrations(tiny_lm):
     assert labels == [1, 1, 1, 0, 0, 0]
 
 
-def test_beta_is_learned_from_the_pool_at_start_and_only_loaded_after(serve, tmp_path):
+def test_beta_is_learned_from_the_pool_after_start_and_only_loaded_after(serve, tmp_path):
     first = serve(tasks=[pooled()])
-    info = first.get("/v1/tasks/sentiment").json()
-    assert info["reweighted"] and info["reweighting"]["source"] == "examples"
+    info = wait_reweighted(first, "sentiment")
+    assert info["reweighting"]["source"] == "examples"
     assert info["reweighting"]["train_examples"] == len(POOL) - 1
     first.__exit__(None, None, None)
     again = serve(tasks=[pooled()]).get("/v1/tasks/sentiment").json()
-    assert again["reweighting"] == info["reweighting"]  # loaded, not learned again
-    changed = serve(tasks=[pooled(examples=POOL[1:])]).get("/v1/tasks/sentiment").json()
-    assert changed["reweighting"]["pool"] != info["reweighting"]["pool"]  # a new pool is learned again
+    assert again["reweighting"] == info["reweighting"]  # loaded at start, not learned again
+    changed = serve(tasks=[pooled(examples=POOL[1:])])  # serves the old β until the new pool's is learned
+    deadline = time.monotonic() + 120
+    while changed.get("/v1/tasks/sentiment").json()["reweighting"]["pool"] == info["reweighting"]["pool"]:
+        assert time.monotonic() < deadline, "the new pool's β was never learned"
+        time.sleep(0.02)
+
+
+def test_a_task_serves_at_once_while_its_pool_beta_is_learned(serve, monkeypatch):
+    """Start-up never waits for β: the task answers without it until the job swaps it in."""
+    release = threading.Event()
+    learn = TaskRegistry.learn_pool_beta
+
+    def held(self, served, should_stop=None, on_step=None):
+        assert release.wait(60)
+        return learn(self, served, should_stop, on_step)
+
+    monkeypatch.setattr(TaskRegistry, "learn_pool_beta", held)
+    client = serve(tasks=[pooled()])  # ready while the job waits
+    assert not client.get("/v1/tasks/sentiment").json()["reweighted"]
+    plain = client.post("/v1/classify", json={"task": "sentiment", "input": QUERIES}).json()["data"]
+    release.set()
+    wait_reweighted(client, "sentiment")
+    learned = client.post("/v1/classify", json={"task": "sentiment", "input": QUERIES}).json()["data"]
+    assert [d["probs"] for d in learned] != [d["probs"] for d in plain]
 
 
 def test_an_admin_write_with_a_pool_learns_beta_in_its_job(serve):
@@ -74,6 +99,7 @@ def test_the_python_api_answers_what_the_server_answers(serve, tmp_path, server_
     extension included, is test_heads.py's)."""
     spec = pooled(calibrate=calibrate, method=method)
     client = serve(tasks=[spec])
+    wait_reweighted(client, "sentiment")
     served = client.post("/v1/classify", json={"task": "sentiment", "input": QUERIES}).json()["data"]
     key = client.get("/v1/tasks/sentiment").json()["cache_hash"]
     beta, _ = find_beta(LocalStore(tmp_path / "state"), key, server_lm)
