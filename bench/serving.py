@@ -5,6 +5,7 @@
     python -m bench.serving --before /tmp/anchorserve-before --models tiny --rounds 1 --duration 8
     python -m bench.serving --before /tmp/anchorserve-before --after-env ANCHORSERVE_API_SERVERS=2
     make bench-serving BEFORE=/tmp/anchorserve-before                    # the defaults
+    python -m bench.serving --models default --default-concurrency 32 --neighbours 2   # beside two busy loops
 
 Why wrk: an asyncio + httpx client (bench/load.py) saturates near 100 req/s on its own, so above
 that it measures the client. wrk is compiled, runs closed-loop (each of C connections sends its
@@ -452,6 +453,8 @@ def main() -> None:
     parser.add_argument("--stop-timeout", type=float, default=30)
     parser.add_argument("--data", type=Path, default=default_data_root() / "sst2" / "test.jsonl")
     parser.add_argument("--out", type=Path, default=RESULTS / "serving.json")
+    parser.add_argument("--neighbours", type=int, default=0,
+                        help="CPU-bound processes (busy loops) running beside the server for the whole run")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         parser.error("wrk is not installed (apt-get install -y wrk)")
@@ -475,6 +478,9 @@ def main() -> None:
                                "out": str(args.out), "cpus": os.cpu_count(), "command": " ".join(sys.argv),
                                "wrk": wrk_version}
     result: dict = {"config": config_out, "setups": {}, "runs": {}, "summary": {}}
+    # A neighbour that wants every cycle it can get, as another tenant's batch job would.
+    neighbours = [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+                  for _ in range(args.neighbours)]
     try:
         for model in args.models:
             if model == "tiny":
@@ -497,6 +503,9 @@ def main() -> None:
     except BaseException:
         sys.stderr.write(f"failed: server logs kept in {work}\n")
         raise
+    finally:
+        for neighbour in neighbours:
+            neighbour.kill()
     shutil.rmtree(work, ignore_errors=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

@@ -24,6 +24,8 @@ import importlib.util
 import logging
 import os
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -113,31 +115,70 @@ def serve(args: argparse.Namespace, prog: str = PROG) -> int:
         return 2
     if settings.api_servers:
         return _serve_split(settings, args, prog)
-    # The web stack is imported only to serve: `anchorserve eval --help` stays quick.
-    import uvicorn
+    loop, http = event_loop_and_parser()
+    logging.getLogger("server").info("serving with the %s event loop and the %s HTTP parser", loop, http)
+    error = serve_app(settings, host=settings.host, port=settings.port)
+    if error:
+        sys.stderr.write(f"{prog}: {error}\n")
+        return 1
+    return 0
 
+
+def serve_app(settings: Settings, engine_address: str | None = None, **bind: object) -> str | None:
+    """Serve the whole app (one process, or the engine core behind frontends with
+    `engine_address`) until SIGTERM/SIGINT; the start-up error when the model or state could not load."""
     from server.app import build_app
     from server.engine import fit_threads
 
-    server: uvicorn.Server | None = None
+    server = None
 
     def fatal() -> None:
         if server is not None:
             server.should_exit = True
 
     fit_threads(settings)
-    app = build_app(settings, on_fatal=fatal)
-    loop, http = event_loop_and_parser()
-    logging.getLogger("server").info("serving with the %s event loop and the %s HTTP parser", loop, http)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
-                                           timeout_graceful_shutdown=30, log_config=None, loop=loop, http=http,
-                                           access_log=settings.access_log))
+    app = build_app(settings, on_fatal=fatal, engine_address=engine_address)
+    server = bounded_server(app, settings, **bind)
     server.run()
-    error = app.state.anchor.engine.startup_error
-    if error:
-        sys.stderr.write(f"{prog}: {error}\n")
-        return 1
-    return 0
+    return app.state.anchor.engine.startup_error
+
+
+def bounded_server(app: object, settings: Settings, **bind: object):  # -> uvicorn.Server, imported lazily
+    """uvicorn with the settings' options, whose process exits within `shutdown_timeout_s` of the
+    first SIGTERM/SIGINT: requests in flight drain meanwhile, and whatever still runs then (a
+    job's thread that does not hear its cancel, a cache build) is cut short, with a log line."""
+    # The web stack is imported only to serve: `anchorserve eval --help` stays quick.
+    import uvicorn
+
+    loop, http = event_loop_and_parser()
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: object) -> None:
+            arm_exit_watchdog(settings.shutdown_timeout_s)
+            super().handle_exit(sig, frame)
+
+    return Server(uvicorn.Config(app, log_level="info", log_config=None, loop=loop, http=http,
+                                 access_log=settings.access_log,
+                                 timeout_graceful_shutdown=settings.shutdown_timeout_s, **bind))
+
+
+_watchdog = threading.Lock()
+
+
+def arm_exit_watchdog(timeout_s: float) -> None:
+    """From now on, the process exits within `timeout_s` (status 1 if it has to be cut short); a
+    daemon thread, so it never holds the exit itself. Armed once; later calls do nothing."""
+    if not _watchdog.acquire(blocking=False):
+        return
+
+    def cut_short() -> None:
+        time.sleep(timeout_s)
+        logging.getLogger("server").error("still stopping %.0f s after the signal (shutdown_timeout_s): exiting "
+                                          "now", timeout_s)
+        logging.shutdown()
+        os._exit(1)
+
+    threading.Thread(target=cut_short, name="anchorserve-exit-watchdog", daemon=True).start()
 
 
 def _serve_split(settings: Settings, args: argparse.Namespace, prog: str) -> int:

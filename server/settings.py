@@ -89,7 +89,7 @@ class Settings(BaseSettings):
     access_log: bool = Field(False, description="log every HTTP request (uvicorn's access log)")
     torch_threads: int | None = Field(None, ge=1, description="torch threads of the process that runs the model; "
                                       "unset: the CPUs it may use (affinity, cgroup quota), less one for each HTTP "
-                                      "frontend after the first (at least 1)")
+                                      "process (its own event loop, or each frontend; at least 1)")
 
     api_key: SecretStr | None = Field(None, description="Bearer key for /v1/*; unset = open")
     admin_api_key: SecretStr | None = Field(None, description="Bearer key for /admin/*; unset = admin disabled")
@@ -100,6 +100,8 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(2.0, ge=0, description="how long the worker waits to fill a batch")
     max_queued_requests: int = Field(512, ge=1, description="beyond this, requests get 429 at once")
     request_timeout_s: float = Field(30.0, gt=0, description="queue + inference deadline; past it, 504")
+    shutdown_timeout_s: float = Field(30.0, gt=0, description="after SIGTERM/SIGINT the process exits within this: "
+                                      "requests in flight drain, and whatever still runs then is cut short")
     max_payload_bytes: int = Field(1_000_000, ge=1024)
     max_inputs_per_request: int = Field(32, ge=1)
     max_input_tokens: int = Field(512, ge=1, description="per input, after rendering the template")

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from prometheus_client.multiprocess import mark_process_dead
 
-from server.cli import configure_logging, event_loop_and_parser
+from server.cli import bounded_server, configure_logging, serve_app
 from server.metrics import MULTIPROCESS_ENV
 from server.settings import Settings
 
@@ -144,13 +144,15 @@ def supervise(settings: Settings, sock: socket.socket) -> int:
                     child.start()
                     del restart_at[child]
     finally:
-        grace = settings.request_timeout_s + 5
-        for child in frontends:  # first the doors, so no new request arrives; in-flight ones drain
+        # First the doors, so no new request arrives while in-flight ones drain; then the core. All
+        # within shutdown_timeout_s (each child bounds its own exit the same way).
+        deadline = time.monotonic() + settings.shutdown_timeout_s
+        for child in frontends:
             child.signal(signal.SIGTERM)
         for child in frontends:
-            child.wait(grace)
+            child.wait(max(0.0, deadline - time.monotonic()))
         core.signal(signal.SIGTERM)
-        core.wait(grace + 30)
+        core.wait(max(1.0, deadline - time.monotonic()))
         sock.close()
         shutil.rmtree(runtime, ignore_errors=True)
     log.info("stopped")
@@ -158,40 +160,17 @@ def supervise(settings: Settings, sock: socket.socket) -> int:
 
 
 def _core(runtime: Path) -> int:
-    import uvicorn
-
-    from server.app import build_app
-    from server.engine import fit_threads
-
     settings = Settings()
-    fit_threads(settings)
-    server: uvicorn.Server | None = None
-
-    def fatal() -> None:
-        if server is not None:
-            server.should_exit = True
-
-    app = build_app(settings, on_fatal=fatal, engine_address=engine_address(runtime))
-    loop, http = event_loop_and_parser()
-    server = uvicorn.Server(uvicorn.Config(app, uds=core_http(runtime), log_level="info", log_config=None,
-                                           timeout_graceful_shutdown=30, loop=loop, http=http,
-                                           access_log=settings.access_log))
-    server.run()
-    return FATAL if app.state.anchor.engine.startup_error else 0
+    error = serve_app(settings, engine_address=engine_address(runtime), uds=core_http(runtime))
+    return FATAL if error else 0
 
 
 def _frontend(runtime: Path, fd: int) -> int:
-    import uvicorn
-
     from server.frontend import Frontend
 
     settings = Settings()
     app = Frontend(settings, engine_address(runtime), core_http(runtime))
-    loop, http = event_loop_and_parser()
-    sock = socket.socket(fileno=fd)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="info", log_config=None, timeout_graceful_shutdown=30,
-                                           loop=loop, http=http, access_log=settings.access_log))
-    server.run(sockets=[sock])
+    bounded_server(app, settings).run(sockets=[socket.socket(fileno=fd)])
     return 0
 
 

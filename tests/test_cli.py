@@ -373,3 +373,15 @@ def test_client_input_mistakes_are_one_line_before_any_request(tmp_path, capsys)
 def test_client_help_documents_the_environment(capsys):
     code, _, out = run(client_main, ["--help"], capsys)
     assert code == 0 and "ANCHORSERVE_URL" in out and "ANCHORSERVE_API_KEY" in out
+
+
+def test_the_exit_watchdog_cuts_a_stuck_shutdown_short():
+    """A thread that never ends holds a Python process's exit; once armed (at the first SIGTERM),
+    the watchdog ends the process within its timeout, status 1, saying why."""
+    stuck = ("import threading, time\n"
+             "from server.cli import arm_exit_watchdog, configure_logging\n"
+             "configure_logging()\n"
+             "threading.Thread(target=time.sleep, args=(120,)).start()\n"
+             "arm_exit_watchdog(0.5)\n")
+    done = subprocess.run([sys.executable, "-c", stuck], capture_output=True, text=True, timeout=60)  # not 120 s
+    assert done.returncode == 1 and "shutdown_timeout_s" in done.stderr

@@ -34,8 +34,8 @@ def test_usable_cpus_follow_the_quota_below_the_affinity(tmp_path):
     assert usable_cpus(tmp_path) == AFFINITY  # a quota above the pinned CPUs does not add any
 
 
-def test_torch_shares_with_the_first_http_process_and_yields_to_the_others():
-    assert [torch_threads(16, 4), torch_threads(2, 1), torch_threads(2, 2), torch_threads(2, 3)] == [13, 2, 1, 1]
+def test_torch_leaves_a_cpu_to_each_http_process():
+    assert [torch_threads(16, 4), torch_threads(2, 1), torch_threads(2, 2), torch_threads(1, 1)] == [12, 1, 1, 1]
 
 
 def test_frontends_follow_the_machine():
