@@ -33,7 +33,7 @@ from anchor_cache.packed import packed_label_logits
 from anchor_cache.registry import ServedTask, TaskRegistry
 from anchor_cache.state import StateStore, TaskRecord
 from anchor_cache.task import Method, TaskSpec
-from server.engine_client import Scores, TaskView
+from server.engine_client import Scores, TaskView, text_bytes_bound
 from server.metrics import Metrics
 from server.scheduler import BatchLimits, Scheduler, Work
 from server.settings import Settings
@@ -168,9 +168,7 @@ class Engine:
         return self.lm.name
 
     def max_text_bytes(self, max_tokens: int) -> int:
-        """UTF-8 bytes beyond which a text certainly has more than `max_tokens` tokens: no token
-        covers more bytes than the longest vocabulary entry (×4 for non-byte-level vocabularies)."""
-        return (max_tokens + 2) * self._max_token_bytes
+        return text_bytes_bound(max_tokens, self._max_token_bytes)
 
     @property
     def max_token_bytes(self) -> int:

@@ -80,6 +80,13 @@ def _prediction(labels: list[str], logprobs: list[float]) -> Prediction:
                       logprobs=dict(zip(labels, logprobs, strict=True)))
 
 
+def text_bytes_bound(max_tokens: int, max_token_bytes: int) -> int:
+    """UTF-8 bytes beyond which a text certainly has more than `max_tokens` tokens: no token covers
+    more bytes than the longest vocabulary entry (`max_token_bytes`, ×4 for non-byte-level
+    vocabularies), and the template adds at most a couple of merges at its edges."""
+    return (max_tokens + 2) * max_token_bytes
+
+
 class EngineClient(Protocol):
     """The engine as the classify service sees it. Every method raises AnchorServeError kinds
     (`unavailable` while loading or when the engine is gone, `not_found` for an unknown task)."""

@@ -29,7 +29,7 @@ from anchor_cache.errors import AnchorServeError, UnavailableError
 from anchor_cache.prompt import TaskPrompt
 from anchor_cache.task import Method, TaskSpec
 from server import wire
-from server.engine_client import Scores, TaskChanged, TaskView
+from server.engine_client import Scores, TaskChanged, TaskView, text_bytes_bound
 from server.errors import DeadlineExceeded
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class RemoteEngine:
         """Ask for the model's facts until the core has its model loaded."""
         while self._connected.is_set():
             try:
-                facts = await self._call(wire.Hello(id=next(self._ids)), time.monotonic() + 30)
+                facts = await self._send(wire.Hello(id=next(self._ids)), time.monotonic() + 30)
             except AnchorServeError:
                 await asyncio.sleep(HELLO_RETRY_S)
                 continue
@@ -169,9 +169,6 @@ class RemoteEngine:
         self._socket.send(wire.encoder.encode(message))
         return future
 
-    async def _call(self, message: wire.Request, deadline: float) -> wire.Reply:
-        return await self._send(message, deadline)
-
     # --- EngineClient -----------------------------------------------------------------------------
 
     def model_name(self) -> str:
@@ -181,14 +178,14 @@ class RemoteEngine:
 
     def max_text_bytes(self, max_tokens: int) -> int:
         self.model_name()
-        return (max_tokens + 2) * self._facts.max_token_bytes
+        return text_bytes_bound(max_tokens, self._facts.max_token_bytes)
 
     async def view(self, name: str) -> TaskView:
         view = self._views.get(name)
         if view is not None:
             return view
         self.model_name()
-        facts = await self._call(wire.Describe(id=next(self._ids), task=name), time.monotonic() + 30)
+        facts = await self._send(wire.Describe(id=next(self._ids), task=name), time.monotonic() + 30)
         spec = TaskSpec.model_validate_json(facts.spec)
         prompt = TaskPrompt.build(spec, list(spec.demonstrations), self._tokenizer)
         view = TaskView(spec=spec, revision=facts.revision, prompt=prompt, anchor_tokens=facts.anchor_tokens,
