@@ -33,7 +33,7 @@ from anchor_cache.packed import packed_label_logits
 from anchor_cache.registry import ServedTask, TaskRegistry
 from anchor_cache.state import StateStore, TaskRecord
 from anchor_cache.task import Method, TaskSpec
-from server.engine_client import Scores, TaskView, text_bytes_bound
+from server.engine_client import Scores, TaskView, derived, text_bytes_bound
 from server.metrics import Metrics
 from server.scheduler import BatchLimits, Scheduler, Work
 from server.settings import Settings
@@ -206,25 +206,8 @@ class Engine:
         cached = served.anchor_tokens if method in CACHED_METHODS else 0
         attended = cached + view.prefix_tokens(method)
         logits = self.scheduler.submit(served, method, queries, attended, deadline)
-        scores = asyncio.get_running_loop().create_future()
-
-        def resolve(done: asyncio.Future) -> None:
-            if scores.done():
-                return
-            if done.cancelled():
-                scores.cancel()
-            elif done.exception() is not None:
-                scores.set_exception(done.exception())
-            else:
-                scores.set_result(scores_of(served, method, done.result()))
-
-        def forward_cancel(outer: asyncio.Future) -> None:
-            if outer.cancelled():
-                logits.cancel()  # the scheduler skips what has not reached the model yet
-
-        logits.add_done_callback(resolve)
-        scores.add_done_callback(forward_cancel)
-        return scores
+        # Cancelled: the scheduler skips what has not reached the model yet.
+        return derived(logits, lambda done: scores_of(served, method, done), logits.cancel)
 
     @torch.inference_mode()
     def _run_batch(self, work: list[Work]) -> list[torch.Tensor]:

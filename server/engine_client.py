@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from anchor_cache.classifier import Prediction
 from anchor_cache.errors import AnchorServeError
@@ -78,6 +79,35 @@ def _prediction(labels: list[str], logprobs: list[float]) -> Prediction:
     return Prediction(index=best, label=labels[best],
                       probs={label: math.exp(lp) for label, lp in zip(labels, logprobs, strict=True)},
                       logprobs=dict(zip(labels, logprobs, strict=True)))
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def derived(inner: asyncio.Future[T], transform: Callable[[T], R], on_cancel: Callable[[], None]
+            ) -> asyncio.Future[R]:
+    """A future resolved from `inner` through `transform` (its error or cancellation passed on as
+    is). Cancelling it while `inner` is pending calls `on_cancel`, so an engine drops the work."""
+    outer: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+
+    def resolve(done: asyncio.Future[T]) -> None:
+        if outer.done():
+            return
+        if done.cancelled():
+            outer.cancel()
+        elif (exc := done.exception()) is not None:
+            outer.set_exception(exc)
+        else:
+            outer.set_result(transform(done.result()))
+
+    def cancel(done: asyncio.Future[R]) -> None:
+        if done.cancelled() and not inner.done():
+            on_cancel()
+
+    inner.add_done_callback(resolve)
+    outer.add_done_callback(cancel)
+    return outer
 
 
 def text_bytes_bound(max_tokens: int, max_token_bytes: int) -> int:

@@ -29,7 +29,7 @@ from anchor_cache.errors import AnchorServeError, UnavailableError
 from anchor_cache.prompt import TaskPrompt
 from anchor_cache.task import Method, TaskSpec
 from server import wire
-from server.engine_client import Scores, TaskChanged, TaskView, text_bytes_bound
+from server.engine_client import Scores, TaskChanged, TaskView, derived, text_bytes_bound
 from server.errors import DeadlineExceeded
 
 log = logging.getLogger(__name__)
@@ -205,30 +205,20 @@ class RemoteEngine:
         message = wire.Classify(id=next(self._ids), task=view.name, revision=view.revision, method=str(method),
                                 queries=queries, timeout_s=max(0.0, deadline - time.monotonic()))
         reply = self._send(message, deadline)
-        scores = asyncio.get_running_loop().create_future()
 
-        def resolve(done: asyncio.Future) -> None:
-            if scores.done():
-                return
-            exc = done.exception()
-            if isinstance(exc, TaskChanged):
+        def forget_if_stale(done: asyncio.Future) -> None:
+            if not done.cancelled() and isinstance(done.exception(), TaskChanged):
                 self.forget(view)
-            if exc is not None:
-                scores.set_exception(exc)
-            else:
-                r = done.result()
-                scores.set_result(Scores(logits=r.logits, logprobs=r.logprobs, raw_logprobs=r.raw_logprobs))
 
-        def abort(outer: asyncio.Future) -> None:
-            if outer.cancelled() and not reply.done():
-                self._pending.pop(message.id, None)
-                reply.cancel()
-                if self._connected.is_set():
-                    self._socket.send(wire.encoder.encode(wire.Abort(id=message.id)))
+        def abort() -> None:
+            self._pending.pop(message.id, None)
+            reply.cancel()
+            if self._connected.is_set():
+                self._socket.send(wire.encoder.encode(wire.Abort(id=message.id)))
 
-        reply.add_done_callback(resolve)
-        scores.add_done_callback(abort)
-        return scores
+        reply.add_done_callback(forget_if_stale)
+        return derived(reply, lambda r: Scores(logits=r.logits, logprobs=r.logprobs, raw_logprobs=r.raw_logprobs),
+                       abort)
 
 
 def _expire(future: asyncio.Future) -> None:
