@@ -87,6 +87,9 @@ def split_server(root: Path, **settings) -> Iterator[Split]:
     try:
         wait_until(lambda: ready(split.url) or process.poll() is not None, 120, "the split server")
         assert process.poll() is None, log.read_text()[-3000:]
+        # Each GET is a new connection, which the kernel gives to either frontend, and a frontend's
+        # /ready waits for its own engine connection: ten in a row means both are ready.
+        wait_until(lambda: all(ready(split.url) for _ in range(10)), 60, "both frontends ready")
         yield split
     finally:
         if process.poll() is None:
