@@ -43,13 +43,20 @@ class AnchorCache:
 
     def as_dynamic_cache(self, batch_size: int, config: PretrainedConfig) -> DynamicCache:
         """A fresh cache for one forward; layers hold expanded views, so nothing is copied here."""
-        cache = DynamicCache(config=config)
-        for layer, k, v in zip(cache.layers, self.keys, self.values, strict=True):
-            k = k.expand(batch_size, -1, -1, -1)
-            v = v.expand(batch_size, -1, -1, -1)
-            layer.lazy_initialization(k, v)
-            layer.keys, layer.values = k, v  # `update` concatenates into new tensors, leaving ours intact
-        return cache
+        return dynamic_cache([k.expand(batch_size, -1, -1, -1) for k in self.keys],
+                             [v.expand(batch_size, -1, -1, -1) for v in self.values], config)
+
+
+def dynamic_cache(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], config: PretrainedConfig
+                  ) -> DynamicCache:
+    """A fresh cache whose layers hold these per-layer (B, H_kv, S, D) tensors themselves, no copy:
+    `update` concatenates into new tensors, leaving them intact (so a CUDA graph's static buffers
+    can stand behind it)."""
+    cache = DynamicCache(config=config)
+    for layer, k, v in zip(cache.layers, keys, values, strict=True):
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+    return cache
 
 
 def merge_anchor_caches(caches: Sequence[AnchorCache]) -> AnchorCache:
@@ -90,13 +97,9 @@ def concat_dynamic_cache(caches: Sequence[AnchorCache], config: PretrainedConfig
     (anchor caches are a few dozen tokens, so this is small next to the forward)."""
     if len(caches) == 1:
         return caches[0].as_dynamic_cache(1, config)
-    cache = DynamicCache(config=config)
-    for i, layer in enumerate(cache.layers):
-        k = torch.cat([c.keys[i] for c in caches], dim=2)
-        v = torch.cat([c.values[i] for c in caches], dim=2)
-        layer.lazy_initialization(k, v)
-        layer.keys, layer.values = k, v
-    return cache
+    keys = [torch.cat(layer, dim=2) for layer in zip(*(c.keys for c in caches), strict=True)]
+    values = [torch.cat(layer, dim=2) for layer in zip(*(c.values for c in caches), strict=True)]
+    return dynamic_cache(keys, values, config)
 
 
 @torch.no_grad()  # not inference_mode: training β later needs these tensors inside autograd graphs

@@ -44,7 +44,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from transformers import DynamicCache
@@ -55,6 +55,9 @@ from anchor_cache.errors import ValidationError
 from anchor_cache.forward import Prefix, label_logits
 from anchor_cache.heads import FeatureLayers, Features, read_features
 from anchor_cache.models import LoadedModel
+
+if TYPE_CHECKING:  # graphs.py builds on this module
+    from anchor_cache.graphs import PackedGraphs
 
 
 class Head(Protocol):
@@ -127,57 +130,90 @@ def _spans(lengths: Sequence[int], row_cache: Sequence[int], cache_slots: Sequen
     return tuple(spans), [[slot for c in sorted(cs) for slot in cache_slots[c]] for cs in used]
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Rows laid out one after another, before any tensor is made (pack's and graphs.py's shared
+    first step): the token ids and positions, each row's length and distinct cache."""
+
+    input_ids: list[int]
+    positions: list[int]
+    lengths: list[int]
+    row_cache: list[int]  # per row, its index in `caches`; -1: none
+    caches: list[AnchorCache]  # the distinct caches, in order of first use
+
+    @classmethod
+    def of(cls, lm: LoadedModel, rows: Sequence[PackedRow]) -> Layout:
+        limit = lm.max_positions
+        index: dict[int, int] = {}  # id(cache) -> its index among the distinct caches
+        layout = cls([], [], [], [], [])
+        for i, row in enumerate(rows):
+            n = row.num_tokens
+            if n == 0:
+                raise ValidationError("cannot classify an empty token sequence")
+            first = row.prefix.first_position
+            if limit is not None and first + n > limit:
+                raise ValidationError(
+                    f"prompt needs {first + n} positions but the model supports {limit}; shorten the input (row {i})"
+                )
+            cache = row.prefix.cache
+            if cache is not None and id(cache) not in index:
+                index[id(cache)] = len(layout.caches)
+                layout.caches.append(cache)
+            layout.row_cache.append(-1 if cache is None else index[id(cache)])
+            layout.input_ids.extend(row.prefix.ids)
+            layout.input_ids.extend(row.ids)
+            layout.positions.extend(range(first, first + n))
+            layout.lengths.append(n)
+        return layout
+
+    @property
+    def cache_slots(self) -> list[range]:
+        """Each distinct cache's slots among the caches laid out one after another."""
+        bounds = list(itertools.accumulate((c.num_tokens for c in self.caches), initial=0))
+        return [range(a, b) for a, b in itertools.pairwise(bounds)]
+
+    @property
+    def num_slots(self) -> int:
+        return sum(c.num_tokens for c in self.caches)
+
+    @property
+    def starts(self) -> list[int]:
+        return list(itertools.accumulate(self.lengths[:-1], initial=0))
+
+    @property
+    def ends(self) -> list[int]:
+        return list(itertools.accumulate(self.lengths))
+
+    def row_slots(self) -> list[range]:
+        """Each row's cache slots (empty for a row without a cache)."""
+        slots = self.cache_slots
+        return [slots[c] if c >= 0 else range(0) for c in self.row_cache]
+
+
 def pack(lm: LoadedModel, rows: Sequence[PackedRow], block_tokens: int | str | None = "auto") -> PackedBatch:
     """Lay `rows` out as one sequence; see the module docstring. `block_tokens`: span size for the
     fast path ("auto": BLOCK_TOKENS of the model's device type; None: no spans, the dense mask)."""
     if block_tokens == "auto":
         block_tokens = BLOCK_TOKENS.get(lm.device.type)
-    device, limit = lm.device, lm.max_positions
-    caches: dict[int, int] = {}  # id(cache) -> its index among the distinct caches
-    distinct: list[AnchorCache] = []
-    row_cache: list[int] = []  # per row, its distinct cache (-1: none)
-    input_ids: list[int] = []
-    positions: list[int] = []
-    lengths: list[int] = []
-    for i, row in enumerate(rows):
-        n = row.num_tokens
-        if n == 0:
-            raise ValidationError("cannot classify an empty token sequence")
-        first = row.prefix.first_position
-        if limit is not None and first + n > limit:
-            raise ValidationError(
-                f"prompt needs {first + n} positions but the model supports {limit}; shorten the input (row {i})"
-            )
-        cache = row.prefix.cache
-        if cache is not None and id(cache) not in caches:
-            caches[id(cache)] = len(distinct)
-            distinct.append(cache)
-        row_cache.append(-1 if cache is None else caches[id(cache)])
-        input_ids += row.prefix.ids
-        input_ids += row.ids
-        positions += range(first, first + n)
-        lengths.append(n)
+    device = lm.device
+    layout = Layout.of(lm, rows)
     # Indices are built on the CPU and copied to the device once each; masks are computed there from them.
-    sizes = [c.num_tokens for c in distinct]
-    bounds = list(itertools.accumulate(sizes, initial=0))
-    cache_slots = [range(a, b) for a, b in itertools.pairwise(bounds)]
-    num_slots, total = bounds[-1], len(input_ids)
-    segments = Segments.build(lengths, row_cache, sizes, device)
-    spans, span_slots = _spans(lengths, row_cache, cache_slots, block_tokens)
+    num_slots, total = layout.num_slots, len(layout.input_ids)
+    segments = Segments.build(layout.lengths, layout.row_cache, [c.num_tokens for c in layout.caches], device)
+    spans, span_slots = _spans(layout.lengths, layout.row_cache, layout.cache_slots, block_tokens)
     blocks = Blocks.build(spans, span_slots, segments) if len(spans) > 1 else None
     if blocks is None:
         mask = segments.allowed(torch.arange(total, device=device), torch.arange(num_slots + total, device=device))
         mask = mask[None, None]
     else:  # all False, so a path that read it by mistake would not look right
         mask = torch.zeros(1, 1, 1, 1, dtype=torch.bool, device=device).expand(1, 1, total, num_slots + total)
-    ends = list(itertools.accumulate(lengths))
-    starts = [end - n for end, n in zip(ends, lengths, strict=True)]
+    starts, ends = layout.starts, layout.ends
     first, last = torch.tensor([starts, [end - 1 for end in ends]], device=device)  # (B,) each
-    row_slots = [cache_slots[c] if c >= 0 else range(0) for c in row_cache]
-    reweighting, targets = _pack_reweighting(rows, row_slots, starts, ends, num_slots, device)
+    reweighting, targets = pack_reweighting(rows, layout.row_slots(), starts, ends, num_slots, device)
+    distinct = layout.caches
     return PackedBatch(
-        input_ids=torch.tensor([input_ids], device=device),
-        position_ids=torch.tensor([positions], device=device),
+        input_ids=torch.tensor([layout.input_ids], device=device),
+        position_ids=torch.tensor([layout.positions], device=device),
         attention_mask=mask,
         cache=concat_dynamic_cache(distinct, lm.model.config) if distinct else None,
         first=first,
@@ -189,7 +225,7 @@ def pack(lm: LoadedModel, rows: Sequence[PackedRow], block_tokens: int | str | N
     )
 
 
-def _pack_reweighting(
+def pack_reweighting(
     rows: Sequence[PackedRow], row_slots: list[range], token_start: list[int], ends: list[int], num_slots: int,
     device: torch.device,
 ) -> tuple[Reweighting | None, torch.Tensor | None]:
@@ -280,29 +316,34 @@ def packed_features(
 
 
 def packed_label_logits(
-    lm: LoadedModel, rows: Sequence[PackedRow], explicit: bool = False, block_tokens: int | str | None = "auto"
+    lm: LoadedModel, rows: Sequence[PackedRow], explicit: bool = False, block_tokens: int | str | None = "auto",
+    graphs: PackedGraphs | None = None,
 ) -> list[torch.Tensor]:
     """Per row, (C_row,) float32 logits of its own label words (or its head's scores), from one
-    packed forward.
+    packed forward: replayed from `graphs` (graphs.py) when the rows have a static shape.
 
     Rows of one task share one (rows, C) matmul against the label rows of the LM head (and a head's
     matmul on their features); calibration is the caller's (ServedTask.scores)."""
     if not rows:
         return []
-    batch = pack(lm, rows, None if explicit else block_tokens)
-    out = _forward(lm, batch, explicit, all_layers=any(row.head is not None for row in rows))
-    hidden = out.last_hidden_state[0, batch.last]
+    hidden = graphs.last_hidden(rows) if graphs is not None and not explicit else None
+    states = first = None
+    if hidden is None:
+        batch = pack(lm, rows, None if explicit else block_tokens)
+        out = _forward(lm, batch, explicit, all_layers=any(row.head is not None for row in rows))
+        hidden = out.last_hidden_state[0, batch.last]
+        states = _layer_states(out) if out.hidden_states is not None else None
+        first, last = batch.first, batch.last
     groups: dict[tuple[tuple[int, ...], int], list[int]] = {}  # (label words, head) -> rows
     for i, row in enumerate(rows):
         groups.setdefault((tuple(row.label_ids), id(row.head)), []).append(i)
-    states = _layer_states(out) if out.hidden_states is not None else None
     results: list[torch.Tensor | None] = [None] * len(rows)
     for (labels, _), members in groups.items():
         head = rows[members[0]].head
         index = torch.tensor(members, device=hidden.device)
         logits = label_logits(lm, hidden[index], labels)
-        if head is not None:
-            features = read_features(states, batch.first[index], batch.last[index], head.layers)
+        if head is not None:  # never from graphs, which refuse heads
+            features = read_features(states, first[index], last[index], head.layers)
             logits = head.scores(Features(features, logits))
         for i, row_logits in zip(members, logits, strict=True):
             results[i] = row_logits

@@ -28,6 +28,7 @@ import torch
 from anchor_cache.classifier import CACHED_METHODS
 from anchor_cache.cpus import torch_threads, usable_cpus
 from anchor_cache.errors import UnavailableError
+from anchor_cache.graphs import PackedGraphs
 from anchor_cache.models import LoadedModel, load_model
 from anchor_cache.packed import packed_label_logits
 from anchor_cache.registry import ServedTask, TaskRegistry
@@ -72,6 +73,7 @@ class Engine:
         self.lm: LoadedModel | None = None
         self.registry: TaskRegistry | None = None
         self.scheduler: Scheduler | None = None
+        self.graphs: PackedGraphs | None = None  # CUDA graphs of the packed forward, by shape
         self.startup_error: str | None = None
         self.started = time.monotonic()
         self.ready_after_s: float | None = None
@@ -91,6 +93,8 @@ class Engine:
         self.scheduler.start()
         try:
             self.lm = await self.scheduler.run_exclusive(lambda: load_model(s.model, s.device, s.dtype))
+            if s.cuda_graphs and self.lm.device.type == "cuda":
+                self.graphs = PackedGraphs(self.lm)
             self._max_token_bytes = 4 * max(len(token) for token in self.lm.tokenizer.get_vocab())
             registry = TaskRegistry(self.lm, self.store, s.max_tasks, s.max_demo_tokens)
             await self.scheduler.run_exclusive(lambda: registry.start(s.tasks, s.gc_grace_s))
@@ -214,7 +218,7 @@ class Engine:
         """One packed forward for every row of every part, whatever their tasks and methods; the
         logits come to the host in one copy, as float32."""
         rows = [w.task.classifier.packed_row(q, w.method, w.task.beta_for(w.method)) for w in work for q in w.queries]
-        logits = packed_label_logits(self.lm, rows)
+        logits = packed_label_logits(self.lm, rows, graphs=self.graphs)
         host = torch.cat([row.float().reshape(-1) for row in logits]).cpu()
         parts, start, row = [], 0, 0
         for w in work:

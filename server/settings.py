@@ -97,6 +97,8 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, description="inputs per forward")
     max_batch_tokens: int = Field(8192, ge=16, description="tokens per forward, summed over its rows: each row's "
                                   "cached anchor tokens, re-encoded prefix and query (packed, no padding)")
+    cuda_graphs: bool = Field(True, description="on CUDA, replay the packed forward as CUDA graphs, one per padded "
+                              "batch shape, captured on first use (removes the launch cost of every layer's kernels)")
     max_wait_ms: float = Field(2.0, ge=0, description="how long the worker waits to fill a batch")
     max_queued_requests: int = Field(512, ge=1, description="beyond this, requests get 429 at once")
     request_timeout_s: float = Field(30.0, gt=0, description="queue + inference deadline; past it, 504")

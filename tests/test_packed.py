@@ -63,6 +63,10 @@ def _alone(clf: Classifier, method: Method, ids, beta=None, explicit=False) -> t
 
 @pytest.fixture()
 def mixed(tiny_lm):
+    return mixed_batch(tiny_lm)
+
+
+def mixed_batch(tiny_lm):
     """(rows, reference inputs): 3 tasks with 2, 3 and 2 labels; cached, vanilla, text_anchor and
     zero-shot prefixes; rows with a β of their own, one sharing a cache without β."""
     sent, topic, question = (Classifier(tiny_lm, t) for t in (sentiment_task(), topic_task(), question_task()))
