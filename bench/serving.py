@@ -30,7 +30,7 @@ dropped except ANCHORSERVE_CACHE_DIR (where the default model's converted folder
 `--before-env` / `--after-env KEY=VALUE` add settings to one tree only (an older tree may reject
 or ignore a setting the newer one has). Rounds alternate the order of the trees (round 1: before,
 after; round 2: after, before; ...) so drifting machine load hits both alike; medians are reported.
-Each start is warmed with 8 checked requests and 2 s of wrk at the highest concurrency.
+Each start is warmed with 8 checked requests and `--warm-up` s (2) of wrk at the highest concurrency.
 Unless --before is given, only --after is measured.
 
 Load: SST-2 test sentences (the first `--sentences`), one per request, `{"input": sentence}` on
@@ -277,9 +277,11 @@ def run_wrk(url: str, bodies: Path, connections: int, duration: float, threads: 
     return result
 
 
-def warm_up(url: str, texts: list[str], bodies: Path, connections: int, threads: int, timeout: float) -> dict:
-    """8 checked requests (a wrong answer stops the run here, not as a column of errors), then 2 s
-    of load so first-batch allocations at this concurrency are not measured. A 503 right after
+def warm_up(url: str, texts: list[str], bodies: Path, connections: int, threads: int, timeout: float,
+            seconds: float) -> dict:
+    """8 checked requests (a wrong answer stops the run here, not as a column of errors), then
+    `seconds` of load so first-batch allocations (and CUDA graph captures) at this concurrency are
+    not measured. A 503 right after
     /ready is retried for up to 60 s and counted: with several frontends, /ready from one of them
     does not prove that the others already reach the engine."""
     unavailable, deadline = 0, time.monotonic() + 60
@@ -293,7 +295,7 @@ def warm_up(url: str, texts: list[str], bodies: Path, connections: int, threads:
                 time.sleep(0.1)
             if r.status_code != 200 or not r.json().get("data"):
                 raise RuntimeError(f"warm-up request got {r.status_code}: {r.text[:500]}")
-    run_wrk(url, bodies, connections, 2, threads, timeout)
+    run_wrk(url, bodies, connections, seconds, threads, timeout)
     return {"503_after_ready": unavailable}
 
 
@@ -346,7 +348,7 @@ def measure(tree: Path, name: str, setup: Setup, rnd: int, env: dict[str, str], 
     log = work / f"{setup.name}-{name}-r{rnd}.log"
     proc, url, ready_s = start_server(tree, env, log, args.ready_timeout)
     try:
-        warm = warm_up(url, texts, bodies, max(setup.concurrency), args.wrk_threads, args.wrk_timeout)
+        warm = warm_up(url, texts, bodies, max(setup.concurrency), args.wrk_threads, args.wrk_timeout, args.warm_up)
         if warm["503_after_ready"]:
             sys.stderr.write(f"note: {setup.name} {name} round {rnd}: {warm['503_after_ready']} warm-up request(s) "
                              "got 503 after /ready was 200\n")
@@ -444,6 +446,7 @@ def main() -> None:
     parser.add_argument("--default-concurrency", type=ints, default=[1, 32], help="for the default model")
     parser.add_argument("--duration", type=float, default=15, help="seconds of wrk per phase")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--warm-up", type=float, default=2, help="seconds of wrk after each start, not measured")
     parser.add_argument("--wrk-threads", type=int, default=1, help="wrk -t (2 CPUs here: 1 leaves the server more)")
     parser.add_argument("--wrk-timeout", type=float, default=60, help="wrk --timeout in seconds")
     parser.add_argument("--before-env", action="append", default=[], metavar="KEY=VALUE")
