@@ -180,6 +180,9 @@ class AttentionPlan:
     blocks: run the fast path's SDPA per query span of a packed sequence, under the spans' own mask;
         the model's `attention_mask` is then a placeholder, so the written-out paths and isolation,
         which read it, refuse blocks.
+    target_window: W, when no row is longer: a re-weighted target's softmax is then taken over
+        the cache slots and the W tokens ending at it (every key its row may see) instead of over
+        the whole packed sequence, which at batch 256 is ~8,000 keys for each of 256 targets.
     targets: (B,) query index of each row's last token, the q of re-weighting and capture; filled
         in by the forward, which knows the padding. (B, R): R targets per batch row (a packed
         forward). Targets are flattened row-major to N = B·R; captures are indexed by that order.
@@ -195,12 +198,15 @@ class AttentionPlan:
     key_bias: torch.Tensor | None = None
     explicit: bool = False
     blocks: Blocks | None = None
+    target_window: int | None = None
     targets: torch.Tensor | None = None
     capture: Capture = field(default_factory=Capture)
 
     def __post_init__(self):
         if self.blocks is not None and (self.needs_explicit or self.isolation is not None):
             raise ValueError("blocks bring their own mask; the written-out attention and isolation need the dense one")
+        if self.target_window is not None and (self.blocks is None or self.capture_target_weights):
+            raise ValueError("a target window needs blocks' segments, and captures want every key's weight")
 
     @property
     def needs_explicit(self) -> bool:
@@ -217,6 +223,23 @@ class AttentionPlan:
     def reweight_entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(E,) target (into `target_index`), key and class of every re-weighted attention weight."""
         return self.reweighting.entries(self.target_index[1].shape[0])
+
+    @cached_property
+    def window_keys(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """With `target_window` W: (N, S + W) each target's keys (every cache slot, then the W tokens
+        ending at it), (N, S + W) which of them it may see, and (E,) where each re-weighted entry's
+        key sits among its target's keys (rows fit the window, so every label key does)."""
+        segments, width = self.blocks.segments, self.target_window
+        slots, targets = segments.cached, self.target_index[1]
+        first = targets - (width - 1)  # (N,) the window's first token
+        tokens = first[:, None] + torch.arange(width, device=targets.device)  # (N, W)
+        keys = torch.cat([torch.arange(slots, device=targets.device).expand(targets.shape[0], slots),
+                          slots + tokens.clamp(min=0)], dim=1)
+        allowed = segments.allowed(targets[:, None], keys)[:, 0]
+        allowed = allowed & torch.cat([keys[:, :slots] >= 0, tokens >= 0], dim=1)
+        e_target, e_key, _ = self.reweight_entries
+        local = torch.where(e_key < slots, e_key, e_key - first[e_target])
+        return keys, allowed, local
 
     @cached_property
     def target_mask(self) -> torch.Tensor:
@@ -336,6 +359,24 @@ def target_row_weights(
     return torch.softmax(scores, dim=-1).transpose(1, 2).reshape(batch * per, heads, kv_len)
 
 
+def window_row_weights(query: torch.Tensor, key: torch.Tensor, plan: AttentionPlan, scaling: float | None,
+                       key_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, Hq, S + W) float32 softmax of each target of a batch-1 packed forward over its window
+    (`AttentionPlan.window_keys`): `target_row_weights` over only the keys its row may see."""
+    keys, allowed, _ = plan.window_keys
+    n, width = keys.shape
+    heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[3]
+    q = query[0].index_select(1, plan.target_index[1]).transpose(0, 1)  # (N, Hq, D)
+    q = q.reshape(n, kv_heads, heads // kv_heads, dim)  # query head h = g·rep + r
+    k = key[0].index_select(1, keys.reshape(-1)).view(kv_heads, n, width, dim).transpose(0, 1)  # (N, Hkv, K, D)
+    scale = scaling if scaling is not None else dim**-0.5
+    scores = torch.matmul(q, k.transpose(2, 3)).reshape(n, heads, width).float() * scale
+    if key_bias is not None:  # rounded as SDPA's additive mask rounds it, so the correction matches
+        scores = scores + key_bias[0, keys].to(query.dtype).float()[:, None, :]
+    scores = scores.masked_fill(~allowed[:, None, :], torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=-1)
+
+
 def reweight_target_rows(
     module: torch.nn.Module, out: torch.Tensor, weights: torch.Tensor, value: torch.Tensor, plan: AttentionPlan
 ) -> torch.Tensor:
@@ -344,7 +385,8 @@ def reweight_target_rows(
     heads, kv_heads = weights.shape[1], value.shape[1]
     t_rows, t_query = plan.target_index
     e_target, e_key, e_class = plan.reweight_entries
-    label_probs = weights[e_target, :, e_key]  # (E, Hq) = A(q, p_i)
+    weight_key = plan.window_keys[2] if plan.target_window is not None else e_key  # where p_i is in `weights`
+    label_probs = weights[e_target, :, weight_key]  # (E, Hq) = A(q, p_i)
     scaled = label_probs * (_label_scale(module, rw, e_class).float().T - 1)  # (E, Hq)
     v = value[t_rows[e_target], :, e_key]  # (E, Hkv, D)
     v = v.repeat_interleave(heads // kv_heads, dim=1).float()  # (E, Hq, D): tiny, label keys only
@@ -411,11 +453,14 @@ def anchor_attention(
         out, _ = sdpa_attention_forward(module, query, key, value, dense_mask, dropout=dropout, scaling=scaling,
                                         **kwargs)
     if plan.reweighting is not None or plan.capture_target_weights:
-        if plan.blocks is not None:
-            allowed = plan.target_mask
+        if plan.target_window is not None:
+            weights = window_row_weights(query, key, plan, scaling, bias)
         else:
-            allowed = _mask_rows(mask, plan.targets, query.shape[2], key.shape[2], query.device)
-        weights = target_row_weights(query, key, allowed, scaling, plan.targets, bias)
+            if plan.blocks is not None:
+                allowed = plan.target_mask
+            else:
+                allowed = _mask_rows(mask, plan.targets, query.shape[2], key.shape[2], query.device)
+            weights = target_row_weights(query, key, allowed, scaling, plan.targets, bias)
         if plan.capture_target_weights:
             plan.capture.target_weights[module.layer_idx] = weights.detach()
         if plan.reweighting is not None:

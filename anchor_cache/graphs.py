@@ -191,7 +191,8 @@ class StaticForward:
         if self.shape.targets:
             reweighting = Reweighting(self.beta, self.label_keys, self.label_classes, self.label_targets)
         plan = AttentionPlan(reweighting=reweighting, targets=self.targets if reweighting is not None else None,
-                             blocks=blocks, key_bias=self.key_bias)
+                             blocks=blocks, key_bias=self.key_bias,
+                             target_window=self.shape.span if blocks is not None and reweighting is not None else None)
         cache = dynamic_cache(*self.kv, self.lm.model.config) if slots else None
         out = self.lm.model.base_model(input_ids=self.input_ids[None], attention_mask=mask,
                                        position_ids=self.position_ids[None], cache=cache,

@@ -190,6 +190,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/gpu.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     work = Path(tempfile.mkdtemp(prefix="anchorserve-gpu-"))
     if args.dummy_weights:
         args.model = dummy_model(args.model, work / "model")
