@@ -39,6 +39,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from anchor_cache import fused
+
 ATTENTION_NAME = "anchor"
 
 
@@ -183,6 +185,8 @@ class AttentionPlan:
     target_window: W, when no row is longer: a re-weighted target's softmax is then taken over
         the cache slots and the W tokens ending at it (every key its row may see) instead of over
         the whole packed sequence, which at batch 256 is ~8,000 keys for each of 256 targets.
+    target_entries: with a target window, the most re-weighted entries any target has (the fused
+        kernel's block, fused.py).
     targets: (B,) query index of each row's last token, the q of re-weighting and capture; filled
         in by the forward, which knows the padding. (B, R): R targets per batch row (a packed
         forward). Targets are flattened row-major to N = B·R; captures are indexed by that order.
@@ -199,6 +203,7 @@ class AttentionPlan:
     explicit: bool = False
     blocks: Blocks | None = None
     target_window: int | None = None
+    target_entries: int = 0
     targets: torch.Tensor | None = None
     capture: Capture = field(default_factory=Capture)
 
@@ -240,6 +245,18 @@ class AttentionPlan:
         e_target, e_key, _ = self.reweight_entries
         local = torch.where(e_key < slots, e_key, e_key - first[e_target])
         return keys, allowed, local
+
+    @cached_property
+    def entry_offsets(self) -> torch.Tensor:
+        """(N + 1,) where each target's re-weighted entries start; a packed forward lays them out
+        sorted by target (packed.pack_reweighting)."""
+        e_target = self.reweight_entries[0]
+        return torch.searchsorted(e_target, torch.arange(self.target_index[1].shape[0] + 1, device=e_target.device))
+
+    @cached_property
+    def beta_scale(self) -> torch.Tensor:
+        """(L, Hq, C) float32 exp(β) − 1 of every layer, once per forward."""
+        return torch.exp(self.reweighting.beta).float() - 1
 
     @cached_property
     def target_mask(self) -> torch.Tensor:
@@ -452,7 +469,14 @@ def anchor_attention(
             dense_mask = _with_bias(allowed, bias[:, None, None, :], query.dtype)
         out, _ = sdpa_attention_forward(module, query, key, value, dense_mask, dropout=dropout, scaling=scaling,
                                         **kwargs)
-    if plan.reweighting is not None or plan.capture_target_weights:
+    if plan.reweighting is not None and plan.target_window is not None and fused.available(query):
+        keys, allowed, local = plan.window_keys
+        out = fused.reweight_in_place(out, query, key, value, keys, allowed, plan.target_index[1], plan.entry_offsets,
+                                      local, plan.reweight_entries[2], plan.beta_scale[module.layer_idx],
+                                      bias[0] if bias is not None else None,
+                                      scaling if scaling is not None else query.shape[-1] ** -0.5,
+                                      plan.target_entries)
+    elif plan.reweighting is not None or plan.capture_target_weights:
         if plan.target_window is not None:
             weights = window_row_weights(query, key, plan, scaling, bias)
         else:

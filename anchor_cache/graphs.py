@@ -9,13 +9,13 @@ written before each replay:
 - tokens: the rows' tokens, then padding tokens up to a size on a grid of four per octave (so
   padding costs at most a quarter); the padding forms one more row, which sees only itself.
 - spans: the sequence is cut into fixed spans of `span` tokens (the next power of two above the
-  longest row, 64 at least), each span's queries seeing every cache slot and the 2·span tokens
-  that end with its own, so a row that crosses into the next span still sees its earlier tokens;
-  the mask inside is the eager path's, computed from the segments. A batch of one span gets the
-  dense mask.
+  longest row, 64 at least; a short batch is one span), each span's queries seeing every cache
+  slot and the 2·span tokens that end with its own, so a row that crosses into the next span still
+  sees its earlier tokens; the mask inside is the eager path's, computed from the segments.
 - slots: the distinct caches one after another, then padding slots of a cache no token has.
 - re-weighting: the rows' entries, then entries on a padding token's target; β's classes padded
-  with zeros.
+  with zeros. Each target's softmax is taken over its window only (`AttentionPlan.target_window`),
+  and on CUDA the correction is one Triton kernel per layer (fused.py).
 
 A batch whose shape has no graph yet runs the same static forward eagerly to capture one (a few
 hundred ms once per shape, `MAX_GRAPHS` kept, all sharing one memory pool). Off CUDA the static
@@ -31,6 +31,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from anchor_cache.attention import AttentionPlan, Blocks, Reweighting, Segments
@@ -61,10 +62,11 @@ class Shape:
     """What a captured forward is fixed to; every batch that rounds up to it replays one graph."""
 
     tokens: int
-    span: int  # query tokens per span; equal to `tokens`: one span under the dense mask
+    span: int  # query tokens per span; equal to `tokens`: one span
     slots: int  # cache slots; 0: no cache
     targets: int  # re-weighted targets; 0: no re-weighting
     entries: int
+    per_target: int  # the most entries of one target: its rows' most label keys, a power of two
     classes: int
     beta_dtype: torch.dtype | None
     key_bias: bool
@@ -88,6 +90,7 @@ class Shape:
             slots=round_up(layout.num_slots, 16) if layout.num_slots else 0,
             targets=round_up(len(weighted) + 1, 8) if weighted else 0,  # + 1: padding entries' target
             entries=round_up(sum(rw.label_keys.shape[0] for rw in weighted), 16) if weighted else 0,
+            per_target=1 << (max(rw.label_keys.shape[0] for rw in weighted) - 1).bit_length() if weighted else 0,
             classes=round_up(sum(b.shape[2] for b in betas.values()), 8) if weighted else 0,
             beta_dtype=next(iter(betas.values())).dtype if weighted else None,
             key_bias=any(c.key_bias is not None for c in layout.caches),
@@ -118,7 +121,7 @@ class StaticForward:
             self.targets = torch.zeros(1, shape.targets, dtype=torch.long, device=device)
             self.label_keys, self.label_classes, self.label_targets = torch.zeros(
                 3, shape.entries, dtype=torch.long, device=device)
-        self._spans = self._span_indices() if shape.span < tokens else None
+        self._spans = self._span_indices()
         self.graph: torch.cuda.CUDAGraph | None = None
         self._output: torch.Tensor | None = None
 
@@ -136,25 +139,26 @@ class StaticForward:
         """Write a batch into the buffers (one copy for every index, K/V only when the caches changed)."""
         tokens, slots = self.shape.tokens, self.shape.slots
         real = len(layout.input_ids)
-        counts = torch.tensor([*layout.lengths, tokens - real])
-        query_row = torch.arange(len(counts)).repeat_interleave(counts)
-        query_cache = torch.tensor([*layout.row_cache, -1]).repeat_interleave(counts)
-        sizes = torch.tensor([c.num_tokens for c in layout.caches], dtype=torch.long)
-        slot_cache = torch.full((slots,), NO_CACHE)
-        slot_cache[: layout.num_slots] = torch.arange(len(sizes)).repeat_interleave(sizes)
-        ints = torch.zeros(self._ints.shape[0], dtype=torch.long)
-        ints[:real] = torch.tensor(layout.input_ids)
-        ints[tokens : tokens + real] = torch.tensor(layout.positions)
-        ints[2 * tokens :] = torch.cat([query_row, query_cache, torch.full((slots,), -1), query_row,
-                                        slot_cache, torch.full((tokens,), -2)])
-        self._ints.copy_(ints)
+        # numpy builds these a few times faster than torch.tensor from lists (a batch-256 cost on the host)
+        counts = np.array([*layout.lengths, tokens - real])
+        query_row = np.repeat(np.arange(len(counts)), counts)
+        slot_cache = np.full(slots, NO_CACHE)
+        slot_cache[: layout.num_slots] = np.repeat(np.arange(len(layout.caches)), [c.num_tokens for c in layout.caches])
+        ints = np.zeros(self._ints.shape[0], dtype=np.int64)
+        ints[:real] = layout.input_ids
+        ints[tokens : tokens + real] = layout.positions
+        ints[2 * tokens :] = np.concatenate([query_row, np.repeat([*layout.row_cache, -1], counts), np.full(slots, -1),
+                                             query_row, slot_cache, np.full(tokens, -2)])
+        self._ints.copy_(torch.from_numpy(ints))
         if tuple(map(id, layout.caches)) != tuple(map(id, self._caches)):
             for cache, slots_of in zip(layout.caches, layout.cache_slots, strict=True):
                 for buffers, tensors in zip(self.kv, (cache.keys, cache.values), strict=True):
                     for buffer, tensor in zip(buffers, tensors, strict=True):
                         buffer[:, :, slots_of.start : slots_of.stop].copy_(tensor)
             if self.key_bias is not None:
-                self.key_bias.copy_(key_bias_row(layout.caches, slots - layout.num_slots + tokens))
+                # rounded as the attention rounds it (to the model's dtype), once here rather than per layer
+                bias = key_bias_row(layout.caches, slots - layout.num_slots + tokens)
+                self.key_bias.copy_(bias.to(self.lm.model.dtype))
             self._caches = tuple(layout.caches)
         if self.shape.targets:
             self._fill_reweighting(layout, rows)
@@ -177,22 +181,18 @@ class StaticForward:
         """(T, hidden) final-norm hidden states of the whole padded sequence, from the buffers alone."""
         tokens, slots = self.shape.tokens, self.shape.slots
         segments = Segments(self.query_row, self.query_cache, self.key_row, self.key_cache)
-        blocks = None
-        if self._spans is not None:
-            queries, keys, real = self._spans
-            allowed = (segments.allowed(queries, keys) & real[:, None, :])[:, None]
-            blocks = Blocks(spans=(), queries=queries, keys=keys, allowed=allowed, order=queries.reshape(-1),
-                            segments=segments)
-            mask = torch.zeros(1, 1, 1, 1, dtype=torch.bool, device=self.lm.device).expand(1, 1, tokens, slots + tokens)
-        else:
-            keys = torch.arange(slots + tokens, device=self.lm.device)
-            mask = segments.allowed(keys[:tokens], keys)[None, None]
+        queries, keys, real = self._spans
+        allowed = (segments.allowed(queries, keys) & real[:, None, :])[:, None]
+        blocks = Blocks(spans=(), queries=queries, keys=keys, allowed=allowed, order=queries.reshape(-1),
+                        segments=segments)
+        mask = torch.zeros(1, 1, 1, 1, dtype=torch.bool, device=self.lm.device).expand(1, 1, tokens, slots + tokens)
         reweighting = None
         if self.shape.targets:
             reweighting = Reweighting(self.beta, self.label_keys, self.label_classes, self.label_targets)
         plan = AttentionPlan(reweighting=reweighting, targets=self.targets if reweighting is not None else None,
                              blocks=blocks, key_bias=self.key_bias,
-                             target_window=self.shape.span if blocks is not None and reweighting is not None else None)
+                             target_window=self.shape.span if reweighting is not None else None,
+                             target_entries=self.shape.per_target)
         cache = dynamic_cache(*self.kv, self.lm.model.config) if slots else None
         out = self.lm.model.base_model(input_ids=self.input_ids[None], attention_mask=mask,
                                        position_ids=self.position_ids[None], cache=cache,

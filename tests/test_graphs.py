@@ -54,7 +54,7 @@ def test_mixed_batch_in_spans_equals_each_row_alone(tiny_lm, mixed):
     assert graphs.captured == 0  # no CUDA here: the static forward ran eagerly
 
 
-def test_one_short_row_uses_the_dense_mask(tiny_lm):
+def test_one_short_row_is_one_span(tiny_lm):
     clf = Classifier(tiny_lm, sentiment_task())
     beta = _beta(clf, 3)
     ids = clf.prompt.encode(QUERIES[0])
