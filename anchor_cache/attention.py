@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import numpy as np
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
@@ -58,6 +59,11 @@ class Reweighting:
     label_keys: torch.Tensor  # (P,) key index of each demonstration label word (cache slot or position)
     label_classes: torch.Tensor  # (P,) its class: several demonstrations of one class share one β
     label_targets: torch.Tensor | None = None  # (P,) target of each entry; None: every target
+
+    @cached_property  # once per Reweighting: tasks keep theirs, so this copy is not per request
+    def host_labels(self) -> tuple[np.ndarray, np.ndarray]:
+        """`label_keys` and `label_classes` on the host, for packing on the CPU (packed.Entries)."""
+        return self.label_keys.cpu().numpy(), self.label_classes.cpu().numpy()
 
     def entries(self, n_targets: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(E,) target, key and class of every scaled weight."""
@@ -249,7 +255,7 @@ class AttentionPlan:
     @cached_property
     def entry_offsets(self) -> torch.Tensor:
         """(N + 1,) where each target's re-weighted entries start; a packed forward lays them out
-        sorted by target (packed.pack_reweighting)."""
+        sorted by target (packed.Entries)."""
         e_target = self.reweight_entries[0]
         return torch.searchsorted(e_target, torch.arange(self.target_index[1].shape[0] + 1, device=e_target.device))
 

@@ -37,7 +37,7 @@ import torch
 from anchor_cache.attention import AttentionPlan, Blocks, Reweighting, Segments
 from anchor_cache.cache import AnchorCache, dynamic_cache, key_bias_row
 from anchor_cache.models import LoadedModel
-from anchor_cache.packed import Layout, PackedRow, pack_reweighting
+from anchor_cache.packed import Entries, Layout, PackedRow
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +105,11 @@ class StaticForward:
         self.lm, self.shape = lm, shape
         device, tokens, slots = lm.device, shape.tokens, shape.slots
         # the integer inputs, views of one buffer so that a batch's indices arrive in one copy
-        self._ints = torch.zeros(4 * tokens + 2 * (slots + tokens), dtype=torch.long, device=device)
-        self.input_ids, self.position_ids, self.query_row, self.query_cache, self.key_row, self.key_cache = (
-            self._ints.split([tokens] * 4 + [slots + tokens] * 2))
+        sizes = [tokens] * 4 + [slots + tokens] * 2 + [shape.targets] + [shape.entries] * 3
+        self._ints = torch.zeros(sum(sizes), dtype=torch.long, device=device)
+        (self.input_ids, self.position_ids, self.query_row, self.query_cache, self.key_row, self.key_cache,
+         self.targets, self.label_keys, self.label_classes, self.label_targets) = self._ints.split(sizes)
+        self._reweighting_at = 4 * tokens + 2 * (slots + tokens)
         self.kv: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         if slots:
             for part, tensors in zip(self.kv, (reference.keys, reference.values), strict=True):
@@ -115,12 +117,10 @@ class StaticForward:
                             for t in tensors)
         self._caches: tuple[AnchorCache, ...] = ()  # whose K/V the buffers hold now
         self.key_bias = torch.zeros(1, slots + tokens, device=device) if shape.key_bias else None
+        self._betas: tuple[torch.Tensor, ...] = ()  # whose columns the β buffer holds now
         if shape.targets:
             layers, heads = beta_shape
             self.beta = torch.zeros(layers, heads, shape.classes, dtype=shape.beta_dtype, device=device)
-            self.targets = torch.zeros(1, shape.targets, dtype=torch.long, device=device)
-            self.label_keys, self.label_classes, self.label_targets = torch.zeros(
-                3, shape.entries, dtype=torch.long, device=device)
         self._spans = self._span_indices()
         self.graph: torch.cuda.CUDAGraph | None = None
         self._output: torch.Tensor | None = None
@@ -147,8 +147,11 @@ class StaticForward:
         ints = np.zeros(self._ints.shape[0], dtype=np.int64)
         ints[:real] = layout.input_ids
         ints[tokens : tokens + real] = layout.positions
-        ints[2 * tokens :] = np.concatenate([query_row, np.repeat([*layout.row_cache, -1], counts), np.full(slots, -1),
-                                             query_row, slot_cache, np.full(tokens, -2)])
+        ints[2 * tokens : self._reweighting_at] = np.concatenate([
+            query_row, np.repeat([*layout.row_cache, -1], counts), np.full(slots, -1), query_row, slot_cache,
+            np.full(tokens, -2)])
+        if self.shape.targets:
+            self._fill_reweighting(layout, rows, ints[self._reweighting_at :])
         self._ints.copy_(torch.from_numpy(ints))
         if tuple(map(id, layout.caches)) != tuple(map(id, self._caches)):
             for cache, slots_of in zip(layout.caches, layout.cache_slots, strict=True):
@@ -160,22 +163,25 @@ class StaticForward:
                 bias = key_bias_row(layout.caches, slots - layout.num_slots + tokens)
                 self.key_bias.copy_(bias.to(self.lm.model.dtype))
             self._caches = tuple(layout.caches)
-        if self.shape.targets:
-            self._fill_reweighting(layout, rows)
 
-    def _fill_reweighting(self, layout: Layout, rows: Sequence[PackedRow]) -> None:
-        rw, targets = pack_reweighting(rows, layout.row_slots(), layout.starts, layout.ends, self.shape.slots,
-                                       self.lm.device)
-        count, entries, classes = targets.shape[1], rw.label_keys.shape[0], rw.beta.shape[2]
-        padding_key = self.shape.slots + self.shape.tokens - 1  # the last padding token, whose row is padding
-        for buffer, values, pad in ((self.label_keys, rw.label_keys, padding_key), (self.label_classes,
-                                    rw.label_classes, 0), (self.label_targets, rw.label_targets, count)):
-            buffer[:entries].copy_(values)
-            buffer[entries:].fill_(pad)
-        self.targets[:, :count].copy_(targets)
-        self.targets[:, count:].fill_(self.shape.tokens - 1)
-        self.beta[..., :classes].copy_(rw.beta)
-        self.beta[..., classes:].zero_()
+    def _fill_reweighting(self, layout: Layout, rows: Sequence[PackedRow], ints: np.ndarray) -> None:
+        """The entries, padded with entries of a padding target on the last padding token, into `ints`
+        (targets, keys, classes, entry targets); β's columns only when the rows' β changed."""
+        shape = self.shape
+        entries = Entries.of(rows, layout, shape.slots)
+        count = len(entries.positions)
+        padding_token = shape.tokens - 1  # in the padding row, so whatever lands there is dropped
+        targets, keys, classes, entry_targets = np.split(ints, np.cumsum([shape.targets] + [shape.entries] * 2))
+        for buffer, values, pad in ((targets, entries.positions, padding_token),
+                                    (keys, entries.keys, shape.slots + padding_token), (classes, entries.classes, 0),
+                                    (entry_targets, entries.targets, count)):
+            buffer[: len(values)] = values
+            buffer[len(values) :] = pad
+        if tuple(map(id, entries.betas)) != tuple(map(id, self._betas)):
+            beta = entries.beta
+            self.beta[..., : beta.shape[2]].copy_(beta)
+            self.beta[..., beta.shape[2] :].zero_()
+            self._betas = tuple(entries.betas)
 
     def compute(self) -> torch.Tensor:
         """(T, hidden) final-norm hidden states of the whole padded sequence, from the buffers alone."""
@@ -189,7 +195,7 @@ class StaticForward:
         reweighting = None
         if self.shape.targets:
             reweighting = Reweighting(self.beta, self.label_keys, self.label_classes, self.label_targets)
-        plan = AttentionPlan(reweighting=reweighting, targets=self.targets if reweighting is not None else None,
+        plan = AttentionPlan(reweighting=reweighting, targets=self.targets[None] if reweighting is not None else None,
                              blocks=blocks, key_bias=self.key_bias,
                              target_window=self.shape.span if reweighting is not None else None,
                              target_entries=self.shape.per_target)

@@ -46,6 +46,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+import numpy as np
 import torch
 from transformers import DynamicCache
 
@@ -209,7 +210,7 @@ def pack(lm: LoadedModel, rows: Sequence[PackedRow], block_tokens: int | str | N
         mask = torch.zeros(1, 1, 1, 1, dtype=torch.bool, device=device).expand(1, 1, total, num_slots + total)
     starts, ends = layout.starts, layout.ends
     first, last = torch.tensor([starts, [end - 1 for end in ends]], device=device)  # (B,) each
-    reweighting, targets = pack_reweighting(rows, layout.row_slots(), starts, ends, num_slots, device)
+    reweighting, targets = pack_reweighting(rows, layout, num_slots, device)
     distinct = layout.caches
     return PackedBatch(
         input_ids=torch.tensor([layout.input_ids], device=device),
@@ -225,48 +226,65 @@ def pack(lm: LoadedModel, rows: Sequence[PackedRow], block_tokens: int | str | N
     )
 
 
-def pack_reweighting(
-    rows: Sequence[PackedRow], row_slots: list[range], token_start: list[int], ends: list[int], num_slots: int,
-    device: torch.device,
-) -> tuple[Reweighting | None, torch.Tensor | None]:
-    """Every re-weighted row's (target, key, class) entries in packed coordinates, and the targets.
+@dataclass(frozen=True)
+class Entries:
+    """Every re-weighted row's (target, key, class) entries in packed coordinates, on the host.
 
     Rows sharing one Reweighting object (a task's β) are translated together; rows sharing one β
-    tensor share its columns of the concatenated β. Device work is per Reweighting, not per row."""
-    groups: dict[int, tuple[Reweighting, list[int]]] = {}
-    for i, row in enumerate(rows):
-        if row.reweighting is not None:
-            if row.reweighting.label_targets is not None:
-                raise ValueError("a packed row's re-weighting must not name targets")
-            groups.setdefault(id(row.reweighting), (row.reweighting, []))[1].append(i)
-    if not groups:
+    tensor share its columns of the concatenated β. Entries are sorted by target."""
+
+    keys: np.ndarray  # (E,) packed key: cache slot, or num_slots + token
+    classes: np.ndarray  # (E,) column of the concatenated β
+    targets: np.ndarray  # (E,) index into `positions`
+    positions: np.ndarray  # (R,) each re-weighted row's last token
+    betas: list[torch.Tensor]  # the distinct β, in column order
+
+    @classmethod
+    def of(cls, rows: Sequence[PackedRow], layout: Layout, num_slots: int) -> Entries | None:
+        """None when no row is re-weighted; `num_slots`: where tokens' keys start."""
+        groups: dict[int, tuple[Reweighting, list[int]]] = {}
+        for i, row in enumerate(rows):
+            if row.reweighting is not None:
+                if row.reweighting.label_targets is not None:
+                    raise ValueError("a packed row's re-weighting must not name targets")
+                groups.setdefault(id(row.reweighting), (row.reweighting, []))[1].append(i)
+        if not groups:
+            return None
+        row_slots, starts, ends = layout.row_slots(), layout.starts, layout.ends
+        betas: dict[int, tuple[int, torch.Tensor]] = {}  # id(beta) -> (first column, beta)
+        columns, done = 0, 0
+        keys, classes, targets, positions = [], [], [], []
+        for rw, members in groups.values():
+            if id(rw.beta) not in betas:
+                betas[id(rw.beta)] = (columns, rw.beta)
+                columns += rw.beta.shape[2]
+            label_keys, label_classes = rw.host_labels
+            k = label_keys[None, :]  # (1, P): row-relative, cache slots first
+            cached = np.array([len(row_slots[i]) for i in members])[:, None]
+            first_slot = np.array([row_slots[i].start for i in members])[:, None]
+            first_key = np.array([num_slots + starts[i] for i in members])[:, None]
+            keys.append(np.where(k < cached, first_slot + k, first_key + k - cached).reshape(-1))
+            classes.append(np.tile(label_classes + betas[id(rw.beta)][0], len(members)))
+            targets.append(np.repeat(np.arange(done, done + len(members)), k.shape[1]))
+            positions.extend(ends[i] - 1 for i in members)
+            done += len(members)
+        return cls(np.concatenate(keys), np.concatenate(classes), np.concatenate(targets), np.array(positions),
+                   [b for _, b in betas.values()])
+
+    @property
+    def beta(self) -> torch.Tensor:
+        return self.betas[0] if len(self.betas) == 1 else torch.cat(self.betas, dim=2)
+
+
+def pack_reweighting(rows: Sequence[PackedRow], layout: Layout, num_slots: int, device: torch.device
+                     ) -> tuple[Reweighting | None, torch.Tensor | None]:
+    """The rows' entries (`Entries`) as one Reweighting on the device, and its (1, R) targets."""
+    entries = Entries.of(rows, layout, num_slots)
+    if entries is None:
         return None, None
-    reweighted = [i for _, members in groups.values() for i in members]  # target order: group by group
-    # (3, R, 1) per re-weighted row: its cache slots, its first cache slot, its first token's key
-    offsets = torch.tensor([[len(row_slots[i]) for i in reweighted], [row_slots[i].start for i in reweighted],
-                            [num_slots + token_start[i] for i in reweighted]], device=device)[..., None]
-    betas: dict[int, tuple[int, torch.Tensor]] = {}  # id(beta) -> (first column, beta)
-    columns, done = 0, 0
-    keys, classes, targets = [], [], []
-    for rw, members in groups.values():
-        if id(rw.beta) not in betas:
-            betas[id(rw.beta)] = (columns, rw.beta)
-            columns += rw.beta.shape[2]
-        offset = betas[id(rw.beta)][0]
-        m, start, tokens = offsets[:, done : done + len(members)]  # (G, 1) each
-        k = rw.label_keys.to(device)[None, :]  # (1, P): row-relative, cache slots first
-        keys.append(torch.where(k < m, start + k, tokens + k - m).reshape(-1))
-        classes.append((rw.label_classes.to(device) + offset).repeat(len(members)))
-        targets.append(torch.arange(done, done + len(members), device=device).repeat_interleave(k.shape[1]))
-        done += len(members)
-    beta = [b for _, b in betas.values()]
-    packed = Reweighting(
-        beta=beta[0] if len(beta) == 1 else torch.cat(beta, dim=2),
-        label_keys=torch.cat(keys),
-        label_classes=torch.cat(classes),
-        label_targets=torch.cat(targets),
-    )
-    return packed, torch.tensor([[ends[i] - 1 for i in reweighted]], device=device)
+    index = torch.from_numpy(np.stack([entries.keys, entries.classes, entries.targets])).to(device)
+    packed = Reweighting(beta=entries.beta, label_keys=index[0], label_classes=index[1], label_targets=index[2])
+    return packed, torch.from_numpy(entries.positions[None]).to(device)
 
 
 def _forward(lm: LoadedModel, batch: PackedBatch, explicit: bool, all_layers: bool):
