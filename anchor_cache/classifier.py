@@ -289,9 +289,15 @@ class Classifier:
     def packed_row(self, ids: Sequence[int], method: Method | str, beta: torch.Tensor | None = None) -> PackedRow:
         """One tokenised query of this task as a row for `packed_label_logits`, which may pack it with
         rows of other tasks; its logits are over this task's labels (calibration stays with the caller)."""
+        return self.packed_rows([ids], method, beta)[0]
+
+    def packed_rows(self, queries: Sequence[Sequence[int]], method: Method | str, beta: torch.Tensor | None = None
+                    ) -> list[PackedRow]:
+        """`packed_row` of each query, sharing one lookup of what the rows have in common."""
         rw = self.reweighting(method, beta) if beta is not None else None
-        return PackedRow(prefix=self.prefix(method), ids=tuple(ids), label_ids=tuple(self.prompt.label_ids),
-                         reweighting=rw, head=self.head(method, beta))
+        prefix, labels, head = self.prefix(method), tuple(self.prompt.label_ids), self.head(method, beta)
+        return [PackedRow(prefix=prefix, ids=tuple(ids), label_ids=labels, reweighting=rw, head=head)
+                for ids in queries]
 
     @torch.inference_mode()
     def hidden_states(

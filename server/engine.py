@@ -56,13 +56,31 @@ def fit_threads(settings: Settings) -> None:
              " (the torch_threads setting)" if settings.torch_threads else "")
 
 
-def scores_of(served: ServedTask, method: Method, logits: torch.Tensor) -> Scores:
-    """A request's (N, C) logits as Scores: calibrated log-probabilities (the raw ones beside them)
-    for the task's own method when it is calibrated, raw ones otherwise."""
-    calibrated = served.content_free is not None and method == served.spec.method
-    logprobs = torch.log_softmax(served.scores(logits, method), -1)
-    raw = torch.log_softmax(logits, -1).tolist() if calibrated else None
-    return Scores(logits=logits.tolist(), logprobs=logprobs.tolist(), raw_logprobs=raw)
+def score_parts(work: list[Work], parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each part's (n, 2 or 3, C) rows on the host: its logits; its log-probabilities, calibrated for
+    the task's own method when the task is calibrated; and then the raw log-probabilities. One
+    log-softmax per (task, method) of the batch, on the model thread, rather than per request on
+    the event loop."""
+    groups: dict[tuple[int, Method], list[int]] = {}
+    for i, w in enumerate(work):
+        groups.setdefault((id(w.task), w.method), []).append(i)
+    scored: list[torch.Tensor | None] = [None] * len(parts)
+    for (_, method), members in groups.items():
+        served: ServedTask = work[members[0]].task
+        logits = torch.cat([parts[i] for i in members])
+        rows = [logits, torch.log_softmax(served.scores(logits, method), -1)]
+        if served.content_free is not None and method == served.spec.method:
+            rows.append(torch.log_softmax(logits, -1))
+        for i, part in zip(members, torch.stack(rows, 1).split([parts[i].shape[0] for i in members]), strict=True):
+            scored[i] = part
+    return scored
+
+
+def scores_of(part: torch.Tensor) -> Scores:
+    """A request's `score_parts` rows as Scores."""
+    rows = part.tolist()
+    return Scores(logits=[r[0] for r in rows], logprobs=[r[1] for r in rows],
+                  raw_logprobs=[r[2] for r in rows] if part.shape[1] == 3 else None)
 
 
 class Engine:
@@ -209,15 +227,16 @@ class Engine:
         served: ServedTask = view.handle
         cached = served.anchor_tokens if method in CACHED_METHODS else 0
         attended = cached + view.prefix_tokens(method)
-        logits = self.scheduler.submit(served, method, queries, attended, deadline)
+        scored = self.scheduler.submit(served, method, queries, attended, deadline)
         # Cancelled: the scheduler skips what has not reached the model yet.
-        return derived(logits, lambda done: scores_of(served, method, done), logits.cancel)
+        return derived(scored, scores_of, scored.cancel)
 
     @torch.inference_mode()
     def _run_batch(self, work: list[Work]) -> list[torch.Tensor]:
         """One packed forward for every row of every part, whatever their tasks and methods; the
-        logits come to the host in one copy, as float32."""
-        rows = [w.task.classifier.packed_row(q, w.method, w.task.beta_for(w.method)) for w in work for q in w.queries]
+        logits come to the host in one copy, as float32, and are scored there (`score_parts`)."""
+        rows = [row for w in work
+                for row in w.task.classifier.packed_rows(w.queries, w.method, w.task.beta_for(w.method))]
         logits = packed_label_logits(self.lm, rows, graphs=self.graphs)
         host = torch.cat([row.float().reshape(-1) for row in logits]).cpu()
         parts, start, row = [], 0, 0
@@ -226,7 +245,7 @@ class Engine:
             parts.append(host[start : start + len(w.queries) * width].view(len(w.queries), width))
             start += len(w.queries) * width
             row += len(w.queries)
-        return parts
+        return score_parts(work, parts)
 
     # --- building tasks -------------------------------------------------------------------------
 
