@@ -35,13 +35,18 @@ def usable_cpus(root: Path = CGROUP) -> int:
     return cpus if quota is None else max(1, min(cpus, math.floor(quota)))
 
 
-def torch_threads(usable: int, http_processes: int) -> int:
+def torch_threads(usable: int, http_processes: int, gpu: bool = False) -> int:
     """Intra-op threads for the model beside `http_processes` HTTP processes (the model process's
     own event loop counts as one): one CPU each for them, the rest for torch, at least one. On this
     project's 2-core bench, beside two CPU-bound neighbours, the default model kept 34.1 req/s with
     one torch thread and fell to 6.4 with two (each parallel region waits for its descheduled
-    thread); alone, two threads were 1.44× faster. The default takes the rule that never collapses."""
-    return max(1, usable - http_processes)
+    thread); alone, two threads were 1.44× faster. The default takes the rule that never collapses.
+
+    On a GPU, one: the forward runs on the device, torch's CPU pool only serves the batch's small
+    host-side operations, and its OpenMP workers spin after each one. On a 16-CPU H200 host seven
+    such workers held seven cores at 100% in the engine core (top -H, py-spy) while eight frontends
+    and the load generator needed them."""
+    return 1 if gpu else max(1, usable - http_processes)
 
 
 def api_servers_for(usable: int) -> int:

@@ -48,12 +48,13 @@ def fit_threads(settings: Settings) -> None:
     build apps keep their own setting."""
     usable = usable_cpus()
     http = max(1, settings.api_servers)
-    threads = settings.torch_threads or torch_threads(usable, http)
+    gpu = settings.device.startswith("cuda") or (settings.device == "auto" and torch.cuda.is_available())
+    threads = settings.torch_threads or torch_threads(usable, http, gpu)
     torch.set_num_threads(threads)
     with contextlib.suppress(RuntimeError):  # settable only before torch's first parallel work
         torch.set_num_interop_threads(1)
-    log.info("torch runs %d thread(s): %d usable CPU(s), %d HTTP process(es)%s", threads, usable, http,
-             " (the torch_threads setting)" if settings.torch_threads else "")
+    log.info("torch runs %d thread(s): %d usable CPU(s), %d HTTP process(es)%s%s", threads, usable, http,
+             ", the model on a GPU" if gpu else "", " (the torch_threads setting)" if settings.torch_threads else "")
 
 
 def score_parts(work: list[Work], parts: list[torch.Tensor]) -> list[torch.Tensor]:

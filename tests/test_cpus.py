@@ -36,6 +36,7 @@ def test_usable_cpus_follow_the_quota_below_the_affinity(tmp_path):
 
 def test_torch_leaves_a_cpu_to_each_http_process():
     assert [torch_threads(16, 4), torch_threads(2, 1), torch_threads(2, 2), torch_threads(1, 1)] == [12, 1, 1, 1]
+    assert torch_threads(16, 8, gpu=True) == 1  # host-side work only; spinning workers would take the frontends' CPUs
 
 
 def test_frontends_follow_the_machine():
