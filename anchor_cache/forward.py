@@ -16,12 +16,23 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from anchor_cache.attention import AttentionPlan
 from anchor_cache.cache import AnchorCache, key_bias_row
 from anchor_cache.errors import ValidationError
 from anchor_cache.models import LoadedModel
+
+
+def to_device(values: Sequence | np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host numbers as a tensor on `device`. To a GPU through pinned memory without blocking, so the
+    host does not wait for the device's queue to drain (as a plain copy does): the server prepares
+    the next batch while the device still runs the last one (server/engine.py)."""
+    tensor = torch.as_tensor(values)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass(frozen=True)
@@ -85,7 +96,7 @@ def last_hidden(
 def label_logits(lm: LoadedModel, hidden: torch.Tensor, label_ids: Sequence[int]) -> torch.Tensor:
     """(B, C) logits of the label words only: C rows of the LM head instead of the whole vocabulary."""
     head = lm.model.get_output_embeddings()
-    index = torch.tensor(list(label_ids), device=hidden.device)
+    index = to_device(list(label_ids), hidden.device)
     logits = hidden @ head.weight.index_select(0, index).T
     if getattr(head, "bias", None) is not None:
         logits = logits + head.bias.index_select(0, index)

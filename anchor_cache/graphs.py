@@ -36,6 +36,7 @@ import torch
 
 from anchor_cache.attention import AttentionPlan, Blocks, Reweighting, Segments
 from anchor_cache.cache import AnchorCache, dynamic_cache, key_bias_row
+from anchor_cache.forward import to_device
 from anchor_cache.models import LoadedModel
 from anchor_cache.packed import Entries, Layout, PackedRow
 
@@ -152,7 +153,7 @@ class StaticForward:
             np.full(tokens, -2)])
         if self.shape.targets:
             self._fill_reweighting(layout, rows, ints[self._reweighting_at :])
-        self._ints.copy_(torch.from_numpy(ints))
+        self._ints.copy_(to_device(ints, self.lm.device))
         if tuple(map(id, layout.caches)) != tuple(map(id, self._caches)):
             for cache, slots_of in zip(layout.caches, layout.cache_slots, strict=True):
                 for buffers, tensors in zip(self.kv, (cache.keys, cache.values), strict=True):
@@ -254,7 +255,7 @@ class PackedGraphs:
         forward.fill(layout, rows)
         if self.capture and forward.graph is None and shape not in self._failed:
             self._capture(forward)
-        last = torch.tensor([end - 1 for end in layout.ends], device=self.lm.device)
+        last = to_device([end - 1 for end in layout.ends], self.lm.device)
         return forward.run().index_select(0, last)
 
     def _forward(self, shape: Shape, layout: Layout, rows: Sequence[PackedRow]) -> StaticForward:

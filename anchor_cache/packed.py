@@ -53,7 +53,7 @@ from transformers import DynamicCache
 from anchor_cache.attention import AttentionPlan, Blocks, Reweighting, Segments
 from anchor_cache.cache import AnchorCache, concat_dynamic_cache, key_bias_row
 from anchor_cache.errors import ValidationError
-from anchor_cache.forward import Prefix, label_logits
+from anchor_cache.forward import Prefix, label_logits, to_device
 from anchor_cache.heads import FeatureLayers, Features, read_features
 from anchor_cache.models import LoadedModel
 
@@ -358,7 +358,7 @@ def packed_label_logits(
     results: list[torch.Tensor | None] = [None] * len(rows)
     for (labels, _), members in groups.items():
         head = rows[members[0]].head
-        index = torch.tensor(members, device=hidden.device)
+        index = to_device(members, hidden.device)
         logits = label_logits(lm, hidden[index], labels)
         if head is not None:  # never from graphs, which refuse heads
             features = read_features(states, first[index], last[index], head.layers)

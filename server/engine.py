@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -36,7 +37,7 @@ from anchor_cache.state import StateStore, TaskRecord
 from anchor_cache.task import Method, TaskSpec
 from server.engine_client import Scores, TaskView, derived, text_bytes_bound
 from server.metrics import Metrics
-from server.scheduler import BatchLimits, Scheduler, Work
+from server.scheduler import BatchLimits, Collect, Scheduler, Work
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -233,19 +234,36 @@ class Engine:
         return derived(scored, scores_of, scored.cancel)
 
     @torch.inference_mode()
-    def _run_batch(self, work: list[Work]) -> list[torch.Tensor]:
+    def _run_batch(self, work: list[Work]) -> list[torch.Tensor] | Collect:
         """One packed forward for every row of every part, whatever their tasks and methods; the
-        logits come to the host in one copy, as float32, and are scored there (`score_parts`)."""
+        logits come to the host in one copy, as float32, and are scored there (`score_parts`). On
+        a GPU the forward is only launched: the copy lands in pinned memory, and the scheduler
+        collects it after launching the next batch."""
         rows = [row for w in work
                 for row in w.task.classifier.packed_rows(w.queries, w.method, w.task.beta_for(w.method))]
         logits = packed_label_logits(self.lm, rows, graphs=self.graphs)
-        host = torch.cat([row.float().reshape(-1) for row in logits]).cpu()
-        parts, start, row = [], 0, 0
-        for w in work:
-            width = logits[row].numel()  # a part's rows share their task's label count
-            parts.append(host[start : start + len(w.queries) * width].view(len(w.queries), width))
-            start += len(w.queries) * width
-            row += len(w.queries)
+        flat = torch.cat([row.float().reshape(-1) for row in logits])
+        widths = [logits[row].numel() for row in itertools.accumulate((len(w.queries) for w in work[:-1]), initial=0)]
+        if not flat.is_cuda:
+            return self._scored(work, widths, flat)
+        host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+        host.copy_(flat, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+
+        def collect() -> list[torch.Tensor]:
+            copied.synchronize()
+            return self._scored(work, widths, host)
+
+        return collect
+
+    @staticmethod
+    def _scored(work: list[Work], widths: list[int], host: torch.Tensor) -> list[torch.Tensor]:
+        """The batch's flat host logits split into its parts (a part's rows share their task's
+        label count, `widths`), scored."""
+        sizes = [len(w.queries) * width for w, width in zip(work, widths, strict=True)]
+        parts = [part.view(len(w.queries), width)
+                 for part, w, width in zip(host.split(sizes), work, widths, strict=True)]
         return score_parts(work, parts)
 
     # --- building tasks -------------------------------------------------------------------------

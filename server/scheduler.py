@@ -21,6 +21,13 @@ waits for at most that. A full scheduler (`max_queued` requests in flight) refus
 If a forward fails, every request with rows in it fails with that error, once; the rest of the
 queue goes on.
 
+On a GPU a forward is only launched on the model thread (the engine returns a `Collect`), and the
+batching task launches the next batch before it collects the last: while the device runs forward
+k, the host prepares k + 1 (layout, one copy of its indices, its graph's replay queued behind k),
+then waits for k's logits and the event loop answers its requests. So the device is not left idle
+while the host works between batches. On the CPU the forward finishes on the model thread and its
+rows go out at once, as before.
+
 Threads that run the model. Three kinds of thread call the same model object:
 - this scheduler's model thread: every classification forward and every cache build (task
   start-up and admin builds, via `run_exclusive`), one at a time;
@@ -78,8 +85,19 @@ class Work:
 
 
 # Called on the model thread with the parts of one forward (possibly chunks of several requests, of
-# several tasks); returns each part's (rows, C) logits, C being that part's task's label count.
-RunBatch = Callable[[list[Work]], list[torch.Tensor]]
+# several tasks); returns each part's (rows, C) logits, C being that part's task's label count, or,
+# when the forward was only launched on a device, a `Collect` that waits for them.
+Collect = Callable[[], list[torch.Tensor]]
+RunBatch = Callable[[list[Work]], list[torch.Tensor] | Collect]
+
+
+@dataclass(frozen=True)
+class Launched:
+    """A batch whose forward runs on the device: collected after the next batch is launched."""
+
+    batch: list[Chunk]
+    collect: Collect
+    start: float  # time.perf_counter() at launch
 
 
 @dataclass(frozen=True)
@@ -240,29 +258,28 @@ class Scheduler:
         return sum(len(e.queries) - e.sent for e in self._queue)
 
     async def _batch_loop(self) -> None:
+        """Take a batch, launch it, then collect the batch launched before it: while the device runs
+        one forward, the model thread prepares the next and the event loop answers the last.
+        A forward that finishes on the model thread (the CPU) is delivered at once."""
         loop = asyncio.get_running_loop()
+        running: Launched | None = None
         while True:
-            await self._wake.wait()
-            self._wake.clear()
-            if self.limits.max_wait_s and self._queued_rows() < self.limits.max_batch_size:
-                await asyncio.sleep(self.limits.max_wait_s)  # let concurrent requests join the batch
-            while batch := self._take_batch():
-                try:
-                    await self._forward(batch, loop)
-                except Exception as exc:  # every request with rows in a failed batch gets the error, once
-                    if isinstance(exc, AnchorServeError):  # the caller's input: no traceback to flood the log
-                        log.info("forward of %d rows refused: %s", sum(c.stop - c.start for c in batch), exc)
-                    else:
-                        log.exception("forward of %d rows failed", sum(c.stop - c.start for c in batch))
-                    for chunk in batch:
-                        if not chunk.entry.future.done():
-                            chunk.entry.future.set_exception(exc)
+            if running is None and not self._queue:
+                if self._closing:
+                    return
+                await self._wake.wait()
+                self._wake.clear()
+                if self.limits.max_wait_s and self._queued_rows() < self.limits.max_batch_size:
+                    await asyncio.sleep(self.limits.max_wait_s)  # let concurrent requests join the batch
+            batch = self._take_batch()
+            launched = await self._launch(batch, loop) if batch else None
+            if running is not None:
+                await self._collect(running, loop)
+            running = launched
             self.metrics.queue_size.set(len(self._queue))
-            if self._closing and not self._queue:
-                return
 
-    async def _forward(self, batch: list[Chunk], loop: asyncio.AbstractEventLoop) -> None:
-        """Run one batch on the model thread and hand each request its rows."""
+    async def _launch(self, batch: list[Chunk], loop: asyncio.AbstractEventLoop) -> Launched | None:
+        """Run or launch one batch on the model thread; None when it is already answered (or failed)."""
         self.metrics.queue_size.set(len(self._queue))
         start = time.perf_counter()
         for chunk in batch:
@@ -271,14 +288,48 @@ class Scheduler:
         work = [Work(chunk.entry.task, chunk.entry.method, chunk.queries) for chunk in batch]
         self.metrics.batch_size.observe(sum(len(w.queries) for w in work))
         try:
-            logits = await loop.run_in_executor(self._executor, self.run_batch, work)
-        finally:
+            result = await loop.run_in_executor(self._executor, self.run_batch, work)
+        except Exception as exc:
             self.metrics.inference_seconds.observe(time.perf_counter() - start)
+            self._fail(batch, exc)
+            return None
+        if callable(result):
+            return Launched(batch, result, start)
+        self.metrics.inference_seconds.observe(time.perf_counter() - start)
+        self._deliver(batch, result)
+        return None
+
+    async def _collect(self, launched: Launched, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            logits = await loop.run_in_executor(self._executor, launched.collect)
+        except Exception as exc:
+            self._fail(launched.batch, exc)
+            return
+        finally:  # from launch to collection: forwards in flight overlap, so these may sum past the wall time
+            self.metrics.inference_seconds.observe(time.perf_counter() - launched.start)
+        self._deliver(launched.batch, logits)
+
+    def _deliver(self, batch: list[Chunk], logits: list[torch.Tensor]) -> None:
+        """Hand each request its rows."""
         got = [part.shape[0] for part in logits]
-        if got != [len(w.queries) for w in work]:
-            raise RuntimeError(f"the forward returned {got} rows for {[len(w.queries) for w in work]}")
+        want = [chunk.stop - chunk.start for chunk in batch]
+        if got != want:
+            self._fail(batch, RuntimeError(f"the forward returned {got} rows for {want}"))
+            return
         for chunk, part in zip(batch, logits, strict=True):
             chunk.entry.deliver(part)
+
+    @staticmethod
+    def _fail(batch: list[Chunk], exc: Exception) -> None:
+        """Every request with rows in a failed batch gets the error, once; the rest of the queue goes on."""
+        rows = sum(c.stop - c.start for c in batch)
+        if isinstance(exc, AnchorServeError):  # the caller's input: no traceback to flood the log
+            log.info("forward of %d rows refused: %s", rows, exc)
+        else:
+            log.error("forward of %d rows failed", rows, exc_info=exc)
+        for chunk in batch:
+            if not chunk.entry.future.done():
+                chunk.entry.future.set_exception(exc)
 
     async def stop(self) -> None:
         """Refuse new requests, finish queued ones (those not past their deadline), then stop the model thread."""

@@ -350,3 +350,68 @@ def test_requests_of_different_tasks_share_a_forward():
         assert [r.tolist() for r in results] == [[row_logits([i] * 5)] for i in range(1, 5)]
 
     run(BatchLimits(8, 1000, 0.0, 100), scenario)
+
+
+class DeviceModel(Model):
+    """A run_batch stand-in whose forwards are only launched, as on a GPU: it returns a collector,
+    and logs when each forward is launched and collected."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: list[str] = []
+        self.fail_collect: int | None = None  # collecting the forward whose first row starts with this fails
+
+    def __call__(self, work):
+        result = super().__call__(work)
+        first = work[0].queries[0][0]
+        self.log.append(f"launch {first}")
+
+        def collect():
+            self.log.append(f"collect {first}")
+            if first == self.fail_collect:
+                raise RuntimeError("the device failed")
+            return result
+
+        return collect
+
+
+def test_a_launched_forward_is_collected_after_the_next_is_launched():
+    """Pipelining: while the device runs forward k, forward k + 1 is prepared and launched, and k's
+    rows are handed out after that; every request still gets its own rows, in order."""
+
+    async def scenario():
+        model = DeviceModel()
+        scheduler = Scheduler(model, BatchLimits(2, 1000, 0.0, 10), Metrics())
+        scheduler.start()
+        try:
+            model.hold(0)
+            first = scheduler.submit("t", M, [[0]], 0, later())
+            await model.started(0)
+            rest = [scheduler.submit("t", M, [[i], [i, i]], 0, later()) for i in (1, 2)]
+            model.release(0)
+            results = await asyncio.gather(first, *rest)
+        finally:
+            model.release_all()
+            await scheduler.stop()
+        assert model.log == ["launch 0", "launch 1", "collect 0", "launch 2", "collect 1", "collect 2"]
+        assert [r.tolist() for r in results] == [[row_logits([0])], *([row_logits([i]), row_logits([i, i])]
+                                                                      for i in (1, 2))]
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_collection_fails_only_its_own_requests():
+    async def scenario():
+        model = DeviceModel()
+        model.fail_collect = 1
+        scheduler = Scheduler(model, BatchLimits(1, 1000, 0.0, 10), Metrics())
+        scheduler.start()
+        try:
+            futures = [scheduler.submit("t", M, [[i]], 0, later()) for i in range(3)]
+            done = await asyncio.gather(*futures, return_exceptions=True)
+        finally:
+            await scheduler.stop()
+        assert isinstance(done[1], RuntimeError)
+        assert [d.tolist() for i, d in enumerate(done) if i != 1] == [[row_logits([0])], [row_logits([2])]]
+
+    asyncio.run(scenario())
