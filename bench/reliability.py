@@ -69,15 +69,16 @@ def serve_all(trees: dict[str, Path], model: Path, work: Path) -> Iterator[dict[
 
 
 @contextmanager
-def serve(tree: Path, model: Path, work: Path, name: str) -> Iterator[Server]:
-    """`python -m server` from `tree`; yields once /ready answers 200, stops it (SIGTERM) on exit."""
+def serve(tree: Path, model: Path, work: Path, name: str, extra: dict[str, str] | None = None) -> Iterator[Server]:
+    """`python -m server` from `tree` (with `extra` settings in its environment); yields once /ready
+    answers 200, stops it (SIGTERM) on exit."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ANCHORSERVE_") and k not in ("HOST", "PORT")}
     env |= {
         "PYTHONPATH": str(tree), "ANCHORSERVE_HOST": "127.0.0.1", "ANCHORSERVE_PORT": str(port),
         "ANCHORSERVE_MODEL": str(model), "ANCHORSERVE_DEVICE": "cpu", "ANCHORSERVE_DTYPE": "float32",
         "ANCHORSERVE_STATE_DIR": str(work / f"state-{name}"), "ANCHORSERVE_MAX_PAYLOAD_BYTES": "2000000",
-    }
+    } | (extra or {})
     log = work / f"{name}.log"
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "server"], cwd=tree, env=env, stdout=out,

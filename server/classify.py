@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -39,6 +40,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 # Text per request tokenised on the event loop; more goes to a thread (see the module docstring).
 INLINE_TOKENIZE_BYTES = 16_384
+TOKENISER_THREADS = 2  # for inputs above that: the Rust tokenizer releases the GIL while it works
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,13 @@ class ClassifyService:
         self.settings = settings
         self.metrics = metrics
         self.created = int(time.time())  # GET /v1/models' `created`
+        # Large inputs are tokenised on threads of classification's own: admin work (task checks,
+        # file reads, store calls) runs on the loop's default threads, and six concurrent oversized
+        # creates once filled those and made a classify request wait 95 s.
+        self._tokenisers = ThreadPoolExecutor(max_workers=TOKENISER_THREADS, thread_name_prefix="anchorserve-tokenise")
+
+    def close(self) -> None:
+        self._tokenisers.shutdown(wait=False, cancel_futures=True)
 
     # --- what is served ---------------------------------------------------------------------------
 
@@ -166,7 +175,8 @@ class ClassifyService:
             if sum(len(t) for t in texts) <= INLINE_TOKENIZE_BYTES:
                 queries = self.encode(view, texts, truncate, direction)
             else:
-                queries = await asyncio.to_thread(self.encode, view, texts, truncate, direction)
+                queries = await asyncio.get_running_loop().run_in_executor(
+                    self._tokenisers, self.encode, view, texts, truncate, direction)
             queued = time.perf_counter()
             future = self.engine.submit(view, chosen, queries, deadline)
             admitted = time.perf_counter()

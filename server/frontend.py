@@ -114,6 +114,7 @@ class Frontend:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.engine.stop()
+                self.service.close()
                 await self.core.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return

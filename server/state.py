@@ -44,6 +44,7 @@ class ServerState:
         await self.replication.stop()
         await self.jobs.shutdown()
         await self.engine.stop()
+        self.classify.close()
         if self.endpoint is not None:
             await self.endpoint.stop()
         self.store.close()

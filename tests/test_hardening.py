@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -286,3 +288,28 @@ def test_error_bodies_do_not_echo_large_inputs(serve):
     response = client.post("/v1/classify", json=huge)
     error_of(response, 422, "validation")
     assert len(response.content) < 4000 and "more errors" in response.json()["error"]
+
+
+def test_large_inputs_tokenise_while_every_admin_thread_is_busy(serve):
+    """Admin work (task checks, file reads, store calls) runs on the event loop's default threads;
+    large inputs are tokenised on classification's own, so a flood of admin work cannot hold a
+    classification up (six concurrent oversized creates once made one wait 95 s)."""
+    client = serve(max_payload_bytes=2_000_000, max_input_tokens=128)
+    gate = threading.Event()
+
+    async def occupy_default_threads() -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(64):  # more than any default pool has threads
+            loop.run_in_executor(None, gate.wait, 30)
+
+    answer: list = []
+    request = threading.Thread(target=lambda: answer.append(client.post(
+        "/v1/classify", json={"input": "a moving film " * 2000, "truncate": True})))
+    try:
+        client.portal.call(occupy_default_threads)
+        request.start()
+        request.join(20)
+        assert answer and answer[0].status_code == 200, answer and answer[0].text
+    finally:
+        gate.set()
+        request.join()
