@@ -6,9 +6,10 @@ One `python -m server` (this tree, CPU, float32, the tiny random Llama of tests/
 built-in "sentiment" task, an admin key, `shutdown_timeout_s` 10) on a free loopback port:
 1. refusals: one create with 6,000 demonstrations and one with a 20,000-row pool; status and ms;
 2. classification beside admin pressure: a closed loop of single-input classify requests from
-   `--clients` threads for `--seconds`, first alone, then while `--creates` threads keep sending
-   oversized creates (6,000 demonstrations each); p50, p99 and max latency per phase, and how
-   many creates were refused meanwhile;
+   `--clients` threads for `--seconds`, first alone, then beside bursts of `--creates` concurrent
+   oversized creates (6,000 demonstrations each, 424 KB), a burst `--gap` s after the last one
+   answered, then beside a flood (the next burst at once); p50, p99 and max latency per phase,
+   and how many creates were refused meanwhile;
 3. cancel: a β job on inline examples (long enough to still run), DELETE /admin/jobs/{id} once it
    runs, then the seconds until its status reads "cancelled";
 4. SIGTERM with a β job running: the seconds until the process exits, and its exit code.
@@ -81,26 +82,37 @@ def summary(latencies: list[float]) -> dict:
             "max_ms": max(finite)}
 
 
-def pressure(url: str, seconds: float, clients: int, creates: int) -> dict:
-    """Classification while `creates` threads keep sending oversized creates."""
+def pressure(url: str, seconds: float, clients: int, creates: int, gap_s: float) -> dict:
+    """Classification while bursts of `creates` concurrent oversized creates go out, the next
+    burst `gap_s` after the last one answered (0: a sustained flood)."""
     stop, statuses = threading.Event(), []
     big = spec("oversized", demos=6000)
 
-    def flood() -> None:
-        with httpx.Client(base_url=url, timeout=120) as client:
-            while not stop.is_set():
-                statuses.append(timed_post(client, "/admin/tasks", big))
+    def one(client: httpx.Client) -> None:
+        statuses.append(timed_post(client, "/admin/tasks", big))
 
-    floods = [threading.Thread(target=flood) for _ in range(creates)]
-    for t in floods:
-        t.start()
+    def bursts() -> None:
+        clients_ = [httpx.Client(base_url=url, timeout=120) for _ in range(creates)]
+        try:
+            while not stop.is_set():
+                burst = [threading.Thread(target=one, args=(c,)) for c in clients_]
+                for t in burst:
+                    t.start()
+                for t in burst:
+                    t.join()
+                stop.wait(gap_s)
+        finally:
+            for c in clients_:
+                c.close()
+
+    sender = threading.Thread(target=bursts)
+    sender.start()
     try:
         latencies = classify_loop(url, seconds, clients)
     finally:
         stop.set()
-        for t in floods:
-            t.join()
-    return {"classify": summary(latencies), "creates": len(statuses),
+        sender.join()
+    return {"classify": summary(latencies), "gap_s": gap_s, "creates": len(statuses),
             "create_statuses": sorted({s for s, _ in statuses}),
             "create_p50_ms": statistics.median(ms for _, ms in statuses) if statuses else None,
             "create_bytes": len(json.dumps(big))}
@@ -142,7 +154,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=15, help="per classification phase")
     parser.add_argument("--clients", type=int, default=2)
-    parser.add_argument("--creates", type=int, default=6, help="threads sending oversized creates")
+    parser.add_argument("--creates", type=int, default=6, help="oversized creates sent at once")
+    parser.add_argument("--gap", type=float, default=1.0, help="seconds between bursts of creates")
     parser.add_argument("--examples", type=int, default=256, help="β job rows")
     parser.add_argument("--epochs", type=int, default=200, help="β job epochs (long enough to still run)")
     parser.add_argument("--out", type=Path, default=RESULTS / "admin_pressure.json")
@@ -159,7 +172,8 @@ def main() -> None:
                                                                     spec("pool", pool=20000)), strict=True)),
         }
         result["alone"] = summary(classify_loop(server.url, args.seconds, args.clients))
-        result["beside_creates"] = pressure(server.url, args.seconds, args.clients, args.creates)
+        result["beside_bursts"] = pressure(server.url, args.seconds, args.clients, args.creates, args.gap)
+        result["beside_flood"] = pressure(server.url, args.seconds, args.clients, args.creates, 0)
         result["cancel"] = cancel(server.url, args.examples, args.epochs)
         result["sigterm_with_job"] = sigterm(server, args.examples, args.epochs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
