@@ -274,6 +274,24 @@ def test_writes_that_meet_a_store_outage_converge_everywhere(replicas, redis_pro
                      f"(median {statistics.median(waits):.2f} s)\n")  # the figure in docs/RESULTS.md (pytest -s)
 
 
+def test_a_redis_restarted_empty_takes_no_write_it_would_not_serve(replicas, redis_process):
+    """A Redis without persistence comes back empty, its revision counter at zero: a write would
+    get a revision every replica skips as stale. It gets a 503 instead, and both keep serving."""
+    if replicas.backend != "redis":
+        pytest.skip("Redis only")
+    redis = redis_process(persistent=False)
+    a, b = replicas(state_url=redis.url)
+    assert a.put("/admin/tasks/sentiment", article(n=SMALL)).status_code == 201
+    template = article()["template"]
+    eventually(lambda: serves(b, "sentiment", template), "B serves the replacement")
+    redis.stop()
+    redis.start()
+    for server in (a, b):
+        response = server.put("/admin/tasks/sentiment", review(n=SMALL + 1))
+        assert response.status_code == 503 and "lost" in response.json()["error"], response.text
+        assert serves(server, "sentiment", template)
+
+
 def test_a_new_replica_starts_warm_from_the_stored_caches(replicas, tmp_path):
     a, b = replicas()
     assert a.post("/admin/tasks", review("warm", n=SMALL)).status_code == 201
