@@ -7,10 +7,11 @@ services' to check.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from anchor_cache.task import Demonstration, FormatText, Method, Text
 
@@ -177,15 +178,59 @@ def classify_body(result: Classification, request_id: str) -> dict[str, Any]:
             "usage": usage}
 
 
+def _ranked(labels: list[str], scores: list[float], top_k: int | None = None) -> list[dict[str, Any]]:
+    """{label, score} highest first, the first `top_k` (all when None)."""
+    ranked = sorted(zip(labels, scores, strict=True), key=lambda pair: pair[1], reverse=True)
+    return [{"label": label, "score": score} for label, score in ranked[:top_k]]
+
+
 def predict_body(result: Classification, raw_scores: bool, batched: bool) -> list:
     """TEI's /predict response as JSON-ready data: every label with its probability (its logit with
     `raw_scores`), highest first; a list of those for a batch."""
+    rows = [_ranked(result.labels, logits if raw_scores else [prediction.probs[label] for label in result.labels])
+            for prediction, logits in zip(result.predictions, result.logits, strict=True)]
+    return rows if batched else rows[0]
+
+
+class PipelineParameters(BaseModel):
+    """transformers' text-classification pipeline parameters, as Hugging Face's Inference API takes them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    top_k: StrictInt | None = Field(None, ge=1, description="the k most likely labels; unset: every label")
+    function_to_apply: Literal["softmax", "sigmoid", "none"] | None = Field(
+        None, description="softmax (unset): probabilities over the labels, calibrated for a calibrated task; "
+        "sigmoid: each label word's logit through a sigmoid; none: the logits")
+
+
+class InferenceRequest(BaseModel):
+    """Hugging Face's inference request (`huggingface_hub.InferenceClient.text_classification`,
+    Inference Endpoints, SageMaker's /invocations): one text or a list of them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: Text | list[Text] = Field(description="a string, or a list of strings", examples=["a wonderful film"])
+    parameters: PipelineParameters = Field(default_factory=PipelineParameters)
+    task: Text | None = Field(None, description="a served task; unset: the server's default_task")
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.inputs] if isinstance(self.inputs, str) else self.inputs
+
+
+def pipeline_body(result: Classification, parameters: PipelineParameters) -> list[list[dict[str, Any]]]:
+    """The pipeline's answer, one ranked list per input, as the Inference API nests it."""
     rows = []
     for prediction, logits in zip(result.predictions, result.logits, strict=True):
-        scores = logits if raw_scores else [prediction.probs[label] for label in result.labels]
-        ranked = sorted(zip(result.labels, scores, strict=True), key=lambda pair: pair[1], reverse=True)
-        rows.append([{"label": label, "score": score} for label, score in ranked])
-    return rows if batched else rows[0]
+        match parameters.function_to_apply:
+            case "none":
+                scores = logits
+            case "sigmoid":
+                scores = [0.5 * (1 + math.tanh(x / 2)) for x in logits]  # the sigmoid, without overflow
+            case _:
+                scores = [prediction.probs[label] for label in result.labels]
+        rows.append(_ranked(result.labels, scores, parameters.top_k))
+    return rows
 
 
 def timed_response(description: str) -> dict[int | str, dict[str, Any]]:

@@ -125,3 +125,23 @@ def test_clients_run_an_analysis_job(server_url, tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     assert json.loads((out / "results.json").read_text())["label_loyalty"]["first"]["label"]["1"] >= 0
     assert (out / "isolation.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_hugging_face_inference_client_classifies_with_only_the_url_changed(server_url):
+    """`huggingface_hub.InferenceClient(base_url=...)` posts {"inputs", "parameters"} to the base URL
+    itself (as TEI serves classifiers); its answers are the server's own probabilities."""
+    from huggingface_hub import InferenceClient
+
+    client = InferenceClient(base_url=server_url, api_key="user-key")
+    texts = ["a moving film", "dull"]
+    answers = [client.text_classification(text) for text in texts]
+    own = httpx.post(f"{server_url}/v1/classify", json={"task": "sentiment", "input": texts},
+                     headers={"Authorization": "Bearer user-key"}).json()["data"]
+    for answer, row in zip(answers, own, strict=True):
+        assert answer[0].label == row["label"] and len(answer) == 2
+        assert {e.label: e.score for e in answer} == pytest.approx(row["label_probs"], abs=1e-6)
+    top = client.text_classification(texts[0], top_k=1, function_to_apply="none")
+    assert len(top) == 1 and top[0].label == own[0]["label"]
+    invocations = httpx.post(f"{server_url}/invocations", json={"inputs": texts},
+                             headers={"Authorization": "Bearer user-key"})
+    assert [rows[0]["label"] for rows in invocations.json()] == [row["label"] for row in own]
