@@ -20,7 +20,7 @@ from server.api.analyses import analyses
 from server.api.hf import hf
 from server.api.public import public
 from server.api.tei import tei
-from server.api.v1 import v1
+from server.api.v1 import v1, vllm
 from server.errors import install_handlers
 from server.limits import PayloadLimitMiddleware
 from server.metrics import RequestCounter
@@ -81,6 +81,7 @@ def build_app(settings: Settings | None = None, on_fatal: Callable[[], None] | N
 
     app.include_router(public)
     app.include_router(v1)
+    app.include_router(vllm)
     app.include_router(tei)
     app.include_router(hf)
     app.include_router(admin)

@@ -27,12 +27,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from anchor_cache.classifier import Prediction
+from anchor_cache.classifier import CACHED_METHODS, Prediction
 from anchor_cache.errors import ValidationError
 from anchor_cache.task import POOL_METHODS, Method
 from server.engine_client import EngineClient, Scores, TaskChanged, TaskView
 from server.errors import ClientDisconnected, ModelNotServed
 from server.metrics import Metrics
+from server.protocol import ClassifyRequest
 from server.settings import Settings
 
 # The ASGI `receive` of the request: the service listens on it for the client's disconnect.
@@ -63,6 +64,7 @@ class Classification:
     raw: list[Prediction] | None  # before calibration, for calibrated tasks
     logits: list[list[float]]  # the label words' logits, before softmax and calibration
     prompt_tokens: int
+    cached_tokens: int  # anchor-cache tokens the inputs attended to, summed
     timing: Timing
 
 
@@ -129,11 +131,12 @@ class ClassifyService:
             raise ValidationError(f"method {method} needs the task's labelled pool; task {view.name!r} has "
                                   "no `examples`")
 
-    def encode(self, view: TaskView, texts: list[str], truncate: bool,
-               direction: Literal["right", "left"]) -> list[list[int]]:
-        """Token ids of each text in the task's template, within max_input_tokens: one call of the
-        fast tokenizer for them all, or text by text when truncating (cutting the end or the start)."""
-        max_tokens = self.settings.max_input_tokens
+    def encode(self, view: TaskView, texts: list[str], truncate: bool, direction: Literal["right", "left"],
+               max_tokens: int | None = None) -> list[list[int]]:
+        """Token ids of each text in the task's template, within max_input_tokens (or a cut to
+        `max_tokens`, never longer): one call of the fast tokenizer for them all, or text by text when
+        truncating (cutting the end or the start)."""
+        max_tokens = min(max_tokens or self.settings.max_input_tokens, self.settings.max_input_tokens)
         prompt = view.prompt
         if truncate:
             # Any text longer than this many characters is cut anyway: keep only the part that can stay.
@@ -153,6 +156,7 @@ class ClassifyService:
     async def classify(
         self, task: str | None, texts: list[str], method: Method | None, receive: Receive, *,
         model: str | None = None, truncate: bool | None = None, direction: Literal["right", "left"] = "right",
+        max_tokens: int | None = None,
     ) -> Classification:
         """Predictions for `texts` on `task` (None: the default task). `truncate` None follows the
         server's setting. DeadlineExceeded past request_timeout_s (counted from arrival, tokenising
@@ -173,10 +177,10 @@ class ClassifyService:
             self._check_method(view, chosen)
             tokenizing = time.perf_counter()
             if sum(len(t) for t in texts) <= INLINE_TOKENIZE_BYTES:
-                queries = self.encode(view, texts, truncate, direction)
+                queries = self.encode(view, texts, truncate, direction, max_tokens)
             else:
                 queries = await asyncio.get_running_loop().run_in_executor(
-                    self._tokenisers, self.encode, view, texts, truncate, direction)
+                    self._tokenisers, self.encode, view, texts, truncate, direction, max_tokens)
             queued = time.perf_counter()
             future = self.engine.submit(view, chosen, queries, deadline)
             admitted = time.perf_counter()
@@ -195,9 +199,25 @@ class ClassifyService:
         return Classification(
             model=self.model_name(), task=name, labels=view.spec.labels, predictions=predictions, raw=raw,
             logits=scores.logits, prompt_tokens=prompt_tokens,
+            cached_tokens=len(queries) * (view.anchor_tokens if chosen in CACHED_METHODS else 0),
             timing=Timing(total_s=done - start, tokenization_s=queued - tokenizing, queue_s=admitted - queued,
                           inference_s=done - admitted, compute_tokens=prompt_tokens),
         )
+
+    async def answer(self, body: ClassifyRequest, receive: Receive) -> Classification:
+        """A vLLM-shaped request (/v1/classify, /classify), token ids decoded to text first."""
+        texts = body.texts if body.token_ids is None else await self.decode(body.task, body.token_ids)
+        return await self.classify(body.task, texts, Method(body.method) if body.method else None, receive,
+                                   model=body.model, truncate=body.truncating, direction=body.direction,
+                                   max_tokens=body.max_tokens)
+
+    async def decode(self, task: str | None, token_ids: list[list[int]]) -> list[str]:
+        """Token ids back to the text they spell, with the model's tokenizer (ids it lacks: 422)."""
+        view = await self.engine.view(self.task_name(task))
+        tokenizer = view.prompt.tokenizer
+        if any(i < 0 or i >= len(tokenizer) for ids in token_ids for i in ids):
+            raise ValidationError(f"token ids must lie in [0, {len(tokenizer)}): the model's vocabulary")
+        return tokenizer.batch_decode(token_ids)
 
     async def _race(self, future: asyncio.Future[Scores], receive: Receive) -> Scores:
         """The scores, DeadlineExceeded (the engine fails the future at its deadline), or

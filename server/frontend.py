@@ -26,7 +26,6 @@ import pydantic
 from starlette.types import Message, Receive, Scope, Send
 
 from anchor_cache.errors import AnchorServeError
-from anchor_cache.task import Method
 from server.app import REQUEST_ID_HEADER, acceptable_request_id
 from server.auth import is_json, key_matches
 from server.classify import Classification, ClassifyService
@@ -65,7 +64,8 @@ class Frontend:
         self.service = ClassifyService(self.engine, settings, self.metrics)
         self.core = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=core_http), base_url="http://core",
                                       timeout=RELAY_TIMEOUT)
-        self.routes: dict[str, Handler] = {"/v1/classify": self._classify, "/predict": self._predict}
+        self.routes: dict[str, Handler] = {"/v1/classify": self._classify, "/classify": self._classify,
+                                           "/predict": self._predict}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -155,11 +155,9 @@ class Frontend:
     async def _classify(self, body: bytes, scope: Scope, receive: Receive, request_id: str
                         ) -> tuple[Any, dict[str, str], str]:
         request: ClassifyRequest = self._parse(ClassifyRequest, body)
-        result = await self.service.classify(
-            request.task, request.texts, Method(request.method) if request.method else None, receive,
-            model=request.model, truncate=request.truncate, direction=request.truncation_direction,
-        )
-        return classify_body(result, request_id), timing_headers(result.timing), result.task
+        result = await self.service.answer(request, receive)
+        return (classify_body(result, request_id, request.use_activation is not False), timing_headers(result.timing),
+                result.task)
 
     async def _predict(self, body: bytes, scope: Scope, receive: Receive, request_id: str
                        ) -> tuple[Any, dict[str, str], str]:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from anchor_cache.task import Demonstration, FormatText, Method, Text
 
@@ -22,7 +22,9 @@ if TYPE_CHECKING:
 # three count the task's labelled pool (`examples`).
 ServedMethod = Literal["vanilla", "hidden_anchor", "text_anchor", "hidden_random", "zero_shot", "many_shot", "knn",
                        "linear_head"]
-TruncationDirection = Literal["right", "left"]
+# TEI spells it "Left" / "Right"; either case is taken.
+TruncationDirection = Annotated[Literal["right", "left"],
+                                BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v)]
 PathText = FormatText  # paths are text without NUL characters
 
 TRUNCATE_DESCRIPTION = ("cut an input longer than max_input_tokens (with its template) instead of answering 422; "
@@ -39,15 +41,57 @@ class ClassifyRequest(BaseModel):
     model: Text | None = Field(None, description="the served model's name (GET /v1/models), as OpenAI and vLLM "
                                "clients send it; another name is a 404 model_not_found")
     task: Text | None = Field(None, description="name of a served task; unset: the server's default_task")
-    input: Text | list[Text] = Field(description="one text or a list of texts")
+    input: Text | list[Text] | list[StrictInt] | list[list[StrictInt]] = Field(
+        description="one text, a list of texts, or token ids (one input's, or a list of them), which are "
+        "decoded with the model's tokenizer and rendered into the task's template like text")
     method: ServedMethod | None = Field(None, description="defaults to the task's configured method "
                                        "(hidden_anchor); hidden_random_top is evaluation-only")
     truncate: StrictBool | None = Field(None, description=TRUNCATE_DESCRIPTION)
     truncation_direction: TruncationDirection = Field("right", description=DIRECTION_DESCRIPTION)
+    # vLLM's request fields, so its clients' requests pass unchanged
+    truncate_prompt_tokens: StrictInt | None = Field(None, ge=-1, description="vLLM's: cut each input (with its "
+                                                     "template) to this many tokens, -1: to max_input_tokens; "
+                                                     "never beyond max_input_tokens")
+    truncation_side: TruncationDirection | None = Field(None, description="vLLM's name for truncation_direction")
+    use_activation: StrictBool | None = Field(None, description="vLLM's: false puts the label words' logits in "
+                                              "`probs` instead of probabilities")
+    add_special_tokens: StrictBool = Field(True, description="vLLM's; no effect: the task's template is the "
+                                           "whole prompt, and no special tokens are added to it")
+    user: Text | None = Field(None, description="vLLM's and OpenAI's end-user id; not used")
+    priority: StrictInt = Field(0, description="vLLM's; not used: requests are batched in arrival order")
+    cache_salt: Text | None = Field(None, description="vLLM's; not used: anchor caches belong to tasks")
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> ClassifyRequest:
+        if isinstance(self.input, list) and (not self.input or any(row == [] for row in self.input)):
+            raise ValueError("input is empty: give a text, a non-empty list of texts, or non-empty token ids")
+        return self
 
     @property
-    def texts(self) -> list[str]:
-        return [self.input] if isinstance(self.input, str) else list(self.input)
+    def texts(self) -> list[str] | None:
+        """The inputs as text; None when they are token ids."""
+        if isinstance(self.input, str):
+            return [self.input]
+        return None if isinstance(self.input[0], int | list) else list(self.input)
+
+    @property
+    def token_ids(self) -> list[list[int]] | None:
+        if isinstance(self.input, str) or not isinstance(self.input[0], int | list):
+            return None
+        return [self.input] if isinstance(self.input[0], int) else self.input
+
+    @property
+    def truncating(self) -> bool | None:
+        return True if self.truncate_prompt_tokens is not None else self.truncate
+
+    @property
+    def max_tokens(self) -> int | None:
+        """The cut's length in tokens; None: max_input_tokens."""
+        return self.truncate_prompt_tokens if self.truncate_prompt_tokens not in (None, -1) else None
+
+    @property
+    def direction(self) -> Literal["right", "left"]:
+        return self.truncation_side or self.truncation_direction
 
 
 class ClassificationData(BaseModel):
@@ -65,15 +109,22 @@ class ClassificationData(BaseModel):
         None, description="before contextual calibration, for a calibrated task; null otherwise")
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="anchor-cache tokens the inputs attended to without running them, "
+                               "summed over the inputs (not in prompt_tokens)")
+
+
 class Usage(BaseModel):
     prompt_tokens: int = Field(description="tokens the forwards ran for this request: each input with its "
                                "template, plus any demonstration tokens re-encoded before it")
     total_tokens: int
     completion_tokens: int = Field(0, description="always 0: classification generates nothing")
+    prompt_tokens_details: PromptTokensDetails
 
 
 class ClassifyResponse(BaseModel):
-    id: str = Field(description="the request id, as in the X-Request-ID header and the server log")
+    id: str = Field(description="vLLM's classify-<id>, the id being the request's, as in the X-Request-ID header "
+                    "and the server log")
     object: Literal["list"] = "list"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
@@ -163,19 +214,21 @@ def timing_headers(timing: Timing) -> dict[str, str]:
     }
 
 
-def classify_body(result: Classification, request_id: str) -> dict[str, Any]:
+def classify_body(result: Classification, request_id: str, activation: bool = True) -> dict[str, Any]:
     """vLLM's classify response (ClassifyResponse's fields) as JSON-ready data: `probs` is a list in
-    label order, `index` the input's position."""
+    label order (the logits without `activation`), `index` the input's position."""
     labels = result.labels
     data = [
-        {"index": i, "label": p.label, "probs": [p.probs[label] for label in labels], "num_classes": len(labels),
-         "label_probs": p.probs, "label_logprobs": p.logprobs,
+        {"index": i, "label": p.label,
+         "probs": [p.probs[label] for label in labels] if activation else result.logits[i],
+         "num_classes": len(labels), "label_probs": p.probs, "label_logprobs": p.logprobs,
          "raw_label_probs": result.raw[i].probs if result.raw else None}
         for i, p in enumerate(result.predictions)
     ]
-    usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens, "completion_tokens": 0}
-    return {"id": request_id, "object": "list", "created": int(time.time()), "model": result.model, "data": data,
-            "usage": usage}
+    usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens, "completion_tokens": 0,
+             "prompt_tokens_details": {"cached_tokens": result.cached_tokens}}
+    return {"id": f"classify-{request_id}", "object": "list", "created": int(time.time()), "model": result.model,
+            "data": data, "usage": usage}
 
 
 def _ranked(labels: list[str], scores: list[float], top_k: int | None = None) -> list[dict[str, Any]]:

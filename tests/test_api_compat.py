@@ -265,11 +265,12 @@ def test_timing_headers_measure_the_request(serve):
 
 
 def test_request_id_in_the_body_equals_the_header(serve):
+    """vLLM's id form, classify-<id>, with the request's own id, as in X-Request-ID and the log."""
     client = serve()
     made = client.post("/v1/classify", json={"task": "sentiment", "input": "x"})
-    assert made.json()["id"] == made.headers["x-request-id"] and len(made.json()["id"]) >= 16
+    assert made.json()["id"] == "classify-" + made.headers["x-request-id"] and len(made.headers["x-request-id"]) >= 16
     given = client.post("/v1/classify", json={"task": "sentiment", "input": "x"}, headers={"X-Request-ID": "req-42"})
-    assert given.headers["x-request-id"] == given.json()["id"] == "req-42"
+    assert given.headers["x-request-id"] == "req-42" and given.json()["id"] == "classify-req-42"
     predicted = client.post("/predict", json={"inputs": "x"}, headers={"X-Request-ID": "req-43"})
     assert predicted.headers["x-request-id"] == "req-43"
 
@@ -342,3 +343,62 @@ def test_the_clients_models_parse_real_responses(serve):
     assert client_protocol.ModelList.model_validate(client.get("/v1/models").json()).data
     predicted = client.post("/predict", json={"inputs": QUERIES[0]}).json()
     assert [client_protocol.LabelScore.model_validate(s).label for s in predicted] == [s["label"] for s in predicted]
+
+
+# --- vLLM's and TEI's requests, as their clients send them (issue 20) -----------------------------------
+
+
+def test_vllm_path_and_request_fields(serve):
+    """vLLM's clients post to /classify and may send truncate_prompt_tokens, user, priority,
+    add_special_tokens, use_activation, cache_salt and truncation_side; each is taken."""
+    client = serve()
+    plain = client.post("/v1/classify", json={"input": QUERIES}).json()
+    extras = {"user": "u-1", "priority": 0, "add_special_tokens": True, "cache_salt": "s", "truncation_side": "left"}
+    same = client.post("/classify", json={"input": QUERIES, **extras})
+    assert same.status_code == 200, same.text
+    assert [d["probs"] for d in same.json()["data"]] == [d["probs"] for d in plain["data"]]
+    assert same.json()["id"].startswith("classify-")
+    usage = same.json()["usage"]
+    anchors = client.get("/v1/tasks/sentiment").json()["anchor_tokens"]
+    assert usage["prompt_tokens_details"] == {"cached_tokens": anchors * len(QUERIES)} and anchors > 0
+    logits = client.post("/classify", json={"input": QUERIES, "use_activation": False}).json()["data"]
+    for row, probs in zip(logits, plain["data"], strict=True):
+        exp = [math.exp(x) for x in row["probs"]]
+        assert [e / sum(exp) for e in exp] == pytest.approx(probs["probs"], abs=1e-6)
+
+
+def test_vllm_truncate_prompt_tokens_cuts_each_input(serve):
+    client = serve(max_input_tokens=64)
+    long_text = "a moving match " * 100
+    assert client.post("/classify", json={"input": long_text}).status_code == 422
+    for value in (-1, 8):
+        cut = client.post("/classify", json={"input": long_text, "truncate_prompt_tokens": value})
+        assert cut.status_code == 200, cut.text
+    eight = client.post("/classify", json={"input": long_text, "truncate_prompt_tokens": 8}).json()["usage"]
+    whole = client.post("/classify", json={"input": long_text, "truncate_prompt_tokens": -1}).json()["usage"]
+    assert eight["prompt_tokens"] == 8 and whole["prompt_tokens"] == 64  # hidden_anchor re-encodes nothing
+    assert client.post("/classify", json={"input": "x", "truncate_prompt_tokens": -2}).status_code == 422
+
+
+def test_vllm_token_id_input_reads_as_its_text(serve, model_dir):
+    client = serve()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = [tokenizer(q, add_special_tokens=False)["input_ids"] for q in QUERIES]
+    by_text = client.post("/classify", json={"input": QUERIES}).json()["data"]
+    by_ids = client.post("/classify", json={"input": ids}).json()["data"]
+    one = client.post("/classify", json={"input": ids[0]}).json()["data"]
+    for a, b in zip(by_ids, by_text, strict=True):
+        assert a["probs"] == pytest.approx(b["probs"], abs=1e-6)
+    assert one[0]["probs"] == pytest.approx(by_text[0]["probs"], abs=1e-6)
+    error_of(client.post("/classify", json={"input": [[len(tokenizer) + 5]]}), 422, "validation")
+    error_of(client.post("/classify", json={"input": [[]]}), 422, "validation")
+
+
+def test_tei_truncation_direction_in_either_case(serve):
+    client = serve()
+    for direction in ("Left", "Right", "left", "RIGHT"):
+        response = client.post("/predict", json={"inputs": "a moving match", "truncation_direction": direction})
+        assert response.status_code == 200, (direction, response.text)
+    error_of(client.post("/predict", json={"inputs": "x", "truncation_direction": "middle"}), 422, "validation")

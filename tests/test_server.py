@@ -22,7 +22,7 @@ def test_classify_matches_the_engine(serve, model_dir):
     response = client.post("/v1/classify", json={"task": "sentiment", "input": QUERIES})
     assert response.status_code == 200
     parsed = ClassifyResponse.model_validate(response.json())
-    assert parsed.object == "list" and parsed.id == response.headers["x-request-id"]
+    assert parsed.object == "list" and parsed.id == "classify-" + response.headers["x-request-id"]
     assert [d.index for d in parsed.data] == [0, 1, 2]
     expected = Classifier(load_model(str(model_dir), "cpu", "float32"), sentiment_task()).classify(QUERIES)
     for got, want in zip(parsed.data, expected, strict=True):

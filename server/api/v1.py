@@ -7,7 +7,6 @@ from typing import Any
 from asgi_correlation_id import correlation_id
 from fastapi import APIRouter, Depends, Request, Response
 
-from anchor_cache.task import Method
 from server.auth import require_api_key, require_json
 from server.deps import Classify, Tasks
 from server.protocol import (
@@ -26,6 +25,9 @@ from server.protocol import (
 
 v1 = APIRouter(prefix="/v1", tags=["classify"], dependencies=[Depends(require_api_key), Depends(require_json)],
                responses=error_responses(401, 503))
+# vLLM serves classification at /classify, without the /v1 prefix
+vllm = APIRouter(tags=["classify"], dependencies=[Depends(require_api_key), Depends(require_json)],
+                 responses=error_responses(401, 503))
 
 
 @v1.get("/models", response_model=ModelList, summary="The served model, in OpenAI's list shape")
@@ -48,17 +50,19 @@ async def get_task(name: str, tasks: Tasks, response: Response) -> TaskInfo:
     return info
 
 
-@v1.post("/classify", response_model=ClassifyResponse,
-         responses=timed_response("the predictions, in input order") | error_responses(400, 404, 413, 415, 422, 429,
-                                                                                        504))
+CLASSIFY_RESPONSES = timed_response("the predictions, in input order") | error_responses(400, 404, 413, 415, 422, 429,
+                                                                                      504)
+
+
+@vllm.post("/classify", response_model=ClassifyResponse, responses=CLASSIFY_RESPONSES,
+           summary="Classify (vLLM's path)")
+@v1.post("/classify", response_model=ClassifyResponse, responses=CLASSIFY_RESPONSES)
 async def classify(body: ClassifyRequest, request: Request, response: Response, service: Classify
                    ) -> dict[str, Any]:
-    """vLLM's classify: `probs` is a list in label order, `index` the input's position. The
-    x-*-time headers are TEI's timing headers; `id` is the request's X-Request-ID."""
+    """vLLM's classify: `probs` is a list in label order, `index` the input's position, vLLM's request
+    fields are taken (each field's description says what it does here). The x-*-time headers are
+    TEI's timing headers; `id` is classify- and the request's X-Request-ID."""
     request.state.task = service.task_name(body.task)  # a metrics label only if the task is served
-    result = await service.classify(
-        body.task, body.texts, Method(body.method) if body.method else None, request.receive, model=body.model,
-        truncate=body.truncate, direction=body.truncation_direction,
-    )
+    result = await service.answer(body, request.receive)
     response.headers.update(timing_headers(result.timing))
-    return classify_body(result, correlation_id.get() or "")
+    return classify_body(result, correlation_id.get() or "", body.use_activation is not False)
