@@ -53,6 +53,7 @@ class Timing:
     queue_s: float  # admission into the scheduler's queue
     inference_s: float  # from the queue to the predictions: waiting for a batch, forward(s), calibration
     compute_tokens: int  # tokens the forwards ran (= usage.prompt_tokens)
+    compute_characters: int  # characters of the inputs
 
 
 @dataclass(frozen=True)
@@ -201,7 +202,8 @@ class ClassifyService:
             logits=scores.logits, prompt_tokens=prompt_tokens,
             cached_tokens=len(queries) * (view.anchor_tokens if chosen in CACHED_METHODS else 0),
             timing=Timing(total_s=done - start, tokenization_s=queued - tokenizing, queue_s=admitted - queued,
-                          inference_s=done - admitted, compute_tokens=prompt_tokens),
+                          inference_s=done - admitted, compute_tokens=prompt_tokens,
+                          compute_characters=sum(len(t) for t in texts)),
         )
 
     async def answer(self, body: ClassifyRequest, receive: Receive) -> Classification:

@@ -201,6 +201,8 @@ TIMING_HEADERS: dict[str, str] = {
     "x-inference-time": "milliseconds from entering the queue until the predictions: waiting for a batch, the "
                         "forward(s) and calibration",
     "x-compute-tokens": "tokens the forwards ran for this request (usage.prompt_tokens)",
+    "x-compute-time": "milliseconds of the classify service's work, as x-total-time (TEI's name for it)",
+    "x-compute-characters": "characters of the request's inputs",
 }
 
 
@@ -211,6 +213,8 @@ def timing_headers(timing: Timing) -> dict[str, str]:
         "x-queue-time": str(int(timing.queue_s * 1000)),
         "x-inference-time": str(int(timing.inference_s * 1000)),
         "x-compute-tokens": str(timing.compute_tokens),
+        "x-compute-time": str(int(timing.total_s * 1000)),
+        "x-compute-characters": str(timing.compute_characters),
     }
 
 

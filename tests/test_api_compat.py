@@ -243,7 +243,8 @@ def test_truncation_direction_per_request(serve, model_dir):
 
 
 def timing_of(response) -> dict[str, int]:
-    values = {name: response.headers[name] for name in (*TIMING, "x-compute-tokens")}
+    values = {name: response.headers[name] for name in (*TIMING, "x-compute-tokens", "x-compute-time",
+                                                          "x-compute-characters")}
     assert all(v.isdigit() for v in values.values()), values  # whole milliseconds, as TEI sends them
     return {name: int(v) for name, v in values.items()}
 
@@ -253,6 +254,8 @@ def test_timing_headers_measure_the_request(serve):
     response = client.post("/v1/classify", json={"task": "sentiment", "input": QUERIES})
     timing = timing_of(response)
     assert timing["x-compute-tokens"] == response.json()["usage"]["prompt_tokens"]
+    assert timing["x-compute-characters"] == sum(len(q) for q in QUERIES)
+    assert timing["x-compute-time"] == timing["x-total-time"]
     assert timing["x-total-time"] >= sum(timing[name] for name in TIMING[1:])
     slow_forwards(client, 0.3)
     for response in (client.post("/v1/classify", json={"task": "sentiment", "input": "x"}),
