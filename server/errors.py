@@ -92,15 +92,36 @@ MAX_MESSAGE_CHARS = 2000
 MAX_FIELD_ERRORS = 10
 
 
-def error_body(kind: str, message: str) -> dict[str, str]:
+# TEI's routes answer errors in TEI's envelope too: its clients read `error_type` (TEI's ErrorType:
+# unhealthy, backend, overloaded, validation, ...) beside `error`.
+TEI_PATHS = frozenset({"/predict", "/", "/invocations"})
+TEI_TYPES = {"unavailable": "unhealthy", "model_unavailable": "backend", "internal": "backend", "timeout": "backend",
+             "overloaded": "overloaded"}
+# How soon a refused client may try again, in seconds: a full queue drains in moments; a loading or
+# restarting server takes longer.
+RETRY_AFTER = {429: "1", 503: "5"}
+
+
+def error_body(kind: str, message: str, path: str | None = None) -> dict[str, str]:
+    """The envelope {"error", "type"}, with TEI's `error_type` on TEI's routes."""
     if len(message) > MAX_MESSAGE_CHARS:
         message = message[:MAX_MESSAGE_CHARS] + f"… ({len(message) - MAX_MESSAGE_CHARS} more characters)"
-    return {"error": printable(message), "type": kind}
+    body = {"error": printable(message), "type": kind}
+    if path in TEI_PATHS:
+        body["error_type"] = TEI_TYPES.get(kind, "validation")
+    return body
+
+
+def error_headers(status: int) -> dict[str, str]:
+    """Retry-After on the statuses a client should retry."""
+    return {"Retry-After": RETRY_AFTER[status]} if status in RETRY_AFTER else {}
 
 
 def error_response(kind: str, message: str, status: int | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status or status_of(kind), content=error_body(kind, message), headers=headers)
+                   headers: dict[str, str] | None = None, path: str | None = None) -> JSONResponse:
+    status = status or status_of(kind)
+    return JSONResponse(status_code=status, content=error_body(kind, message, path),
+                        headers=error_headers(status) | (headers or {}))
 
 
 def invalid_body(errors: Sequence[Any]) -> tuple[str, str]:
@@ -127,15 +148,15 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(AnchorServeError)
     async def _engine(request: Request, exc: AnchorServeError) -> JSONResponse:
         kind = kind_of(exc)
-        response = error_response(kind, str(exc))
+        response = error_response(kind, str(exc), path=request.url.path)
         level = logging.ERROR if response.status_code >= 500 else logging.INFO
         log.log(level, "%s %s -> %d %s: %s", request.method, request.url.path, response.status_code, kind,
                 printable(str(exc)))
         return response
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(*invalid_body(exc.errors()))
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(*invalid_body(exc.errors()), path=request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -144,7 +165,8 @@ def install_handlers(app: FastAPI) -> None:
         headers = exc.headers
         if exc.status_code == 405:  # Starlette names the methods of the first route on the path only
             headers = (headers or {}) | {"Allow": ", ".join(allowed_methods(app, request.scope))}
-        return error_response(kinds.get(exc.status_code, "http_error"), str(exc.detail), exc.status_code, headers)
+        return error_response(kinds.get(exc.status_code, "http_error"), str(exc.detail), exc.status_code, headers,
+                              request.url.path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -29,7 +29,7 @@ from anchor_cache.errors import AnchorServeError
 from server.app import REQUEST_ID_HEADER, acceptable_request_id
 from server.auth import is_json, key_matches
 from server.classify import Classification, ClassifyService
-from server.errors import error_body, invalid_body, kind_of, status_of
+from server.errors import error_body, error_headers, invalid_body, kind_of, status_of
 from server.metrics import Metrics
 from server.protocol import ClassifyRequest, PredictRequest, classify_body, predict_body, timing_headers
 from server.remote import RemoteEngine
@@ -94,7 +94,7 @@ class Frontend:
             status, answer = 200, orjson.dumps(data)
         except (Reply, AnchorServeError) as exc:
             kind = exc.kind if isinstance(exc, Reply) else kind_of(exc)
-            status, answer = status_of(kind), orjson.dumps(error_body(kind, str(exc)))
+            status, answer = status_of(kind), orjson.dumps(error_body(kind, str(exc), scope["path"]))
             if status >= 500:
                 log.error("%s %s -> %s: %s", scope["method"], scope["path"], kind, exc)
         except Exception:
@@ -197,7 +197,7 @@ async def _respond(send: Send, status: int, body: bytes, request_id: str, extra:
                    ) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                (REQUEST_ID_HEADER.lower().encode(), request_id.encode())]
-    headers += [(k.encode(), v.encode()) for k, v in (extra or {}).items()]
+    headers += [(k.encode(), v.encode()) for k, v in (error_headers(status) | (extra or {})).items()]
     start: Message = {"type": "http.response.start", "status": status, "headers": headers}
     with contextlib.suppress(OSError):  # the client left: nothing to answer
         await send(start)

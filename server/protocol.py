@@ -348,6 +348,7 @@ class Readiness(BaseModel):
 class ErrorResponse(BaseModel):
     error: str
     type: str
+    error_type: str | None = Field(None, description="TEI's error type, on TEI's routes (/predict, /, /invocations)")
 
 
 class TrainingData(BaseModel):

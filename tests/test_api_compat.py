@@ -405,3 +405,21 @@ def test_tei_truncation_direction_in_either_case(serve):
         response = client.post("/predict", json={"inputs": "a moving match", "truncation_direction": direction})
         assert response.status_code == 200, (direction, response.text)
     error_of(client.post("/predict", json={"inputs": "x", "truncation_direction": "middle"}), 422, "validation")
+
+
+def test_tei_routes_answer_errors_in_teis_envelope_too(serve):
+    """TEI's clients read `error_type`; this server's own routes keep {"error", "type"} alone."""
+    client = serve()
+    for path, body in (("/predict", {"inputs": []}), ("/", {"inputs": []}), ("/invocations", {"inputs": 5})):
+        response = client.post(path, json=body)
+        assert response.status_code == 422 and response.json()["error_type"] == "validation", (path, response.text)
+        assert response.json()["type"] == "validation"
+    assert "error_type" not in client.post("/v1/classify", json={"input": []}).json()
+
+
+def test_refusals_a_client_should_retry_say_when():
+    from server.errors import error_response
+
+    assert error_response("unavailable", "loading").headers["retry-after"] == "5"
+    assert error_response("overloaded", "queue full").headers["retry-after"] == "1"
+    assert "retry-after" not in error_response("validation", "no").headers
