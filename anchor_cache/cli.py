@@ -238,7 +238,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                     "dataset; writes results.json and the plots into --out.",
         epilog="example: anchorserve analyze saliency --preset trec --limit 100 --out runs/trec-saliency",
     )
-    an.add_argument("kind", choices=[k.replace("_", "-") for k in KINDS], help="which analysis")
+    an.add_argument("kind", type=lambda k: k.replace("_", "-"), choices=[k.replace("_", "-") for k in KINDS],
+                    help="which analysis (deep-layers or deep_layers, as the API spells it)")
     _add_data_arg(an, "test.jsonl and train.jsonl (demonstrations are drawn from it)")
     _add_task_args(an)
     an.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for results.json and the plots")

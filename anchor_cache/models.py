@@ -97,7 +97,7 @@ def resolve_model_dir(model: str) -> Path:
     hint = (
         " It looks like a Hugging Face Hub id; anchorserve never downloads models. "
         "Download the folder on a machine with access and pass its local path."
-        if not path.exists() and model.count("/") == 1
+        if not path.exists() and model.count("/") == 1 and not model.startswith(("/", ".", "~"))
         else ""
     )
     raise ModelNotFoundError(f"model {model!r} is not a local model folder with a config.json.{hint}")

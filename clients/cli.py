@@ -70,12 +70,16 @@ def _lines(path: Path) -> list[tuple[int, str]]:
 
 
 def _read_inputs(path: Path) -> list[str]:
-    """JSONL rows of {"text": ...} (or bare JSON strings), or plain text lines."""
+    """JSONL rows of {"text": ...} (or bare JSON strings), or plain text lines. In a .jsonl file, or
+    on a line that starts like JSON, a line that does not parse is an error, not a text."""
     texts = []
+    strict = path.suffix.lower() in (".jsonl", ".json")
     for line_no, line in _lines(path):
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except json.JSONDecodeError as exc:
+            if strict or line.lstrip().startswith(("{", "[", '"')):
+                raise UsageError(f"{path}:{line_no}: not valid JSON ({exc})") from None
             row = line
         if isinstance(row, dict):
             if not isinstance(row.get("text"), str):

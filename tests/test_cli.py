@@ -120,18 +120,18 @@ def test_reweight_writes_beta_and_loss_curve_and_classify_reads_it_back(tiny_fol
         assert with_beta != plain  # β changes the probabilities
 
 
-@pytest.mark.parametrize("kind", ["saliency", "isolation", "deep-layers", "error-diagnosis"])
+@pytest.mark.parametrize("kind", ["saliency", "isolation", "deep-layers", "error_diagnosis"])
 def test_analyze_writes_results_and_plots(tiny_folder, dataset_dir, tmp_path, kind):
     out = tmp_path / kind
-    flags = {"isolation": ["--ks", "0,1"], "error-diagnosis": ["--contexts", "2"]}.get(kind, [])
-    seeds = [] if kind == "error-diagnosis" else ["--seeds", "42"]
+    flags = {"isolation": ["--ks", "0,1"], "error_diagnosis": ["--contexts", "2"]}.get(kind, [])  # the API's spelling
+    seeds = [] if kind == "error_diagnosis" else ["--seeds", "42"]
     code = main([
         "analyze", kind, "--data", str(dataset_dir), *TASK, "--model", str(tiny_folder), "--limit", "4", *seeds,
         *flags, "--out", str(out),
     ])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
-    named = {"saliency": "s_wp", "isolation": "word_loyalty", "deep-layers": "auc_roc", "error-diagnosis": "spearman"}
+    named = {"saliency": "s_wp", "isolation": "word_loyalty", "deep-layers": "auc_roc", "error_diagnosis": "spearman"}
     assert named[kind] in results and results["params"]["limit"] == 4
     assert all(png.read_bytes().startswith(b"\x89PNG") for png in out.glob("*.png")) and list(out.glob("*.png"))
 
@@ -358,7 +358,13 @@ def test_client_input_mistakes_are_one_line_before_any_request(tmp_path, capsys)
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens: a request would be a connection error
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"text": "fine"}\n{"label": "Positive"}\n')
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "fine"}\n{"text": "cut off\n')
+    bare = tmp_path / "lines.txt"
+    bare.write_text('{"text": oops\n')
     cases = [
+        (["classify", "--task", "t", "--file", str(broken)], f"{broken}:2: not valid JSON"),
+        (["classify", "--task", "t", "--file", str(bare)], f"{bare}:1: not valid JSON"),
         (["classify", "--task", "t", "--file", str(tmp_path / "missing.jsonl")], "no such file"),
         (["classify", "--task", "t", "--file", str(rows)], f'{rows}:2: a JSON object needs a string "text"'),
         (["classify", "--task", "t"], "give texts as arguments or --file"),

@@ -21,6 +21,10 @@ def test_hub_ids_are_refused_without_network():
 def test_missing_folder_is_refused(tmp_path):
     with pytest.raises(ModelNotFoundError, match="not a local model folder"):
         load_model(str(tmp_path / "nowhere"))
+    for path in ("/nope", "./nope", "~/nope"):  # one slash, but a path: no talk of the Hub
+        with pytest.raises(ModelNotFoundError) as caught:
+            load_model(path)
+        assert "Hub" not in str(caught.value), path
 
 
 @pytest.mark.parametrize(("device", "dtype"), [("cpu", "float16"), ("cpu", "int8")])
