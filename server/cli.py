@@ -23,6 +23,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -113,18 +114,32 @@ def serve(args: argparse.Namespace, prog: str = PROG) -> int:
     except (ValidationError, ValueError, AnchorServeError) as exc:
         sys.stderr.write(f"{prog}: error: not starting: {engine_cli.one_line(exc)}\n")
         return 2
+    try:
+        sock = listen(settings)  # before anything loads, so a busy port fails at once
+    except OSError as exc:
+        sys.stderr.write(f"{prog}: error: not starting: cannot listen on {settings.host}:{settings.port}: "
+                         f"{exc.strerror}\n")
+        return 2
     if settings.api_servers:
-        return _serve_split(settings, args, prog)
+        return _serve_split(settings, args, sock)
     loop, http = event_loop_and_parser()
     logging.getLogger("server").info("serving with the %s event loop and the %s HTTP parser", loop, http)
-    error = serve_app(settings, host=settings.host, port=settings.port)
+    error = serve_app(settings, sockets=[sock])
     if error:
         sys.stderr.write(f"{prog}: {error}\n")
         return 1
     return 0
 
 
-def serve_app(settings: Settings, engine_address: str | None = None, **bind: object) -> str | None:
+def listen(settings: Settings) -> socket.socket:
+    """The public listening socket (inheritable: the supervisor hands it to its frontends)."""
+    sock = socket.create_server((settings.host, settings.port), backlog=4096)
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve_app(settings: Settings, engine_address: str | None = None, sockets: list[socket.socket] | None = None,
+              **bind: object) -> str | None:
     """Serve the whole app (one process, or the engine core behind frontends with
     `engine_address`) until SIGTERM/SIGINT; the start-up error when the model or state could not load."""
     from server.app import build_app
@@ -139,7 +154,7 @@ def serve_app(settings: Settings, engine_address: str | None = None, **bind: obj
     fit_threads(settings)
     app = build_app(settings, on_fatal=fatal, engine_address=engine_address)
     server = bounded_server(app, settings, **bind)
-    server.run()
+    server.run(sockets=sockets)
     return app.state.anchor.engine.startup_error
 
 
@@ -181,17 +196,11 @@ def arm_exit_watchdog(timeout_s: float) -> None:
     threading.Thread(target=cut_short, name="anchorserve-exit-watchdog", daemon=True).start()
 
 
-def _serve_split(settings: Settings, args: argparse.Namespace, prog: str) -> int:
-    """One engine core behind `api_servers` frontends (server/supervisor.py); the children read
-    the same settings from this process's environment."""
+def _serve_split(settings: Settings, args: argparse.Namespace, sock: socket.socket) -> int:
+    """One engine core behind `api_servers` frontends (server/supervisor.py) on the listening
+    socket; the children read the same settings from this process's environment."""
     from server import supervisor
 
-    try:
-        sock = supervisor.listen(settings)
-    except OSError as exc:
-        sys.stderr.write(f"{prog}: error: not starting: cannot listen on {settings.host}:{settings.port}: "
-                         f"{exc.strerror}\n")
-        return 2
     if args.config is not None:
         os.environ[CONFIG_ENV] = str(args.config.resolve())
     for name in FLAG_SETTINGS:

@@ -98,13 +98,6 @@ class Child:
             self.process.wait()
 
 
-def listen(settings: Settings) -> socket.socket:
-    """The public listening socket, bound before anything loads so a busy port fails at once."""
-    sock = socket.create_server((settings.host, settings.port), backlog=4096)
-    sock.set_inheritable(True)
-    return sock
-
-
 def supervise(settings: Settings, sock: socket.socket) -> int:
     runtime = Path(tempfile.mkdtemp(prefix="anchorserve-"))
     (runtime / "metrics").mkdir()

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -334,6 +335,19 @@ def test_serve_port_and_config_flags_win(tmp_path):
         assert info["port"] == port and info["state_dir"] == str(tmp_path / "state")
         answer = httpx.post(f"{url}/v1/classify", json={"task": "sentiment", "input": "a moving film"})
         assert answer.status_code == 200
+
+
+@pytest.mark.parametrize("api_servers", ["0", "2"])
+def test_a_busy_port_stops_the_server_before_the_model_loads(tmp_path, api_servers):
+    model = save_tiny_model("gpt2", tmp_path / "model")
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ANCHORSERVE_")} | {
+            "ANCHORSERVE_MODEL": str(model), "ANCHORSERVE_STATE_DIR": str(tmp_path / "state"),
+            "ANCHORSERVE_PORT": str(port), "ANCHORSERVE_API_SERVERS": api_servers}
+        done = run_process("-m", "server", env=env)
+    assert done.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in done.stderr, done.stderr
+    assert "loaded model" not in done.stderr + done.stdout
 
 
 # --- anchorserve-client -------------------------------------------------------------------------------
