@@ -26,6 +26,10 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.13.0 \
 COPY anchor_cache ./anchor_cache
 COPY server ./server
 COPY clients ./clients
+COPY pyproject.toml README.md LICENSE ./
+# The project itself, for its console scripts (`anchorserve`, `anchorserve-client`); its
+# dependencies are the pinned ones above.
+RUN pip install --no-deps . && rm -rf build *.egg-info
 
 # Bake the default model: dequantise the GGUF once at build time, so containers start warm.
 RUN python -c "from anchor_cache.models import resolve_model_dir; print(resolve_model_dir('default'))" \

@@ -41,6 +41,8 @@ def test_dockerfile_matches_the_readme_and_the_code():
     for path in re.findall(r"^COPY (\S+) ", dockerfile, flags=re.M):
         assert (ROOT / path).exists(), path
     assert "docker compose up" in readme and "docker build" in readme
+    # the project is installed, so its console scripts exist in the image
+    assert re.search(r"^RUN pip install --no-deps \.", dockerfile, flags=re.M)
 
 
 # ------------------------------------------------------------------ replicas sharing state through Redis
@@ -291,15 +293,18 @@ def test_nginx_request_id_is_kept_or_generated_sent_upstream_returned_and_logged
     assert var in formats[log[1]]
 
 
+CLASSIFY_LOCATION = "~ ^/(v1/classify|classify|predict|invocations)?$"
+
+
 def test_nginx_retries_posts_only_on_classify():
-    classify = LOCATIONS["= /v1/classify"]
+    classify = LOCATIONS[CLASSIFY_LOCATION]
     (retry,) = directives(classify, "proxy_next_upstream")
     assert {"error", "timeout", "http_503", "non_idempotent"} <= set(retry)
     (tries,) = directives(classify, "proxy_next_upstream_tries")
     assert 1 < int(tries[0]) <= 3
     assert directives(classify, "proxy_next_upstream_timeout")
     for name, body in LOCATIONS.items():
-        if name != "= /v1/classify":
+        if name != CLASSIFY_LOCATION:
             assert all("non_idempotent" not in args for args in directives(body, "proxy_next_upstream")), name
     assert not any("non_idempotent" in args for args in directives(SERVER, "proxy_next_upstream"))
     # PUT and DELETE count as idempotent to nginx: admin writes need retries switched off outright.

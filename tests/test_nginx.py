@@ -245,20 +245,22 @@ def assert_json_envelope(response, body: bytes, kind: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ tests
-def test_classify_post_is_retried_on_the_healthy_replica(cluster):
+@pytest.mark.parametrize("path", ["/v1/classify", "/classify", "/predict", "/", "/invocations"])
+def test_classify_post_is_retried_on_the_healthy_replica(cluster, path):
+    """Every classification route (this server's, vLLM's, TEI's, Hugging Face's) is retried."""
     nginx, loading, healthy = cluster
     body = json.dumps({"task": "sentiment", "inputs": ["a fine film"]}).encode()
     for _ in range(4):
-        response, out = nginx.request("POST", "/v1/classify", body, {"Content-Type": "application/json"})
+        response, out = nginx.request("POST", path, body, {"Content-Type": "application/json"})
         assert response.status == 200, out
         got = json.loads(out)
         assert got["upstream"] == "healthy" and got["bytes"] == len(body), got
-    tried = loading.requests("/v1/classify")
+    tried = loading.requests(path)
     assert tried, "round-robin never reached the loading replica, so no retry was exercised"
     # The retry carried the same body and the same request id as the first attempt.
-    retried_ids = {r["request_id"] for r in healthy.requests("/v1/classify")}
+    retried_ids = {r["request_id"] for r in healthy.requests(path)}
     assert all(r["bytes"] == len(body) and r["request_id"] in retried_ids for r in tried)
-    assert len(healthy.requests("/v1/classify")) == 4
+    assert len(healthy.requests(path)) == 4
 
 
 def test_admin_post_answering_503_is_not_retried(cluster):
