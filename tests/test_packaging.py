@@ -153,11 +153,18 @@ def test_client_distribution_matches_the_main_one():
         assert req.specifier.contains(next(iter(pinned.specifier)).version), f"{line} excludes the tested {pinned}"
 
 
+def tree_files(folder: Path) -> set[Path]:
+    return {p.relative_to(folder) for p in folder.rglob("*") if "__pycache__" not in p.parts}
+
+
 @pytest.fixture(scope="module")
 def client_wheel(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("client-wheel")
-    copy_tree(ROOT / "clients", tmp / "clients")
-    return build_wheel(tmp / "clients", tmp / "out")
+    """Built from the clients folder itself, as `pip install ./clients` builds it: the tree must stay
+    as it was (no build/, no egg-info)."""
+    before = tree_files(ROOT / "clients")
+    wheel = build_wheel(ROOT / "clients", tmp_path_factory.mktemp("client-wheel"))
+    assert tree_files(ROOT / "clients") == before, tree_files(ROOT / "clients") ^ before
+    return wheel
 
 
 def test_client_wheel_holds_only_the_client_and_needs_no_torch(client_wheel):
