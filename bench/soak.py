@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from anchor_cache.cli import default_data_root
-from anchor_cache.models import DEFAULT_MODEL
+from anchor_cache.names import DEFAULT_MODEL
 from bench.common import RESULTS
 from bench.load import free_port
 from bench.serving import Setup, group_members, run_wrk, server_env, start_server, stop_server, task_config

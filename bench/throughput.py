@@ -31,7 +31,7 @@ from pathlib import Path
 
 from anchor_cache.cli import default_data_root
 from anchor_cache.data import read_jsonl, seed_demonstrations
-from anchor_cache.models import cache_dir
+from anchor_cache.names import cache_dir
 from anchor_cache.task import PRESETS
 from bench.common import RESULTS
 from bench.load import load_phase, start_server, stop_server

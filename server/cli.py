@@ -110,7 +110,9 @@ def serve(args: argparse.Namespace, prog: str = PROG) -> int:
     engine_cli.quiet_progress_bars()
     try:
         settings = load_settings(args)
-        engine_cli.check_model(settings.model, settings.device, settings.dtype)
+        from anchor_cache.commands import check_model  # the engine, only once serving is certain
+
+        check_model(settings.model, settings.device, settings.dtype)
     except (ValidationError, ValueError, AnchorServeError) as exc:
         sys.stderr.write(f"{prog}: error: not starting: {engine_cli.one_line(exc)}\n")
         return 2

@@ -14,7 +14,7 @@ from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from anchor_cache.cpus import api_servers_for, usable_cpus
-from anchor_cache.models import DEFAULT_MODEL, cache_dir
+from anchor_cache.names import DEFAULT_MODEL, cache_dir
 from anchor_cache.task import Demonstration, TaskSpec
 
 CONFIG_ENV = "ANCHORSERVE_CONFIG"

@@ -23,7 +23,7 @@ import httpx
 import pytest
 from safetensors.torch import load_file
 
-from anchor_cache import cli
+from anchor_cache import cli, commands
 from anchor_cache.cli import main
 from clients.cli import main as client_main
 from server.cli import main as anchorserve_main
@@ -90,7 +90,7 @@ def test_eval_plot_has_error_bars_only_with_several_seeds():
                   "per_seed": per_seed}
         return {"config": {"model": "m", "data": "d"}, "methods": {"vanilla": method, "zero_shot": method}}
 
-    one, several = cli.eval_plot(results([50.0])), cli.eval_plot(results([40.0, 60.0]))
+    one, several = commands.eval_plot(results([50.0])), commands.eval_plot(results([40.0, 60.0]))
     assert one.startswith(b"\x89PNG") and several.startswith(b"\x89PNG") and one != several
 
 
@@ -176,7 +176,7 @@ def no_model(monkeypatch, tmp_path) -> list[str]:
     def load_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the arguments were checked")
 
-    monkeypatch.setattr(cli, "load_model", load_model)
+    monkeypatch.setattr(commands, "load_model", load_model)
     return ["--model", str(tmp_path / "no" / "such" / "model")]
 
 
@@ -405,3 +405,26 @@ def test_the_exit_watchdog_cuts_a_stuck_shutdown_short():
              "arm_exit_watchdog(0.5)\n")
     done = subprocess.run([sys.executable, "-c", stuck], capture_output=True, text=True, timeout=60)  # not 120 s
     assert done.returncode == 1 and "shutdown_timeout_s" in done.stderr
+
+
+def test_help_and_argument_mistakes_never_import_torch():
+    """`--help` and a mistyped argument answer before the engine loads (torch alone takes seconds)."""
+    probe = ("import sys\n"
+             "sys.argv = sys.argv[1:]\n"
+             "from server.cli import main\n"
+             "try:\n    main()\nexcept SystemExit as exc:\n    code = exc.code\n"
+             "print(code, 'torch' in sys.modules)\n")
+    for argv in (["anchorserve", "--help"], ["anchorserve", "eval", "--help"], ["anchorserve", "eval", "--limit", "x"],
+                 ["anchorserve", "analyze", "nope", "--out", "x"]):
+        done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=60,
+                              cwd=REPO)
+        code, imported = done.stdout.split()[-2:]
+        assert imported == "False" and code in ("0", "2"), (argv, done.stdout[-300:], done.stderr[-300:])
+
+
+def test_the_names_the_command_line_offers_are_the_engines():
+    from anchor_cache import analysis, evaluate, models, names
+
+    assert tuple(evaluate.VARIANTS) == names.VARIANT_NAMES
+    assert tuple(analysis.KINDS) == names.ANALYSES
+    assert models.DEFAULT_MODEL == names.DEFAULT_MODEL
