@@ -46,7 +46,7 @@ from anchor_cache.storage import (
     save_beta,
     save_cache,
 )
-from anchor_cache.task import Method, TaskSpec, preview
+from anchor_cache.task import HEAD_METHODS, Method, TaskSpec, preview
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,9 @@ class ServedTask:
     # how β was trained (loss curve, time, examples); {"lost": reason} when a damaged β was quarantined
     reweighting: dict[str, Any] | None = None
     content_free: torch.Tensor | None = None  # (C,) log content-free probabilities when spec.calibrate
+    # the same for the other label-word methods a request may ask for, made on first use (model thread)
+    _other_content_free: dict[Method, torch.Tensor] = dataclasses.field(default_factory=dict, init=False, compare=False,
+                                                                        repr=False)
 
     @property
     def cached(self) -> bool:
@@ -76,11 +79,22 @@ class ServedTask:
         """β applies to the method it was trained in; other methods requested per call run without."""
         return self.beta if method == self.spec.method else None
 
+    def calibrated_for(self, method: Method) -> bool:
+        """Whether `method`'s scores are calibrated: on a calibrated task, every method that scores
+        the label words (a pool head's scores are its own)."""
+        return self.content_free is not None and method not in HEAD_METHODS
+
     def scores(self, logits: torch.Tensor, method: Method) -> torch.Tensor:
-        """Calibrated label scores for the task's own method when calibration is on, raw otherwise."""
-        if self.content_free is None or method != self.spec.method:
+        """Calibrated label scores when `calibrated_for(method)`, raw otherwise. A method other than
+        the task's own is calibrated against its own content-free scores, computed (a forward of the
+        content-free inputs) the first time it is asked for: call this on the model thread."""
+        if not self.calibrated_for(method):
             return logits
-        return calibrate(logits, self.content_free)
+        if method == self.spec.method:
+            return calibrate(logits, self.content_free)
+        if method not in self._other_content_free:
+            self._other_content_free[method] = self.classifier.content_free_logprobs(method).to(logits.device)
+        return calibrate(logits, self._other_content_free[method])
 
 
 def _log_progress(name: str) -> Callable[[int, int], None]:

@@ -71,7 +71,7 @@ def score_parts(work: list[Work], parts: list[torch.Tensor]) -> list[torch.Tenso
         served: ServedTask = work[members[0]].task
         logits = torch.cat([parts[i] for i in members])
         rows = [logits, torch.log_softmax(served.scores(logits, method), -1)]
-        if served.content_free is not None and method == served.spec.method:
+        if served.calibrated_for(method):
             rows.append(torch.log_softmax(logits, -1))
         for i, part in zip(members, torch.stack(rows, 1).split([parts[i].shape[0] for i in members]), strict=True):
             scored[i] = part

@@ -100,6 +100,17 @@ def test_calibrated_task_keeps_raw_probabilities_under_their_own_name(serve):
         assert item["label_probs"] == dict(zip(labels, item["probs"], strict=True))
 
 
+def test_a_calibrated_task_calibrates_a_method_a_request_asks_for(serve):
+    """A request naming another method than the task's own is calibrated against that method's own
+    content-free scores, not silently left raw."""
+    client = serve(tasks=[sentiment_task(calibrate=True)])
+    for method in ("vanilla", "zero_shot", "hidden_anchor"):
+        for item in client.post("/v1/classify", json={"input": QUERIES, "method": method}).json()["data"]:
+            raw = item["raw_label_probs"]
+            assert raw is not None, method
+            assert [raw[label] for label in labels_of(client)] != pytest.approx(item["probs"], abs=1e-6), method
+
+
 # --- model, models and the default task -------------------------------------------------------------
 
 
