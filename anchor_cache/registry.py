@@ -290,15 +290,20 @@ class TaskRegistry:
 
     # --- start-up and applying store records ------------------------------------------------------
 
-    def start(self, configured: list[TaskSpec], gc_grace_s: float = START_GC_GRACE_S) -> None:
+    def start(self, configured: list[TaskSpec], gc_grace_s: float = START_GC_GRACE_S,
+              progress: Callable[[str], None] | None = None) -> None:
         """Seed the configured tasks into the store (and delete seeded ones no longer configured),
         load every live record independently, then collect garbage. A task that cannot load is
         recorded in `failures()`; the others serve. β a task's pool asks for is not learned here:
-        the task serves without it meanwhile (the server learns it in a background job)."""
+        the task serves without it meanwhile (the server learns it in a background job).
+        `progress` hears which task loads now, and how many there are."""
         for spec in configured:
             self.seed(spec)
         self._unseed({spec.name for spec in configured})
-        for record in sorted(self.store.records().values(), key=lambda r: r.name):
+        records = sorted(self.store.records().values(), key=lambda r: r.name)
+        for i, record in enumerate(records, 1):
+            if progress is not None:
+                progress(f"loading task {record.name!r} ({i} of {len(records)})")
             self.apply(record)
         self.collect_garbage(gc_grace_s)
         if self._failed:

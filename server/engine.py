@@ -95,6 +95,7 @@ class Engine:
         self.scheduler: Scheduler | None = None
         self.graphs: PackedGraphs | None = None  # CUDA graphs of the packed forward, by shape
         self.startup_error: str | None = None
+        self.progress = "starting"  # what start-up is doing now, for /ready's 503
         self.started = time.monotonic()
         self.ready_after_s: float | None = None
         self._max_token_bytes = 0
@@ -106,18 +107,23 @@ class Engine:
     def ready(self) -> bool:
         return self.ready_after_s is not None
 
+    def _report(self, doing: str) -> None:
+        self.progress = doing
+        log.info("start-up: %s", doing)
+
     async def start(self, on_fatal: Callable[[], None] | None = None) -> None:
         s = self.settings
         limits = BatchLimits(s.max_batch_size, s.max_batch_tokens, s.max_wait_ms / 1000, s.max_queued_requests)
         self.scheduler = Scheduler(self._run_batch, limits, self.metrics)
         self.scheduler.start()
         try:
+            self.progress = f"loading the model {s.model!r}"
             self.lm = await self.scheduler.run_exclusive(lambda: load_model(s.model, s.device, s.dtype))
             if s.cuda_graphs and self.lm.device.type == "cuda":
                 self.graphs = PackedGraphs(self.lm)
             self._max_token_bytes = 4 * max(len(token) for token in self.lm.tokenizer.get_vocab())
             registry = TaskRegistry(self.lm, self.store, s.max_tasks, s.max_demo_tokens)
-            await self.scheduler.run_exclusive(lambda: registry.start(s.tasks, s.gc_grace_s))
+            await self.scheduler.run_exclusive(lambda: registry.start(s.tasks, s.gc_grace_s, self._report))
         except Exception as exc:  # tasks fail one by one inside start; this is the model or the state dir
             log.error("start-up failed: %s", exc)
             what = "the model could not be loaded" if self.lm is None else "the state store could not be read"

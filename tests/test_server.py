@@ -443,3 +443,30 @@ def test_a_store_that_lost_its_records_refuses_writes(serve, tmp_path):
     error_of(client.delete("/admin/tasks/sentiment", headers=ADMIN), 503, "unavailable")
     assert client.get("/v1/tasks/sentiment").json()["revision"] == served
     assert client.post("/v1/classify", json={"task": "sentiment", "input": "fine"}).status_code == 200
+
+
+def test_ready_says_what_start_up_is_doing_and_when_to_retry(model_dir, tmp_path, monkeypatch):
+    import threading
+
+    import server.engine
+
+    gate, loading = threading.Event(), threading.Event()
+
+    def slow_load(*args):
+        loading.set()
+        assert gate.wait(30)
+        return load_model(*args)
+
+    monkeypatch.setattr(server.engine, "load_model", slow_load)
+    with TestClient(build_app(settings(model_dir, tmp_path / "state"))) as client:
+        try:
+            assert loading.wait(30)
+            response = client.get("/ready")
+            assert response.status_code == 503 and response.headers["retry-after"] == "5"
+            assert f"loading the model {str(model_dir)!r}" in response.json()["error"], response.text
+        finally:
+            gate.set()
+        deadline = time.monotonic() + 30
+        while client.get("/ready").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)

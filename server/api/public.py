@@ -25,7 +25,7 @@ async def health() -> dict[str, str]:
 async def ready(state: State) -> JSONResponse:
     engine = state.engine
     if not engine.ready:
-        return error_response("unavailable", engine.startup_error or "loading model and tasks")
+        return error_response("unavailable", engine.startup_error or f"not ready: {engine.progress}")
     body = Readiness(status="ready", tasks=[t.spec.name for t in engine.tasks()], failed=engine.failures())
     return JSONResponse(body.model_dump())
 
