@@ -17,7 +17,6 @@ from fastapi.staticfiles import StaticFiles
 
 from server.api.admin import admin
 from server.api.analyses import analyses
-from server.api.hf import hf
 from server.api.public import public
 from server.api.tei import tei
 from server.api.v1 import v1, vllm
@@ -83,7 +82,6 @@ def build_app(settings: Settings | None = None, on_fatal: Callable[[], None] | N
     app.include_router(v1)
     app.include_router(vllm)
     app.include_router(tei)
-    app.include_router(hf)
     app.include_router(admin)
     app.include_router(analyses)
     add_docs(app)

@@ -1,5 +1,8 @@
-"""TEI's classification route, so a text-embeddings-inference client switches by changing the URL
-(API key when one is set, as TEI's `--api-key`)."""
+"""TEI's classification routes, so a text-embeddings-inference client switches by changing the URL
+(API key when one is set, as TEI's `--api-key`): `/predict`, and `POST /` and `/invocations`, which
+TEI serves for classifiers in Hugging Face's inference shape, so that
+`huggingface_hub.InferenceClient(base_url=URL)` and an Inference Endpoints or SageMaker client
+classify with no change but the URL."""
 
 from __future__ import annotations
 
@@ -8,9 +11,11 @@ from fastapi import APIRouter, Depends, Request, Response
 from server.auth import require_api_key, require_json
 from server.deps import Classify
 from server.protocol import (
+    InferenceRequest,
     LabelScore,
     PredictRequest,
     error_responses,
+    pipeline_body,
     predict_body,
     timed_response,
     timing_headers,
@@ -31,3 +36,20 @@ async def predict(body: PredictRequest, request: Request, response: Response, se
                                     direction=body.truncation_direction)
     response.headers.update(timing_headers(result.timing))
     return predict_body(result, body.raw_scores, body.batched)
+
+
+INFERENCE_RESPONSES = (timed_response("per input, [{label, score}] by descending score, as the Inference API nests it")
+                       | error_responses(400, 404, 413, 415, 422, 429, 504))
+
+
+@tei.post("/", response_model=list[list[LabelScore]], responses=INFERENCE_RESPONSES, summary="Classify (Hugging Face)")
+@tei.post("/invocations", response_model=list[list[LabelScore]], responses=INFERENCE_RESPONSES,
+         summary="Classify (Inference Endpoints, SageMaker)")
+async def invocations(body: InferenceRequest, request: Request, response: Response, service: Classify) -> list:
+    """The text-classification pipeline's answer on the default task (`default_task`, else the first
+    configured one) or `task`: `parameters.top_k` labels (all when unset), scored by
+    `parameters.function_to_apply` (softmax probabilities when unset)."""
+    request.state.task = service.task_name(body.task)  # a metrics label only if the task is served
+    result = await service.classify(body.task, body.texts, None, request.receive)
+    response.headers.update(timing_headers(result.timing))
+    return pipeline_body(result, body.parameters)
