@@ -257,6 +257,7 @@ class Engine:
         copied = torch.cuda.Event()
         copied.record()
 
+        @torch.inference_mode()  # scoring may run a forward (a method's first content-free calibration)
         def collect() -> list[torch.Tensor]:
             copied.synchronize()
             return self._scored(work, widths, host)
