@@ -434,3 +434,11 @@ def test_refusals_a_client_should_retry_say_when():
     assert error_response("unavailable", "loading").headers["retry-after"] == "5"
     assert error_response("overloaded", "queue full").headers["retry-after"] == "1"
     assert "retry-after" not in error_response("validation", "no").headers
+
+
+def test_info_carries_teis_fields_beside_its_own(serve):
+    client = serve(max_input_tokens=100)
+    info = client.get("/info").json()
+    assert info["model_id"] == info["model"] and info["model_dtype"] == info["dtype"] == "float32"
+    assert info["max_input_length"] == 100 and info["max_client_batch_size"] == info["max_inputs_per_request"]
+    assert info["model_type"]["classifier"]["id2label"] == {str(i): label for i, label in enumerate(labels_of(client))}

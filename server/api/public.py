@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from fastapi import APIRouter
@@ -36,6 +37,25 @@ async def metrics(state: State) -> Response:
     return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
-@public.get("/info", summary="The loaded model, device and dtype, and the effective limits (keys redacted)")
+@public.get("/info", summary="The loaded model, device and dtype, and the effective limits (keys redacted), "
+            "with TEI's /info fields beside them")
 async def info(state: State) -> dict[str, Any]:
-    return state.settings.redacted() | state.engine.describe() | {"ready": state.engine.ready}
+    own = state.settings.redacted() | state.engine.describe() | {"ready": state.engine.ready}
+    served = {t.spec.name: t for t in state.engine.tasks()} if state.engine.ready else {}
+    default = served.get(state.classify.task_name(None))
+    return own | tei_info(own, default.spec.labels if default is not None else [])
+
+
+def tei_info(own: dict[str, Any], labels: list[str]) -> dict[str, Any]:
+    """TEI's /info fields, read off this server's own, so a TEI client finds what it reads; the
+    classifier's labels are the default task's."""
+    try:
+        installed = version("anchorserve")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        installed = None
+    return {"model_id": own["model"], "model_dtype": own["dtype"],
+            "model_type": {"classifier": {"id2label": {str(i): label for i, label in enumerate(labels)}}},
+            "max_input_length": own["max_input_tokens"], "max_batch_tokens": own["max_batch_tokens"],
+            "max_client_batch_size": own["max_inputs_per_request"],
+            "max_concurrent_requests": own["max_queued_requests"], "auto_truncate": own["truncate"],
+            "version": installed}
