@@ -44,6 +44,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -134,7 +135,8 @@ def _spans(lengths: Sequence[int], row_cache: Sequence[int], cache_slots: Sequen
 @dataclass(frozen=True)
 class Layout:
     """Rows laid out one after another, before any tensor is made (pack's and graphs.py's shared
-    first step): the token ids and positions, each row's length and distinct cache."""
+    first step): the token ids and positions, each row's length and distinct cache. The derived
+    numbers are computed once per batch, on first use."""
 
     input_ids: list[int]
     positions: list[int]
@@ -167,21 +169,21 @@ class Layout:
             layout.lengths.append(n)
         return layout
 
-    @property
+    @cached_property
     def cache_slots(self) -> list[range]:
         """Each distinct cache's slots among the caches laid out one after another."""
         bounds = list(itertools.accumulate((c.num_tokens for c in self.caches), initial=0))
         return [range(a, b) for a, b in itertools.pairwise(bounds)]
 
-    @property
+    @cached_property
     def num_slots(self) -> int:
         return sum(c.num_tokens for c in self.caches)
 
-    @property
+    @cached_property
     def starts(self) -> list[int]:
         return list(itertools.accumulate(self.lengths[:-1], initial=0))
 
-    @property
+    @cached_property
     def ends(self) -> list[int]:
         return list(itertools.accumulate(self.lengths))
 
