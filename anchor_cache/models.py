@@ -149,14 +149,13 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _identity(model_dir: Path, dtype: torch.dtype) -> str:
+def weights_hash(model_dir: Path) -> str:
     """A content hash of the config and weights, cheap enough for every start.
 
     Hashing 0.5 GB of weights on each start costs seconds, so each weight file contributes its size
     and three 1 MiB samples (head, middle, tail); that separates checkpoints in practice.
     """
     h = hashlib.sha256((model_dir / "config.json").read_bytes())
-    h.update(str(dtype).encode())
     for f in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
         size = f.stat().st_size
         h.update(f"{f.name}:{size}".encode())
@@ -165,6 +164,11 @@ def _identity(model_dir: Path, dtype: torch.dtype) -> str:
                 fh.seek(offset)
                 h.update(fh.read(_SAMPLE_BYTES))
     return h.hexdigest()
+
+
+def _identity(weights: str, dtype: torch.dtype) -> str:
+    """The weights as they compute: a cache built in one dtype is not served in another."""
+    return hashlib.sha256(f"{weights}:{dtype}".encode()).hexdigest()
 
 
 def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -180,7 +184,8 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     name: str
-    identity: str
+    weights_hash: str  # config and weights, whatever the dtype
+    identity: str  # the weights in this dtype
     tokenizer_hash: str
     device: torch.device
     dtype: torch.dtype
@@ -220,12 +225,14 @@ def load_model(model: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "a
     )
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     name = DEFAULT_MODEL_NAME if model == DEFAULT_MODEL else model_dir.name
+    weights = weights_hash(model_dir)
     log.info("loaded %s from %s on %s as %s", name, model_dir, torch_device, torch_dtype)
     return LoadedModel(
         model=prepare_model(lm.to(torch_device)),
         tokenizer=tokenizer,
         name=name,
-        identity=_identity(model_dir, torch_dtype),
+        weights_hash=weights,
+        identity=_identity(weights, torch_dtype),
         tokenizer_hash=tokenizer_hash(tokenizer),
         device=torch_device,
         dtype=torch_dtype,

@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,8 +44,10 @@ from anchor_cache.storage import (
     collect_garbage,
     find_beta,
     find_cache,
+    find_shipped_beta,
     save_beta,
     save_cache,
+    shipped_beta_key,
 )
 from anchor_cache.task import HEAD_METHODS, Method, TaskSpec, preview
 
@@ -113,9 +116,11 @@ def _one_line(reason: object) -> str:
 
 
 class TaskRegistry:
-    def __init__(self, lm: LoadedModel, store: StateStore, max_tasks: int, max_demo_tokens: int) -> None:
+    def __init__(self, lm: LoadedModel, store: StateStore, max_tasks: int, max_demo_tokens: int,
+                 shipped_betas: Path | None = None) -> None:
         self.lm = lm
         self.store = store
+        self.shipped_betas = shipped_betas  # β files shipped with the server, read when the store has none
         self.max_tasks = max_tasks
         self.max_demo_tokens = max_demo_tokens
         self._tasks: dict[str, ServedTask] = {}
@@ -174,6 +179,8 @@ class TaskRegistry:
         except CacheMismatchError as exc:
             moved = self._quarantine(beta_blob(key), exc, f"task {spec.name}: serving without β")
             info = {"lost": f"{exc}; moved to {moved}"}
+        if beta is None and info is None:
+            beta, info = self._shipped_beta(identity) or (None, None)
         clf.head(spec.method, beta)  # a head method fits its head on the pool now, not on the first request
         prefix = clf.prefix(spec.method)
         served = self.with_beta(
@@ -197,6 +204,17 @@ class TaskRegistry:
             served.build_seconds, ", with learned β" if served.beta is not None else "",
         )
         return served
+
+    def _shipped_beta(self, identity: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]] | None:
+        """A β shipped for this task and these weights (in any dtype); a damaged one is skipped, as
+        the task then learns β again."""
+        if self.shipped_betas is None:
+            return None
+        try:
+            return find_shipped_beta(self.shipped_betas, shipped_beta_key(identity, self.lm), self.lm)
+        except CacheMismatchError as exc:
+            log.warning("shipped β skipped: %s", exc)
+            return None
 
     def with_beta(self, served: ServedTask, beta: torch.Tensor | None, info: dict[str, Any] | None) -> ServedTask:
         """The task with β applied; calibration is recomputed under it (computed once, then cached)."""

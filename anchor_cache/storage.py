@@ -260,6 +260,31 @@ def find_beta(store: StateStore, key: str, lm: LoadedModel) -> tuple[torch.Tenso
     return tensors["beta"], manifest["info"]
 
 
+def shipped_beta_key(identity: dict[str, Any], lm: LoadedModel) -> str:
+    """The key of a β shipped with the server: its task's cache identity with the weights in place
+    of the weights in a dtype, since a β learned in one dtype serves in another."""
+    return cache_key(identity | {"model_identity": lm.weights_hash})
+
+
+def find_shipped_beta(folder: Path, key: str, lm: LoadedModel) -> tuple[torch.Tensor, dict[str, Any]] | None:
+    """The β in `folder` shipped for `key` (see shipped_beta_key) and its training info, if any."""
+    file = folder / beta_blob(key)
+    if not file.is_file():
+        return None
+    tensors, manifest = parse_tensors(file.read_bytes(), file.name, lm.device)
+    if manifest.get("key") != key or "beta" not in tensors or not isinstance(manifest.get("info"), dict):
+        raise CacheMismatchError(f"{file.name} does not hold the β it is named for")
+    return tensors["beta"], manifest["info"] | {"shipped": True}
+
+
+def write_shipped_beta(folder: Path, key: str, beta: torch.Tensor, info: dict[str, Any]) -> Path:
+    """Write the β file find_shipped_beta reads (a maintainer's step: the file is checked in)."""
+    file = folder / beta_blob(key)
+    data = dump_tensors({"beta": beta}, {"key": key, "info": info})
+    write_atomic(file, lambda tmp: tmp.write_bytes(data))
+    return file
+
+
 # --- garbage collection --------------------------------------------------------------------------
 
 

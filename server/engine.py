@@ -39,6 +39,7 @@ from server.engine_client import Scores, TaskView, derived, text_bytes_bound
 from server.metrics import Metrics
 from server.scheduler import BatchLimits, Collect, Scheduler, Work
 from server.settings import Settings
+from server.shipped import SHIPPED_BETAS
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ class Engine:
             if s.cuda_graphs and self.lm.device.type == "cuda":
                 self.graphs = PackedGraphs(self.lm)
             self._max_token_bytes = 4 * max(len(token) for token in self.lm.tokenizer.get_vocab())
-            registry = TaskRegistry(self.lm, self.store, s.max_tasks, s.max_demo_tokens)
+            registry = TaskRegistry(self.lm, self.store, s.max_tasks, s.max_demo_tokens, SHIPPED_BETAS)
             await self.scheduler.run_exclusive(lambda: registry.start(s.tasks, s.gc_grace_s, self._report))
         except Exception as exc:  # tasks fail one by one inside start; this is the model or the state dir
             log.error("start-up failed: %s", exc)

@@ -13,9 +13,11 @@ from anchor_cache.cache import build_anchor_cache
 from anchor_cache.cli import default_data_root
 from anchor_cache.data import read_jsonl, sample_rows, seed_demonstrations
 from anchor_cache.forward import Prefix, label_logits, last_hidden
-from anchor_cache.reweighting import learn_pool_beta
+from anchor_cache.reweighting import pool_hash
+from anchor_cache.storage import cache_identity, find_shipped_beta, shipped_beta_key
 from anchor_cache.task import PRESETS, TaskSpec
 from server.settings import builtin_task
+from server.shipped import SHIPPED_BETAS
 
 pytestmark = pytest.mark.slow
 
@@ -34,12 +36,19 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 README_EXAMPLES = {"a wonderful film": "Positive", "dreadful": "Negative"}  # its curl and client examples
 
 
-def test_readme_examples_are_right_on_the_builtin_task_with_its_pool_beta(real_lm):
-    """What a new user sees: `make serve` learns β from the built-in task's pool at its first start."""
+def test_readme_examples_are_right_on_the_builtin_task_with_its_shipped_beta(real_lm):
+    """What a new user sees: `make serve` serves the built-in task with the β shipped for it, learned
+    from its pool in bfloat16 and served here in float32. Fails when the task or the model changed
+    and the file was not learned again (`python -m server.shipped`)."""
     readme = README.read_text()
     assert all(f'"{text}"' in readme for text in README_EXAMPLES)
-    beta, info = learn_pool_beta(Classifier(real_lm, TASK))
-    assert info["train_examples"] == len(TASK.examples) and info["epoch_losses"][-1] < info["epoch_losses"][0]
+    clf = Classifier(real_lm, TASK)
+    key = shipped_beta_key(cache_identity(real_lm, clf.prompt, TASK.method, clf.seed), real_lm)
+    shipped = find_shipped_beta(SHIPPED_BETAS, key, real_lm)
+    assert shipped is not None, f"no β shipped for the built-in task in {SHIPPED_BETAS}: run python -m server.shipped"
+    beta, info = shipped
+    assert info["pool"] == pool_hash(clf) and info["train_examples"] == len(TASK.examples)
+    assert info["epoch_losses"][-1] < info["epoch_losses"][0] and info["shipped"] is True
     predictions = Classifier(real_lm, TASK, beta=beta).classify(list(README_EXAMPLES))
     assert {text: p.label for text, p in zip(README_EXAMPLES, predictions, strict=True)} == README_EXAMPLES
     assert all(max(p.probs.values()) > 0.9 for p in predictions), [p.probs for p in predictions]

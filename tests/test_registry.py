@@ -16,9 +16,10 @@ import torch
 from anchor_cache import Classifier, Method
 from anchor_cache.errors import ConflictError, NotFoundError, UnavailableError
 from anchor_cache.registry import TaskRegistry
+from anchor_cache.reweighting import pool_hash
 from anchor_cache.state import ABSENT
 from anchor_cache.state.local import LocalStore
-from anchor_cache.storage import beta_blob, cache_blob
+from anchor_cache.storage import beta_blob, cache_blob, cache_identity, shipped_beta_key, write_shipped_beta
 from tests.conftest import QUERIES, sentiment_task
 
 LONG_AGO = 1_000_000.0  # an mtime far older than any grace period
@@ -114,6 +115,41 @@ def test_beta_survives_a_restart_and_a_damaged_one_is_quarantined(tiny_lm, tmp_p
     assert "serving without β" in caplog.text
     assert torch.equal(logits(reg, "sentiment"), logits(registry(tiny_lm, tmp_path / "fresh", [sentiment_task()]),
                                                         "sentiment"))
+
+
+def test_a_shipped_beta_serves_only_for_its_weights_task_and_pool(tiny_lm, tmp_path, caplog):
+    """The built-in task's β ships with the server: it serves in any dtype of the same weights, but
+    not for another pool (that learns again) nor another task, and a damaged file is skipped."""
+    pooled = sentiment_task(examples=[{"text": "a fine film", "label": "Positive"},
+                                      {"text": "a dull film", "label": "Negative"}])
+    clf = Classifier(tiny_lm, pooled)
+    identity = cache_identity(tiny_lm, clf.prompt, pooled.method, clf.seed)
+    beta = clf.zero_beta() + 0.5
+    folder = tmp_path / "shipped"
+    file = write_shipped_beta(folder, shipped_beta_key(identity, tiny_lm), beta,
+                              {"source": "examples", "pool": pool_hash(clf)})
+
+    def start(spec, lm=tiny_lm, state=tmp_path / "state"):
+        reg = TaskRegistry(lm, LocalStore(state), max_tasks=4, max_demo_tokens=512, shipped_betas=folder)
+        reg.start([spec])
+        return reg.get(spec.name)
+
+    served = start(pooled)
+    assert torch.equal(served.beta, beta) and served.reweighting["shipped"] is True
+    assert not TaskRegistry.needs_pool_beta(served)
+    assert not beta_file(tmp_path / "state" / "caches", served.key).exists()  # read from the file, not copied
+    other_dtype = dataclasses.replace(tiny_lm, identity="another dtype", dtype=torch.bfloat16)
+    assert torch.equal(start(pooled, other_dtype, tmp_path / "bf16").beta, beta)
+    other_weights = dataclasses.replace(tiny_lm, weights_hash="other weights")
+    assert start(pooled, other_weights, tmp_path / "other").beta is None
+    repooled = start(pooled.model_copy(update={"examples": pooled.examples[:1]}), state=tmp_path / "repooled")
+    assert TaskRegistry.needs_pool_beta(repooled)  # shipped for another pool: learned again
+    assert start(sentiment_task(template="Text: {text}\nSentiment:", examples=pooled.examples),
+                 state=tmp_path / "retemplated").beta is None
+    file.write_bytes(file.read_bytes()[:-3])
+    with caplog.at_level(logging.WARNING):
+        assert start(pooled, state=tmp_path / "damaged").beta is None
+    assert "shipped β skipped" in caplog.text
 
 
 @pytest.mark.parametrize("text", ["{not json", "[1, 2]", "\udcff"])

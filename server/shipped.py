@@ -1,0 +1,59 @@
+"""β shipped with the server for the built-in task, so that a first start serves it with β at once.
+
+Learning the built-in task's β from its pool takes minutes on a CPU; a first start used to serve
+without it until then. The file in `server/data/` is named by the task's shipped-β key
+(`anchor_cache.storage.shipped_beta_key`): the task's template, labels, demonstrations and method,
+and the default model's weights and tokenizer, in any dtype. It serves when all of those match and
+its pool hash matches the task's pool; any other task, model or pool learns β in the background
+as before.
+
+    python -m server.shipped     # learn it again and replace the file (a few minutes)
+
+Run it after changing the built-in task or the default model; tests/test_real_model.py fails until then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from tqdm import tqdm
+
+from anchor_cache.classifier import Classifier
+from anchor_cache.models import load_model
+from anchor_cache.names import DEFAULT_MODEL
+from anchor_cache.reweighting import learn_pool_beta
+from anchor_cache.storage import cache_identity, shipped_beta_key, write_shipped_beta
+from server.settings import builtin_task
+
+log = logging.getLogger(__name__)
+
+SHIPPED_BETAS = Path(__file__).parent / "data"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m server.shipped", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", default="auto", help="the dtype β is learned in (it serves in any)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    lm = load_model(DEFAULT_MODEL, device="cpu", dtype=args.dtype)
+    spec = builtin_task()
+    clf = Classifier(lm, spec)
+    key = shipped_beta_key(cache_identity(lm, clf.prompt, spec.method, clf.seed), lm)
+    with tqdm(desc="learning β", unit="step") as bar:
+        def step(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        beta, info = learn_pool_beta(clf, on_step=step)
+    for old in SHIPPED_BETAS.glob("*.beta.safetensors"):
+        old.unlink()
+    file = write_shipped_beta(SHIPPED_BETAS, key, beta, info)
+    log.info("wrote %s (learned in %.0f s, loss %s -> %s)", file, info["seconds"], info["epoch_losses"][0],
+             info["epoch_losses"][-1])
+
+
+if __name__ == "__main__":
+    main()
