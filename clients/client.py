@@ -41,8 +41,10 @@ def _raise_for(response: httpx.Response) -> Any:
         return response.json() if is_json else response.content
     try:
         body = response.json()
-        raise AnchorServeError(response.status_code, body.get("error", response.text), body.get("type", "unknown"))
-    except ValueError:
+        error = body.get("error", response.text)
+        message = error.get("message", str(error)) if isinstance(error, dict) else error  # vLLM's routes nest it
+        raise AnchorServeError(response.status_code, message, body.get("type", "unknown"))
+    except (ValueError, AttributeError):
         raise AnchorServeError(response.status_code, response.text, "unknown") from None
 
 

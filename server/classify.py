@@ -31,7 +31,7 @@ from anchor_cache.classifier import CACHED_METHODS, Prediction
 from anchor_cache.errors import ValidationError
 from anchor_cache.task import POOL_METHODS, Method
 from server.engine_client import EngineClient, Scores, TaskChanged, TaskView
-from server.errors import ClientDisconnected, ModelNotServed
+from server.errors import ClientDisconnected, EmptyInput, InputLimit, ModelNotServed
 from server.metrics import Metrics
 from server.protocol import ClassifyRequest
 from server.settings import Settings
@@ -54,6 +54,7 @@ class Timing:
     inference_s: float  # from the queue to the predictions: waiting for a batch, forward(s), calibration
     compute_tokens: int  # tokens the forwards ran (= usage.prompt_tokens)
     compute_characters: int  # characters of the inputs
+    compute_type: str  # the model's device type
 
 
 @dataclass(frozen=True)
@@ -108,9 +109,11 @@ class ClassifyService:
     def _check_inputs(self, texts: list[str], truncate: bool) -> None:
         s = self.settings
         if not texts:
-            raise ValidationError("input is empty: give a text or a non-empty list of texts")
+            raise EmptyInput("input is empty: give a text or a non-empty list of texts")
+        if "" in texts:
+            raise EmptyInput(f"input {texts.index('')} is an empty text: there is nothing to classify")
         if len(texts) > s.max_inputs_per_request:
-            raise ValidationError(
+            raise InputLimit(
                 f"{len(texts)} inputs in one request; the limit is {s.max_inputs_per_request} (max_inputs_per_request)"
             )
         if truncate:
@@ -118,7 +121,7 @@ class ClassifyService:
         too_long = self.engine.max_text_bytes(s.max_input_tokens)
         for i, text in enumerate(texts):
             if len(text.encode()) > too_long:
-                raise ValidationError(
+                raise InputLimit(
                     f"input {i} has {len(text.encode())} bytes, certainly more than the limit of {s.max_input_tokens} "
                     "tokens (max_input_tokens). Shorten it, send \"truncate\": true, or start the server with "
                     "ANCHORSERVE_TRUNCATE=true"
@@ -133,12 +136,14 @@ class ClassifyService:
                                   "no `examples`")
 
     def encode(self, view: TaskView, texts: list[str], truncate: bool, direction: Literal["right", "left"],
-               max_tokens: int | None = None) -> list[list[int]]:
-        """Token ids of each text in the task's template, within max_input_tokens (or a cut to
-        `max_tokens`, never longer): one call of the fast tokenizer for them all, or text by text when
-        truncating (cutting the end or the start)."""
-        max_tokens = min(max_tokens or self.settings.max_input_tokens, self.settings.max_input_tokens)
+               input_tokens: int | None = None) -> list[list[int]]:
+        """Token ids of each text in the task's template, within max_input_tokens (or each text cut to
+        `input_tokens` tokens of its own, the template's added, never longer): one call of the fast
+        tokenizer for them all, or text by text when truncating (cutting the end or the start)."""
         prompt = view.prompt
+        max_tokens = self.settings.max_input_tokens
+        if input_tokens is not None:
+            max_tokens = min(max_tokens, input_tokens + len(prompt.encode("")))
         if truncate:
             # Any text longer than this many characters is cut anyway: keep only the part that can stay.
             keep = self.engine.max_text_bytes(max_tokens)
@@ -147,7 +152,7 @@ class ClassifyService:
         queries = prompt.encode_batch(texts)
         for index, ids in enumerate(queries):
             if len(ids) > max_tokens:
-                raise ValidationError(
+                raise InputLimit(
                     f"input {index} has {len(ids)} tokens with the template; the limit is {max_tokens} "
                     "(max_input_tokens). Shorten it, send \"truncate\": true, or start the server with "
                     "ANCHORSERVE_TRUNCATE=true"
@@ -157,7 +162,7 @@ class ClassifyService:
     async def classify(
         self, task: str | None, texts: list[str], method: Method | None, receive: Receive, *,
         model: str | None = None, truncate: bool | None = None, direction: Literal["right", "left"] = "right",
-        max_tokens: int | None = None,
+        input_tokens: int | None = None,
     ) -> Classification:
         """Predictions for `texts` on `task` (None: the default task). `truncate` None follows the
         server's setting. DeadlineExceeded past request_timeout_s (counted from arrival, tokenising
@@ -178,10 +183,10 @@ class ClassifyService:
             self._check_method(view, chosen)
             tokenizing = time.perf_counter()
             if sum(len(t) for t in texts) <= INLINE_TOKENIZE_BYTES:
-                queries = self.encode(view, texts, truncate, direction, max_tokens)
+                queries = self.encode(view, texts, truncate, direction, input_tokens)
             else:
                 queries = await asyncio.get_running_loop().run_in_executor(
-                    self._tokenisers, self.encode, view, texts, truncate, direction, max_tokens)
+                    self._tokenisers, self.encode, view, texts, truncate, direction, input_tokens)
             queued = time.perf_counter()
             future = self.engine.submit(view, chosen, queries, deadline)
             admitted = time.perf_counter()
@@ -203,15 +208,20 @@ class ClassifyService:
             cached_tokens=len(queries) * (view.anchor_tokens if chosen in CACHED_METHODS else 0),
             timing=Timing(total_s=done - start, tokenization_s=queued - tokenizing, queue_s=admitted - queued,
                           inference_s=done - admitted, compute_tokens=prompt_tokens,
-                          compute_characters=sum(len(t) for t in texts)),
+                          compute_characters=sum(len(t) for t in texts),
+                          compute_type=self.engine.compute_type()),
         )
 
     async def answer(self, body: ClassifyRequest, receive: Receive) -> Classification:
         """A vLLM-shaped request (/v1/classify, /classify), token ids decoded to text first."""
+        limit = self.settings.max_input_tokens
+        if body.input_tokens is not None and body.input_tokens > limit:
+            raise ValidationError(f"truncate_prompt_tokens is {body.input_tokens}, more than the limit of {limit} "
+                                  "tokens (max_input_tokens); send at most that, or -1 for the limit")
         texts = body.texts if body.token_ids is None else await self.decode(body.task, body.token_ids)
         return await self.classify(body.task, texts, Method(body.method) if body.method else None, receive,
                                    model=body.model, truncate=body.truncating, direction=body.direction,
-                                   max_tokens=body.max_tokens)
+                                   input_tokens=body.input_tokens)
 
     async def decode(self, task: str | None, token_ids: list[list[int]]) -> list[str]:
         """Token ids back to the text they spell, with the model's tokenizer (ids it lacks: 422)."""

@@ -108,7 +108,8 @@ class CoreEndpoint:
                 engine.require_ready()
                 self._send(sender, wire.ModelFacts(id=id, name=engine.model_name(),
                                                    model_dir=str(resolve_model_dir(engine.settings.model)),
-                                                   max_token_bytes=engine.max_token_bytes))
+                                                   max_token_bytes=engine.max_token_bytes,
+                                                   compute_type=engine.compute_type()))
             case wire.Describe(id=id, task=name):
                 view = engine.view_of(engine.task(name))
                 self._send(sender, wire.TaskFacts(id=id, spec=view.spec.model_dump_json().encode(),

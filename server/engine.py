@@ -198,6 +198,10 @@ class Engine:
         self.require_ready()
         return self.lm.name
 
+    def compute_type(self) -> str:
+        self.require_ready()
+        return self.lm.device.type
+
     def max_text_bytes(self, max_tokens: int) -> int:
         return text_bytes_bound(max_tokens, self._max_token_bytes)
 

@@ -125,6 +125,10 @@ class EngineClient(Protocol):
         """The served model's name (UnavailableError until the model is loaded)."""
         ...
 
+    def compute_type(self) -> str:
+        """The model's device type (cpu, cuda, ...): TEI's x-compute-type."""
+        ...
+
     def max_text_bytes(self, max_tokens: int) -> int:
         """UTF-8 bytes beyond which a text certainly has more than `max_tokens` tokens."""
         ...

@@ -29,7 +29,7 @@ from anchor_cache.errors import AnchorServeError
 from server.app import REQUEST_ID_HEADER, acceptable_request_id
 from server.auth import is_json, key_matches
 from server.classify import Classification, ClassifyService
-from server.errors import error_body, error_headers, invalid_body, kind_of, status_of
+from server.errors import dialect_of, error_body, error_headers, invalid_body, kind_of, status_in, status_of
 from server.metrics import Metrics
 from server.protocol import ClassifyRequest, PredictRequest, classify_body, predict_body, timing_headers
 from server.remote import RemoteEngine
@@ -94,13 +94,14 @@ class Frontend:
             status, answer = 200, orjson.dumps(data)
         except (Reply, AnchorServeError) as exc:
             kind = exc.kind if isinstance(exc, Reply) else kind_of(exc)
-            status, answer = status_of(kind), orjson.dumps(error_body(kind, str(exc), scope["path"]))
+            dialect = dialect_of(scope["path"])
+            status, answer = status_in(kind, dialect), orjson.dumps(error_body(kind, str(exc), dialect))
             if status >= 500:
                 log.error("%s %s -> %s: %s", scope["method"], scope["path"], kind, exc)
         except Exception:
             log.exception("unexpected error on %s %s", scope["method"], scope["path"])
             message = f"internal error; quote request id {request_id} to the operator"
-            status, answer = 500, orjson.dumps(error_body("internal", message))
+            status, answer = 500, orjson.dumps(error_body("internal", message, dialect_of(scope["path"])))
         # Counted before the answer leaves, so a client that reads /metrics next sees its request.
         # Labelled by task only once it answered: made-up names cannot grow the label set.
         self.metrics.requests.labels(scope["path"], task, str(status)).inc()

@@ -11,9 +11,21 @@ import math
 import time
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictBool,
+    StrictInt,
+    Tag,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from anchor_cache.task import Demonstration, FormatText, Method, Text
+from server.errors import EmptyInput
 
 if TYPE_CHECKING:
     from server.classify import Classification, Timing
@@ -49,9 +61,10 @@ class ClassifyRequest(BaseModel):
     truncate: StrictBool | None = Field(None, description=TRUNCATE_DESCRIPTION)
     truncation_direction: TruncationDirection = Field("right", description=DIRECTION_DESCRIPTION)
     # vLLM's request fields, so its clients' requests pass unchanged
-    truncate_prompt_tokens: StrictInt | None = Field(None, ge=-1, description="vLLM's: cut each input (with its "
-                                                     "template) to this many tokens, -1: to max_input_tokens; "
-                                                     "never beyond max_input_tokens")
+    truncate_prompt_tokens: StrictInt | None = Field(None, ge=-1, description="vLLM's: cut each input to this many "
+                                                     "tokens of its own (the task's template adds its tokens, "
+                                                     "counted in usage); -1: to max_input_tokens with the "
+                                                     "template; more than max_input_tokens is a 400")
     truncation_side: TruncationDirection | None = Field(None, description="vLLM's name for truncation_direction")
     use_activation: StrictBool | None = Field(None, description="vLLM's: false puts the label words' logits in "
                                               "`probs` instead of probabilities")
@@ -64,7 +77,8 @@ class ClassifyRequest(BaseModel):
     @model_validator(mode="after")
     def _not_empty(self) -> ClassifyRequest:
         if isinstance(self.input, list) and (not self.input or any(row == [] for row in self.input)):
-            raise ValueError("input is empty: give a text, a non-empty list of texts, or non-empty token ids")
+            raise PydanticCustomError(EmptyInput.kind, "input is empty: give a text, a non-empty list of texts, or "
+                                      "non-empty token ids")
         return self
 
     @property
@@ -85,8 +99,8 @@ class ClassifyRequest(BaseModel):
         return True if self.truncate_prompt_tokens is not None else self.truncate
 
     @property
-    def max_tokens(self) -> int | None:
-        """The cut's length in tokens; None: max_input_tokens."""
+    def input_tokens(self) -> int | None:
+        """The cut of each input's own tokens; None: only max_input_tokens bounds it (template included)."""
         return self.truncate_prompt_tokens if self.truncate_prompt_tokens not in (None, -1) else None
 
     @property
@@ -166,7 +180,7 @@ class PredictRequest(BaseModel):
         inputs = self.inputs
         if isinstance(inputs, list):
             if not inputs:
-                raise ValueError("inputs is empty: give a string or a batch [[string], ...]")
+                raise PydanticCustomError(EmptyInput.kind, "inputs is empty: give a string or a batch [[string], ...]")
             rows = [inputs] if isinstance(inputs[0], str) else inputs
             for row in rows:
                 if len(row) == 2:
@@ -203,6 +217,7 @@ TIMING_HEADERS: dict[str, str] = {
     "x-compute-tokens": "tokens the forwards ran for this request (usage.prompt_tokens)",
     "x-compute-time": "milliseconds of the classify service's work, as x-total-time (TEI's name for it)",
     "x-compute-characters": "characters of the request's inputs",
+    "x-compute-type": "the model's device type (cpu, cuda, ...)",
 }
 
 
@@ -215,6 +230,7 @@ def timing_headers(timing: Timing) -> dict[str, str]:
         "x-compute-tokens": str(timing.compute_tokens),
         "x-compute-time": str(int(timing.total_s * 1000)),
         "x-compute-characters": str(timing.compute_characters),
+        "x-compute-type": timing.compute_type,
     }
 
 
@@ -273,6 +289,15 @@ class InferenceRequest(BaseModel):
     @property
     def texts(self) -> list[str]:
         return [self.inputs] if isinstance(self.inputs, str) else self.inputs
+
+
+def _invocation_kind(body: Any) -> str:
+    return "vllm" if isinstance(body, dict) and "input" in body else "inference"
+
+
+# /invocations as Hugging Face's clients post it ({"inputs"}) and as vLLM's do ({"input"}).
+InvocationRequest = Annotated[Annotated[InferenceRequest, Tag("inference")] | Annotated[ClassifyRequest, Tag("vllm")],
+                              Discriminator(_invocation_kind)]
 
 
 def pipeline_body(result: Classification, parameters: PipelineParameters) -> list[list[dict[str, Any]]]:
@@ -345,9 +370,19 @@ class Readiness(BaseModel):
     failed: dict[str, str] = Field(description="task name → why it could not load")
 
 
+class OpenAIError(BaseModel):
+    """OpenAI's error object, as vLLM answers."""
+
+    message: str
+    type: str = Field(description="BadRequestError, NotFoundError, ...")
+    param: str | None
+    code: int = Field(description="the HTTP status")
+
+
 class ErrorResponse(BaseModel):
-    error: str
-    type: str
+    error: str | OpenAIError = Field(description="the message; on vLLM's routes (/v1/classify, /classify, and "
+                                     "/invocations for vLLM's body) OpenAI's error object holding it")
+    type: str = Field(description="this server's kind: validation, empty_input, input_limit, not_found, ...")
     error_type: str | None = Field(None, description="TEI's error type, on TEI's routes (/predict, /, /invocations)")
 
 
@@ -427,15 +462,16 @@ class AnalysisStatus(BaseModel):
 
 
 ERROR_DESCRIPTIONS = {
-    400: "malformed JSON",
+    400: "malformed JSON, or an empty input; on vLLM's routes any invalid request",
     401: "missing or wrong bearer key",
     404: "unknown task, job, model (model_not_found) or route (the whole /admin API when no admin key is set)",
     405: "method not allowed (see the Allow header)",
     409: "conflicting write: the name exists (on any replica), a training runs, or max_tasks is reached",
     412: "If-Match names a revision that is no longer the task's current one: GET it again",
-    413: "payload larger than max_payload_bytes",
+    413: "payload larger than max_payload_bytes; on TEI's routes also more inputs or tokens than the limits",
     415: "the body is not JSON",
-    422: "invalid input, or a limit exceeded; the message names the limit",
+    422: "invalid input, or a limit exceeded; the message names the limit (vLLM's routes answer 400, TEI's 413 "
+         "for a limit)",
     429: "queue full or too many jobs; retry later",
     503: "still loading, shutting down, or the task failed to load",
     504: "no result within request_timeout_s",

@@ -176,6 +176,10 @@ class RemoteEngine:
             raise UnavailableError("the engine core is loading the model and tasks (or restarting); retry shortly")
         return self._facts.name
 
+    def compute_type(self) -> str:
+        self.model_name()
+        return self._facts.compute_type
+
     def max_text_bytes(self, max_tokens: int) -> int:
         self.model_name()
         return text_bytes_bound(max_tokens, self._facts.max_token_bytes)

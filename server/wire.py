@@ -56,6 +56,7 @@ class ModelFacts(msgspec.Struct, tag="model"):
     name: str
     model_dir: str  # where the frontend loads the same tokenizer from
     max_token_bytes: int
+    compute_type: str  # the model's device type: cpu, cuda, ...
 
 
 class TaskFacts(msgspec.Struct, tag="task"):

@@ -174,4 +174,8 @@ def error_of(response, status: int, kind: str) -> str:
     assert response.status_code == status, response.text
     body = response.json()
     assert set(body) >= {"error", "type"} and body["type"] == kind, body
-    return body["error"]
+    error = body["error"]
+    if isinstance(error, dict):  # vLLM's routes: OpenAI's error object
+        assert set(error) == {"message", "type", "param", "code"} and error["code"] == status, body
+        return error["message"]
+    return error

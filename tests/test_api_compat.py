@@ -192,7 +192,6 @@ def test_predict_raw_scores_are_the_logits(serve):
         ({"inputs": ["a", "b"]}, "pairs"),
         ({"inputs": ["a", "b", "c"]}, "[[a], [b], ...]"),
         ({"inputs": [["a"], ["b", "c"]]}, "pairs"),
-        ({"inputs": []}, "inputs is empty"),
         ({"inputs": "x", "truncation_direction": "up"}, "truncation_direction"),
         ({"inputs": "x", "top_k": 2}, "top_k"),
     ],
@@ -227,7 +226,7 @@ def test_encode_within_cuts_the_chosen_end(model_dir):
 
 def test_truncation_direction_per_request(serve, model_dir):
     client = serve(max_input_tokens=20)  # the server's truncate setting is off
-    error_of(client.post("/v1/classify", json={"task": "sentiment", "input": LONG}), 422, "validation")
+    error_of(client.post("/v1/classify", json={"task": "sentiment", "input": LONG}), 400, "input_limit")
     prompt = Classifier(load_model(str(model_dir), "cpu", "float32"), sentiment_task()).prompt
     answers = {}
     for direction in ("right", "left"):
@@ -247,7 +246,7 @@ def test_truncation_direction_per_request(serve, model_dir):
     default = server_truncates.post("/v1/classify", json={"task": "sentiment", "input": LONG}).json()["data"][0]
     assert default["label_probs"] == pytest.approx(answers["right"], abs=1e-6)  # right, as TEI's default
     refused = {"task": "sentiment", "input": LONG, "truncate": False}
-    error_of(server_truncates.post("/v1/classify", json=refused), 422, "validation")
+    error_of(server_truncates.post("/v1/classify", json=refused), 400, "input_limit")
 
 
 # --- timing headers and the request id ----------------------------------------------------------------
@@ -384,14 +383,19 @@ def test_vllm_path_and_request_fields(serve):
 def test_vllm_truncate_prompt_tokens_cuts_each_input(serve):
     client = serve(max_input_tokens=64)
     long_text = "a moving match " * 100
-    assert client.post("/classify", json={"input": long_text}).status_code == 422
+    assert client.post("/classify", json={"input": long_text}).status_code == 400
     for value in (-1, 8):
         cut = client.post("/classify", json={"input": long_text, "truncate_prompt_tokens": value})
         assert cut.status_code == 200, cut.text
-    eight = client.post("/classify", json={"input": long_text, "truncate_prompt_tokens": 8}).json()["usage"]
-    whole = client.post("/classify", json={"input": long_text, "truncate_prompt_tokens": -1}).json()["usage"]
-    assert eight["prompt_tokens"] == 8 and whole["prompt_tokens"] == 64  # hidden_anchor re-encodes nothing
-    assert client.post("/classify", json={"input": "x", "truncate_prompt_tokens": -2}).status_code == 422
+    def usage(value: int) -> int:
+        return client.post("/classify", json={"input": long_text, "truncate_prompt_tokens": value}).json()["usage"]
+
+    template = usage(0)["prompt_tokens"]  # the template alone: hidden_anchor re-encodes no demonstration
+    assert template > 0 and usage(8)["prompt_tokens"] == template + 8 and usage(-1)["prompt_tokens"] == 64
+    assert usage(64)["prompt_tokens"] == 64  # never beyond max_input_tokens
+    assert client.post("/classify", json={"input": "x", "truncate_prompt_tokens": -2}).status_code == 400
+    assert "truncate_prompt_tokens" in error_of(
+        client.post("/classify", json={"input": "x", "truncate_prompt_tokens": 65}), 400, "validation")
 
 
 def test_vllm_token_id_input_reads_as_its_text(serve, model_dir):
@@ -406,8 +410,8 @@ def test_vllm_token_id_input_reads_as_its_text(serve, model_dir):
     for a, b in zip(by_ids, by_text, strict=True):
         assert a["probs"] == pytest.approx(b["probs"], abs=1e-6)
     assert one[0]["probs"] == pytest.approx(by_text[0]["probs"], abs=1e-6)
-    error_of(client.post("/classify", json={"input": [[len(tokenizer) + 5]]}), 422, "validation")
-    error_of(client.post("/classify", json={"input": [[]]}), 422, "validation")
+    error_of(client.post("/classify", json={"input": [[len(tokenizer) + 5]]}), 400, "validation")
+    error_of(client.post("/classify", json={"input": [[]]}), 400, "empty_input")
 
 
 def test_tei_truncation_direction_in_either_case(serve):
@@ -421,11 +425,29 @@ def test_tei_truncation_direction_in_either_case(serve):
 def test_tei_routes_answer_errors_in_teis_envelope_too(serve):
     """TEI's clients read `error_type`; this server's own routes keep {"error", "type"} alone."""
     client = serve()
-    for path, body in (("/predict", {"inputs": []}), ("/", {"inputs": []}), ("/invocations", {"inputs": 5})):
+    for path, body in (("/predict", {"inputs": "x", "raw_scores": 1}), ("/", {"inputs": 5}),
+                       ("/invocations", {"inputs": 5})):
         response = client.post(path, json=body)
         assert response.status_code == 422 and response.json()["error_type"] == "validation", (path, response.text)
         assert response.json()["type"] == "validation"
+    for path in ("/predict", "/", "/invocations"):
+        response = client.post(path, json={"inputs": []})
+        assert response.status_code == 400 and response.json()["error_type"] == "empty", (path, response.text)
     assert "error_type" not in client.post("/v1/classify", json={"input": []}).json()
+
+
+@pytest.mark.parametrize("path", ["/v1/classify", "/classify", "/invocations"])
+def test_vllm_routes_answer_openais_error_object(serve, path):
+    """vLLM's clients read {"error": {"message", "type", "param", "code"}}, and 400 for any invalid
+    request; `type` stays beside it. /invocations answers so for vLLM's body shape."""
+    client = serve()
+    response = client.post(path, json={"input": "x", "truncate_prompt_tokens": "five"})
+    assert response.status_code == 400
+    body = response.json()
+    assert body["error"]["type"] == "BadRequestError" and body["error"]["code"] == 400
+    assert "truncate_prompt_tokens" in body["error"]["message"] and body["type"] == "validation"
+    missing = client.post(path, json={"input": "x", "task": "nope"}).json()
+    assert missing["error"]["type"] == "NotFoundError" and missing["error"]["code"] == 404
 
 
 def test_refusals_a_client_should_retry_say_when():

@@ -154,12 +154,15 @@ def test_metrics_sum_every_process(split):
 
 
 def test_errors_keep_the_envelope(split, single):
-    cases = [({"input": "x", "task": "nope"}, 404, "not_found"), ({"input": []}, 422, "validation"),
-             ({"inputs": "x"}, 422, "validation")]
-    for body, status, kind in cases:
-        got = httpx.post(f"{split.url}/v1/classify", json=body)
+    cases = [("/v1/classify", {"input": "x", "task": "nope"}, 404, "not_found"),
+             ("/v1/classify", {"input": []}, 400, "empty_input"), ("/v1/classify", {"inputs": "x"}, 400, "validation"),
+             ("/predict", {"inputs": ""}, 400, "empty_input"),
+             ("/predict", {"inputs": "x", "no": 1}, 422, "validation"),
+             ("/predict", {"inputs": "word " * 2000}, 413, "input_limit")]
+    for path, body, status, kind in cases:
+        got = httpx.post(f"{split.url}{path}", json=body)
         assert (got.status_code, got.json()["type"]) == (status, kind)
-        assert got.json() == single.post("/v1/classify", json=body).json()
+        assert got.json() == single.post(path, json=body).json()
     bad = httpx.post(f"{split.url}/v1/classify", content=b'{"input": ', headers={"content-type": "application/json"})
     assert (bad.status_code, bad.json()["type"]) == (400, "malformed_json")
     text = httpx.post(f"{split.url}/v1/classify", content=b"x", headers={"content-type": "text/plain"})

@@ -223,7 +223,14 @@ def envelope_problem(response: httpx.Response) -> str | None:
         body = response.json()
     except ValueError:
         return f"error body is not JSON: {response.text[:200]!r}"
-    if not (isinstance(body, dict) and isinstance(body.get("error"), str) and isinstance(body.get("type"), str)):
+    if not (isinstance(body, dict) and isinstance(body.get("type"), str)):
+        return f"error body is not {{'error', 'type'}}: {str(body)[:200]}"
+    error = body.get("error")
+    if isinstance(error, dict):  # vLLM's routes: OpenAI's error object
+        vllm = str(response.request.url.path) in ("/v1/classify", "/classify", "/invocations")
+        if not vllm or set(error) != {"message", "type", "param", "code"} or error["code"] != response.status_code:
+            return f"error body is not vLLM's on {response.request.url.path}: {str(body)[:200]}"
+    elif not isinstance(error, str):
         return f"error body is not {{'error', 'type'}}: {str(body)[:200]}"
     return None
 

@@ -71,17 +71,37 @@ def test_admin_key_is_separate(serve):
     ("payload", "status", "kind", "message"),
     [
         ({"task": "nope", "input": "x"}, 404, "not_found", "unknown task 'nope'"),
-        ({"task": "sentiment", "input": []}, 422, "validation", "input is empty"),
-        ({"task": "sentiment", "input": ["x"] * 3}, 422, "validation", "limit is 2"),
-        ({"task": "sentiment", "input": "word " * 80}, 422, "validation", "max_input_tokens"),
-        ({"task": "sentiment", "input": "x", "method": "magic"}, 422, "validation", "method"),
-        ({"task": "sentiment", "input": "x", "extra": 1}, 422, "validation", "extra"),
-        ({"task": ["sentiment"], "input": "x"}, 422, "validation", "task"),
+        ({"task": "sentiment", "input": []}, 400, "empty_input", "input is empty"),
+        ({"task": "sentiment", "input": ""}, 400, "empty_input", "empty text"),
+        ({"task": "sentiment", "input": ["x"] * 3}, 400, "input_limit", "limit is 2"),
+        ({"task": "sentiment", "input": "word " * 80}, 400, "input_limit", "max_input_tokens"),
+        ({"task": "sentiment", "input": "x", "method": "magic"}, 400, "validation", "method"),
+        ({"task": "sentiment", "input": "x", "extra": 1}, 400, "validation", "extra"),
+        ({"task": ["sentiment"], "input": "x"}, 400, "validation", "task"),
     ],
 )
 def test_bad_requests_get_clear_errors(serve, payload, status, kind, message):
+    """vLLM's route answers 400 to any invalid request, as vLLM does."""
     client = serve(max_inputs_per_request=2, max_input_tokens=40)
     assert message in error_of(client.post("/v1/classify", json=payload), status, kind)
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "kind", "tei_type"),
+    [
+        ({"inputs": []}, 400, "empty_input", "empty"),
+        ({"inputs": ""}, 400, "empty_input", "empty"),
+        ({"inputs": [["x"]] * 3}, 413, "input_limit", "validation"),
+        ({"inputs": "word " * 80}, 413, "input_limit", "validation"),
+        ({"inputs": "x", "extra": 1}, 422, "validation", "validation"),
+    ],
+)
+def test_tei_route_answers_teis_statuses(serve, payload, status, kind, tei_type):
+    """TEI's: 400 for an empty input, 413 past its limits, 422 for a body it cannot read."""
+    client = serve(max_inputs_per_request=2, max_input_tokens=40)
+    response = client.post("/predict", json=payload)
+    error_of(response, status, kind)
+    assert response.json()["error_type"] == tei_type
 
 
 def test_malformed_json_payload_size_and_media_type(serve):
@@ -92,7 +112,6 @@ def test_malformed_json_payload_size_and_media_type(serve):
              "unsupported_media_type")
     big = json.dumps({"task": "sentiment", "input": "x" * 4096})
     error_of(client.post("/v1/classify", content=big, headers=headers), 413, "payload_too_large")
-    assert client.post("/v1/classify", json={"task": "sentiment", "input": ""}).status_code == 200
 
 
 def test_truncation_keeps_the_template(serve):

@@ -85,6 +85,7 @@ def test_client_classifies_over_http(server_url):
         with pytest.raises(AnchorServeError) as info:
             client.classify("missing", "x")
         assert info.value.status == 404 and info.value.kind == "not_found"
+        assert info.value.message.startswith("unknown task 'missing'")  # read from vLLM's nested error object
     with AnchorServeClient(server_url) as anonymous, pytest.raises(AnchorServeError) as info:
         anonymous.classify("sentiment", "x")
     assert info.value.status == 401

@@ -6,12 +6,18 @@ classify with no change but the URL."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Depends, Request, Response
 
+from server.api.v1 import classify
 from server.auth import require_api_key, require_json
 from server.deps import Classify
 from server.protocol import (
+    ClassifyRequest,
+    ClassifyResponse,
     InferenceRequest,
+    InvocationRequest,
     LabelScore,
     PredictRequest,
     error_responses,
@@ -43,9 +49,7 @@ INFERENCE_RESPONSES = (timed_response("per input, [{label, score}] by descending
 
 
 @tei.post("/", response_model=list[list[LabelScore]], responses=INFERENCE_RESPONSES, summary="Classify (Hugging Face)")
-@tei.post("/invocations", response_model=list[list[LabelScore]], responses=INFERENCE_RESPONSES,
-         summary="Classify (Inference Endpoints, SageMaker)")
-async def invocations(body: InferenceRequest, request: Request, response: Response, service: Classify) -> list:
+async def inference(body: InferenceRequest, request: Request, response: Response, service: Classify) -> list:
     """The text-classification pipeline's answer on the default task (`default_task`, else the first
     configured one) or `task`: `parameters.top_k` labels (all when unset), scored by
     `parameters.function_to_apply` (softmax probabilities when unset)."""
@@ -53,3 +57,15 @@ async def invocations(body: InferenceRequest, request: Request, response: Respon
     result = await service.classify(body.task, body.texts, None, request.receive)
     response.headers.update(timing_headers(result.timing))
     return pipeline_body(result, body.parameters)
+
+
+@tei.post("/invocations", response_model=list[list[LabelScore]] | ClassifyResponse,
+          responses=INFERENCE_RESPONSES, summary="Classify (Inference Endpoints, SageMaker, vLLM)")
+async def invocations(body: InvocationRequest, request: Request, response: Response, service: Classify
+                      ) -> list | dict[str, Any]:
+    """Hugging Face's request (`inputs`) gets the pipeline's answer, as on `POST /`; vLLM's (`input`)
+    gets vLLM's classify answer and errors, as on `POST /classify` (vLLM serves both here)."""
+    if isinstance(body, ClassifyRequest):
+        request.state.dialect = "vllm"
+        return await classify(body, request, response, service)
+    return await inference(body, request, response, service)
