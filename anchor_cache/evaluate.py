@@ -10,6 +10,10 @@ base method. β is trained per seed on `train_per_class` rows per class drawn fr
 disjoint from that seed's demonstrations (the paper's setting). `linear_head` and `knn` fit a head
 (heads.py) per seed on `pool_per_class` rows per class drawn the same way (the same rows as β's
 when the two counts are equal) and score the Hidden_anchor features with it.
+
+Each of `priors` (priors.py) also scores every method: `pool` as the method gives its
+probabilities, `uniform` and `adapt` moved to another class prior, `adapt`'s estimated from the
+test rows themselves as they arrive in batches, as a server sees its traffic.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from anchor_cache.forward import label_logits, vocab_logits
 from anchor_cache.heads import KnnHead, LinearHead
 from anchor_cache.many_shot import many_shot_cache
 from anchor_cache.models import LoadedModel
+from anchor_cache.priors import Prior, PriorShift, class_frequencies
 from anchor_cache.reweighting import TrainConfig, train_reweighting
 from anchor_cache.task import Demonstration, Method, TaskSpec
 
@@ -73,13 +78,15 @@ class EvalConfig:
     train_per_class: int = 4
     pool_per_class: int = 16  # labelled rows per class the heads are fitted on, disjoint from demos and test
     reweight: TrainConfig = field(default_factory=TrainConfig)
+    priors: list[str] = field(default_factory=lambda: [Prior.POOL.value])
+    prior_min_samples: int = 200
 
 
 @dataclass
 class MethodRun:
-    """One method on one seed: predictions, top-k token sets and cost."""
+    """One method on one seed: log-probabilities, top-k token sets and cost."""
 
-    preds: np.ndarray
+    logprobs: np.ndarray  # (N, C), as the method (and calibration) give them
     topk: list[set[int]]
     tokens_per_request: float
     kv_cache_bytes: int
@@ -92,7 +99,7 @@ def _run_method(
     method = variant.base
     plan = clf.reweighting_plan(method, beta) if beta is not None else None
     content_free = clf.content_free_logprobs(method, beta) if variant.calibrated else None
-    preds, topk = [], []
+    rows, topk = [], []
     chunk = batch_size * 4
     for start in range(0, len(texts), chunk):
         part = texts[start : start + chunk]
@@ -103,7 +110,7 @@ def _run_method(
                 logits = head.scores(clf.features(part, method, head.layers, beta, batch_size))
             if content_free is not None:
                 logits = calibrate(logits, content_free)
-            preds.append(logits.argmax(-1).cpu().numpy())
+            rows.append(torch.log_softmax(logits.float(), -1).cpu().numpy())
             top = vocab_logits(clf.lm, hidden).topk(WORD_LOYALTY_TOP_K, dim=-1).indices.tolist()
         topk.extend(set(row) for row in top)
         bar.update(len(part))
@@ -112,7 +119,7 @@ def _run_method(
     kv = prefix.kv_bytes if prefix.cache is not None else len(prefix.ids) * bytes_per_token
     kv += head.nbytes if head is not None else 0
     return MethodRun(
-        preds=np.concatenate(preds),
+        logprobs=np.concatenate(rows),
         topk=topk,
         tokens_per_request=float(np.mean([prefix.tokens_per_request(n) for n in query_lens])),
         kv_cache_bytes=kv,
@@ -161,6 +168,19 @@ def _fit_heads(
     }
 
 
+def prior_predictions(logprobs: np.ndarray, prior: Prior, base: np.ndarray, batch_size: int,
+                      min_samples: int) -> np.ndarray:
+    """Predictions under `prior`, the rows arriving `batch_size` at a time: `adapt` corrects each
+    batch with the estimate from the rows before and including it, as the server does."""
+    shift = PriorShift(prior, base, min_samples=min_samples)
+    preds = []
+    for start in range(0, len(logprobs), batch_size):
+        part = torch.as_tensor(logprobs[start : start + batch_size])
+        shift.observe(part)
+        preds.append(shift.correct(part).argmax(-1).numpy())
+    return np.concatenate(preds)
+
+
 def _jaccard(a: set[int], b: set[int]) -> float:
     return len(a & b) / len(a | b)
 
@@ -195,13 +215,19 @@ def evaluate(lm: LoadedModel, cfg: EvalConfig, progress: bool = True) -> dict[st
             beta = betas.get(variant.base) if variant.reweighted else None
             runs[name] = _run_method(many if variant.many_shot else clf, variant, beta, texts, cfg.batch_size,
                                      bytes_per_token, bar, heads.get(variant))
-        ref = runs[Method.VANILLA.value]
+        ref = runs[Method.VANILLA.value].logprobs.argmax(1)
+        base = class_frequencies([r.label for r in pool], len(cfg.labels))
         for method, run in runs.items():
+            preds = run.logprobs.argmax(1)
+            by_prior = {prior: 100 * float((prior_predictions(run.logprobs, Prior(prior), base, cfg.batch_size,
+                                                              cfg.prior_min_samples) == gold).mean())
+                        for prior in cfg.priors}
             per_seed[method].append(
                 {
                     "seed": seed,
-                    "accuracy": 100 * float((run.preds == gold).mean()),
-                    "label_loyalty": 100 * float((run.preds == ref.preds).mean()),
+                    "accuracy": 100 * float((preds == gold).mean()),
+                    "accuracy_by_prior": by_prior,
+                    "label_loyalty": 100 * float((preds == ref).mean()),
                     "word_loyalty": 100 * float(np.mean(list(map(_jaccard, run.topk, ref.topk)))),
                     "tokens_per_request": run.tokens_per_request,
                     "kv_cache_bytes": run.kv_cache_bytes,
@@ -215,7 +241,8 @@ def evaluate(lm: LoadedModel, cfg: EvalConfig, progress: bool = True) -> dict[st
         summary[method] = {
             key: float(np.mean([s[key] for s in seeds]))
             for key in ("accuracy", "label_loyalty", "word_loyalty", "tokens_per_request", "kv_cache_bytes")
-        } | {"per_seed": seeds}
+        } | {"accuracy_by_prior": {p: float(np.mean([s["accuracy_by_prior"][p] for s in seeds])) for p in cfg.priors},
+             "per_seed": seeds}
         summary[method]["kv_cache_bytes"] = round(summary[method]["kv_cache_bytes"])
     config = asdict(cfg) | {"data": str(cfg.data)}
     return {"config": config | {"model": lm.name, "dtype": str(lm.dtype).removeprefix("torch.")}, "methods": summary}

@@ -129,6 +129,29 @@ def test_training_shortcut_equals_the_full_forward(tiny_lm, method):
     torch.testing.assert_close(shortcut, full, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("method", [*METHODS, Method.MANY_SHOT])
+def test_a_batched_step_equals_its_examples_one_at_a_time(tiny_lm, method):
+    """One forward of several examples' last tokens, each behind its own padded cache (and the
+    many-shot key bias), gives the loss and the gradient of β of those examples taken one by one."""
+    from anchor_cache.reweighting import _examples, _loss
+
+    pool = [{"text": t, "label": label} for t, label in (("a fine film", "Positive"), ("a dull one", "Negative"))]
+    clf = Classifier(tiny_lm, sentiment_task(examples=pool, method=method))
+    examples = _examples(clf, clf.prefix(method), [*QUERIES, "ok"], [0, 1, 0, 1])
+    assert len({ex.before_last.cache.num_tokens for ex in examples}) > 1  # padding is exercised
+
+    def loss_and_grad(batch):
+        beta = _random_beta(clf).requires_grad_(True)
+        loss = _loss(clf, clf.reweighting_plan(method, beta), batch)
+        loss.backward()
+        return loss.detach(), beta.grad
+
+    batched, batched_grad = loss_and_grad(examples)
+    singles = [loss_and_grad([ex]) for ex in examples]
+    torch.testing.assert_close(batched, torch.stack([s[0] for s in singles]).mean(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(batched_grad, torch.stack([s[1] for s in singles]).mean(0), atol=1e-5, rtol=1e-4)
+
+
 def test_a_cancel_is_heard_between_the_rows_of_the_precompute(tiny_lm, monkeypatch):
     """Each training row costs a forward before the first step: a large pool must stop at the next
     row once cancelled, not after all of them."""

@@ -1,0 +1,89 @@
+"""Class priors: EM recovers a known shift, the correction is Bayes' rule, memory and start are bounded."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from anchor_cache.priors import Prior, PriorShift, class_frequencies, em_prior
+
+MEANS = np.array([-2.0, 0.0, 2.0])  # three classes, one Gaussian feature each, unit variance
+
+
+def traffic(prior: list[float], n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(N, C) exact log-posteriors under a uniform prior for rows drawn with `prior`, and their classes."""
+    rng = np.random.default_rng(seed)
+    classes = rng.choice(len(MEANS), size=n, p=prior)
+    x = rng.normal(MEANS[classes], 1.0)
+    logits = -0.5 * (x[:, None] - MEANS[None, :]) ** 2
+    return logits - np.logaddexp.reduce(logits, axis=1, keepdims=True), classes
+
+
+def accuracy(logprobs: np.ndarray, classes: np.ndarray) -> float:
+    return float((logprobs.argmax(1) == classes).mean())
+
+
+@pytest.mark.parametrize("truth", [[0.86, 0.07, 0.07], [0.1, 0.3, 0.6], [1 / 3, 1 / 3, 1 / 3]])
+def test_em_recovers_a_known_prior(truth):
+    logprobs, _ = traffic(truth, 20_000)
+    np.testing.assert_allclose(em_prior(logprobs, np.full(3, 1 / 3)), truth, atol=0.02)
+
+
+def test_the_correction_is_bayes_rule_and_helps_only_under_shift():
+    uniform = np.full(3, 1 / 3)
+    shifted, classes = traffic([0.86, 0.07, 0.07], 5000, seed=1)
+    estimate = em_prior(shifted, uniform)
+    corrected = shifted + np.log(estimate) - np.log(uniform)
+    oracle = shifted + np.log([0.86, 0.07, 0.07]) - np.log(uniform)  # Bayes-optimal under the true prior
+    assert accuracy(corrected, classes) >= accuracy(shifted, classes) + 0.05
+    assert accuracy(corrected, classes) == pytest.approx(accuracy(oracle, classes), abs=0.01)
+    balanced, classes = traffic([1 / 3] * 3, 5000, seed=2)
+    corrected = balanced + np.log(em_prior(balanced, uniform)) - np.log(uniform)
+    assert accuracy(corrected, classes) == pytest.approx(accuracy(balanced, classes), abs=0.01)
+
+
+def test_adapt_waits_for_its_minimum_then_corrects_within_a_bounded_window():
+    shift = PriorShift(Prior.ADAPT, np.full(3, 1 / 3), window=500, min_samples=200, refit_every=50)
+    logprobs, _ = traffic([0.86, 0.07, 0.07], 3000, seed=3)
+    rows = torch.as_tensor(logprobs, dtype=torch.float32)
+    shift.observe(rows[:150])
+    assert torch.equal(shift.correct(rows[:5]), rows[:5]) and shift.info()["active"] is False
+    shift.observe(rows[150:250])
+    info = shift.info()
+    assert info["active"] is True and info["samples"] == 250
+    moved = shift.correct(rows[:5]) - rows[:5]
+    assert bool((moved[:, 0] > moved[:, 1]).all() and (moved[:, 0] > moved[:, 2]).all())  # towards the common class
+    for start in range(250, 3000, 100):
+        shift.observe(rows[start : start + 100])
+    info = shift.info()
+    assert info["samples"] == 500 and shift._rows.shape == (500, 3)  # the window, not the whole stream
+    np.testing.assert_allclose(info["estimate"], [0.86, 0.07, 0.07], atol=0.06)
+
+
+def test_pool_changes_nothing_and_uniform_divides_out_the_pools_frequencies():
+    rows = torch.log_softmax(torch.randn(4, 3), -1)
+    pool = class_frequencies([0, 0, 0, 1, 2, 2], 3)
+    assert torch.equal(PriorShift(Prior.POOL, pool).correct(rows), rows)
+    uniform = PriorShift(Prior.UNIFORM, pool).correct(rows)
+    torch.testing.assert_close(uniform, rows - torch.log(torch.as_tensor(pool, dtype=torch.float32)))
+    balanced = class_frequencies([0, 1, 2], 3)
+    assert torch.equal(PriorShift(Prior.UNIFORM, balanced).correct(rows), rows)
+    np.testing.assert_allclose(class_frequencies([], 4), [0.25] * 4)
+
+
+def test_the_eval_scores_adapt_as_the_server_would_see_the_traffic():
+    """Streamed in batches: rows before the minimum keep their scores, later ones are corrected."""
+    from anchor_cache.evaluate import prior_predictions
+
+    logprobs, classes = traffic([0.86, 0.07, 0.07], 2000, seed=4)
+    uniform = np.full(3, 1 / 3)
+    plain = prior_predictions(logprobs, Prior.POOL, uniform, 16, 200)
+    adapted = prior_predictions(logprobs, Prior.ADAPT, uniform, 16, 200)
+    assert np.array_equal(plain, logprobs.argmax(1))
+    assert np.array_equal(adapted[:192], plain[:192])  # 12 batches of 16 before 200 rows were seen
+    assert accuracy_of(adapted[400:], classes[400:]) >= accuracy_of(plain[400:], classes[400:]) + 0.05
+
+
+def accuracy_of(preds: np.ndarray, classes: np.ndarray) -> float:
+    return float((preds == classes).mean())
