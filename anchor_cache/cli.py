@@ -27,7 +27,7 @@ from typing import Any, NoReturn
 from pydantic import ValidationError as PydanticValidationError
 
 from anchor_cache.errors import AnchorServeError, ValidationError
-from anchor_cache.names import ANALYSES, DEFAULT_MODEL, VARIANT_NAMES
+from anchor_cache.names import ANALYSES, DEFAULT_MODEL, PRIORS, VARIANT_NAMES
 from anchor_cache.task import PRESETS, Demonstration, DemonstrationSource, Method, TaskSpec
 
 log = logging.getLogger("anchor_cache")
@@ -83,6 +83,14 @@ def _methods(text: str) -> list[str]:
     if unknown or not methods:
         raise argparse.ArgumentTypeError(f"unknown methods {unknown or [text]}; choose from {','.join(VARIANT_NAMES)}")
     return methods
+
+
+def _priors(text: str) -> list[str]:
+    priors = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [p for p in priors if p not in PRIORS]
+    if unknown or not priors:
+        raise argparse.ArgumentTypeError(f"unknown priors {unknown or [text]}; choose from {','.join(PRIORS)}")
+    return priors
 
 
 def _device(text: str) -> str:
@@ -207,6 +215,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--pool-per-class", type=int, default=16,
                     help="labelled train rows per class (disjoint from demos and test) that linear_head and knn "
                          "are fitted on, per seed (default 16)")
+    ev.add_argument("--priors", type=_priors, default=["pool"],
+                    help="class priors every method is also scored under, from pool,uniform,adapt (adapt: the "
+                         "test rows' class frequencies estimated by EM as they arrive; default pool)")
     ev.add_argument("--out", type=Path, metavar="FILE.json",
                     help="write results JSON here, and the accuracy/loyalty plot beside it (FILE.png)")
     _add_reweight_args(ev)

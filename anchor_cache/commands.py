@@ -116,7 +116,7 @@ def run_eval(args: argparse.Namespace) -> None:
         data=data, template=task.template, labels=task.labels, methods=args.methods,
         shots_per_class=args.shots_per_class, seeds=args.seeds, limit=args.limit, batch_size=args.batch_size,
         top_draws=args.top_draws, top_dev_size=args.top_dev_size, train_per_class=args.train_per_class,
-        pool_per_class=args.pool_per_class, reweight=_train_config(args),
+        pool_per_class=args.pool_per_class, reweight=_train_config(args), priors=args.priors,
     )
     results = evaluate(_load(args), cfg)
     if args.out:

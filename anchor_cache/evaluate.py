@@ -249,14 +249,17 @@ def evaluate(lm: LoadedModel, cfg: EvalConfig, progress: bool = True) -> dict[st
 
 
 def markdown_table(results: dict[str, Any]) -> str:
+    priors = [p for p in results["config"]["priors"] if p != Prior.POOL]
     lines = [
-        "| method | accuracy | label loyalty | word loyalty | tokens/request | KV cache bytes |",
-        "|---|---|---|---|---|---|",
+        "| method | accuracy | " + "".join(f"prior {p} | " for p in priors)
+        + "label loyalty | word loyalty | tokens/request | KV cache bytes |",
+        "|---|---|" + "---|" * len(priors) + "---|---|---|---|",
     ]
     for name, m in results["methods"].items():
         lines.append(
-            f"| {name} | {m['accuracy']:.2f} | {m['label_loyalty']:.2f} | {m['word_loyalty']:.2f} | "
-            f"{m['tokens_per_request']:.1f} | {int(m['kv_cache_bytes']):,} |"
+            f"| {name} | {m['accuracy']:.2f} | " + "".join(f"{m['accuracy_by_prior'][p]:.2f} | " for p in priors)
+            + f"{m['label_loyalty']:.2f} | {m['word_loyalty']:.2f} | {m['tokens_per_request']:.1f} | "
+            f"{int(m['kv_cache_bytes']):,} |"
         )
     return "\n".join(lines)
 

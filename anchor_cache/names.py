@@ -16,6 +16,9 @@ VARIANT_NAMES = (
     "hidden_anchor_reweighted_calibrated", "linear_head_reweighted",
 )
 
+# the class priors a task serves under (anchor_cache.priors.Prior)
+PRIORS = ("pool", "uniform", "adapt")
+
 
 def cache_dir() -> Path:
     """Where converted models and persisted anchor caches live (`ANCHORSERVE_CACHE_DIR`)."""

@@ -17,21 +17,16 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from enum import StrEnum
 from typing import Any
 
 import numpy as np
 import torch
 
+from anchor_cache.task import Prior
+
 EM_ITERATIONS = 200
 EM_TOLERANCE = 1e-6
 FLOOR = 1e-6  # no class's prior estimate reaches 0: log π stays finite and the class can come back
-
-
-class Prior(StrEnum):
-    POOL = "pool"
-    UNIFORM = "uniform"
-    ADAPT = "adapt"
 
 
 def class_frequencies(classes: Sequence[int], n_classes: int) -> np.ndarray:

@@ -34,6 +34,7 @@ from anchor_cache.errors import (
     ValidationError,
 )
 from anchor_cache.models import LoadedModel
+from anchor_cache.priors import PriorShift, class_frequencies
 from anchor_cache.reweighting import learn_pool_beta, pool_hash, pool_rows
 from anchor_cache.state import ABSENT, StateStore, TaskRecord
 from anchor_cache.storage import (
@@ -70,6 +71,7 @@ class ServedTask:
     # how β was trained (loss curve, time, examples); {"lost": reason} when a damaged β was quarantined
     reweighting: dict[str, Any] | None = None
     content_free: torch.Tensor | None = None  # (C,) log content-free probabilities when spec.calibrate
+    prior: PriorShift | None = None  # the spec's class prior for its own method; adapt's state lives here
     # the same for the other label-word methods a request may ask for, made on first use (model thread)
     _other_content_free: dict[Method, torch.Tensor] = dataclasses.field(default_factory=dict, init=False, compare=False,
                                                                         repr=False)
@@ -99,6 +101,15 @@ class ServedTask:
             self._other_content_free[method] = self.classifier.content_free_logprobs(method).to(logits.device)
         return calibrate(logits, self._other_content_free[method])
 
+    def logprobs(self, logits: torch.Tensor, method: Method) -> torch.Tensor:
+        """The served log-probabilities: `scores`, then for the task's own method moved to its class
+        prior (`adapt` first observes the rows, so a batch already counts towards its estimate)."""
+        logprobs = torch.log_softmax(self.scores(logits, method), -1)
+        if self.prior is None or method != self.spec.method:
+            return logprobs
+        self.prior.observe(logprobs)
+        return torch.log_softmax(self.prior.correct(logprobs), -1)
+
 
 def _log_progress(name: str) -> Callable[[int, int], None]:
     """Logs β training progress at every tenth of the steps."""
@@ -117,8 +128,9 @@ def _one_line(reason: object) -> str:
 
 class TaskRegistry:
     def __init__(self, lm: LoadedModel, store: StateStore, max_tasks: int, max_demo_tokens: int,
-                 shipped_betas: Path | None = None) -> None:
+                 shipped_betas: Path | None = None, prior_window: int = 2000, prior_min_samples: int = 200) -> None:
         self.lm = lm
+        self.prior_window, self.prior_min_samples = prior_window, prior_min_samples  # `prior: adapt`'s
         self.store = store
         self.shipped_betas = shipped_betas  # β files shipped with the server, read when the store has none
         self.max_tasks = max_tasks
@@ -193,6 +205,8 @@ class TaskRegistry:
                 anchor_tokens=prefix.cache.num_tokens if prefix.cache is not None else 0,
                 build_seconds=0.0,
                 loaded_from_disk=loaded,
+                prior=PriorShift(spec.prior, class_frequencies(pool_rows(clf)[1], len(spec.labels)),
+                                 self.prior_window, self.prior_min_samples),
             ),
             beta,
             info,

@@ -88,6 +88,14 @@ class Method(StrEnum):
     LINEAR_HEAD = "linear_head"  # Hidden_anchor features, scored by a logistic-regression head fitted on the pool
 
 
+class Prior(StrEnum):
+    """The class prior a task's probabilities are served under (priors.py)."""
+
+    POOL = "pool"  # as the method gives them
+    UNIFORM = "uniform"  # the pool's class frequencies divided out
+    ADAPT = "adapt"  # the traffic's class frequencies, estimated by EM from recent requests
+
+
 POOL_METHODS = frozenset({Method.MANY_SHOT, Method.KNN, Method.LINEAR_HEAD})
 HEAD_METHODS = frozenset({Method.KNN, Method.LINEAR_HEAD})
 
@@ -137,6 +145,10 @@ class TaskSpec(BaseModel):
     examples: list[Demonstration] | DemonstrationSource | None = Field(
         None, description="a labelled pool, apart from the demonstrations: re-weighting β is learned from it when "
         "the task is built and no β learned from this pool is stored yet (rows equal to a demonstration are dropped)")
+    prior: Prior = Field(Prior.POOL, description="the class prior the task's own method is served under: pool (as "
+                         "the method gives it), uniform (the pool's class frequencies divided out), adapt (the "
+                         "class frequencies of the task's recent traffic, estimated by EM; it acts after 200 "
+                         "requests' inputs and follows the last 2,000, and starts again when the task is replaced)")
 
     @field_validator("template")
     @classmethod

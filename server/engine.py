@@ -60,8 +60,9 @@ def fit_threads(settings: Settings) -> None:
 
 
 def score_parts(work: list[Work], parts: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Each part's (n, 2 or 3, C) rows on the host: its logits; its log-probabilities, calibrated for
-    the task's own method when the task is calibrated; and then the raw log-probabilities. One
+    """Each part's (n, 2 or 3, C) rows on the host: its logits; its served log-probabilities
+    (`ServedTask.logprobs`: calibrated where the task is, under the task's class prior); and then the
+    raw log-probabilities. One
     log-softmax per (task, method) of the batch, on the model thread, rather than per request on
     the event loop."""
     groups: dict[tuple[int, Method], list[int]] = {}
@@ -71,7 +72,7 @@ def score_parts(work: list[Work], parts: list[torch.Tensor]) -> list[torch.Tenso
     for (_, method), members in groups.items():
         served: ServedTask = work[members[0]].task
         logits = torch.cat([parts[i] for i in members])
-        rows = [logits, torch.log_softmax(served.scores(logits, method), -1)]
+        rows = [logits, served.logprobs(logits, method)]
         if served.calibrated_for(method):
             rows.append(torch.log_softmax(logits, -1))
         for i, part in zip(members, torch.stack(rows, 1).split([parts[i].shape[0] for i in members]), strict=True):
@@ -123,7 +124,8 @@ class Engine:
             if s.cuda_graphs and self.lm.device.type == "cuda":
                 self.graphs = PackedGraphs(self.lm)
             self._max_token_bytes = 4 * max(len(token) for token in self.lm.tokenizer.get_vocab())
-            registry = TaskRegistry(self.lm, self.store, s.max_tasks, s.max_demo_tokens, SHIPPED_BETAS)
+            registry = TaskRegistry(self.lm, self.store, s.max_tasks, s.max_demo_tokens, SHIPPED_BETAS,
+                                    s.prior_window, s.prior_min_samples)
             await self.scheduler.run_exclusive(lambda: registry.start(s.tasks, s.gc_grace_s, self._report))
         except Exception as exc:  # tasks fail one by one inside start; this is the model or the state dir
             log.error("start-up failed: %s", exc)

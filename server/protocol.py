@@ -337,6 +337,8 @@ class TaskInfo(BaseModel):
     calibrate: bool
     reweighted: bool = Field(description="learned anchor re-weighting β is applied")
     reweighting: dict[str, Any] | None = Field(None, description="how β was trained: loss curve, time, examples")
+    prior: dict[str, Any] | None = Field(None, description="the class prior: mode, the pool's class frequencies "
+                                         "(base); for adapt the rows seen, whether it acts, and its estimate")
     revision: int = Field(description="the state-store revision this replica serves (the ETag; If-Match takes it)")
 
 

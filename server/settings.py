@@ -21,7 +21,7 @@ CONFIG_ENV = "ANCHORSERVE_CONFIG"
 
 
 # The built-in task's labelled pool, written for anchorserve (not drawn from any dataset): its β is
-# learned from these at the first start and stored, so later starts only load it.
+# learned from these and ships with the server (server/shipped.py).
 BUILTIN_POOL = {
     "Negative": [
         "a tiresome muddle", "awful", "the plot goes nowhere and takes its time getting there",
@@ -107,9 +107,12 @@ class Settings(BaseSettings):
     max_payload_bytes: int = Field(1_000_000, ge=1024)
     max_inputs_per_request: int = Field(32, ge=1)
     max_input_tokens: int = Field(512, ge=1, description="per input, after rendering the template")
-    truncate: bool = Field(False, description="truncate inputs past max_input_tokens instead of 422")
+    truncate: bool = Field(False, description="truncate inputs past max_input_tokens instead of refusing them")
     max_tasks: int = Field(32, ge=1)
     max_demo_tokens: int = Field(4096, ge=1, description="demonstration-context tokens per task")
+    prior_window: int = Field(2000, ge=10, description="a `prior: adapt` task estimates its traffic's class "
+                              "frequencies from this many of its latest inputs (memory: this many × classes floats)")
+    prior_min_samples: int = Field(200, ge=1, description="inputs a `prior: adapt` task sees before it corrects")
     data_root: Path | None = Field(None, description="datasets admin jobs may read (no path outside it)")
     max_train_examples: int = Field(512, ge=1, description="training examples per re-weighting job")
     max_analysis_jobs: int = Field(1, ge=1, description="analysis jobs pending or running at once; more get 429")
@@ -129,6 +132,8 @@ class Settings(BaseSettings):
             raise ValueError(f"{len(self.tasks)} tasks configured but max_tasks is {self.max_tasks}")
         if self.max_input_tokens > self.max_batch_tokens:
             raise ValueError("max_input_tokens must not exceed max_batch_tokens, or long inputs could never run")
+        if self.prior_min_samples > self.prior_window:
+            raise ValueError("prior_min_samples must not exceed prior_window, or `prior: adapt` could never act")
         return self
 
     @classmethod

@@ -64,7 +64,8 @@ class TaskService:
             cache_hash=served.key if served.cached else None, build_seconds=round(served.build_seconds, 4),
             loaded_from_disk=served.loaded_from_disk, calibrate=spec.calibrate, reweighted=served.beta is not None,
             revision=served.revision,
-            reweighting=served.reweighting, **self.engine.task_facts(served),
+            reweighting=served.reweighting, prior=served.prior.info() if served.prior is not None else None,
+            **self.engine.task_facts(served),
         )
 
     def get(self, name: str) -> TaskInfo:

@@ -423,8 +423,9 @@ def test_help_and_argument_mistakes_never_import_torch():
 
 
 def test_the_names_the_command_line_offers_are_the_engines():
-    from anchor_cache import analysis, evaluate, models, names
+    from anchor_cache import analysis, evaluate, models, names, priors
 
     assert tuple(evaluate.VARIANTS) == names.VARIANT_NAMES
+    assert tuple(p.value for p in priors.Prior) == names.PRIORS
     assert tuple(analysis.KINDS) == names.ANALYSES
     assert models.DEFAULT_MODEL == names.DEFAULT_MODEL

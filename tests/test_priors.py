@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from anchor_cache.evaluate import prior_predictions
 from anchor_cache.priors import Prior, PriorShift, class_frequencies, em_prior
+from tests.conftest import ADMIN, sentiment_task, wait_finished
 
 MEANS = np.array([-2.0, 0.0, 2.0])  # three classes, one Gaussian feature each, unit variance
 
@@ -74,8 +76,6 @@ def test_pool_changes_nothing_and_uniform_divides_out_the_pools_frequencies():
 
 def test_the_eval_scores_adapt_as_the_server_would_see_the_traffic():
     """Streamed in batches: rows before the minimum keep their scores, later ones are corrected."""
-    from anchor_cache.evaluate import prior_predictions
-
     logprobs, classes = traffic([0.86, 0.07, 0.07], 2000, seed=4)
     uniform = np.full(3, 1 / 3)
     plain = prior_predictions(logprobs, Prior.POOL, uniform, 16, 200)
@@ -87,3 +87,33 @@ def test_the_eval_scores_adapt_as_the_server_would_see_the_traffic():
 
 def accuracy_of(preds: np.ndarray, classes: np.ndarray) -> float:
     return float((preds == classes).mean())
+
+
+def test_an_adapting_task_learns_its_traffic_and_starts_again_when_replaced(serve):
+    """Served: after `prior_min_samples` inputs the task's probabilities move towards the class its
+    traffic is made of; the pool-prior twin beside it does not move; a replaced task starts again."""
+    adaptive = sentiment_task(name="adaptive", prior="adapt")
+    client = serve(tasks=[adaptive, sentiment_task()], prior_min_samples=20, prior_window=40,
+                   admin_api_key="admin-secret")
+
+    def probs(task: str) -> list[float]:
+        return client.post("/v1/classify", json={"task": task, "input": "a moving match"}).json()["data"][0]["probs"]
+
+    before, twin = probs("adaptive"), probs("sentiment")
+    assert before == pytest.approx(twin, abs=1e-6)  # nothing yet: 1 input seen
+    info = client.get("/v1/tasks/adaptive").json()["prior"]
+    assert info["mode"] == "adapt" and info["samples"] == 1 and info["active"] is False
+    favoured = int(np.argmax(before))
+    for _ in range(3):
+        client.post("/v1/classify", json={"task": "adaptive", "input": ["a moving match"] * 10})
+    info = client.get("/v1/tasks/adaptive").json()["prior"]
+    assert info["active"] is True and info["samples"] == 31 and info["estimate"][favoured] > 0.5
+    after = probs("adaptive")
+    assert after[favoured] > before[favoured] and probs("sentiment") == pytest.approx(twin, abs=1e-6)
+    assert client.get("/v1/tasks/sentiment").json()["prior"] == {"mode": "pool", "base": [0.5, 0.5]}
+    replaced = client.put("/admin/tasks/adaptive", json=adaptive.model_dump(mode="json") | {"calibrate": True},
+                          headers=ADMIN)
+    assert replaced.status_code in (201, 202), replaced.text
+    if replaced.status_code == 202:
+        wait_finished(client, replaced.json()["status_url"])
+    assert client.get("/v1/tasks/adaptive").json()["prior"]["samples"] == 0
