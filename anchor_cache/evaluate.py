@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from anchor_cache.auto import Choice, choose
 from anchor_cache.cache import kv_bytes_per_token
 from anchor_cache.classifier import Classifier, calibrate
 from anchor_cache.data import Example, read_jsonl, sample_rows, seed_demonstrations, training_draw
@@ -49,6 +50,7 @@ class Variant:
     calibrated: bool = False
     head: Method | None = None  # LINEAR_HEAD or KNN: a head fitted on the pool scores the features (heads.py)
     many_shot: bool = False  # the pool as demonstrations: one anchor cache per group, merged (many_shot.py)
+    auto: bool = False  # the variant cross-validation on the pool chooses (auto.py)
 
 
 VARIANTS = {m.value: Variant(m) for m in Method} | {
@@ -60,7 +62,12 @@ VARIANTS = {m.value: Variant(m) for m in Method} | {
     "linear_head_reweighted": Variant(Method.HIDDEN_ANCHOR, reweighted=True, head=Method.LINEAR_HEAD),
     "knn": Variant(Method.HIDDEN_ANCHOR, head=Method.KNN),
     "many_shot": Variant(Method.HIDDEN_ANCHOR, many_shot=True),
+    "auto": Variant(Method.HIDDEN_ANCHOR, auto=True),
 }
+# The variant each of auto's candidates is evaluated as (the served linear_head reads features under the pool's β).
+AUTO_VARIANTS = {"zero_shot": "zero_shot", "hidden_anchor": "hidden_anchor",
+                 "hidden_anchor_reweighted": "hidden_anchor_reweighted", "knn": "knn",
+                 "linear_head": "linear_head_reweighted", "many_shot": "many_shot"}
 
 
 @dataclass
@@ -181,6 +188,13 @@ def prior_predictions(logprobs: np.ndarray, prior: Prior, base: np.ndarray, batc
     return np.concatenate(preds)
 
 
+def _chosen(choice: Choice, accuracy: float) -> dict[str, Any]:
+    """What auto chose on this seed, its estimate, and whether the estimate's interval holds the test accuracy."""
+    est = choice.estimate
+    return {"chosen": choice.chosen.name, "candidates": choice.scores, "estimate": asdict(est),
+            "estimate_covers": bool(est.low <= accuracy <= est.high)}
+
+
 def _jaccard(a: set[int], b: set[int]) -> float:
     return len(a & b) / len(a | b)
 
@@ -192,6 +206,8 @@ def evaluate(lm: LoadedModel, cfg: EvalConfig, progress: bool = True) -> dict[st
     if unknown:
         raise ValidationError(f"unknown methods {unknown}; choose from {list(VARIANTS)}")
     methods = list(dict.fromkeys([Method.VANILLA.value, *cfg.methods]))  # vanilla is every loyalty's reference
+    if "auto" in methods:  # every candidate runs; auto reports the one the pool chooses
+        methods = list(dict.fromkeys([*(m for m in methods if m != "auto"), *AUTO_VARIANTS.values(), "auto"]))
     variants = [VARIANTS[m] for m in methods]
     n_test = min(cfg.limit, len(test))
     bar = tqdm(total=n_test * len(methods) * len(cfg.seeds), desc="eval", unit="ex", disable=not progress)
@@ -209,13 +225,19 @@ def evaluate(lm: LoadedModel, cfg: EvalConfig, progress: bool = True) -> dict[st
         pool = _pool(train, used, cfg, seed) if any(v.head or v.many_shot for v in variants) else []
         heads = _fit_heads(clf, variants, pool, betas)
         many = _many_shot(clf, pool) if any(v.many_shot for v in variants) else None
-        runs = {}
+        runs, choices = {}, {}
         for name, variant in zip(methods, variants, strict=True):
+            if variant.auto:
+                choice = choose(clf, [r.text for r in pool], [r.label for r in pool],
+                                replace(cfg.reweight, method=Method.HIDDEN_ANCHOR, seed=seed), seed)
+                runs[name], choices[name] = runs[AUTO_VARIANTS[choice.chosen.name]], choice
+                continue
             bar.set_postfix(seed=seed, method=name)
             beta = betas.get(variant.base) if variant.reweighted else None
             runs[name] = _run_method(many if variant.many_shot else clf, variant, beta, texts, cfg.batch_size,
                                      bytes_per_token, bar, heads.get(variant))
-        ref = runs[Method.VANILLA.value].logprobs.argmax(1)
+        ref = runs[Method.VANILLA.value]
+        ref_preds = ref.logprobs.argmax(1)
         base = class_frequencies([r.label for r in pool], len(cfg.labels))
         for method, run in runs.items():
             preds = run.logprobs.argmax(1)
@@ -227,12 +249,12 @@ def evaluate(lm: LoadedModel, cfg: EvalConfig, progress: bool = True) -> dict[st
                     "seed": seed,
                     "accuracy": 100 * float((preds == gold).mean()),
                     "accuracy_by_prior": by_prior,
-                    "label_loyalty": 100 * float((preds == ref).mean()),
+                    "label_loyalty": 100 * float((preds == ref_preds).mean()),
                     "word_loyalty": 100 * float(np.mean(list(map(_jaccard, run.topk, ref.topk)))),
                     "tokens_per_request": run.tokens_per_request,
                     "kv_cache_bytes": run.kv_cache_bytes,
                     "n": len(texts),
-                }
+                } | (_chosen(choices[method], float((preds == gold).mean())) if method in choices else {})
             )
     bar.close()
     summary = {}
@@ -261,5 +283,15 @@ def markdown_table(results: dict[str, Any]) -> str:
             + f"{m['label_loyalty']:.2f} | {m['word_loyalty']:.2f} | {m['tokens_per_request']:.1f} | "
             f"{int(m['kv_cache_bytes']):,} |"
         )
+    for name, m in results["methods"].items():
+        for s in m["per_seed"]:
+            if "chosen" in s:
+                est = s["estimate"]
+                losses = ", ".join(f"{c} {v['log_loss']:.3f}" for c, v in s["candidates"].items())
+                lines.append(f"\n{name}, seed {s['seed']}: chose {s['chosen']} by cross-validated log loss "
+                             f"({losses}); "
+                             f"estimated accuracy {100 * est['accuracy']:.1f}% [{100 * est['low']:.1f}, "
+                             f"{100 * est['high']:.1f}] on {est['rows']} pool rows, ECE {est['ece']:.3f}, "
+                             f"temperature {est['temperature']:.2f}; on the test rows {s['accuracy']:.1f}%")
     return "\n".join(lines)
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from anchor_cache.auto import choose
 from anchor_cache.classifier import CACHED_METHODS, Classifier, calibrate
 from anchor_cache.errors import (
     CacheMismatchError,
@@ -35,22 +36,25 @@ from anchor_cache.errors import (
 )
 from anchor_cache.models import LoadedModel
 from anchor_cache.priors import PriorShift, class_frequencies
-from anchor_cache.reweighting import learn_pool_beta, pool_hash, pool_rows
+from anchor_cache.reweighting import learn_pool_beta, pool_config, pool_hash, pool_rows
 from anchor_cache.state import ABSENT, StateStore, TaskRecord
 from anchor_cache.storage import (
     beta_blob,
     cache_blob,
     cache_identity,
     cache_key,
+    choice_blob,
     collect_garbage,
     find_beta,
     find_cache,
+    find_choice,
     find_shipped_beta,
     save_beta,
     save_cache,
+    save_choice,
     shipped_beta_key,
 )
-from anchor_cache.task import HEAD_METHODS, Method, TaskSpec, preview
+from anchor_cache.task import AUTO, HEAD_METHODS, Method, TaskSpec, preview
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +76,11 @@ class ServedTask:
     reweighting: dict[str, Any] | None = None
     content_free: torch.Tensor | None = None  # (C,) log content-free probabilities when spec.calibrate
     prior: PriorShift | None = None  # the spec's class prior for its own method; adapt's state lives here
+    # `method: auto`: the spec as stored (`spec` is what serves), what was chosen ({"status": "choosing"}
+    # until then) and the key its choice is stored under
+    stored: TaskSpec | None = None
+    auto: dict[str, Any] | None = None
+    choice_key: str | None = None
     # the same for the other label-word methods a request may ask for, made on first use (model thread)
     _other_content_free: dict[Method, torch.Tensor] = dataclasses.field(default_factory=dict, init=False, compare=False,
                                                                         repr=False)
@@ -79,6 +88,16 @@ class ServedTask:
     @property
     def cached(self) -> bool:
         return self.spec.method in CACHED_METHODS
+
+    @property
+    def written(self) -> TaskSpec:
+        """The spec as the store holds it (`method: auto` serves as the method it chose)."""
+        return self.stored or self.spec
+
+    @property
+    def temperature(self) -> float:
+        """`method: auto`'s temperature, fitted on the chosen method's out-of-fold predictions."""
+        return float(((self.auto or {}).get("estimate") or {}).get("temperature", 1.0))
 
     def beta_for(self, method: Method) -> torch.Tensor | None:
         """β applies to the method it was trained in; other methods requested per call run without."""
@@ -104,11 +123,25 @@ class ServedTask:
     def logprobs(self, logits: torch.Tensor, method: Method) -> torch.Tensor:
         """The served log-probabilities: `scores`, then for the task's own method moved to its class
         prior (`adapt` first observes the rows, so a batch already counts towards its estimate)."""
-        logprobs = torch.log_softmax(self.scores(logits, method), -1)
-        if self.prior is None or method != self.spec.method:
+        if method != self.spec.method:
+            return torch.log_softmax(self.scores(logits, method), -1)
+        logprobs = torch.log_softmax(self.scores(logits, method) / self.temperature, -1)
+        if self.prior is None:
             return logprobs
         self.prior.observe(logprobs)
         return torch.log_softmax(self.prior.correct(logprobs), -1)
+
+
+def provisional(spec: TaskSpec) -> TaskSpec:
+    """How a `method: auto` task serves until its method is chosen: Hidden_anchor without β."""
+    return spec.model_copy(update={"method": Method.HIDDEN_ANCHOR, "reweight": False})
+
+
+def resolved(spec: TaskSpec, info: dict[str, Any]) -> TaskSpec:
+    """A `method: auto` task as the method its choice names (calibration only where it applies)."""
+    method = Method(info["method"])
+    return spec.model_copy(update={"method": method, "reweight": bool(info["reweight"]),
+                                   "calibrate": spec.calibrate and method not in HEAD_METHODS})
 
 
 def _log_progress(name: str) -> Callable[[int, int], None]:
@@ -143,14 +176,22 @@ class TaskRegistry:
     # --- preparing a task -------------------------------------------------------------------------
 
     def key_of(self, spec: TaskSpec) -> str:
-        """The cache key of `spec` under this model (tokenises its demonstrations)."""
+        """The cache key of `spec` under this model (tokenises its demonstrations); for `method:
+        auto`, the key its choice is stored under."""
+        if spec.method == AUTO:
+            return self.choice_key(spec)
         clf = Classifier(self.lm, spec)
         return cache_key(cache_identity(self.lm, clf.prompt, spec.method, clf.seed))
+
+    def choice_key(self, spec: TaskSpec) -> str:
+        """What a `method: auto` choice depends on besides the pool (its manifest holds the pool's hash)."""
+        clf = Classifier(self.lm, provisional(spec))
+        return cache_key(cache_identity(self.lm, clf.prompt, Method.HIDDEN_ANCHOR, clf.seed) | {"choice": AUTO})
 
     def check(self, spec: TaskSpec) -> Classifier:
         """The cheap checks of `prepare` (tokenising, limits), without running the model: a spec
         that passes them is stored, then built by every replica."""
-        clf = Classifier(self.lm, spec)
+        clf = Classifier(self.lm, provisional(spec) if spec.method == AUTO else spec)
         n_demo = len(clf.prompt.context.ids)
         if n_demo > self.max_demo_tokens:
             raise ValidationError(
@@ -169,7 +210,43 @@ class TaskRegistry:
         """Validate the task and load (or build and store) its cache and β; registers nothing.
 
         A damaged cache blob is quarantined and rebuilt; a damaged β blob is quarantined and the
-        task comes back without β, its `reweighting` saying {"lost": reason}."""
+        task comes back without β, its `reweighting` saying {"lost": reason}. A `method: auto` task
+        serves as the method its stored choice names, or, until one is made for its pool, as
+        `provisional` (the server then chooses in a background job: `choose_method`)."""
+        if spec.method != AUTO:
+            return self._prepare(spec, revision)
+        key = self.choice_key(spec)
+        try:
+            info = find_choice(self.store, key)
+        except CacheMismatchError as exc:
+            self._quarantine(choice_blob(key), exc, f"task {spec.name}: choosing its method again")
+            info = None
+        if info is not None and info.get("pool") != pool_hash(Classifier(self.lm, provisional(spec))):
+            info = None  # chosen on another pool
+        served = self._prepare(resolved(spec, info) if info is not None else provisional(spec), revision)
+        return dataclasses.replace(served, stored=spec, auto=info or {"status": "choosing"}, choice_key=key)
+
+    @staticmethod
+    def needs_choice(served: ServedTask) -> bool:
+        return served.auto is not None and served.auto.get("status") == "choosing"
+
+    def choose_method(self, served: ServedTask, should_stop: Callable[[], bool] | None = None,
+                      on_fold: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+        """Choose a `method: auto` task's method on its pool (auto.py) and store the choice; the
+        task serves it once its record is applied again."""
+        clf, name = served.classifier, served.spec.name
+        texts, classes = pool_rows(clf)
+        log.info("task %s: choosing its method on %d pool rows", name, len(texts))
+        choice = choose(clf, texts, classes, pool_config(Method.HIDDEN_ANCHOR), should_stop=should_stop,
+                        on_fold=on_fold)
+        info = choice.info() | {"pool": pool_hash(clf), "chosen_at": time.time()}
+        save_choice(self.store, served.choice_key, info)
+        estimate = choice.estimate
+        log.info("task %s: chose %s (cross-validated accuracy %.1f%%, 95%% interval %.1f-%.1f%%)", name,
+                 choice.chosen.name, 100 * estimate.accuracy, 100 * estimate.low, 100 * estimate.high)
+        return info
+
+    def _prepare(self, spec: TaskSpec, revision: int) -> ServedTask:
         start = time.perf_counter()
         clf = self.check(spec)
         identity = cache_identity(self.lm, clf.prompt, spec.method, clf.seed)
@@ -244,8 +321,8 @@ class TaskRegistry:
     @staticmethod
     def needs_pool_beta(served: ServedTask) -> bool:
         """A task with an `examples` pool whose β is missing, or was learned from another pool (a β
-        an admin job trained is kept)."""
-        if served.spec.examples is None or served.spec.method == Method.KNN:  # knn reads no label words
+        an admin job trained is kept); not with `reweight: false`."""
+        if served.spec.examples is None or served.spec.method == Method.KNN or not served.spec.reweight:
             return False
         info = served.reweighting or {}
         if served.beta is None:
@@ -413,7 +490,7 @@ class TaskRegistry:
         live spec's key is unknown (a damaged record, a failed task whose β an operator may still
         recover), β blobs are kept: unlike caches they cannot be rebuilt."""
         serving = dict(self._tasks)  # a snapshot: a build may `put` meanwhile
-        live = {served.key for served in serving.values()}
+        live = {served.key for served in serving.values()} | {s.choice_key for s in serving.values() if s.choice_key}
         unknown = [f"{name} (failed to load)" for name in self.failures()]
         for record in self.store.records().values():
             if record.error is not None:

@@ -76,6 +76,10 @@ def beta_blob(key: str) -> str:
     return f"{key}.beta.safetensors"
 
 
+def choice_blob(key: str) -> str:
+    return f"{key}.auto.safetensors"
+
+
 def key_of_blob(name: str) -> str:
     """The cache key a blob belongs to."""
     return name.split(".", 1)[0]
@@ -260,6 +264,22 @@ def find_beta(store: StateStore, key: str, lm: LoadedModel) -> tuple[torch.Tenso
     return tensors["beta"], manifest["info"]
 
 
+def save_choice(store: StateStore, key: str, info: dict[str, Any]) -> None:
+    """What `method: auto` chose for the task whose choice key is `key` (registry.choice_key), and why."""
+    store.put_blob(choice_blob(key), dump_tensors({}, {"key": key, "info": info}))
+
+
+def find_choice(store: StateStore, key: str) -> dict[str, Any] | None:
+    name = choice_blob(key)
+    data = store.get_blob(name)
+    if data is None:
+        return None
+    _, manifest = parse_tensors(data, name, "cpu")
+    if manifest.get("key") != key or not isinstance(manifest.get("info"), dict):
+        raise CacheMismatchError(f"{shown(name)} does not hold this task's choice")
+    return manifest["info"]
+
+
 def shipped_beta_key(identity: dict[str, Any], lm: LoadedModel) -> str:
     """The key of a β shipped with the server: its task's cache identity with the weights in place
     of the weights in a dtype, since a β learned in one dtype serves in another."""
@@ -290,11 +310,12 @@ def write_shipped_beta(folder: Path, key: str, beta: torch.Tensor, info: dict[st
 
 def collect_garbage(store: StateStore, live_keys: set[str], grace_s: float, keep_beta: bool = False) -> int:
     """Delete blobs whose key is not in `live_keys` and that nobody wrote or read for `grace_s`
-    seconds (another replica may have just used them); with `keep_beta`, β blobs stay whatever their
-    key. Returns the bytes freed."""
+    seconds (another replica may have just used them); with `keep_beta`, β and choice blobs (which
+    cost minutes to make again) stay whatever their key. Returns the bytes freed."""
     freed = 0
     for name, age in sorted(store.blob_ages().items()):
-        if key_of_blob(name) in live_keys or age < grace_s or (keep_beta and ".beta." in name):
+        precious = ".beta." in name or ".auto." in name
+        if key_of_blob(name) in live_keys or age < grace_s or (keep_beta and precious):
             continue
         size = store.delete_blob(name)  # another replica may collect the same blob first: 0 bytes
         if size:

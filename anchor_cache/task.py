@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator, model_validator
 
@@ -96,6 +96,8 @@ class Prior(StrEnum):
     ADAPT = "adapt"  # the traffic's class frequencies, estimated by EM from recent requests
 
 
+AUTO = "auto"  # TaskSpec.method: chosen on the pool when the task is built, then served as that Method
+
 POOL_METHODS = frozenset({Method.MANY_SHOT, Method.KNN, Method.LINEAR_HEAD})
 HEAD_METHODS = frozenset({Method.KNN, Method.LINEAR_HEAD})
 
@@ -139,12 +141,15 @@ class TaskSpec(BaseModel):
     labels: list[FormatText] = Field(min_length=2, description="Label words in class order, without leading space")
     separator: FormatText = Field("\n", min_length=1)
     demonstrations: list[Demonstration] | DemonstrationSource
-    method: Method = Method.HIDDEN_ANCHOR
+    method: Method | Literal["auto"] = Field(Method.HIDDEN_ANCHOR, description="how the task classifies; auto (with "
+                                             "a pool): the method cross-validation on the pool chooses (auto.py)")
     calibrate: StrictBool = Field(False, description="contextual calibration: divide by content-free label "
                                   "probabilities")
     examples: list[Demonstration] | DemonstrationSource | None = Field(
         None, description="a labelled pool, apart from the demonstrations: re-weighting β is learned from it when "
         "the task is built and no β learned from this pool is stored yet (rows equal to a demonstration are dropped)")
+    reweight: StrictBool = Field(True, description="learn β from the pool (a task with `examples`); false: serve "
+                                 "the method without β")
     prior: Prior = Field(Prior.POOL, description="the class prior the task's own method is served under: pool (as "
                          "the method gives it), uniform (the pool's class frequencies divided out), adapt (the "
                          "class frequencies of the task's recent traffic, estimated by EM; it acts after 200 "
@@ -181,7 +186,7 @@ class TaskSpec(BaseModel):
         if isinstance(self.examples, list):
             for row in self.examples:
                 label_index(row.label, self.labels)
-        if self.method in POOL_METHODS and self.examples is None:
+        if (self.method in POOL_METHODS or self.method == AUTO) and self.examples is None:
             raise ValueError(f"method {self.method} needs the task's labelled pool: give `examples`")
         if self.method in HEAD_METHODS and self.calibrate:
             raise ValueError(f"method {self.method} scores with a head, not label words: `calibrate` does not apply")

@@ -193,6 +193,10 @@ class Engine:
         name = served.spec.name
         self.metrics.cache_bytes.labels(name).set(served.cache_bytes)
         self.metrics.task_loads.labels(name, "disk" if served.loaded_from_disk else "built").inc()
+        estimate = (served.auto or {}).get("estimate")
+        if estimate is not None:
+            for bound, key in (("estimate", "accuracy"), ("low", "low"), ("high", "high")):
+                self.metrics.estimated_accuracy.labels(name, bound).set(estimate[key])
 
     # --- classification (the EngineClient protocol, server/engine_client.py) ---------------------
 

@@ -50,7 +50,10 @@ class Metrics:
             "anchorserve_task_loads", "Task caches made ready, by source", ["task", "source"], registry=r
         )
         self.failures = Counter("anchorserve_request_failure", "Failed requests", ["reason"], registry=r)
-        self._per_task = (self.requests, self.cache_bytes, self.task_loads)
+        self.estimated_accuracy = Gauge(
+            "anchorserve_task_estimated_accuracy", "A `method: auto` task's cross-validated accuracy on its pool, with "
+            "the bounds of its 95% interval", ["task", "bound"], registry=r, multiprocess_mode="mostrecent")
+        self._per_task = (self.requests, self.cache_bytes, self.task_loads, self.estimated_accuracy)
 
     def exposition(self) -> bytes:
         """The text /metrics serves: this app's registry, or every process's values in multiprocess mode."""

@@ -337,6 +337,10 @@ class TaskInfo(BaseModel):
     calibrate: bool
     reweighted: bool = Field(description="learned anchor re-weighting β is applied")
     reweighting: dict[str, Any] | None = Field(None, description="how β was trained: loss curve, time, examples")
+    auto: dict[str, Any] | None = Field(None, description="for a `method: auto` task ({\"status\": \"choosing\"} "
+                                        "until its job is done; `method` is then what it chose): the chosen "
+                                        "candidate, every candidate's cross-validated log loss, accuracy and cost "
+                                        "rank, and the accuracy estimate (Wilson 95% interval, ECE, temperature)")
     prior: dict[str, Any] | None = Field(None, description="the class prior: mode, the pool's class frequencies "
                                          "(base); for adapt the rows seen, whether it acts, and its estimate")
     revision: int = Field(description="the state-store revision this replica serves (the ETag; If-Match takes it)")

@@ -38,7 +38,7 @@ class ServerState:
         await self.engine.start(on_fatal)
         if self.engine.ready:
             self.replication.start()
-            self.tasks.learn_pool_betas()
+            self.tasks.finish_from_pools()
 
     async def stop(self) -> None:
         await self.replication.stop()

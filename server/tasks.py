@@ -65,6 +65,7 @@ class TaskService:
             loaded_from_disk=served.loaded_from_disk, calibrate=spec.calibrate, reweighted=served.beta is not None,
             revision=served.revision,
             reweighting=served.reweighting, prior=served.prior.info() if served.prior is not None else None,
+            auto=served.auto,
             **self.engine.task_facts(served),
         )
 
@@ -136,11 +137,45 @@ class TaskService:
         if reason is not None:
             await self._roll_back(record, previous)
             raise ValidationError(f"task {record.name!r} did not build: {reason}")
-        if served is not None and registry.needs_pool_beta(served):
-            served = await self._learn_pool_beta(served, job, cancel) or served
+        if served is not None:
+            served = await self._finish(served, job, cancel)
         await self._collect_garbage()
         current = served or registry.get(record.name)  # a later write may have been applied already
         return self.info(current).model_dump() | {"written_revision": record.revision}
+
+    async def _finish(self, served: ServedTask, job: Job, cancel: threading.Event) -> ServedTask:
+        """What a built task still needs from its pool: a `method: auto` task's choice, then β
+        where the method wants one. Each is stored as the next revision, so every replica serves it."""
+        registry = self.engine.require_ready()
+        if registry.needs_choice(served):
+            served = await self._choose(served, job, cancel) or served
+        if registry.needs_pool_beta(served):
+            served = await self._learn_pool_beta(served, job, cancel) or served
+        return served
+
+    async def _choose(self, served: ServedTask, job: Job, cancel: threading.Event) -> ServedTask | None:
+        """`method: auto`'s cross-validation in a nice-19 thread; the choice is stored and the task
+        applied again as the next revision. None when a newer write came first."""
+        registry = self.engine.require_ready()
+
+        def progress(done: int, total: int) -> None:
+            job.progress = {"folds_done": done, "folds": total}
+
+        await in_background_thread(lambda: registry.choose_method(served, cancel.is_set, progress),
+                                   "anchorserve-choosing")
+        return await self._store_again(served, None)
+
+    async def _store_again(self, served: ServedTask, built: ServedTask | None) -> ServedTask | None:
+        """The spec as written, stored as the next revision, so every replica applies what was just
+        learned for it: the task as applied here (`built` when the apply gave none back); None when
+        a newer write came first, or another replica stored its result first."""
+        current = await self._record(served.spec.name)
+        try:  # the same spec and source (a configured task stays configured)
+            record = await self._store(self.store.write, served.spec.name, served.written.model_dump(mode="json"),
+                                       current.source if current is not None else "admin", served.revision)
+        except PreconditionFailedError:
+            return None
+        return await self.replication.apply(record) or built
 
     async def _learn_pool_beta(self, served: ServedTask, job: Job, cancel: threading.Event) -> ServedTask | None:
         """β from the task's pool in a nice-19 thread, stored as a new revision of the same spec;
@@ -152,32 +187,29 @@ class TaskService:
 
         trained = await in_background_thread(lambda: registry.learn_pool_beta(served, cancel.is_set, progress),
                                              "anchorserve-training")
-        current = await self._record(served.spec.name)
-        try:  # the same spec and source (a configured task stays configured), as the next revision
-            record = await self._store(self.store.write, served.spec.name, served.spec.model_dump(mode="json"),
-                                       current.source if current is not None else "admin", served.revision)
-        except PreconditionFailedError:
-            return None  # a newer write came first, or another replica stored its β first
-        return await self.replication.apply(record) or trained
+        return await self._store_again(served, trained)
 
-    def learn_pool_betas(self) -> list[Job]:
-        """At start: a job per served task whose pool asks for a β it does not have yet. Each task
-        serves without β (and with its calibration) until its job swaps the learned β in, so a
-        first start answers at once instead of after minutes of training."""
+    def finish_from_pools(self) -> list[Job]:
+        """At start: a job per served task whose pool still owes it something: a `method: auto`
+        choice, or a β it does not have yet. Each task serves meanwhile (a choosing task as
+        Hidden_anchor, a task waiting for β without it, with its calibration), so a first start
+        answers at once instead of after minutes of training."""
         registry = self.engine.require_ready()
         jobs = []
         for served in self.engine.tasks():
-            if registry.needs_pool_beta(served):
-                job = Job(kind="learn_pool_beta", target=served.spec.name)
+            choosing = registry.needs_choice(served)
+            if choosing or registry.needs_pool_beta(served):
+                job = Job(kind="choose_method" if choosing else "learn_pool_beta", target=served.spec.name)
 
-                async def learn(cancel: threading.Event, served: ServedTask = served, job: Job = job
-                                ) -> dict[str, Any]:
-                    trained = await self._learn_pool_beta(served, job, cancel)
-                    return self.info(trained or registry.get(served.spec.name)).model_dump()
+                async def finish(cancel: threading.Event, served: ServedTask = served, job: Job = job
+                                 ) -> dict[str, Any]:
+                    done = await self._finish(served, job, cancel)
+                    return self.info(registry.get(served.spec.name) if done is served else done).model_dump()
 
-                jobs.append(self.jobs.submit(job.kind, job.target, learn, job))
-                log.info("task %s serves without β while it learns β from its pool (job %s)", served.spec.name,
-                         job.id)
+                jobs.append(self.jobs.submit(job.kind, job.target, finish, job))
+                log.info("task %s serves %s while its pool %s (job %s)", served.spec.name,
+                         "as hidden_anchor" if choosing else "without β",
+                         "chooses its method" if choosing else "teaches it β", job.id)
         return jobs
 
     async def _roll_back(self, failed: TaskRecord, previous: TaskRecord | None) -> None:

@@ -1,0 +1,78 @@
+"""`method: auto`, its accuracy estimate, and class priors on the development sets (issue 21).
+
+    python -m bench.auto --seeds 42,43,44,45,46 --limit 300      # bench/results/auto.json, a markdown table
+
+Per dataset and seed (the eval's own code, anchor_cache/evaluate.py): one demonstration per class,
+a pool of 16 labelled rows per class (β learned on the same rows, 16 a step), and every candidate
+of `auto` scored on `--limit` test rows, under the pool's prior and under `adapt` (EM over the test
+rows as they arrive). `auto` is the candidate cross-validation on the pool chose; its estimate's
+95% interval is checked against the test accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from anchor_cache.evaluate import AUTO_VARIANTS, EvalConfig, evaluate
+from anchor_cache.models import load_model
+from anchor_cache.reweighting import pool_config
+from anchor_cache.task import PRESETS, Method
+from bench.common import RESULTS, dataset_parser
+
+PRIORS = ["pool", "adapt"]
+
+
+def run(lm, args: argparse.Namespace) -> dict:
+    out = {}
+    for name in args.datasets:
+        template, labels = PRESETS[name]
+        cfg = EvalConfig(data=args.data_root / name, template=template, labels=labels, methods=["auto"],
+                         seeds=args.seeds, limit=args.limit, train_per_class=16, pool_per_class=16,
+                         reweight=pool_config(Method.HIDDEN_ANCHOR), priors=PRIORS)
+        out[name] = evaluate(lm, cfg, progress=False)
+        (RESULTS / args.out).write_text(json.dumps(out, indent=1))
+        sys.stdout.write(markdown({name: out[name]}) + "\n")
+        sys.stdout.flush()
+    return out
+
+
+def _cell(values: list[float]) -> str:
+    return f"{np.mean(values):.1f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.1f}"
+
+
+def markdown(results: dict) -> str:
+    """Per dataset: each candidate's accuracy, auto's, what it chose, its interval's coverage, and adapt."""
+    names = [*AUTO_VARIANTS.values(), "auto"]
+    lines = ["| dataset | " + " | ".join(names) + " | auto chose | interval covers | auto, adapt |",
+             "|---|" + "---|" * (len(names) + 3)]
+    for dataset, result in results.items():
+        methods = result["methods"]
+        cells = [_cell([s["accuracy"] for s in methods[n]["per_seed"]]) for n in names]
+        seeds = methods["auto"]["per_seed"]
+        chose = ", ".join(s["chosen"] for s in seeds)
+        covers = f"{sum(s['estimate_covers'] for s in seeds)}/{len(seeds)}"
+        adapt = _cell([s["accuracy_by_prior"]["adapt"] for s in seeds])
+        lines.append(f"| {dataset} | " + " | ".join(cells) + f" | {chose} | {covers} | {adapt} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = dataset_parser(__doc__)
+    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[42, 43, 44, 45, 46])
+    parser.add_argument("--limit", type=int, default=300)
+    parser.add_argument("--out", default="auto.json")
+    parser.add_argument("--report", action="store_true", help="the table from the results file, without running")
+    args = parser.parse_args()
+    if args.report:
+        sys.stdout.write(markdown(json.loads((RESULTS / args.out).read_text())) + "\n")
+        return
+    RESULTS.mkdir(exist_ok=True)
+    run(load_model(args.model, "auto", args.dtype), args)
+
+
+if __name__ == "__main__":
+    main()
