@@ -77,20 +77,20 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-def _methods(text: str) -> list[str]:
-    methods = [x.strip() for x in text.split(",") if x.strip()]
-    unknown = [m for m in methods if m not in VARIANT_NAMES]
-    if unknown or not methods:
-        raise argparse.ArgumentTypeError(f"unknown methods {unknown or [text]}; choose from {','.join(VARIANT_NAMES)}")
-    return methods
+def _names_from(allowed: tuple[str, ...], what: str) -> Callable[[str], list[str]]:
+    """A parser of comma-separated names, each one of `allowed`."""
+    def parse(text: str) -> list[str]:
+        names = [x.strip() for x in text.split(",") if x.strip()]
+        unknown = [n for n in names if n not in allowed]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"unknown {what} {unknown or [text]}; choose from {','.join(allowed)}")
+        return names
+
+    return parse
 
 
-def _priors(text: str) -> list[str]:
-    priors = [x.strip() for x in text.split(",") if x.strip()]
-    unknown = [p for p in priors if p not in PRIORS]
-    if unknown or not priors:
-        raise argparse.ArgumentTypeError(f"unknown priors {unknown or [text]}; choose from {','.join(PRIORS)}")
-    return priors
+_methods = _names_from(VARIANT_NAMES, "methods")
+_priors = _names_from(PRIORS, "priors")
 
 
 def _device(text: str) -> str:

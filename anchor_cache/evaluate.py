@@ -63,6 +63,7 @@ VARIANTS = {m.value: Variant(m) for m in Method} | {
     "knn": Variant(Method.HIDDEN_ANCHOR, head=Method.KNN),
     "many_shot": Variant(Method.HIDDEN_ANCHOR, many_shot=True),
     "auto": Variant(Method.HIDDEN_ANCHOR, auto=True),
+    "hidden_anchor_calibrated": Variant(Method.HIDDEN_ANCHOR, calibrated=True),
 }
 # The variant each of auto's candidates is evaluated as (the served linear_head reads features under the pool's β).
 AUTO_VARIANTS = {"zero_shot": "zero_shot", "hidden_anchor": "hidden_anchor",

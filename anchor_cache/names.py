@@ -13,7 +13,7 @@ ANALYSES = ("saliency", "isolation", "deep_layers", "error_diagnosis")
 VARIANT_NAMES = (
     "vanilla", "hidden_anchor", "text_anchor", "hidden_random", "hidden_random_top", "zero_shot", "many_shot", "knn",
     "linear_head", "vanilla_reweighted", "hidden_anchor_reweighted", "calibrated",
-    "hidden_anchor_reweighted_calibrated", "linear_head_reweighted", "auto",
+    "hidden_anchor_reweighted_calibrated", "linear_head_reweighted", "auto", "hidden_anchor_calibrated",
 )
 
 # the class priors a task serves under (anchor_cache.priors.Prior)

@@ -63,15 +63,16 @@ def test_eval_writes_the_results_contract_and_a_picture(tiny_folder, dataset_dir
     code = main([
         "eval", "--data", str(dataset_dir), *TASK, "--methods", methods, "--shots-per-class", "1",
         "--seeds", "42,43", "--limit", "5", "--top-draws", "2", "--top-dev-size", "4",
-        "--model", str(tiny_folder), "--dtype", "float32", "--out", str(out),
+        "--model", str(tiny_folder), "--dtype", "float32", "--out", str(out), "--priors", "pool,adapt",
     ])
     assert code == 0
     results = json.loads(out.read_text())
     assert results["config"]["template"] == "Review: {text}\nSentiment:"
     assert list(results["methods"]) == methods.split(",")
     for m in results["methods"].values():
-        assert set(m) == {"accuracy", "label_loyalty", "word_loyalty", "per_seed", "tokens_per_request",
-                          "kv_cache_bytes"}
+        assert set(m) == {"accuracy", "accuracy_by_prior", "label_loyalty", "word_loyalty", "per_seed",
+                          "tokens_per_request", "kv_cache_bytes"}
+        assert set(m["accuracy_by_prior"]) == {"pool", "adapt"} and m["accuracy_by_prior"]["pool"] == m["accuracy"]
         assert [s["seed"] for s in m["per_seed"]] == [42, 43] and all(s["n"] == 5 for s in m["per_seed"])
         assert 0 <= m["accuracy"] <= 100 and isinstance(m["kv_cache_bytes"], int)
     vanilla, anchor = results["methods"]["vanilla"], results["methods"]["hidden_anchor"]
