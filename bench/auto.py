@@ -4,9 +4,8 @@
 
 Per dataset and seed (the eval's own code, anchor_cache/evaluate.py): one demonstration per class,
 a pool of 16 labelled rows per class (β learned on the same rows, 16 a step), and every candidate
-of `auto` scored on `--limit` test rows, under the pool's prior and under `adapt` (EM over the test
-rows as they arrive). `auto` is the candidate cross-validation on the pool chose; its estimate's
-95% interval is checked against the test accuracy.
+of `auto` scored on `--limit` test rows. `auto` is the candidate cross-validation on the pool chose;
+its estimate's 95% interval is checked against the test accuracy. Class priors: bench/priors.py.
 """
 
 from __future__ import annotations
@@ -23,8 +22,6 @@ from anchor_cache.reweighting import pool_config
 from anchor_cache.task import PRESETS, Method
 from bench.common import RESULTS, dataset_parser
 
-PRIORS = ["pool", "adapt"]
-
 
 def run(lm, args: argparse.Namespace) -> dict:
     out = {}
@@ -32,7 +29,7 @@ def run(lm, args: argparse.Namespace) -> dict:
         template, labels = PRESETS[name]
         cfg = EvalConfig(data=args.data_root / name, template=template, labels=labels, methods=["auto"],
                          seeds=args.seeds, limit=args.limit, train_per_class=16, pool_per_class=16,
-                         reweight=pool_config(Method.HIDDEN_ANCHOR), priors=PRIORS)
+                         reweight=pool_config(Method.HIDDEN_ANCHOR))
         out[name] = evaluate(lm, cfg, progress=False)
         (RESULTS / args.out).write_text(json.dumps(out, indent=1))
         sys.stdout.write(markdown({name: out[name]}) + "\n")
@@ -45,18 +42,17 @@ def _cell(values: list[float]) -> str:
 
 
 def markdown(results: dict) -> str:
-    """Per dataset: each candidate's accuracy, auto's, what it chose, its interval's coverage, and adapt."""
+    """Per dataset: each candidate's accuracy, auto's, what it chose, and its interval's coverage."""
     names = [*AUTO_VARIANTS.values(), "auto"]
-    lines = ["| dataset | " + " | ".join(names) + " | auto chose | interval covers | auto, adapt |",
-             "|---|" + "---|" * (len(names) + 3)]
+    lines = ["| dataset | " + " | ".join(names) + " | auto chose | interval covers |",
+             "|---|" + "---|" * (len(names) + 2)]
     for dataset, result in results.items():
         methods = result["methods"]
         cells = [_cell([s["accuracy"] for s in methods[n]["per_seed"]]) for n in names]
         seeds = methods["auto"]["per_seed"]
         chose = ", ".join(s["chosen"] for s in seeds)
         covers = f"{sum(s['estimate_covers'] for s in seeds)}/{len(seeds)}"
-        adapt = _cell([s["accuracy_by_prior"]["adapt"] for s in seeds])
-        lines.append(f"| {dataset} | " + " | ".join(cells) + f" | {chose} | {covers} | {adapt} |")
+        lines.append(f"| {dataset} | " + " | ".join(cells) + f" | {chose} | {covers} |")
     return "\n".join(lines)
 
 

@@ -1,0 +1,56 @@
+"""Class priors on the development sets: the served head under `pool`, `uniform` and `adapt` (issue 21).
+
+    python -m bench.priors --seeds 42,43,44 --limit 600        # bench/results/priors.json
+
+Per dataset and seed (anchor_cache/evaluate.py): one demonstration per class, a balanced pool of 16
+rows per class (β learned on it, 16 a step), `linear_head` under that β (what a pool task serves)
+and β + Hidden_anchor, scored on `--limit` test rows in the test file's own class mix. `adapt`
+sees the rows as traffic, 16 at a time, and acts after `--min-samples` of them, as the server does.
+EmoC's test rows are 85% "Others"; the other sets are close to their pools' balance.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+
+from anchor_cache.evaluate import EvalConfig, evaluate
+from anchor_cache.models import load_model
+from anchor_cache.reweighting import pool_config
+from anchor_cache.task import PRESETS, Method
+from bench.common import RESULTS, dataset_parser
+
+PRIORS = ["pool", "uniform", "adapt"]
+METHODS = ["linear_head_reweighted", "hidden_anchor_reweighted"]
+
+
+def main() -> None:
+    parser = dataset_parser(__doc__)
+    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[42, 43, 44])
+    parser.add_argument("--limit", type=int, default=600)
+    parser.add_argument("--min-samples", type=int, default=200)
+    parser.add_argument("--out", default="priors.json")
+    args = parser.parse_args()
+    lm = load_model(args.model, "auto", args.dtype)
+    out = {}
+    for name in args.datasets:
+        template, labels = PRESETS[name]
+        cfg = EvalConfig(data=args.data_root / name, template=template, labels=labels, methods=METHODS,
+                         seeds=args.seeds, limit=args.limit, train_per_class=16, pool_per_class=16,
+                         reweight=pool_config(Method.HIDDEN_ANCHOR), priors=PRIORS, prior_min_samples=args.min_samples)
+        out[name] = evaluate(lm, cfg, progress=False)
+        (RESULTS / args.out).write_text(json.dumps(out, indent=1))
+        for method in METHODS:
+            seeds = out[name]["methods"][method]["per_seed"]
+            cells = {p: f"{np.mean([s['accuracy_by_prior'][p] for s in seeds]):.1f} ± "
+                        f"{np.std([s['accuracy_by_prior'][p] for s in seeds], ddof=1):.1f}" for p in PRIORS}
+            gain = [s["accuracy_by_prior"]["adapt"] - s["accuracy_by_prior"]["pool"] for s in seeds]
+            sys.stdout.write(f"| {name} | {method} | " + " | ".join(cells.values())
+                             + f" | {np.mean(gain):+.1f} ({min(gain):+.1f} to {max(gain):+.1f}) |\n")
+            sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
