@@ -16,25 +16,18 @@ import sys
 
 import numpy as np
 
-from anchor_cache.evaluate import AUTO_VARIANTS, EvalConfig, evaluate
+from anchor_cache.evaluate import AUTO_VARIANTS
 from anchor_cache.models import load_model
 from anchor_cache.reweighting import pool_config
-from anchor_cache.task import PRESETS, Method
-from bench.common import RESULTS, dataset_parser
+from anchor_cache.task import Method
+from bench.common import RESULTS, dataset_parser, evaluate_each
 
 
-def run(lm, args: argparse.Namespace) -> dict:
-    out = {}
-    for name in args.datasets:
-        template, labels = PRESETS[name]
-        cfg = EvalConfig(data=args.data_root / name, template=template, labels=labels, methods=["auto"],
-                         seeds=args.seeds, limit=args.limit, train_per_class=16, pool_per_class=16,
-                         reweight=pool_config(Method.HIDDEN_ANCHOR))
-        out[name] = evaluate(lm, cfg, progress=False)
-        (RESULTS / args.out).write_text(json.dumps(out, indent=1))
-        sys.stdout.write(markdown({name: out[name]}) + "\n")
+def run(lm, args: argparse.Namespace) -> None:
+    for name, result in evaluate_each(lm, args, args.out, methods=["auto"], train_per_class=16, pool_per_class=16,
+                                      reweight=pool_config(Method.HIDDEN_ANCHOR)):
+        sys.stdout.write(markdown({name: result}) + "\n")
         sys.stdout.flush()
-    return out
 
 
 def _cell(values: list[float]) -> str:

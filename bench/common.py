@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from anchor_cache.cli import default_data_root
+from anchor_cache.task import PRESETS
 
 DATASETS = ["sst2", "trec", "agnews", "emoc"]
 RESULTS = Path(__file__).parent / "results"
@@ -22,6 +26,22 @@ def dataset_parser(doc: str) -> argparse.ArgumentParser:
     parser.add_argument("--model", default="default")
     parser.add_argument("--dtype", default="auto")
     return parser
+
+
+def evaluate_each(lm, args: argparse.Namespace, out: str, **config: Any) -> Iterator[tuple[str, dict]]:
+    """The eval (`config`: EvalConfig's fields) on each of `args.datasets` with its preset, over
+    `args.seeds` and `args.limit` test rows; every dataset's result is saved to RESULTS/`out` as it
+    comes, and yielded."""
+    from anchor_cache.evaluate import EvalConfig, evaluate  # torch: only the benchmarks that evaluate load it
+
+    results: dict[str, dict] = {}
+    for name in args.datasets:
+        template, labels = PRESETS[name]
+        cfg = EvalConfig(data=args.data_root / name, template=template, labels=labels, seeds=args.seeds,
+                         limit=args.limit, **config)
+        results[name] = evaluate(lm, cfg, progress=False)
+        (RESULTS / out).write_text(json.dumps(results, indent=1))
+        yield name, results[name]
 
 
 def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float) -> float:

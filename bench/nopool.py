@@ -7,13 +7,10 @@ One demonstration per class, the eval's own code (vanilla runs beside them as ev
 
 from __future__ import annotations
 
-import json
 import sys
 
-from anchor_cache.evaluate import EvalConfig, evaluate
 from anchor_cache.models import load_model
-from anchor_cache.task import PRESETS
-from bench.common import RESULTS, dataset_parser
+from bench.common import dataset_parser, evaluate_each
 
 METHODS = ["hidden_anchor", "hidden_anchor_calibrated"]
 
@@ -24,14 +21,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=200)
     args = parser.parse_args()
     lm = load_model(args.model, "auto", args.dtype)
-    out = {}
-    for name in args.datasets:
-        template, labels = PRESETS[name]
-        cfg = EvalConfig(data=args.data_root / name, template=template, labels=labels, methods=METHODS,
-                         seeds=args.seeds, limit=args.limit)
-        out[name] = evaluate(lm, cfg, progress=False)
-        (RESULTS / "nopool.json").write_text(json.dumps(out, indent=1))
-        per_seed = {k: [round(s["accuracy"], 1) for s in v["per_seed"]] for k, v in out[name]["methods"].items()}
+    for name, result in evaluate_each(lm, args, "nopool.json", methods=METHODS):
+        per_seed = {k: [round(s["accuracy"], 1) for s in v["per_seed"]] for k, v in result["methods"].items()}
         sys.stdout.write(f"{name} {per_seed}\n")
 
 

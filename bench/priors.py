@@ -11,16 +11,14 @@ EmoC's test rows are 85% "Others"; the other sets are close to their pools' bala
 
 from __future__ import annotations
 
-import json
 import sys
 
 import numpy as np
 
-from anchor_cache.evaluate import EvalConfig, evaluate
 from anchor_cache.models import load_model
 from anchor_cache.reweighting import pool_config
-from anchor_cache.task import PRESETS, Method
-from bench.common import RESULTS, dataset_parser
+from anchor_cache.task import Method
+from bench.common import dataset_parser, evaluate_each
 
 PRIORS = ["pool", "uniform", "adapt"]
 METHODS = ["linear_head_reweighted", "hidden_anchor_reweighted"]
@@ -34,16 +32,11 @@ def main() -> None:
     parser.add_argument("--out", default="priors.json")
     args = parser.parse_args()
     lm = load_model(args.model, "auto", args.dtype)
-    out = {}
-    for name in args.datasets:
-        template, labels = PRESETS[name]
-        cfg = EvalConfig(data=args.data_root / name, template=template, labels=labels, methods=METHODS,
-                         seeds=args.seeds, limit=args.limit, train_per_class=16, pool_per_class=16,
-                         reweight=pool_config(Method.HIDDEN_ANCHOR), priors=PRIORS, prior_min_samples=args.min_samples)
-        out[name] = evaluate(lm, cfg, progress=False)
-        (RESULTS / args.out).write_text(json.dumps(out, indent=1))
+    for name, result in evaluate_each(lm, args, args.out, methods=METHODS, train_per_class=16, pool_per_class=16,
+                                      reweight=pool_config(Method.HIDDEN_ANCHOR), priors=PRIORS,
+                                      prior_min_samples=args.min_samples):
         for method in METHODS:
-            seeds = out[name]["methods"][method]["per_seed"]
+            seeds = result["methods"][method]["per_seed"]
             cells = {p: f"{np.mean([s['accuracy_by_prior'][p] for s in seeds]):.1f} ± "
                         f"{np.std([s['accuracy_by_prior'][p] for s in seeds], ddof=1):.1f}" for p in PRIORS}
             gain = [s["accuracy_by_prior"]["adapt"] - s["accuracy_by_prior"]["pool"] for s in seeds]
