@@ -183,9 +183,10 @@ class TaskRegistry:
         clf = Classifier(self.lm, spec)
         return cache_key(cache_identity(self.lm, clf.prompt, spec.method, clf.seed))
 
-    def choice_key(self, spec: TaskSpec) -> str:
-        """What a `method: auto` choice depends on besides the pool (its manifest holds the pool's hash)."""
-        clf = Classifier(self.lm, provisional(spec))
+    def choice_key(self, spec: TaskSpec, clf: Classifier | None = None) -> str:
+        """What a `method: auto` choice depends on besides the pool (its manifest holds the pool's
+        hash); `clf`: the spec's provisional classifier, when one is at hand."""
+        clf = clf or Classifier(self.lm, provisional(spec))
         return cache_key(cache_identity(self.lm, clf.prompt, Method.HIDDEN_ANCHOR, clf.seed) | {"choice": AUTO})
 
     def check(self, spec: TaskSpec) -> Classifier:
@@ -215,13 +216,14 @@ class TaskRegistry:
         `provisional` (the server then chooses in a background job: `choose_method`)."""
         if spec.method != AUTO:
             return self._prepare(spec, revision)
-        key = self.choice_key(spec)
+        clf = Classifier(self.lm, provisional(spec))
+        key = self.choice_key(spec, clf)
         try:
             info = find_choice(self.store, key)
         except CacheMismatchError as exc:
             self._quarantine(choice_blob(key), exc, f"task {spec.name}: choosing its method again")
             info = None
-        if info is not None and info.get("pool") != pool_hash(Classifier(self.lm, provisional(spec))):
+        if info is not None and info.get("pool") != pool_hash(clf):
             info = None  # chosen on another pool
         served = self._prepare(resolved(spec, info) if info is not None else provisional(spec), revision)
         return dataclasses.replace(served, stored=spec, auto=info or {"status": "choosing"}, choice_key=key)

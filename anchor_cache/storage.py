@@ -258,10 +258,19 @@ def find_beta(store: StateStore, key: str, lm: LoadedModel) -> tuple[torch.Tenso
     data = store.get_blob(name)
     if data is None:
         return None
-    tensors, manifest = parse_tensors(data, name, lm.device)
-    if manifest.get("key") != key or "beta" not in tensors or not isinstance(manifest.get("info"), dict):
-        raise CacheMismatchError(f"{shown(name)} does not hold the β of this task")
-    return tensors["beta"], manifest["info"]
+    tensors, info = _keyed(data, name, shown(name), key, lm.device, "beta", "the β of this task")
+    return tensors["beta"], info
+
+
+def _keyed(data: bytes, name: str, shown_as: str, key: str, device: torch.device | str, tensor: str | None,
+           what: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and `info` of a blob written with {"key", "info"}, checked to be `key`'s (and to
+    hold `tensor`); anything else is a CacheMismatchError naming `what` it should hold."""
+    tensors, manifest = parse_tensors(data, name, device)
+    if manifest.get("key") != key or (tensor is not None and tensor not in tensors) \
+            or not isinstance(manifest.get("info"), dict):
+        raise CacheMismatchError(f"{shown_as} does not hold {what}")
+    return tensors, manifest["info"]
 
 
 def save_choice(store: StateStore, key: str, info: dict[str, Any]) -> None:
@@ -274,10 +283,7 @@ def find_choice(store: StateStore, key: str) -> dict[str, Any] | None:
     data = store.get_blob(name)
     if data is None:
         return None
-    _, manifest = parse_tensors(data, name, "cpu")
-    if manifest.get("key") != key or not isinstance(manifest.get("info"), dict):
-        raise CacheMismatchError(f"{shown(name)} does not hold this task's choice")
-    return manifest["info"]
+    return _keyed(data, name, shown(name), key, "cpu", None, "this task's choice")[1]
 
 
 def shipped_beta_key(identity: dict[str, Any], lm: LoadedModel) -> str:
@@ -291,10 +297,8 @@ def find_shipped_beta(folder: Path, key: str, lm: LoadedModel) -> tuple[torch.Te
     file = folder / beta_blob(key)
     if not file.is_file():
         return None
-    tensors, manifest = parse_tensors(file.read_bytes(), file.name, lm.device)
-    if manifest.get("key") != key or "beta" not in tensors or not isinstance(manifest.get("info"), dict):
-        raise CacheMismatchError(f"{file.name} does not hold the β it is named for")
-    return tensors["beta"], manifest["info"] | {"shipped": True}
+    tensors, info = _keyed(file.read_bytes(), file.name, file.name, key, lm.device, "beta", "the β it is named for")
+    return tensors["beta"], info | {"shipped": True}
 
 
 def write_shipped_beta(folder: Path, key: str, beta: torch.Tensor, info: dict[str, Any]) -> Path:
