@@ -58,6 +58,9 @@ class JobRunner:
         self._jobs: dict[str, Job] = {}
         self._tasks: dict[str, asyncio.Task] = {}
         self._cancel: dict[str, threading.Event] = {}
+        # One write at a time, in order: a tick's progress write that lands after a job's final record
+        # would leave it "running" in the store for every other replica.
+        self._publishing = asyncio.Lock()
 
     def submit(
         self, kind: str, target: str, work: Callable[[threading.Event], Awaitable[dict[str, Any]]],
@@ -98,24 +101,30 @@ class JobRunner:
             self._cancel.pop(job.id, None)
             await self._publish(job, with_plots=True)
 
-    async def _publish(self, job: Job, with_plots: bool = False) -> None:
-        """Copy the job's record (and plots) to the store; a store that is down only costs a log line."""
+    async def _publish(self, job: Job, with_plots: bool = False, progress: bool = False) -> None:
+        """Copy the job's record (and plots) to the store; a store that is down only costs a log line.
+        A `progress` write is skipped once the job has finished: its final record is already written."""
+        async with self._publishing:
+            if progress and job.finished is not None:
+                return
+            record = job.model_dump(mode="json")
+            plots = dict(job.plots) if with_plots else {}
 
-        def put() -> None:
-            self.store.put_job(job.id, job.model_dump(mode="json"), self.ttl_s)
-            for name, png in job.plots.items() if with_plots else ():
-                self.store.put_plot(job.id, name, png, self.ttl_s)
+            def put() -> None:
+                self.store.put_job(job.id, record, self.ttl_s)
+                for name, png in plots.items():
+                    self.store.put_plot(job.id, name, png, self.ttl_s)
 
-        try:
-            await asyncio.to_thread(put)
-        except UnavailableError as exc:
-            log.warning("job %s: its record stays on this replica only: %s", job.id, exc)
+            try:
+                await asyncio.to_thread(put)
+            except UnavailableError as exc:
+                log.warning("job %s: its record stays on this replica only: %s", job.id, exc)
 
     async def relay(self, store: StateStore) -> None:
         """Each replication tick: running jobs' progress to the store, cancel requests from it."""
         running = [job for job_id, job in self._jobs.items() if job_id in self._tasks]
         for job in running:
-            await self._publish(job)
+            await self._publish(job, progress=True)
         asked = await asyncio.to_thread(store.cancel_requested, [job.id for job in running])
         for job_id in asked:
             if job_id in self._cancel and not self._cancel[job_id].is_set():
