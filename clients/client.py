@@ -1,4 +1,4 @@
-"""Typed Python clients for anchorserve (sync and async), with retries on 429/503.
+"""Typed Python clients for anchorserve (sync and async).
 
     from clients import AnchorServeClient
     with AnchorServeClient("http://127.0.0.1:8000", api_key=None) as c:
@@ -9,21 +9,44 @@
 each `data[i]` has `index` (the input's position), `label`, `probs` (a list in label order) and
 `num_classes`, and the same numbers keyed by label word in `label_probs`, `label_logprobs` and, for a
 calibrated task, `raw_label_probs`. `predict` is TEI's /predict: `[LabelScore(label, score)]`, highest first.
+
+Idempotent requests (GET, HEAD, PUT, DELETE, and the classification POSTs, which change nothing on
+the server) are retried on a dropped or refused connection, 429 and 503: after the server's
+`Retry-After` when it sends one, else after an exponential backoff with full jitter, at most
+`retries` times and never starting later than `max_retry_s` after the first try. Other POSTs (a task
+creation, a β training, an analysis) go once: their first try may have been stored before the error,
+and a second would answer 409 or start a second job.
 """
 
 from __future__ import annotations
 
-import asyncio
-import random
 import time
 from collections.abc import Callable
 from typing import Any
 
 import httpx
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    retry_if_result,
+    stop_after_attempt,
+    stop_before_delay,
+    wait_random_exponential,
+)
+from tenacity.wait import wait_base
 
 from clients.protocol import ClassifyResponse, LabelScore, ModelList, TaskInfo, TaskList
 
 RETRY_STATUSES = frozenset({429, 503})
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+# The POST routes that only compute an answer: classification in vLLM's, TEI's and Hugging Face's shapes.
+PURE_POSTS = frozenset({"/v1/classify", "/classify", "/predict", "/", "/invocations"})
+# The request never reached the server, or its connection dropped before an answer. Timeouts are
+# left out: the request may still be running, and a retry would multiply the caller's timeout.
+RETRY_ERRORS = (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ConnectTimeout)
+MAX_BACKOFF_S = 10.0
 
 
 class AnchorServeError(Exception):
@@ -48,19 +71,59 @@ def _raise_for(response: httpx.Response) -> Any:
         raise AnchorServeError(response.status_code, response.text, "unknown") from None
 
 
-def _backoff(attempt: int, base: float) -> float:
-    """Exponential with jitter, capped at 10 s."""
-    return min(10.0, base * 2**attempt) * (0.5 + random.random() / 2)
+def idempotent(method: str, path: str) -> bool:
+    """Whether sending the request twice leaves the server as sending it once: only those are retried."""
+    return method in IDEMPOTENT_METHODS or (method == "POST" and path in PURE_POSTS)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """The server's Retry-After in seconds (the server sends no HTTP-date form)."""
+    try:
+        return max(0.0, float(response.headers["retry-after"]))
+    except (KeyError, ValueError):
+        return None
+
+
+class _WaitRetryAfter(wait_base):
+    """The server's Retry-After when the answer has one, else exponential backoff with full jitter."""
+
+    def __init__(self, backoff_s: float) -> None:
+        self.backoff = wait_random_exponential(multiplier=backoff_s, max=MAX_BACKOFF_S)
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        outcome = retry_state.outcome
+        if outcome is not None and not outcome.failed:
+            after = _retry_after(outcome.result())
+            if after is not None:
+                return after
+        return self.backoff(retry_state)
+
+
+def _last_outcome(retry_state: RetryCallState) -> httpx.Response:
+    """Out of tries: the last answer (an error answer is raised by _raise_for) or the last exception."""
+    assert retry_state.outcome is not None
+    return retry_state.outcome.result()
 
 
 class _Base:
     def __init__(
         self, base_url: str, api_key: str | None = None, admin_key: str | None = None, timeout: float = 60.0,
-        retries: int = 5, backoff_s: float = 0.2,
+        retries: int = 5, backoff_s: float = 0.2, max_retry_s: float = 30.0,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.api_key, self.admin_key = api_key, admin_key
-        self.timeout, self.retries, self.backoff_s = timeout, retries, backoff_s
+        self.timeout, self.retries, self.backoff_s, self.max_retry_s = timeout, retries, backoff_s, max_retry_s
+
+    def _retry_policy(self, method: str, path: str) -> dict[str, Any]:
+        """tenacity's arguments for one request: `retries` more tries for an idempotent one, none otherwise."""
+        tries = self.retries + 1 if idempotent(method, path) else 1
+        return {
+            "stop": stop_after_attempt(tries) | stop_before_delay(self.max_retry_s),
+            "wait": _WaitRetryAfter(self.backoff_s),
+            "retry": retry_if_exception_type(RETRY_ERRORS)
+            | retry_if_result(lambda response: response.status_code in RETRY_STATUSES),
+            "retry_error_callback": _last_outcome,
+        }
 
     def _headers(self, admin: bool) -> dict[str, str]:
         key = self.admin_key if admin else self.api_key
@@ -102,12 +165,8 @@ class AnchorServeClient(_Base):
         self._http.close()
 
     def _request(self, method: str, path: str, admin: bool = False, **kwargs: Any) -> Any:
-        for attempt in range(self.retries + 1):
-            response = self._http.request(method, path, headers=self._headers(admin), **kwargs)
-            if response.status_code not in RETRY_STATUSES or attempt == self.retries:
-                return _raise_for(response)
-            time.sleep(_backoff(attempt, self.backoff_s))
-        raise AssertionError("unreachable")
+        retrying = Retrying(**self._retry_policy(method, path))
+        return _raise_for(retrying(self._http.request, method, path, headers=self._headers(admin), **kwargs))
 
     def ready(self) -> bool:
         return self._http.get("/ready").status_code == 200
@@ -213,12 +272,8 @@ class AsyncAnchorServeClient(_Base):
         await self._http.aclose()
 
     async def _request(self, method: str, path: str, admin: bool = False, **kwargs: Any) -> Any:
-        for attempt in range(self.retries + 1):
-            response = await self._http.request(method, path, headers=self._headers(admin), **kwargs)
-            if response.status_code not in RETRY_STATUSES or attempt == self.retries:
-                return _raise_for(response)
-            await asyncio.sleep(_backoff(attempt, self.backoff_s))
-        raise AssertionError("unreachable")
+        retrying = AsyncRetrying(**self._retry_policy(method, path))
+        return _raise_for(await retrying(self._http.request, method, path, headers=self._headers(admin), **kwargs))
 
     async def classify(
         self, task: str | None, inputs: str | list[str], method: str | None = None, *, model: str | None = None,

@@ -172,7 +172,7 @@ def test_client_wheel_holds_only_the_client_and_needs_no_torch(client_wheel):
     assert meta["Name"] == "anchorserve-client" and meta["License-Expression"] == "MIT"
     assert {n.split("/")[0] for n in names} == {"clients", "anchorserve_client-0.1.0.dist-info"}
     needed = {canonicalize_name(Requirement(r).name) for r in meta["Requires-Dist"]}
-    assert needed == {"httpx", "pydantic", "tqdm"}, needed
+    assert needed == {"httpx", "pydantic", "tenacity", "tqdm"}, needed
     with zipfile.ZipFile(client_wheel) as z:
         entry_points = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "anchorserve-client = clients.cli:main" in entry_points

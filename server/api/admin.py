@@ -15,7 +15,7 @@ from anchor_cache.errors import ValidationError
 from anchor_cache.task import TaskSpec
 from server.auth import require_admin_key, require_json
 from server.deps import State, Tasks
-from server.errors import status_of
+from server.errors import error_headers, status_of
 from server.jobs import Job
 from server.protocol import JobAccepted, ReweightRequest, TaskCreated, error_responses
 
@@ -41,7 +41,8 @@ async def _build_response(state: State, job: Job) -> JSONResponse:
         return JSONResponse(status_code=201, content=job.result | {"job": job.id})
     if job.status in ("failed", "cancelled"):
         error = job.error or {"error": "the build was cancelled (the server is shutting down)", "type": "cancelled"}
-        return JSONResponse(status_code=status_of(error["type"]), content=error | {"job": job.id})
+        status = status_of(error["type"])
+        return JSONResponse(status_code=status, content=error | {"job": job.id}, headers=error_headers(status))
     return _accepted(job)
 
 
