@@ -19,7 +19,7 @@ _EXPORTS = {
     "Cancelled": "errors",
     "ConflictError": "errors",
     "UnavailableError": "errors",
-    "ModelNotFoundError": "errors",
+    "ModelFilesMissing": "errors",
     "NotFoundError": "errors",
     "ValidationError": "errors",
     "LoadedModel": "models",

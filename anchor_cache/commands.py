@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from anchor_cache.analysis import AnalysisData, JobControl, parse_params, run_analysis
 from anchor_cache.analysis.plots import new_figure, to_png
+from anchor_cache.arguments import data_dir, task_from_args
 from anchor_cache.classifier import Classifier
-from anchor_cache.cli import _task, data_dir
 from anchor_cache.data import load_demonstrations, read_jsonl, sample_rows, seed_demonstrations, training_draw
 from anchor_cache.errors import ValidationError
 from anchor_cache.evaluate import EvalConfig, evaluate, markdown_table
@@ -108,7 +108,7 @@ def loss_plot(result: TrainResult, title: str) -> bytes:
 
 def run_eval(args: argparse.Namespace) -> None:
     data = data_dir(args.data, args.preset, ("train.jsonl", "test.jsonl"))
-    task = _task(args, DemonstrationSource(path=data / "train.jsonl", shots_per_class=args.shots_per_class))
+    task = task_from_args(args, DemonstrationSource(path=data / "train.jsonl", shots_per_class=args.shots_per_class))
     for name in ("train.jsonl", "test.jsonl"):
         read_jsonl(data / name, task.labels)  # bad rows fail before the model loads
     check_model(args.model, args.device, args.dtype)
@@ -129,12 +129,12 @@ def run_eval(args: argparse.Namespace) -> None:
 def run_reweight(args: argparse.Namespace) -> None:
     needs = ("train.jsonl", "test.jsonl") if args.limit else ("train.jsonl",)
     data = data_dir(args.data, args.preset, needs)
-    labels = _task(args, DemonstrationSource(path=data / "train.jsonl")).labels  # checked before reading rows
+    labels = task_from_args(args, DemonstrationSource(path=data / "train.jsonl")).labels  # checked before reading rows
     train = read_jsonl(data / "train.jsonl", labels)
     test = sample_rows(read_jsonl(data / "test.jsonl", labels), args.limit, args.seed) if args.limit else []
     demos, used = seed_demonstrations(train, labels, args.shots_per_class, args.seed)
     rows = training_draw(train, used, len(labels), args.train_per_class, args.seed)
-    task = _task(args, demos, args.method)
+    task = task_from_args(args, demos, args.method)
     check_model(args.model, args.device, args.dtype)
 
     clf = Classifier(_load(args), task, seed=args.seed)
@@ -172,7 +172,7 @@ def run_analyze(args: argparse.Namespace) -> None:
         params.setdefault("shots_per_class", args.shots_per_class)
     parsed = parse_params(kind, params)  # bad flags fail before the model loads
     train_path = data_folder / "train.jsonl"
-    task = _task(args, DemonstrationSource(path=train_path, shots_per_class=args.shots_per_class))
+    task = task_from_args(args, DemonstrationSource(path=train_path, shots_per_class=args.shots_per_class))
     data = AnalysisData(
         task=task.model_copy(update={"name": data_folder.name}),
         test=read_jsonl(data_folder / "test.jsonl", task.labels),
@@ -210,7 +210,7 @@ def _demonstration_file(args: argparse.Namespace) -> Path:
 def run_classify(args: argparse.Namespace) -> None:
     source = DemonstrationSource(path=_demonstration_file(args), shots_per_class=args.shots_per_class,
                                  seed=args.seed)
-    task = _task(args, source, args.method)
+    task = task_from_args(args, source, args.method)
     demos = load_demonstrations(source, task.labels)
     beta = None
     if args.beta is not None:

@@ -18,10 +18,11 @@ class ValidationError(AnchorServeError, ValueError):
     kind = "validation"
 
 
-class ModelNotFoundError(AnchorServeError, FileNotFoundError):
-    """The model is not on this machine; anchorserve never downloads weights from a hub."""
+class ModelFilesMissing(AnchorServeError, FileNotFoundError):
+    """The configured model's files are not on this machine (anchorserve never downloads weights
+    from a hub): a failure of the server, not of a request naming an unknown model."""
 
-    kind = "model_not_found"
+    kind = "model_unavailable"
 
 
 class CacheMismatchError(AnchorServeError):

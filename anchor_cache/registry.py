@@ -1,15 +1,16 @@
-"""The tasks one model serves, each with its classifier and anchor cache, as the state store records them.
+"""The tasks one model serves, each with its classifier and anchor cache, one version per name.
 
-The store (anchor_cache/state) holds each task name's current spec with a revision, shared by every
-replica; this registry is one replica's served copy. Preparing a task (loading or building its
-cache) is slow and touches no shared state; swapping the prepared task in is a single dict
-assignment. So a replacement builds while the old version keeps serving, and a failed build leaves
-the old version in place. `revision(name)` says which store revision this replica last applied.
+The server keeps each task name's current spec with a revision, shared by every replica; this
+registry is one replica's served copy, and knows of the store only its blobs (`BlobStore`).
+Preparing a task (loading or building its cache) is slow and touches no shared state; swapping the
+prepared task in is a single dict assignment. So a replacement builds while the old version keeps
+serving, and a failed build leaves the old version in place. `revision(name)` says which revision
+this replica last applied.
 
 A damaged cache blob is quarantined and rebuilt (caches are derivable). A damaged β is quarantined
 and the task serves without it; its `reweighting` info then reads {"lost": "<reason; where it went>"}.
-At start every task loads on its own: one that cannot is recorded in `failures()` while the rest
-serve; so is a damaged store record, on every replica, until it is deleted or replaced.
+Every task loads on its own: one that cannot is recorded in `failures()` while the rest serve; so
+is a version the server could not read (a damaged record), until it is deleted or replaced.
 """
 
 from __future__ import annotations
@@ -26,19 +27,12 @@ import torch
 
 from anchor_cache.auto import choose
 from anchor_cache.classifier import CACHED_METHODS, Classifier, calibrate
-from anchor_cache.errors import (
-    CacheMismatchError,
-    ConflictError,
-    NotFoundError,
-    PreconditionFailedError,
-    UnavailableError,
-    ValidationError,
-)
+from anchor_cache.errors import CacheMismatchError, ConflictError, NotFoundError, UnavailableError, ValidationError
 from anchor_cache.models import LoadedModel
 from anchor_cache.priors import PriorShift, class_frequencies
 from anchor_cache.reweighting import learn_pool_beta, pool_config, pool_hash, pool_rows
-from anchor_cache.state import ABSENT, StateStore, TaskRecord
 from anchor_cache.storage import (
+    BlobStore,
     beta_blob,
     cache_blob,
     cache_identity,
@@ -58,7 +52,6 @@ from anchor_cache.task import AUTO, HEAD_METHODS, Method, TaskSpec, preview
 
 log = logging.getLogger(__name__)
 
-START_GC_GRACE_S = 3600.0  # files unused this long are collected at start (another replica may use them)
 
 
 @dataclass(frozen=True)
@@ -160,7 +153,7 @@ def _one_line(reason: object) -> str:
 
 
 class TaskRegistry:
-    def __init__(self, lm: LoadedModel, store: StateStore, max_tasks: int, max_demo_tokens: int,
+    def __init__(self, lm: LoadedModel, store: BlobStore, max_tasks: int, max_demo_tokens: int,
                  shipped_betas: Path | None = None, prior_window: int = 2000, prior_min_samples: int = 200) -> None:
         self.lm = lm
         self.prior_window, self.prior_min_samples = prior_window, prior_min_samples  # `prior: adapt`'s
@@ -399,83 +392,40 @@ class TaskRegistry:
         """Task name -> why it could not load; names in no absolute path."""
         return dict(self._failed)
 
-    # --- start-up and applying store records ------------------------------------------------------
+    # --- applying versions ------------------------------------------------------------------------
 
-    def start(self, configured: list[TaskSpec], gc_grace_s: float = START_GC_GRACE_S,
-              progress: Callable[[str], None] | None = None) -> None:
-        """Seed the configured tasks into the store (and delete seeded ones no longer configured),
-        load every live record independently, then collect garbage. A task that cannot load is
-        recorded in `failures()`; the others serve. β a task's pool asks for is not learned here:
-        the task serves without it meanwhile (the server learns it in a background job).
-        `progress` hears which task loads now, and how many there are."""
-        for spec in configured:
-            self.seed(spec)
-        self._unseed({spec.name for spec in configured})
-        records = sorted(self.store.records().values(), key=lambda r: r.name)
-        for i, record in enumerate(records, 1):
-            if progress is not None:
-                progress(f"loading task {record.name!r} ({i} of {len(records)})")
-            self.apply(record)
-        self.collect_garbage(gc_grace_s)
-        if self._failed:
-            log.error("serving %d tasks; %d failed: %s", len(self._tasks), len(self._failed), sorted(self._failed))
-
-    def seed(self, spec: TaskSpec) -> None:
-        """Store a configured task unless the store already has that name from an admin write (which
-        wins over configuration, deletions included) or the same configured spec. A configured spec
-        that changed since it was seeded replaces the seeded one."""
-        data = spec.model_dump(mode="json")
-        record = self.store.record(spec.name)
-        if record is not None and (record.source == "admin" or record.spec == data):
-            return
-        expect = ABSENT if record is None else record.revision
-        try:
-            written = self.store.write(spec.name, data, "config", expect)
-            log.info("task %s: configured spec stored as revision %d", spec.name, written.revision)
-        except (ConflictError, PreconditionFailedError):
-            log.info("task %s: another replica stored it first", spec.name)
-
-    def _unseed(self, configured: set[str]) -> None:
-        """Delete tasks seeded from a configuration that no longer lists them (replicas of one
-        deployment share one configuration; admin-written tasks are never touched)."""
-        for record in self.store.records().values():
-            if record.source == "config" and record.spec is not None and record.name not in configured:
-                try:
-                    self.store.write(record.name, None, "config", record.revision)
-                    log.info("task %s: no longer configured, deleted", record.name)
-                except PreconditionFailedError:
-                    pass
-
-    def apply(self, record: TaskRecord) -> ServedTask | None:
-        """Make this replica serve `record` (build, then swap in); returns the task it put, if any.
-        A record no newer than the revision applied here is skipped, so revisions only move forward.
-        Never raises for a task that cannot serve: that is recorded in `failures()`. Raises
-        UnavailableError when the store fails mid-build, leaving the revision to be applied again."""
-        name = record.name
-        if name in self._revisions and record.revision <= self._revisions[name]:
+    def apply(self, name: str, revision: int, spec: dict[str, Any] | None, error: str | None = None
+              ) -> ServedTask | None:
+        """Make this replica serve revision `revision` of `name` (build, then swap in); returns the
+        task it put, if any. `spec` None is a deletion; `error`, a version that could not be read,
+        which fails the name. A revision no newer than the one applied here is skipped, so
+        revisions only move forward. Never raises for a task that cannot serve: that is recorded in
+        `failures()`. Raises UnavailableError when the blob store fails mid-build, leaving the
+        revision to be applied again."""
+        if name in self._revisions and revision <= self._revisions[name]:
             return None  # applied already, or a newer revision was applied meanwhile
-        if record.error is not None:
-            self.remove(name, record.revision)
-            self.fail(name, record.revision, record.error)
-            log.error("task %s: %s", name, record.error)
+        if error is not None:
+            self.remove(name, revision)
+            self.fail(name, revision, error)
+            log.error("task %s: %s", name, error)
             return None
-        if record.spec is None:
-            if self.remove(name, record.revision) is not None:
-                log.info("task %s deleted (revision %d)", name, record.revision)
+        if spec is None:
+            if self.remove(name, revision) is not None:
+                log.info("task %s deleted (revision %d)", name, revision)
             return None
         try:
-            served = self.prepare(TaskSpec.model_validate(record.spec), record.revision)
+            served = self.prepare(TaskSpec.model_validate(spec), revision)
             self.put(served)
             return served
         except UnavailableError:
             # The store went away mid-build: nothing is wrong with this revision, so it is not
             # recorded as applied, and the next resync builds it again once the store is back.
             log.warning("task %s (revision %d): the state store is unreachable; building it again when it is "
-                        "back", name, record.revision)
+                        "back", name, revision)
             raise
         except Exception as exc:  # one task that cannot load must leave the others serving
-            self.fail(name, record.revision, _one_line(exc))
-            log.error("task %s (revision %d) failed to load: %s", name, record.revision, _one_line(exc))
+            self.fail(name, revision, _one_line(exc))
+            log.error("task %s (revision %d) failed to load: %s", name, revision, _one_line(exc))
             return None
 
     def _quarantine(self, blob: str, reason: object, consequence: str) -> str:
@@ -486,26 +436,25 @@ class TaskRegistry:
 
     # --- garbage collection -----------------------------------------------------------------------
 
-    def collect_garbage(self, grace_s: float) -> int:
-        """Delete cache and β blobs whose key no live spec has (served, or recorded in the store)
-        and that nobody wrote or loaded for `grace_s` seconds; returns the bytes freed. While some
-        live spec's key is unknown (a damaged record, a failed task whose β an operator may still
-        recover), β blobs are kept: unlike caches they cannot be rebuilt."""
+    def collect_garbage(self, grace_s: float, stored: dict[str, tuple[int, dict[str, Any]]],
+                        unreadable: list[str]) -> int:
+        """Delete cache and β blobs whose key no live spec has (served, or `stored`: name ->
+        (revision, spec) of every live version the server keeps) and that nobody wrote or loaded for
+        `grace_s` seconds; returns the bytes freed. While some live spec's key is unknown (one of
+        `unreadable`, a failed task whose β an operator may still recover), β blobs are kept: unlike
+        caches they cannot be rebuilt."""
         serving = dict(self._tasks)  # a snapshot: a build may `put` meanwhile
         live = {served.key for served in serving.values()} | {s.choice_key for s in serving.values() if s.choice_key}
         unknown = [f"{name} (failed to load)" for name in self.failures()]
-        for record in self.store.records().values():
-            if record.error is not None:
-                unknown.append(f"{record.name} (damaged record)")
-            if record.spec is None:
-                continue
-            served = serving.get(record.name)
-            if served is not None and served.revision == record.revision:
+        unknown += [f"{name} (unreadable)" for name in unreadable]
+        for name, (revision, spec) in stored.items():
+            served = serving.get(name)
+            if served is not None and served.revision == revision:
                 continue
             try:
-                live.add(self.key_of(TaskSpec.model_validate(record.spec)))
+                live.add(self.key_of(TaskSpec.model_validate(spec)))
             except Exception as exc:  # a spec that cannot be prepared has no key
-                unknown.append(f"{record.name} ({_one_line(exc)})")
+                unknown.append(f"{name} ({_one_line(exc)})")
         if unknown:
             log.warning("garbage collection keeps all β blobs: no key for %s", ", ".join(unknown))
         freed = collect_garbage(self.store, live, grace_s, keep_beta=bool(unknown))

@@ -10,9 +10,8 @@ CacheMismatchError instead of being served. Loading also recomputes the key from
 checks it against the current model, so a cache is never served by a model, tokenizer or task it
 was not built from. Blobs are content-addressed, so replicas may write the same one at once.
 
-The durable-file helpers (`write_atomic` and friends) serve the local store: every write goes to a
-temporary name, is fsynced, renamed over the target and the directory fsynced, so a crash leaves
-the previous or the new version, never a mix.
+The engine reaches a store only through `BlobStore`; the server's state store
+(`server/store/`) implements it beside the task records, jobs and plots that the engine never sees.
 """
 
 from __future__ import annotations
@@ -20,12 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
-from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError
@@ -35,12 +30,31 @@ from anchor_cache.cache import AnchorCache
 from anchor_cache.errors import CacheMismatchError
 from anchor_cache.models import LoadedModel
 from anchor_cache.prompt import TaskPrompt
-from anchor_cache.state.base import StateStore
 from anchor_cache.task import Method, TaskSpec
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # of the cached content (part of the key), not of the file layout
+
+
+class BlobStore(Protocol):
+    """Content-addressed blobs shared by every replica. Methods may block on I/O, and raise
+    `UnavailableError` when the store cannot be reached."""
+
+    def get_blob(self, name: str) -> bytes | None:
+        """The blob's bytes (marking it used now, for garbage collection), or None."""
+
+    def put_blob(self, name: str, data: bytes) -> None:
+        """Store atomically: a reader sees the old bytes or the new, never a mix."""
+
+    def quarantine_blob(self, name: str) -> str:
+        """Move a damaged blob aside (kept, never served); returns where it went, for messages."""
+
+    def blob_ages(self) -> dict[str, float]:
+        """Every blob name -> seconds since it was last written or read."""
+
+    def delete_blob(self, name: str) -> int:
+        """Remove a blob; returns the bytes freed (0 if it was gone)."""
 
 
 def cache_identity(lm: LoadedModel, prompt: TaskPrompt, method: Method, seed: int) -> dict[str, Any]:
@@ -90,59 +104,6 @@ def shown(name: str) -> str:
     return f"caches/{name}"
 
 
-# --- durable writes ------------------------------------------------------------------------------
-
-
-def fsync_directory(directory: Path) -> None:
-    """Make a rename or unlink in `directory` survive a power cut."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """Call `write(tmp_path)`, fsync, rename over `path`, then fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_directory(path.parent)
-
-
-def remove_durably(path: Path) -> None:
-    """Unlink `path` (if present; another process may remove it first) and fsync its directory."""
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        return
-    fsync_directory(path.parent)
-
-
-def quarantine(path: Path, state_dir: Path) -> str:
-    """Move a damaged file to `<state_dir>/quarantine/<name>.<UTC timestamp>` for an operator to
-    inspect (never deleted, never overwritten); returns where it went, relative to the state dir."""
-    folder = state_dir / "quarantine"
-    folder.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-    target = folder / f"{path.name}.{stamp}"
-    n = 1
-    while target.exists():
-        target, n = folder / f"{path.name}.{stamp}.{n}", n + 1
-    os.replace(path, target)
-    fsync_directory(path.parent)
-    fsync_directory(folder)
-    return f"quarantine/{target.name}"
-
-
 # --- checked tensor blobs ------------------------------------------------------------------------
 
 
@@ -182,7 +143,7 @@ def parse_tensors(data: bytes, name: str, device: torch.device | str
 # --- anchor caches -------------------------------------------------------------------------------
 
 
-def save_cache(store: StateStore, cache: AnchorCache, identity: dict[str, Any], model_name: str) -> str:
+def save_cache(store: BlobStore, cache: AnchorCache, identity: dict[str, Any], model_name: str) -> str:
     """Store the blob `<key>.safetensors` (tensors and manifest in one); returns the key."""
     key = cache_key(identity)
     tensors = {f"layers.{i}.keys": k for i, k in enumerate(cache.keys)}
@@ -204,7 +165,7 @@ def save_cache(store: StateStore, cache: AnchorCache, identity: dict[str, Any], 
     return key
 
 
-def find_cache(store: StateStore, identity: dict[str, Any], lm: LoadedModel) -> AnchorCache | None:
+def find_cache(store: BlobStore, identity: dict[str, Any], lm: LoadedModel) -> AnchorCache | None:
     """The stored cache for `identity`, or None when none was stored."""
     name = cache_blob(cache_key(identity))
     data = store.get_blob(name)
@@ -246,12 +207,12 @@ def load_cache(data: bytes, name: str, lm: LoadedModel, expected: dict[str, Any]
 # --- learned β -----------------------------------------------------------------------------------
 
 
-def save_beta(store: StateStore, key: str, beta: torch.Tensor, info: dict[str, Any]) -> None:
+def save_beta(store: BlobStore, key: str, beta: torch.Tensor, info: dict[str, Any]) -> None:
     """β for the task variant `key` (its cache key) and how it was trained, in one blob."""
     store.put_blob(beta_blob(key), dump_tensors({"beta": beta}, {"key": key, "info": info}))
 
 
-def find_beta(store: StateStore, key: str, lm: LoadedModel) -> tuple[torch.Tensor, dict[str, Any]] | None:
+def find_beta(store: BlobStore, key: str, lm: LoadedModel) -> tuple[torch.Tensor, dict[str, Any]] | None:
     """The β stored for `key` and its training info, if any. The key already covers the model,
     tokenizer and task."""
     name = beta_blob(key)
@@ -273,12 +234,12 @@ def _keyed(data: bytes, name: str, shown_as: str, key: str, device: torch.device
     return tensors, manifest["info"]
 
 
-def save_choice(store: StateStore, key: str, info: dict[str, Any]) -> None:
+def save_choice(store: BlobStore, key: str, info: dict[str, Any]) -> None:
     """What `method: auto` chose for the task whose choice key is `key` (registry.choice_key), and why."""
     store.put_blob(choice_blob(key), dump_tensors({}, {"key": key, "info": info}))
 
 
-def find_choice(store: StateStore, key: str) -> dict[str, Any] | None:
+def find_choice(store: BlobStore, key: str) -> dict[str, Any] | None:
     name = choice_blob(key)
     data = store.get_blob(name)
     if data is None:
@@ -301,18 +262,16 @@ def find_shipped_beta(folder: Path, key: str, lm: LoadedModel) -> tuple[torch.Te
     return tensors["beta"], info | {"shipped": True}
 
 
-def write_shipped_beta(folder: Path, key: str, beta: torch.Tensor, info: dict[str, Any]) -> Path:
-    """Write the β file find_shipped_beta reads (a maintainer's step: the file is checked in)."""
-    file = folder / beta_blob(key)
-    data = dump_tensors({"beta": beta}, {"key": key, "info": info})
-    write_atomic(file, lambda tmp: tmp.write_bytes(data))
-    return file
+def shipped_beta_file(key: str, beta: torch.Tensor, info: dict[str, Any]) -> tuple[str, bytes]:
+    """The file name and bytes of a β that find_shipped_beta reads (a maintainer writes it once and
+    checks it in)."""
+    return beta_blob(key), dump_tensors({"beta": beta}, {"key": key, "info": info})
 
 
 # --- garbage collection --------------------------------------------------------------------------
 
 
-def collect_garbage(store: StateStore, live_keys: set[str], grace_s: float, keep_beta: bool = False) -> int:
+def collect_garbage(store: BlobStore, live_keys: set[str], grace_s: float, keep_beta: bool = False) -> int:
     """Delete blobs whose key is not in `live_keys` and that nobody wrote or read for `grace_s`
     seconds (another replica may have just used them); with `keep_beta`, β and choice blobs (which
     cost minutes to make again) stay whatever their key. Returns the bytes freed."""

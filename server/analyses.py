@@ -20,8 +20,7 @@ from anchor_cache.errors import NotFoundError, ValidationError
 from anchor_cache.task import TaskSpec, label_index
 from server.datafiles import data_path
 from server.engine import Engine
-from server.errors import Overloaded
-from server.jobs import Job, JobRunner, in_background_thread
+from server.jobs import Job, JobRunner, TooManyJobs, in_background_thread
 from server.protocol import AnalysisRequest
 from server.settings import Settings
 
@@ -79,7 +78,7 @@ class AnalysisService:
         self._check_size(params, data)
         limit = self.settings.max_analysis_jobs
         if self.jobs.active(JOB_KIND) >= limit:
-            raise Overloaded(f"{limit} analysis job(s) already running (max_analysis_jobs); wait for one or cancel it")
+            raise TooManyJobs(f"{limit} analysis job(s) already running (max_analysis_jobs); wait for one or cancel it")
         job = Job(kind=JOB_KIND, target=body.task, params={"kind": body.kind, "params": params.model_dump()})
         self.jobs.submit(JOB_KIND, body.task, lambda cancel: self._run(job, body.kind, data, params, cancel), job)
         return job

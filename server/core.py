@@ -27,7 +27,6 @@ from anchor_cache.task import Method
 from server import wire
 from server.engine import Engine
 from server.engine_client import Scores
-from server.errors import kind_of
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -89,7 +88,7 @@ class CoreEndpoint:
         try:
             self._handle(sender, message)
         except AnchorServeError as exc:
-            self._send(sender, wire.Failed(id=message.id, kind=kind_of(exc), message=str(exc)))
+            self._send(sender, wire.Failed(id=message.id, kind=exc.kind, message=str(exc)))
         except Exception as exc:  # the loop must outlive any one message
             log.exception("engine core failed on a %s message", type(message).__name__)
             self._send(sender, wire.Failed(id=message.id, kind="internal", message=f"engine core error: {exc}"))
@@ -148,7 +147,7 @@ class CoreEndpoint:
                 self._send(sender, wire.Scored(id=message.id, logits=scores.logits, logprobs=scores.logprobs,
                                                raw_logprobs=scores.raw_logprobs))
             else:
-                kind = kind_of(exc) if isinstance(exc, AnchorServeError) else "internal"
+                kind = exc.kind if isinstance(exc, AnchorServeError) else "internal"
                 self._send(sender, wire.Failed(id=message.id, kind=kind, message=str(exc)))
 
         future.add_done_callback(reply)

@@ -21,7 +21,7 @@ import functools
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import torch
@@ -33,13 +33,13 @@ from anchor_cache.graphs import PackedGraphs
 from anchor_cache.models import LoadedModel, load_model
 from anchor_cache.packed import packed_label_logits
 from anchor_cache.registry import ServedTask, TaskRegistry
-from anchor_cache.state import StateStore, TaskRecord
 from anchor_cache.task import Method, TaskSpec
 from server.engine_client import Scores, TaskView, derived, text_bytes_bound
 from server.metrics import Metrics
 from server.scheduler import BatchLimits, Collect, Scheduler, Work
 from server.settings import Settings
 from server.shipped import SHIPPED_BETAS
+from server.store import StateStore, TaskRecord
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,8 @@ class Engine:
         self.metrics = metrics
         self.store = store
         self.lm: LoadedModel | None = None
-        self.registry: TaskRegistry | None = None
+        self.registry: TaskRegistry | None = None  # once every task loaded
+        self._registry: TaskRegistry | None = None  # once the model loaded
         self.scheduler: Scheduler | None = None
         self.graphs: PackedGraphs | None = None  # CUDA graphs of the packed forward, by shape
         self.startup_error: str | None = None
@@ -109,11 +110,14 @@ class Engine:
     def ready(self) -> bool:
         return self.ready_after_s is not None
 
-    def _report(self, doing: str) -> None:
+    def report(self, doing: str) -> None:
         self.progress = doing
         log.info("start-up: %s", doing)
 
-    async def start(self, on_fatal: Callable[[], None] | None = None) -> None:
+    async def start(self, load_tasks: Callable[[], Awaitable[None]], on_fatal: Callable[[], None] | None = None
+                    ) -> None:
+        """Load the model, then `load_tasks()` (the server's records, each through `apply`), then
+        serve. A failure of either is fatal."""
         s = self.settings
         limits = BatchLimits(s.max_batch_size, s.max_batch_tokens, s.max_wait_ms / 1000, s.max_queued_requests)
         self.scheduler = Scheduler(self._run_batch, limits, self.metrics)
@@ -124,19 +128,17 @@ class Engine:
             if s.cuda_graphs and self.lm.device.type == "cuda":
                 self.graphs = PackedGraphs(self.lm)
             self._max_token_bytes = 4 * max(len(token) for token in self.lm.tokenizer.get_vocab())
-            registry = TaskRegistry(self.lm, self.store, s.max_tasks, s.max_demo_tokens, SHIPPED_BETAS,
-                                    s.prior_window, s.prior_min_samples)
-            await self.scheduler.run_exclusive(lambda: registry.start(s.tasks, s.gc_grace_s, self._report))
-        except Exception as exc:  # tasks fail one by one inside start; this is the model or the state dir
+            self._registry = TaskRegistry(self.lm, self.store, s.max_tasks, s.max_demo_tokens, SHIPPED_BETAS,
+                                          s.prior_window, s.prior_min_samples)
+            await load_tasks()
+        except Exception as exc:  # tasks fail one by one as they load; this is the model or the state store
             log.error("start-up failed: %s", exc)
             what = "the model could not be loaded" if self.lm is None else "the state store could not be read"
             self.startup_error = f"start-up failed: {what} (the server log says why)"
             if on_fatal is not None:
                 on_fatal()
             return
-        for served in registry.all():
-            self.track(served)
-        self.registry = registry
+        registry = self.registry = self._registry
         self.ready_after_s = time.monotonic() - self.started
         log.info("ready after %.1fs: tasks %s%s", self.ready_after_s, [t.spec.name for t in registry.all()],
                  f"; failed {sorted(registry.failures())}" if registry.failures() else "")
@@ -291,11 +293,18 @@ class Engine:
         registry = self.require_ready()
         await asyncio.to_thread(registry.check, spec)
 
+    def _loaded(self) -> TaskRegistry:
+        """The registry once the model loaded (tasks apply from then on, before the server is ready)."""
+        if self._registry is None:
+            raise UnavailableError(self.startup_error or "the model is still loading; retry shortly")
+        return self._registry
+
     async def apply(self, record: TaskRecord) -> ServedTask | None:
         """Serve a store record (build on the model thread, between batches, then swap in); None when
         it deleted the task, failed (see failures()) or was already superseded here."""
-        registry = self.require_ready()
-        served = await self.scheduler.run_exclusive(lambda: registry.apply(record))
+        registry = self._loaded()
+        served = await self.scheduler.run_exclusive(
+            lambda: registry.apply(record.name, record.revision, record.spec, record.error))
         if served is not None:
             self.track(served)
         elif record.spec is None:
@@ -303,7 +312,10 @@ class Engine:
             self._views.pop(record.name, None)
         return served
 
-    async def collect_garbage(self) -> None:
-        """Delete caches no spec refers to, on the model thread (it tokenises specs to key them)."""
-        registry = self.require_ready()
-        await self.scheduler.run_exclusive(lambda: registry.collect_garbage(self.settings.gc_grace_s))
+    async def collect_garbage(self, records: dict[str, TaskRecord], grace_s: float) -> None:
+        """Delete caches no spec refers to, served or among `records`, on the model thread (it
+        tokenises specs to key them)."""
+        registry = self._loaded()
+        stored = {r.name: (r.revision, r.spec) for r in records.values() if r.spec is not None}
+        unreadable = [r.name for r in records.values() if r.error is not None]
+        await self.scheduler.run_exclusive(lambda: registry.collect_garbage(grace_s, stored, unreadable))

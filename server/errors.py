@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from anchor_cache.errors import AnchorServeError, ModelNotFoundError
+from anchor_cache.errors import AnchorServeError
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +58,6 @@ class ModelNotServed(AnchorServeError):
     kind = "model_not_found"
 
 
-class Overloaded(AnchorServeError):
-    kind = "overloaded"
-
-
-class DeadlineExceeded(AnchorServeError):
-    kind = "timeout"
-
-
 class ClientDisconnected(AnchorServeError):
     kind = "client_closed"
 
@@ -88,13 +80,6 @@ class UnsupportedMediaType(AnchorServeError):
 
 def status_of(kind: str) -> int:
     return STATUS.get(kind, 500)
-
-
-def kind_of(exc: AnchorServeError) -> str:
-    """The kind an error is answered with. The engine's ModelNotFoundError (the configured model
-    folder or the default model's wheel is missing) is a failure of the server, not of a request:
-    it must not share the 404 of a request naming a model this server does not serve."""
-    return "model_unavailable" if isinstance(exc, ModelNotFoundError) else exc.kind
 
 
 def printable(message: str) -> str:
@@ -202,7 +187,7 @@ def allowed_methods(app: FastAPI, scope: dict[str, Any]) -> list[str]:
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(AnchorServeError)
     async def _engine(request: Request, exc: AnchorServeError) -> JSONResponse:
-        kind = kind_of(exc)
+        kind = exc.kind
         response = error_response(kind, str(exc), dialect=request_dialect(request))
         level = logging.ERROR if response.status_code >= 500 else logging.INFO
         log.log(level, "%s %s -> %d %s: %s", request.method, request.url.path, response.status_code, kind,

@@ -29,7 +29,7 @@ from anchor_cache.errors import AnchorServeError
 from server.app import REQUEST_ID_HEADER, acceptable_request_id
 from server.auth import is_json, key_matches
 from server.classify import Classification, ClassifyService
-from server.errors import dialect_of, error_body, error_headers, invalid_body, kind_of, status_in, status_of
+from server.errors import dialect_of, error_body, error_headers, invalid_body, status_in, status_of
 from server.metrics import Metrics
 from server.protocol import ClassifyRequest, PredictRequest, classify_body, predict_body, timing_headers
 from server.remote import RemoteEngine
@@ -93,7 +93,7 @@ class Frontend:
             data, extra, task = await handler(body, scope, receive, request_id)
             status, answer = 200, orjson.dumps(data)
         except (Reply, AnchorServeError) as exc:
-            kind = exc.kind if isinstance(exc, Reply) else kind_of(exc)
+            kind = exc.kind
             dialect = dialect_of(scope["path"])
             status, answer = status_in(kind, dialect), orjson.dumps(error_body(kind, str(exc), dialect))
             if status >= 500:

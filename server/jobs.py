@@ -25,11 +25,17 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from anchor_cache.errors import AnchorServeError, NotFoundError, UnavailableError
-from anchor_cache.state import StateStore
+from server.store import StateStore
 
 log = logging.getLogger(__name__)
 Status = Literal["pending", "running", "succeeded", "failed", "cancelled"]
 _JOB_ID = re.compile(r"job-[0-9a-f]{16}")
+
+
+class TooManyJobs(AnchorServeError):
+    """A job kind's limit of jobs running at once is reached: refused, to be retried later."""
+
+    kind = "overloaded"
 
 
 class Job(BaseModel):

@@ -30,7 +30,7 @@ from anchor_cache.prompt import TaskPrompt
 from anchor_cache.task import Method, TaskSpec
 from server import wire
 from server.engine_client import Scores, TaskChanged, TaskView, derived, text_bytes_bound
-from server.errors import DeadlineExceeded
+from server.scheduler import DeadlineExceeded
 
 log = logging.getLogger(__name__)
 

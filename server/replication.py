@@ -11,6 +11,11 @@ again until the store is back and it builds: replicas converge on the store's cu
 
 When the store cannot be reached, the replica keeps serving what it has; the loop logs it once,
 retries, and resyncs when the store is back.
+
+At start, the configured tasks are seeded into the store first: a configured spec is stored unless
+the store has that name from an admin write (which wins over configuration, deletions included),
+and a seeded task no longer configured is deleted. Replicas of one deployment share one
+configuration.
 """
 
 from __future__ import annotations
@@ -19,13 +24,38 @@ import asyncio
 import contextlib
 import logging
 
-from anchor_cache.errors import UnavailableError
+from anchor_cache.errors import ConflictError, PreconditionFailedError, UnavailableError
 from anchor_cache.registry import ServedTask
-from anchor_cache.state import StateStore, TaskRecord
+from anchor_cache.task import TaskSpec
 from server.engine import Engine
 from server.jobs import JobRunner
+from server.store import ABSENT, StateStore, TaskRecord
 
 log = logging.getLogger(__name__)
+
+
+def seed(store: StateStore, configured: list[TaskSpec]) -> None:
+    """Store each configured spec unless the store has that name from an admin write or the same
+    configured spec (a configured spec that changed replaces the seeded one), then delete seeded
+    tasks no longer configured."""
+    for spec in configured:
+        data = spec.model_dump(mode="json")
+        record = store.record(spec.name)
+        if record is not None and (record.source == "admin" or record.spec == data):
+            continue
+        try:
+            written = store.write(spec.name, data, "config", ABSENT if record is None else record.revision)
+            log.info("task %s: configured spec stored as revision %d", spec.name, written.revision)
+        except (ConflictError, PreconditionFailedError):
+            log.info("task %s: another replica stored it first", spec.name)
+    names = {spec.name for spec in configured}
+    for record in store.records().values():
+        if record.source == "config" and record.spec is not None and record.name not in names:
+            try:
+                store.write(record.name, None, "config", record.revision)
+                log.info("task %s: no longer configured, deleted", record.name)
+            except PreconditionFailedError:
+                pass
 
 
 class Replication:
@@ -38,6 +68,21 @@ class Replication:
         self._loop: asyncio.Task | None = None
         self._pending: set[asyncio.Task] = set()  # applies started by a sync
         self.store_down: str | None = None  # why the store could not be reached, while it cannot
+
+    async def load(self, configured: list[TaskSpec], gc_grace_s: float) -> None:
+        """At start: seed the configured tasks, apply every record (each on its own: one that cannot
+        load is a failure of that task), then collect the blobs nothing uses."""
+        await asyncio.to_thread(seed, self.store, configured)
+        records = await asyncio.to_thread(self.store.records)
+        for i, record in enumerate(records.values(), 1):
+            self.engine.report(f"loading task {record.name!r} ({i} of {len(records)})")
+            await self.apply(record)
+        await self.engine.collect_garbage(records, gc_grace_s)
+
+    async def collect_garbage(self, grace_s: float) -> None:
+        """Delete the blobs no record's spec, nor any served task, refers to."""
+        records = await asyncio.to_thread(self.store.records)
+        await self.engine.collect_garbage(records, grace_s)
 
     def start(self) -> None:
         self._loop = asyncio.create_task(self._run(), name="anchorserve-replication")

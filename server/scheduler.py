@@ -67,11 +67,21 @@ import torch
 
 from anchor_cache.errors import AnchorServeError, UnavailableError, ValidationError
 from anchor_cache.task import Method
-from server.errors import DeadlineExceeded, Overloaded
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+
+class Overloaded(AnchorServeError):
+    """The queue is full (`max_queued`): refused at once, to be retried later."""
+
+    kind = "overloaded"
+
+
+class DeadlineExceeded(AnchorServeError):
+    """The request's deadline passed before its answer."""
+
+    kind = "timeout"
 
 
 @dataclass(frozen=True)
@@ -332,10 +342,12 @@ class Scheduler:
                 chunk.entry.future.set_exception(exc)
 
     async def stop(self) -> None:
-        """Refuse new requests, finish queued ones (those not past their deadline), then stop the model thread."""
+        """Refuse new requests, finish queued ones (those not past their deadline), then stop the model
+        thread. A build still running there (its job was cancelled) is left to end on its own, and
+        work queued behind it is dropped: waiting for it would block the event loop, and the shutdown."""
         self._closing = True
         self._wake.set()
         if self._loop_task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
-        self._executor.shutdown(wait=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)

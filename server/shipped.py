@@ -24,8 +24,9 @@ from anchor_cache.classifier import Classifier
 from anchor_cache.models import load_model
 from anchor_cache.names import DEFAULT_MODEL
 from anchor_cache.reweighting import learn_pool_beta
-from anchor_cache.storage import cache_identity, shipped_beta_key, write_shipped_beta
+from anchor_cache.storage import cache_identity, shipped_beta_file, shipped_beta_key
 from server.settings import builtin_task
+from server.store.local import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,9 @@ def main(argv: list[str] | None = None) -> None:
         beta, info = learn_pool_beta(clf, on_step=step)
     for old in SHIPPED_BETAS.glob("*.beta.safetensors"):
         old.unlink()
-    file = write_shipped_beta(SHIPPED_BETAS, key, beta, info)
+    name, data = shipped_beta_file(key, beta, info)
+    file = SHIPPED_BETAS / name
+    write_atomic(file, lambda tmp: tmp.write_bytes(data))
     log.info("wrote %s (learned in %.0f s, loss %s -> %s)", file, info["seconds"], info["epoch_losses"][0],
              info["epoch_losses"][-1])
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from anchor_cache.state import open_store
 from server.analyses import AnalysisService
 from server.classify import ClassifyService
 from server.core import CoreEndpoint
@@ -15,6 +14,7 @@ from server.jobs import JobRunner
 from server.metrics import Metrics
 from server.replication import Replication
 from server.settings import Settings
+from server.store import open_store
 from server.tasks import TaskService
 
 
@@ -35,7 +35,8 @@ class ServerState:
     async def start(self, on_fatal: Callable[[], None] | None = None) -> None:
         if self.endpoint is not None:  # frontends connect while the model loads, and hear "unavailable"
             self.endpoint.start()
-        await self.engine.start(on_fatal)
+        await self.engine.start(lambda: self.replication.load(self.settings.tasks, self.settings.gc_grace_s),
+                                on_fatal)
         if self.engine.ready:
             self.replication.start()
             self.tasks.finish_from_pools()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 import time
 from typing import Any
@@ -32,7 +33,6 @@ from anchor_cache.errors import (
 )
 from anchor_cache.registry import ServedTask
 from anchor_cache.reweighting import TrainConfig, train_reweighting
-from anchor_cache.state import ABSENT, TaskRecord
 from anchor_cache.task import TEXT_SLOT, Method, TaskSpec, label_index, preview
 from server.datafiles import dataset_file, inline_rows
 from server.engine import Engine
@@ -40,15 +40,18 @@ from server.jobs import Job, JobRunner, in_background_thread
 from server.protocol import ReweightRequest, TaskInfo
 from server.replication import Replication
 from server.settings import Settings
+from server.store import ABSENT, TaskRecord
 
 log = logging.getLogger(__name__)
 
-MAX_REVISION_DIGITS = 18  # revisions count writes; more digits than an int64 holds is never one
+# RFC 9110 §8.8.3: entity-tag = [ "W/" ] DQUOTE *etagc DQUOTE; If-Match takes "*" or a list of them.
+_ENTITY_TAG = re.compile(r'(W/)?"([\x21\x23-\x7e\x80-\xff]*)"')
+_ENTITY_TAGS = re.compile(rf"{_ENTITY_TAG.pattern}(?:[ \t]*,[ \t]*{_ENTITY_TAG.pattern})*")
 
 class TaskService:
     def __init__(self, engine: Engine, replication: Replication, jobs: JobRunner, settings: Settings) -> None:
         self.engine = engine
-        self.store = engine.store
+        self.store = replication.store
         self.replication = replication
         self.jobs = jobs
         self.settings = settings
@@ -267,24 +270,28 @@ class TaskService:
 
     @staticmethod
     def _expected(name: str, record: TaskRecord | None, if_match: str | None) -> int | None:
-        """The revision an `If-Match` header asks for: None (no header: unconditional), or the
-        current one for `*` when the task exists."""
+        """The revision a write must find in the store, as RFC 9110 evaluates `If-Match`: None
+        without the header (unconditional); else the task's current revision when the header is
+        `*` or lists that revision's ETag as a strong tag (If-Match compares strongly, so a weak
+        `W/"12"` never matches). Anything else, a missing task or a value that is no list of
+        entity tags included, fails the precondition: 412, never a write."""
         if if_match is None:
             return None
-        value = if_match.strip().removeprefix("W/").strip('"')
-        if value == "*":
-            if record is None or not record.live:
-                raise PreconditionFailedError(f"If-Match: * but task {preview(name)} does not exist")
-            return record.revision
-        if not (value.isascii() and value.isdigit() and len(value) <= MAX_REVISION_DIGITS):
-            raise ValidationError(f"If-Match must be a revision as the ETag gives it (\"12\") or *, got "
-                                  f"{preview(if_match)}")
-        return int(value)
+        value = if_match.strip()
+        current = record.revision if record is not None and record.live else None
+        if current is None:
+            raise PreconditionFailedError(f"If-Match: {preview(if_match)} but task {preview(name)} does not exist")
+        strong = {tag for weak, tag in _ENTITY_TAG.findall(value) if not weak} if _ENTITY_TAGS.fullmatch(value) \
+            else set()
+        if value != "*" and str(current) not in strong:
+            raise PreconditionFailedError(f"If-Match: {preview(if_match)} does not match task {preview(name)}, whose "
+                                          f"ETag is \"{current}\" (a weak W/ tag never matches): GET it again")
+        return current
 
     async def _collect_garbage(self) -> None:
         """Best effort: the change is already stored, so a failed collection is only logged."""
         try:
-            await self.engine.collect_garbage()
+            await self.replication.collect_garbage(self.settings.gc_grace_s)
         except Exception:
             log.exception("garbage collection failed; it runs again after the next change")
 

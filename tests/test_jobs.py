@@ -7,8 +7,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from anchor_cache.state.local import LocalStore
 from server.jobs import JobRunner
+from server.store.local import LocalStore
 
 
 class HeldStore(LocalStore):

@@ -7,22 +7,22 @@ import time
 import pytest
 import torch
 
-from anchor_cache import ModelNotFoundError, ValidationError, load_model, models
+from anchor_cache import ModelFilesMissing, ValidationError, load_model, models
 from anchor_cache.models import auto_cpu_dtype, cpu_flags, default_gguf_path, resolve_dtype
 
 
 def test_hub_ids_are_refused_without_network():
     start = time.monotonic()
-    with pytest.raises(ModelNotFoundError, match="never downloads"):
+    with pytest.raises(ModelFilesMissing, match="never downloads"):
         load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
     assert time.monotonic() - start < 5
 
 
 def test_missing_folder_is_refused(tmp_path):
-    with pytest.raises(ModelNotFoundError, match="not a local model folder"):
+    with pytest.raises(ModelFilesMissing, match="not a local model folder"):
         load_model(str(tmp_path / "nowhere"))
     for path in ("/nope", "./nope", "~/nope"):  # one slash, but a path: no talk of the Hub
-        with pytest.raises(ModelNotFoundError) as caught:
+        with pytest.raises(ModelFilesMissing) as caught:
             load_model(path)
         assert "Hub" not in str(caught.value), path
 

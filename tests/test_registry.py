@@ -1,6 +1,7 @@
 """The registry serves the state store's records: it survives damaged files and tasks that cannot
-load, applies revisions only forward, seeds configured tasks, and collects the caches nothing uses
-any more. These run on the local store; tests/test_replicas.py runs replicas on both backends."""
+load, applies revisions only forward, and collects the caches nothing uses any more; the server
+seeds configured tasks. These run on the local store; tests/test_replicas.py runs replicas on both
+backends."""
 
 from __future__ import annotations
 
@@ -17,18 +18,37 @@ from anchor_cache import Classifier, Method
 from anchor_cache.errors import ConflictError, NotFoundError, UnavailableError
 from anchor_cache.registry import TaskRegistry
 from anchor_cache.reweighting import pool_hash
-from anchor_cache.state import ABSENT
-from anchor_cache.state.local import LocalStore
-from anchor_cache.storage import beta_blob, cache_blob, cache_identity, shipped_beta_key, write_shipped_beta
+from anchor_cache.storage import beta_blob, cache_blob, cache_identity, shipped_beta_file, shipped_beta_key
+from server.replication import seed
+from server.store import ABSENT, TaskRecord
+from server.store.local import LocalStore
 from tests.conftest import QUERIES, sentiment_task
 
 LONG_AGO = 1_000_000.0  # an mtime far older than any grace period
 
 
-def registry(tiny_lm, state_dir: Path, configured=(), max_tasks: int = 4) -> TaskRegistry:
-    reg = TaskRegistry(tiny_lm, LocalStore(state_dir), max_tasks=max_tasks, max_demo_tokens=512)
-    reg.start(list(configured))
+def registry(tiny_lm, state_dir: Path, configured=(), max_tasks: int = 4, gc_grace_s: float | None = None,
+             shipped_betas: Path | None = None) -> TaskRegistry:
+    """A registry started as the server starts one: configured tasks seeded, every record applied,
+    then (with `gc_grace_s`) garbage collected."""
+    reg = TaskRegistry(tiny_lm, LocalStore(state_dir), max_tasks=max_tasks, max_demo_tokens=512,
+                       shipped_betas=shipped_betas)
+    seed(reg.store, list(configured))
+    for record in reg.store.records().values():
+        apply(reg, record)
+    if gc_grace_s is not None:
+        collect(reg, gc_grace_s)
     return reg
+
+
+def apply(reg: TaskRegistry, record: TaskRecord):
+    return reg.apply(record.name, record.revision, record.spec, record.error)
+
+
+def collect(reg: TaskRegistry, grace_s: float) -> int:
+    records = reg.store.records().values()
+    return reg.collect_garbage(grace_s, {r.name: (r.revision, r.spec) for r in records if r.spec is not None},
+                               [r.name for r in records if r.error is not None])
 
 
 def cache_file(directory: Path, key: str) -> Path:
@@ -51,11 +71,16 @@ def write_spec(state_dir: Path, name: str, text: str) -> Path:
     return path
 
 
-def unbuildable(name: str, state_dir: Path):
+def unbuildable(name: str, state_dir: Path) -> dict:
     """A valid spec whose demonstrations file does not exist."""
     spec = sentiment_task(name=name).model_dump(mode="json")
     spec["demonstrations"] = {"path": str(state_dir / "missing.jsonl")}
-    return json.dumps(spec)
+    return spec
+
+
+def stored(spec: dict) -> str:
+    """`spec` as a task record file holds it."""
+    return json.dumps({"revision": 1, "source": "admin", "spec": spec})
 
 
 def logits(reg: TaskRegistry, name: str) -> torch.Tensor:
@@ -126,13 +151,14 @@ def test_a_shipped_beta_serves_only_for_its_weights_task_and_pool(tiny_lm, tmp_p
     identity = cache_identity(tiny_lm, clf.prompt, pooled.method, clf.seed)
     beta = clf.zero_beta() + 0.5
     folder = tmp_path / "shipped"
-    file = write_shipped_beta(folder, shipped_beta_key(identity, tiny_lm), beta,
-                              {"source": "examples", "pool": pool_hash(clf)})
+    name, data = shipped_beta_file(shipped_beta_key(identity, tiny_lm), beta,
+                                   {"source": "examples", "pool": pool_hash(clf)})
+    folder.mkdir()
+    file = folder / name
+    file.write_bytes(data)
 
     def start(spec, lm=tiny_lm, state=tmp_path / "state"):
-        reg = TaskRegistry(lm, LocalStore(state), max_tasks=4, max_demo_tokens=512, shipped_betas=folder)
-        reg.start([spec])
-        return reg.get(spec.name)
+        return registry(lm, state, [spec], shipped_betas=folder).get(spec.name)
 
     served = start(pooled)
     assert torch.equal(served.beta, beta) and served.reweighting["shipped"] is True
@@ -170,13 +196,13 @@ def test_damaged_stored_record_is_quarantined_and_reported_not_replaced(tiny_lm,
 
 
 def test_an_invalid_stored_spec_fails_alone(tiny_lm, tmp_path):
-    write_spec(tmp_path, "sentiment", '{"name": "sentiment", "labels": ["One"]}')  # the old format: a bare spec
+    write_spec(tmp_path, "sentiment", stored({"name": "sentiment", "labels": ["One"]}))
     reg = registry(tiny_lm, tmp_path, [sentiment_task(name="other")])
     assert [t.spec.name for t in reg.all()] == ["other"] and "template" in reg.failures()["sentiment"]
 
 
 def test_task_that_cannot_load_fails_alone_and_can_be_removed(tiny_lm, tmp_path):
-    write_spec(tmp_path, "broken", unbuildable("broken", tmp_path))
+    write_spec(tmp_path, "broken", stored(unbuildable("broken", tmp_path)))
     reg = registry(tiny_lm, tmp_path, [sentiment_task()])
     assert [t.spec.name for t in reg.all()] == ["sentiment"] and list(reg.failures()) == ["broken"]
     with pytest.raises(UnavailableError, match=r"missing\.jsonl"):
@@ -189,7 +215,7 @@ def test_task_that_cannot_load_fails_alone_and_can_be_removed(tiny_lm, tmp_path)
 
 
 def test_a_successful_put_clears_the_failure(tiny_lm, tmp_path):
-    write_spec(tmp_path, "broken", unbuildable("broken", tmp_path))
+    write_spec(tmp_path, "broken", stored(unbuildable("broken", tmp_path)))
     reg = registry(tiny_lm, tmp_path)
     reg.put(reg.prepare(sentiment_task(name="broken")))
     assert reg.failures() == {} and reg.get("broken").spec.name == "broken"
@@ -202,18 +228,18 @@ def test_records_apply_only_forward(tiny_lm, tmp_path):
     newer = sentiment_task(template="Text: {text}\nSentiment:")
     record = store.write("sentiment", newer.model_dump(mode="json"), "admin", first)
     assert record.revision > first
-    assert reg.apply(record).spec == newer and reg.revision("sentiment") == record.revision
-    assert reg.apply(store.records()["sentiment"]) is None  # applied already
+    assert apply(reg, record).spec == newer and reg.revision("sentiment") == record.revision
+    assert apply(reg, store.records()["sentiment"]) is None  # applied already
     stale = dataclasses.replace(record, revision=first, spec=sentiment_task().model_dump(mode="json"))
-    assert reg.apply(stale) is None and reg.get("sentiment").spec == newer
+    assert apply(reg, stale) is None and reg.get("sentiment").spec == newer
     tombstone = store.write("sentiment", None, "admin", None)
-    assert reg.apply(tombstone) is None and reg.all() == [] and reg.failures() == {}
+    assert apply(reg, tombstone) is None and reg.all() == [] and reg.failures() == {}
 
 
 def test_a_failing_revision_keeps_the_working_version(tiny_lm, tmp_path):
     reg = registry(tiny_lm, tmp_path, [sentiment_task()])
-    record = reg.store.write("sentiment", json.loads(unbuildable("sentiment", tmp_path)), "admin", None)
-    assert reg.apply(record) is None
+    record = reg.store.write("sentiment", unbuildable("sentiment", tmp_path), "admin", None)
+    assert apply(reg, record) is None
     assert reg.get("sentiment").spec == sentiment_task() and reg.revision("sentiment") == record.revision
 
 
@@ -253,7 +279,7 @@ def test_garbage_collection_removes_only_old_unreferenced_files(tiny_lm, tmp_pat
     replaced = reg.prepare(first)
     reg.save_beta(reg.with_beta(replaced, replaced.classifier.zero_beta(), {}))
     for spec in (first, second):
-        reg.apply(reg.store.write(spec.name, spec.model_dump(mode="json"), "admin", None))
+        apply(reg, reg.store.write(spec.name, spec.model_dump(mode="json"), "admin", None))
     caches = tmp_path / "caches"
     stored = sentiment_task(name="b", template="Stored: {text}\nSentiment:")
     reg.store.write(stored.name, stored.model_dump(mode="json"), "admin", None)  # not applied here yet
@@ -268,10 +294,10 @@ def test_garbage_collection_removes_only_old_unreferenced_files(tiny_lm, tmp_pat
     old = [cache_file(caches, replaced.key), beta_file(caches, replaced.key)]
     kept = sorted(p.name for p in caches.iterdir() if p not in old)
     old_bytes = sum(p.stat().st_size for p in old)
-    assert reg.collect_garbage(grace_s=3600) == old_bytes
+    assert collect(reg, 3600) == old_bytes
     assert sorted(p.name for p in caches.iterdir()) == kept
     assert quarantined(tmp_path) == ["x.safetensors.20240101T000000Z"]
-    assert reg.collect_garbage(grace_s=3600) == 0
+    assert collect(reg, 3600) == 0
 
 
 @pytest.mark.parametrize("broken", ["unbuildable", "damaged"])
@@ -279,10 +305,10 @@ def test_garbage_collection_keeps_beta_while_a_key_is_unknown(tiny_lm, tmp_path,
     reg = registry(tiny_lm, tmp_path)
     served = reg.prepare(sentiment_task(name="gone"))
     reg.save_beta(reg.with_beta(served, served.classifier.zero_beta(), {}))
-    write_spec(tmp_path, "broken", unbuildable("broken", tmp_path) if broken == "unbuildable" else "{not json")
+    write_spec(tmp_path, "broken", stored(unbuildable("broken", tmp_path)) if broken == "unbuildable" else "{not json")
     for path in (tmp_path / "caches").iterdir():
         os.utime(path, (LONG_AGO, LONG_AGO))
-    reg.collect_garbage(grace_s=0)
+    collect(reg, 0)
     assert [p.name for p in (tmp_path / "caches").iterdir()] == [beta_file(tmp_path / "caches", served.key).name]
 
 
@@ -290,6 +316,5 @@ def test_start_collects_garbage_but_keeps_configured_caches(tiny_lm, tmp_path):
     registry(tiny_lm, tmp_path, [sentiment_task(), sentiment_task(name="dropped", template="D: {text}\nSentiment:")])
     for path in (tmp_path / "caches").iterdir():
         os.utime(path, (LONG_AGO, LONG_AGO))
-    reg = TaskRegistry(tiny_lm, LocalStore(tmp_path), max_tasks=4, max_demo_tokens=512)
-    reg.start([sentiment_task()], gc_grace_s=60)
+    reg = registry(tiny_lm, tmp_path, [sentiment_task()], gc_grace_s=60)
     assert [p.name for p in (tmp_path / "caches").iterdir()] == [f"{reg.get('sentiment').key}.safetensors"]

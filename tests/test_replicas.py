@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from anchor_cache.errors import UnavailableError
-from anchor_cache.state import open_store
+from server.store import open_store
 from tests.processes import ServerProcess
 from tests.test_faults import BIG_DEMOS, QUERIES, article, review, same_probs
 

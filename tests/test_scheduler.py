@@ -15,9 +15,8 @@ import torch
 
 from anchor_cache.errors import UnavailableError
 from anchor_cache.task import Method
-from server.errors import DeadlineExceeded, Overloaded
 from server.metrics import Metrics
-from server.scheduler import BatchLimits, Scheduler
+from server.scheduler import BatchLimits, DeadlineExceeded, Overloaded, Scheduler
 
 M = Method.HIDDEN_ANCHOR
 GUARD = 10.0  # seconds: the most a test waits for an event before failing instead of hanging

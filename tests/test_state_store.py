@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from anchor_cache.errors import ConflictError, PreconditionFailedError, UnavailableError, ValidationError
-from anchor_cache.state import ABSENT, TaskRecord, open_store
-from anchor_cache.state.local import LocalStore
-from anchor_cache.state.redis import RedisStore, hide_password
+from server.store import ABSENT, TaskRecord, open_store
+from server.store.local import LocalStore
+from server.store.redis import RedisStore, hide_password
 from tests.redis_server import free_port
 
 
@@ -336,32 +336,12 @@ def test_local_store_processes_racing(tmp_path):
 # --- LocalStore specifics ---------------------------------------------------------------------------
 
 
-def test_local_store_reads_old_formats(tmp_path, caplog):
-    tasks = tmp_path / "tasks"
-    (tasks / "pending").mkdir(parents=True)
-    (tasks / "pending" / "half.json").write_text(json.dumps(spec("half")))
-    (tasks / "old.json").write_text(json.dumps(spec("old")))
-    (tasks / "gone.json").write_text(json.dumps({"deleted": True}))
-    with caplog.at_level(logging.WARNING, logger="anchor_cache.state.local"):
-        store = LocalStore(tmp_path)
-    assert [r.message for r in caplog.records if "pending" in r.message] != []
-    assert store.records() == {
-        "old": TaskRecord("old", 0, spec("old"), "admin"),
-        "gone": TaskRecord("gone", 0, None, "admin"),
-    }
-    assert store.changes() == 0
-    replaced = store.write("old", spec("old", v=2), "admin", 0)
-    assert replaced.revision == 1
-    assert store.write("gone", spec("gone"), "admin", ABSENT).revision == 2
-    assert json.loads((tasks / "old.json").read_text()) == {"revision": 1, "source": "admin", "spec": spec("old", v=2)}
-    assert store.record("half") is None
-
-
 DAMAGED = {
     "bad": (b"{not json", "JSONDecodeError"),
     "binary": (b"\xff\xfe\x00garbage", "UnicodeDecodeError"),
     "array": (b"[1, 2]", "not a JSON object"),
-    "wrong": (json.dumps(spec("someone-else")).encode(), "names task 'someone-else'"),
+    "wrong": (json.dumps({"revision": 3, "source": "admin", "spec": spec("someone-else")}).encode(),
+              "names task 'someone-else'"),
     "badrev": (json.dumps({"revision": "7", "source": "admin", "spec": None}).encode(), "revision '7'"),
 }
 
@@ -471,7 +451,7 @@ def test_redis_wait_for_change_falls_back_to_polling(redis_url, monkeypatch, cap
 
     monkeypatch.setattr(store._redis, "pubsub", broken)
     seen = store.changes()
-    with caplog.at_level(logging.WARNING, logger="anchor_cache.state.redis"):
+    with caplog.at_level(logging.WARNING, logger="server.store.redis"):
         assert store.wait_for_change(seen, 0.3) == seen  # tries to subscribe, fails, polls
     done = threading.Event()
     result = []

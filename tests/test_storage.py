@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from anchor_cache import CacheMismatchError, Classifier, Demonstration, Method
-from anchor_cache.state.local import LocalStore
 from anchor_cache.storage import (
     beta_blob,
     cache_blob,
@@ -22,11 +21,10 @@ from anchor_cache.storage import (
     find_cache,
     load_cache,
     parse_tensors,
-    quarantine,
     save_beta,
     save_cache,
-    write_atomic,
 )
+from server.store.local import LocalStore, quarantine, write_atomic
 from tests.conftest import QUERIES, sentiment_task
 
 

@@ -39,16 +39,18 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from anchor_cache.errors import UnavailableError
-from anchor_cache.state.base import Source, StateStore, TaskRecord
-from anchor_cache.state.local import (
+from server.store.base import StateStore
+from server.store.records import (
     CANCEL_TTL_S,
     TASK_NAME,
+    Source,
+    TaskRecord,
     check_blob_name,
     check_job_id,
     check_write,
     conflict,
-    decode_record,
     one_line,
+    parse_record,
     stale,
 )
 
@@ -213,14 +215,6 @@ class RedisStore(StateStore):
         """A record's JSON without its revision (the scripts put that in front)."""
         return json.dumps({"source": source, "spec": spec, "error": error}, ensure_ascii=False, separators=(",", ":"))
 
-    @staticmethod
-    def _decode(name: str, raw: bytes) -> TaskRecord | str:
-        """The record, or why it cannot be read."""
-        try:
-            return decode_record(name, json.loads(raw.decode("utf-8")))
-        except (ValueError, RecursionError) as exc:
-            return str(exc) if type(exc) is ValueError else one_line(exc)
-
     def _repair(self, name: str, raw: bytes, reason: str) -> TaskRecord | None:
         """Move a damaged record's bytes aside and store a record whose error says so; returns the
         name's record then (maybe another replica's write, which raced with the repair)."""
@@ -239,38 +233,27 @@ class RedisStore(StateStore):
                 raw = self._redis.hget(self._tasks_key, name)
             if raw is None:
                 return None
-            record = self._decode(name, raw)
+            record = parse_record(name, raw)
             if isinstance(record, TaskRecord):
                 return record
             reason = record
         raise UnavailableError(f"the state store {self.url}: the record of task {name} keeps changing; retry")
 
-    def records(self) -> dict[str, TaskRecord]:
+    def _stored_records(self) -> dict[str, bytes]:
         with self._talk():
             stored = self._redis.hgetall(self._tasks_key)
         found = {}
-        for key, raw in sorted(stored.items()):
+        for key, raw in stored.items():
             name = key.decode("utf-8", "replace")
-            if not TASK_NAME.fullmatch(name):
+            if TASK_NAME.fullmatch(name):
+                found[name] = raw
+            else:
                 log.warning("%s holds a field %r that is not a task name; ignored", self._tasks_key, name)
-                continue
-            record = self._decode(name, raw)
-            if not isinstance(record, TaskRecord):
-                record = self._repair(name, raw, record)
-            if record is not None:
-                found[name] = record
         return found
 
-    def record(self, name: str) -> TaskRecord | None:
-        """None too for a name that is not a valid task name (it can never have been written)."""
-        if not isinstance(name, str) or not TASK_NAME.fullmatch(name):
-            return None
+    def _stored_record(self, name: str) -> bytes | None:
         with self._talk():
-            raw = self._redis.hget(self._tasks_key, name)
-        if raw is None:
-            return None
-        record = self._decode(name, raw)
-        return record if isinstance(record, TaskRecord) else self._repair(name, raw, record)
+            return self._redis.hget(self._tasks_key, name)
 
     def write(self, name: str, spec: dict[str, Any] | None, source: Source, expect: int | None) -> TaskRecord:
         check_write(name, spec, source, expect)

@@ -1,37 +1,11 @@
-"""The StateStore interface and the record it keeps per task name (see the package docstring)."""
+"""The StateStore interface, and the record loop every backend shares (see the package docstring)."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-ABSENT = -1  # `expect` for a create: the name must have no live record
-Source = Literal["config", "admin"]
-
-
-@dataclass(frozen=True)
-class TaskRecord:
-    """One task name's current state in the store.
-
-    spec: the TaskSpec as JSON (`TaskSpec.model_dump(mode="json")`); None for a tombstone (deleted)
-        or a damaged record.
-    error: why the stored record could not be read (one line, relative paths only); the task is
-        then reported failed on every replica until it is deleted or replaced.
-    source: "config" for a record seeded from a replica's configuration, "admin" for an admin write.
-    """
-
-    name: str
-    revision: int
-    spec: dict[str, Any] | None
-    source: Source = "admin"
-    error: str | None = None
-
-    @property
-    def live(self) -> bool:
-        """A name a create must not take: a spec, or a damaged record (delete or replace it)."""
-        return self.spec is not None or self.error is not None
+from server.store.records import Source, TaskRecord, is_task_name, parse_record
 
 
 class StateStore(ABC):
@@ -42,13 +16,38 @@ class StateStore(ABC):
 
     # --- task records ---------------------------------------------------------------------------
 
-    @abstractmethod
     def records(self) -> dict[str, TaskRecord]:
-        """Every task name's record, tombstones and damaged records included."""
+        """Every task name's record, tombstones and damaged records (repaired first) included."""
+        found = {}
+        for name, raw in sorted(self._stored_records().items()):
+            record = self._checked(name, raw)
+            if record is not None:
+                found[name] = record
+        return found
 
-    @abstractmethod
     def record(self, name: str) -> TaskRecord | None:
         """The name's record, or None if the name was never written (or is no valid task name)."""
+        if not is_task_name(name):
+            return None
+        raw = self._stored_record(name)
+        return None if raw is None else self._checked(name, raw)
+
+    def _checked(self, name: str, raw: bytes) -> TaskRecord | None:
+        record = parse_record(name, raw)
+        return record if isinstance(record, TaskRecord) else self._repair(name, raw, record)
+
+    @abstractmethod
+    def _stored_records(self) -> dict[str, bytes]:
+        """Every valid task name's stored record, as stored."""
+
+    @abstractmethod
+    def _stored_record(self, name: str) -> bytes | None:
+        """The (valid) name's stored record, as stored; None if there is none."""
+
+    @abstractmethod
+    def _repair(self, name: str, raw: bytes, reason: str) -> TaskRecord | None:
+        """Move the damaged record `raw` aside and store, at a new revision, a record whose error
+        says so, unless another writer changed it meanwhile; returns the name's record then."""
 
     @abstractmethod
     def write(self, name: str, spec: dict[str, Any] | None, source: Source, expect: int | None) -> TaskRecord:
@@ -117,16 +116,3 @@ class StateStore(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release connections and threads."""
-
-
-def open_store(url: str | None, state_dir: Path) -> StateStore:
-    """`redis://…` or `rediss://…`: a RedisStore; None or "" or "local": the LocalStore on `state_dir`."""
-    if url and url.startswith(("redis://", "rediss://", "unix://")):
-        from anchor_cache.state.redis import RedisStore
-
-        return RedisStore(url)
-    if url not in (None, "", "local"):
-        raise ValueError(f"state URL must be 'local' or redis://host:port[/db], got {url!r}")
-    from anchor_cache.state.local import LocalStore
-
-    return LocalStore(state_dir)

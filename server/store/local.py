@@ -16,10 +16,11 @@ Layout (messages name files relative to the state dir, never by absolute path):
 Every file under jobs/ has its mtime set to the time it expires, so a sweep (at each `put_job`)
 deletes expired ones from a `stat` alone; readers treat an expired file as missing.
 
-Files of earlier versions still read: a bare spec object in tasks/<name>.json is revision 0 from an
-admin write, `{"deleted": true}` a tombstone at revision 0. The old `tasks/pending/` folder is
-ignored (one warning at start if it holds files). A record file that cannot be parsed is moved to
-quarantine/ and replaced, under the lock, by a record at a new revision whose `error` says so.
+A record file that cannot be parsed is moved to quarantine/ and replaced, under the lock, by a
+record at a new revision whose `error` says so.
+
+Every write goes to a temporary name, is fsynced, renamed over the target and the directory
+fsynced, so a crash leaves the previous or the new version, never a mix.
 """
 
 from __future__ import annotations
@@ -29,110 +30,90 @@ import fcntl
 import json
 import logging
 import os
-import re
+import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from anchor_cache.errors import ConflictError, PreconditionFailedError, UnavailableError, ValidationError
-from anchor_cache.state.base import ABSENT, Source, StateStore, TaskRecord
-from anchor_cache.storage import fsync_directory, quarantine, remove_durably, write_atomic
+from anchor_cache.errors import UnavailableError
+from server.store.base import StateStore
+from server.store.records import (
+    ABSENT,
+    BLOB_NAME,
+    CANCEL_TTL_S,
+    TASK_NAME,
+    Source,
+    TaskRecord,
+    check_blob_name,
+    check_job_id,
+    check_write,
+    conflict,
+    one_line,
+    parse_record,
+    stale,
+)
 
 log = logging.getLogger(__name__)
 
-TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # job ids and plot names
-BLOB_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}")  # no '/', no leading '.'
-SOURCES = ("config", "admin")
-CANCEL_TTL_S = 86400.0
 POLL_S = 0.1
 STALE_TEMP_S = 3600.0  # a write_atomic temporary this old in jobs/ was left by a crash
 
 
-# --- validation and record decoding, shared with the Redis store ---------------------------------
+def fsync_directory(directory: Path) -> None:
+    """Make a rename or unlink in `directory` survive a power cut."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def one_line(reason: object) -> str:
-    """An exception or message on one line."""
-    if isinstance(reason, BaseException):
-        text = " ".join(str(reason).split())
-        return f"{type(reason).__name__}: {text}" if text else type(reason).__name__
-    return " ".join(str(reason).split())
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """Call `write(tmp_path)`, fsync, rename over `path`, then fsync the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
 
 
-def check_task_name(name: str) -> str:
-    if not isinstance(name, str) or not TASK_NAME.fullmatch(name):
-        raise ValidationError(f"task name {name!r} must match {TASK_NAME.pattern}")
-    return name
+def remove_durably(path: Path) -> None:
+    """Unlink `path` (if present; another process may remove it first) and fsync its directory."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return
+    fsync_directory(path.parent)
 
 
-def check_job_id(job_id: str, what: str = "job id") -> str:
-    if not isinstance(job_id, str) or not JOB_ID.fullmatch(job_id):
-        raise ValidationError(f"{what} {job_id!r} must match {JOB_ID.pattern}")
-    return job_id
+def quarantine(path: Path, state_dir: Path) -> str:
+    """Move a damaged file to `<state_dir>/quarantine/<name>.<UTC timestamp>` for an operator to
+    inspect (never deleted, never overwritten); returns where it went, relative to the state dir."""
+    folder = state_dir / "quarantine"
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    target = folder / f"{path.name}.{stamp}"
+    n = 1
+    while target.exists():
+        target, n = folder / f"{path.name}.{stamp}.{n}", n + 1
+    os.replace(path, target)
+    fsync_directory(path.parent)
+    fsync_directory(folder)
+    return f"quarantine/{target.name}"
 
-
-def check_blob_name(name: str) -> str:
-    if not isinstance(name, str) or not BLOB_NAME.fullmatch(name):
-        raise ValidationError(f"blob name {name!r} must match {BLOB_NAME.pattern} (no '/', no leading '.')")
-    return name
-
-
-def check_write(name: str, spec: dict[str, Any] | None, source: str, expect: int | None) -> None:
-    """The arguments of `StateStore.write`, checked before anything is stored."""
-    check_task_name(name)
-    if spec is not None and not isinstance(spec, dict):
-        raise ValidationError(f"task {name!r}: a spec must be a JSON object or None, got {type(spec).__name__}")
-    if spec is not None and spec.get("name") != name:
-        raise ValidationError(f"task {name!r}: its spec names task {spec.get('name')!r}")
-    if source not in SOURCES:
-        raise ValidationError(f"task {name!r}: source must be one of {SOURCES}, got {source!r}")
-    if expect is not None and (type(expect) is not int or expect < ABSENT):
-        raise ValidationError(f"task {name!r}: expect must be None, ABSENT ({ABSENT}) or a revision >= 0")
-
-
-def decode_record(name: str, data: object, legacy: bool = False) -> TaskRecord:
-    """A stored record as a TaskRecord; ValueError (a one-line reason) if it is not a valid one.
-    With `legacy`, the formats of earlier versions are accepted too (see the module docstring)."""
-    if not isinstance(data, dict):
-        raise ValueError(f"not a JSON object but {type(data).__name__}")
-    if "revision" not in data and legacy:
-        if data.get("deleted") is True and "name" not in data:
-            return TaskRecord(name=name, revision=0, spec=None, source="admin")
-        data = {"revision": 0, "source": "admin", "spec": data}
-    revision, source = data.get("revision"), data.get("source")
-    spec, error = data.get("spec"), data.get("error")
-    if type(revision) is not int or revision < 0:
-        raise ValueError(f"revision {revision!r} is not an integer >= 0")
-    if source not in SOURCES:
-        raise ValueError(f"source {source!r} is not one of {SOURCES}")
-    if spec is not None and not isinstance(spec, dict):
-        raise ValueError(f"spec is a {type(spec).__name__}, not an object or null")
-    if spec is not None and spec.get("name") != name:
-        raise ValueError(f"its spec names task {spec.get('name')!r}")
-    if error is not None and not isinstance(error, str):
-        raise ValueError(f"error is a {type(error).__name__}, not a string or null")
-    return TaskRecord(name=name, revision=revision, spec=spec, source=source, error=error)
-
-
-def conflict(name: str, revision: int, damaged: bool) -> ConflictError:
-    what = "a damaged record" if damaged else "a spec"
-    return ConflictError(f"task {name!r} exists (revision {revision}, {what}); replace or delete it instead")
-
-
-def stale(name: str, current: int, expect: int) -> PreconditionFailedError:
-    return PreconditionFailedError(f"task {name!r} is at revision {current}, not {expect}; read it again and retry")
 
 
 # --- the store -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Damaged:
-    reason: str
 
 
 class LocalStore(StateStore):
@@ -150,11 +131,6 @@ class LocalStore(StateStore):
         with self._io("create the state dir"):
             for folder in (self.tasks_dir, self.blob_dir, self.jobs_dir):
                 folder.mkdir(parents=True, exist_ok=True)
-        pending = self.tasks_dir / "pending"
-        with contextlib.suppress(OSError):
-            if pending.is_dir() and any(pending.iterdir()):
-                log.warning("tasks/pending/ holds files of an earlier version; they are ignored "
-                            "(an unfinished change from then was never applied)")
 
     # --- plumbing ---------------------------------------------------------------------------------
 
@@ -206,8 +182,8 @@ class LocalStore(StateStore):
     def _highest_revision(self) -> int:
         """The highest revision among readable records: the counter when its file is missing or damaged."""
         highest = 0
-        for name in self._names():
-            record = self._read(name)
+        for name, raw in self._stored_records().items():
+            record = parse_record(name, raw)
             if isinstance(record, TaskRecord):
                 highest = max(highest, record.revision)
         return highest
@@ -239,29 +215,25 @@ class LocalStore(StateStore):
 
     # --- task records -------------------------------------------------------------------------------
 
-    def _names(self) -> list[str]:
-        names = []
-        for path in self.tasks_dir.glob("*.json"):
-            name = path.name[: -len(".json")]
-            if TASK_NAME.fullmatch(name) and path.is_file():
-                names.append(name)
-        return sorted(names)
-
-    def _read(self, name: str) -> TaskRecord | _Damaged | None:
-        path = self._task_path(name)
+    def _read_raw(self, name: str) -> bytes | None:
         try:
-            raw = path.read_bytes()
+            return self._task_path(name).read_bytes()
         except FileNotFoundError:
             return None
-        except OSError as exc:
-            raise UnavailableError(
-                f"the local state store cannot read tasks/{name}.json ({exc.strerror or type(exc).__name__})"
-            ) from exc
-        try:
-            return decode_record(name, json.loads(raw.decode("utf-8")), legacy=True)
-        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-            reason = str(exc) if type(exc) is ValueError else one_line(exc)
-            return _Damaged(" ".join(reason.split()))
+
+    def _stored_records(self) -> dict[str, bytes]:
+        found = {}
+        with self._io("read tasks/"):
+            for path in self.tasks_dir.glob("*.json"):
+                name = path.name[: -len(".json")]
+                raw = self._read_raw(name) if TASK_NAME.fullmatch(name) else None
+                if raw is not None:
+                    found[name] = raw
+        return found
+
+    def _stored_record(self, name: str) -> bytes | None:
+        with self._io(f"read tasks/{name}.json"):
+            return self._read_raw(name)
 
     def _store_locked(self, name: str, spec: dict[str, Any] | None, source: Source,
                       error: str | None = None) -> TaskRecord:
@@ -272,44 +244,28 @@ class LocalStore(StateStore):
         self._write_file(self._task_path(name), json.dumps(data, ensure_ascii=False, indent=1).encode())
         return TaskRecord(name=name, revision=revision, spec=spec, source=source, error=error)
 
-    def _repair_locked(self, name: str, damage: _Damaged) -> TaskRecord:
-        """Quarantine a damaged record file and put a record that says so in its place."""
+    def _current_locked(self, name: str) -> TaskRecord | None:
+        """The record as stored now; a damaged file is quarantined and a record that says so put in
+        its place."""
+        raw = self._read_raw(name)
+        if raw is None:
+            return None
+        record = parse_record(name, raw)
+        if isinstance(record, TaskRecord):
+            return record
         moved = quarantine(self._task_path(name), self.state_dir)
-        error = f"tasks/{name}.json was damaged ({damage.reason}); moved to {moved}"
+        error = f"tasks/{name}.json was damaged ({record}); moved to {moved}"
         log.error("task %s: %s", name, error)
         return self._store_locked(name, None, "admin", error)
 
-    def _current(self, name: str) -> TaskRecord | None:
-        """The record, repairing a damaged file first (under the lock)."""
-        record = self._read(name)
-        if not isinstance(record, _Damaged):
-            return record
+    def _repair(self, name: str, raw: bytes, reason: str) -> TaskRecord | None:
         with self._io(f"repair tasks/{name}.json"), self._locked():
-            record = self._read(name)  # another process may have repaired or replaced it meanwhile
-            return self._repair_locked(name, record) if isinstance(record, _Damaged) else record
-
-    def records(self) -> dict[str, TaskRecord]:
-        with self._io("list tasks/"):
-            names = self._names()
-        found = {}
-        for name in names:
-            record = self._current(name)
-            if record is not None:
-                found[name] = record
-        return found
-
-    def record(self, name: str) -> TaskRecord | None:
-        """None too for a name that is not a valid task name (it can never have been written)."""
-        if not isinstance(name, str) or not TASK_NAME.fullmatch(name):
-            return None
-        return self._current(name)
+            return self._current_locked(name)  # another process may have repaired or replaced it meanwhile
 
     def write(self, name: str, spec: dict[str, Any] | None, source: Source, expect: int | None) -> TaskRecord:
         check_write(name, spec, source, expect)
         with self._io(f"write tasks/{name}.json"), self._locked():
-            current = self._read(name)
-            if isinstance(current, _Damaged):
-                current = self._repair_locked(name, current)
+            current = self._current_locked(name)
             if expect == ABSENT and current is not None and current.live:
                 raise conflict(name, current.revision, current.error is not None)
             if expect is not None and expect >= 0:
