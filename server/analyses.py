@@ -88,7 +88,7 @@ class AnalysisService:
         def progress(done: int, total: int) -> None:
             job.progress = {"done": done, "total": total, "fraction": round(done / total, 4) if total else 0.0}
 
-        lm = self.engine.require_ready().lm
+        lm = self.engine.model()
         control = JobControl(should_stop=cancel.is_set, on_progress=progress)
         output = await in_background_thread(lambda: run_analysis(lm, kind, data, params, control),
                                             "anchorserve-analysis")

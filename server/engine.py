@@ -33,6 +33,7 @@ from anchor_cache.graphs import PackedGraphs
 from anchor_cache.models import LoadedModel, load_model
 from anchor_cache.packed import packed_label_logits
 from anchor_cache.registry import ServedTask, TaskRegistry
+from anchor_cache.reweighting import TrainConfig, TrainResult, train_reweighting
 from anchor_cache.task import Method, TaskSpec
 from server.engine_client import Scores, TaskView, derived, text_bytes_bound
 from server.metrics import Metrics
@@ -147,7 +148,11 @@ class Engine:
         if self.scheduler is not None:
             await self.scheduler.stop()
 
-    def require_ready(self) -> TaskRegistry:
+    def require_ready(self) -> None:
+        """UnavailableError until the model and every task loaded."""
+        self._ready()
+
+    def _ready(self) -> TaskRegistry:
         if self.registry is None:
             raise UnavailableError(self.startup_error or "the model and tasks are still loading; retry shortly")
         return self.registry
@@ -155,10 +160,10 @@ class Engine:
     # --- what is served -------------------------------------------------------------------------
 
     def task(self, name: str) -> ServedTask:
-        return self.require_ready().get(name)
+        return self._ready().get(name)
 
     def tasks(self) -> list[ServedTask]:
-        return self.require_ready().all()
+        return self._ready().all()
 
     def failures(self) -> dict[str, str]:
         return self.registry.failures() if self.registry is not None else {}
@@ -220,11 +225,11 @@ class Engine:
     @functools.cached_property
     def vocab_size(self) -> int:
         """Token ids the model embeds."""
-        return self.require_ready().lm.model.get_input_embeddings().num_embeddings
+        return self._ready().lm.model.get_input_embeddings().num_embeddings
 
     def template_tokens(self, spec: TaskSpec) -> int:
         """Tokens the template itself adds to every query (with an empty text)."""
-        lm = self.require_ready().lm
+        lm = self._ready().lm
         return len(lm.tokenizer(spec.render(""), add_special_tokens=False)["input_ids"])
 
     async def view(self, name: str) -> TaskView:
@@ -288,9 +293,51 @@ class Engine:
 
     # --- building tasks -------------------------------------------------------------------------
 
+    def check_room(self, name: str) -> None:
+        """ConflictError when a new task `name` would exceed max_tasks."""
+        self._ready().check_room(name)
+
+    def revision(self, name: str) -> int:
+        """The revision of `name` applied here last (0: none)."""
+        return self._ready().revision(name)
+
+    def build_error(self, name: str, revision: int) -> str | None:
+        """Why revision `revision` of `name` did not build here, or None."""
+        return self._ready().build_error(name, revision)
+
+    needs_choice = staticmethod(TaskRegistry.needs_choice)
+    needs_pool_beta = staticmethod(TaskRegistry.needs_pool_beta)
+
+    def choose_method(self, served: ServedTask, should_stop: Callable[[], bool],
+                      on_fold: Callable[[int, int], None]) -> dict[str, Any]:
+        """`method: auto`'s choice for `served`, stored (blocking: run it in a job thread)."""
+        return self._ready().choose_method(served, should_stop, on_fold)
+
+    def learn_pool_beta(self, served: ServedTask, should_stop: Callable[[], bool],
+                        on_step: Callable[[int, int], None]) -> ServedTask:
+        """β from the task's pool, stored; the task with it, not served yet (blocking)."""
+        return self._ready().learn_pool_beta(served, should_stop, on_step)
+
+    def train_beta(self, served: ServedTask, train: tuple[list[str], list[int]],
+                   dev: tuple[list[str], list[int]] | None, cfg: TrainConfig,
+                   should_stop: Callable[[], bool]) -> TrainResult:
+        """β trained on labelled rows for `served` (blocking)."""
+        return train_reweighting(served.classifier, *train, cfg, dev=dev, progress=False, should_stop=should_stop)
+
+    def with_beta(self, served: ServedTask, beta: torch.Tensor, info: dict[str, Any]) -> ServedTask:
+        return self._ready().with_beta(served, beta, info)
+
+    def save_beta(self, served: ServedTask) -> None:
+        """Store the task's β blob (blocking I/O)."""
+        self._ready().save_beta(served)
+
+    def model(self) -> LoadedModel:
+        """The loaded model, for the analyses' own forwards."""
+        return self._ready().lm
+
     async def check(self, spec: TaskSpec) -> None:
         """The cheap checks of a build (tokenising, limits), off the event loop, before a write is stored."""
-        registry = self.require_ready()
+        registry = self._ready()
         await asyncio.to_thread(registry.check, spec)
 
     def _loaded(self) -> TaskRegistry:

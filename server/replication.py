@@ -108,9 +108,8 @@ class Replication:
     async def sync(self) -> None:
         """Apply every record newer than what this replica serves, each in its own task."""
         records = await asyncio.to_thread(self.store.records)
-        registry = self.engine.require_ready()
         for record in records.values():
-            newest_here = max(registry.revision(record.name), self._applying.get(record.name, 0))
+            newest_here = max(self.engine.revision(record.name), self._applying.get(record.name, 0))
             if record.revision > newest_here:
                 task = asyncio.create_task(self._apply_or_retry(record),
                                            name=f"apply-{record.name}-{record.revision}")

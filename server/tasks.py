@@ -32,7 +32,7 @@ from anchor_cache.errors import (
     ValidationError,
 )
 from anchor_cache.registry import ServedTask
-from anchor_cache.reweighting import TrainConfig, train_reweighting
+from anchor_cache.reweighting import TrainConfig
 from anchor_cache.task import TEXT_SLOT, Method, TaskSpec, label_index, preview
 from server.datafiles import dataset_file, inline_rows
 from server.engine import Engine
@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 # RFC 9110 §8.8.3: entity-tag = [ "W/" ] DQUOTE *etagc DQUOTE; If-Match takes "*" or a list of them.
 _ENTITY_TAG = re.compile(r'(W/)?"([\x21\x23-\x7e\x80-\xff]*)"')
 _ENTITY_TAGS = re.compile(rf"{_ENTITY_TAG.pattern}(?:[ \t]*,[ \t]*{_ENTITY_TAG.pattern})*")
+
 
 class TaskService:
     def __init__(self, engine: Engine, replication: Replication, jobs: JobRunner, settings: Settings) -> None:
@@ -96,7 +97,7 @@ class TaskService:
             raise ValidationError(f"the template alone takes {overhead} tokens, more than max_input_tokens "
                                   f"({self.settings.max_input_tokens}): every classify would fail")
         await self.engine.check(spec)
-        self.engine.require_ready().check_room(spec.name)
+        self.engine.check_room(spec.name)
         previous = await self._record(spec.name)
         self._check_store_kept(spec.name, previous)
         expect = ABSENT if not replace else self._expected(spec.name, previous, if_match)
@@ -130,41 +131,37 @@ class TaskService:
         newer revision, so every replica returns to it) and fail the job with the reason. A task
         with an `examples` pool and no β learned from it then learns β (the job's progress) and
         stores it as the next revision."""
-        registry = self.engine.require_ready()
         try:
             served = await self.replication.apply(record)
         except UnavailableError as exc:  # stored, so not rolled back: every replica builds it when the store is back
             raise UnavailableError(f"task {record.name!r} is stored as revision {record.revision} but could not be "
                                    f"built: {exc}. Every replica builds it once the store is back") from exc
-        reason = registry.build_error(record.name, record.revision)
+        reason = self.engine.build_error(record.name, record.revision)
         if reason is not None:
             await self._roll_back(record, previous)
             raise ValidationError(f"task {record.name!r} did not build: {reason}")
         if served is not None:
             served = await self._finish(served, job, cancel)
         await self._collect_garbage()
-        current = served or registry.get(record.name)  # a later write may have been applied already
+        current = served or self.engine.task(record.name)  # a later write may have been applied already
         return self.info(current).model_dump() | {"written_revision": record.revision}
 
     async def _finish(self, served: ServedTask, job: Job, cancel: threading.Event) -> ServedTask:
         """What a built task still needs from its pool: a `method: auto` task's choice, then β
         where the method wants one. Each is stored as the next revision, so every replica serves it."""
-        registry = self.engine.require_ready()
-        if registry.needs_choice(served):
+        if self.engine.needs_choice(served):
             served = await self._choose(served, job, cancel) or served
-        if registry.needs_pool_beta(served):
+        if self.engine.needs_pool_beta(served):
             served = await self._learn_pool_beta(served, job, cancel) or served
         return served
 
     async def _choose(self, served: ServedTask, job: Job, cancel: threading.Event) -> ServedTask | None:
         """`method: auto`'s cross-validation in a nice-19 thread; the choice is stored and the task
         applied again as the next revision. None when a newer write came first."""
-        registry = self.engine.require_ready()
-
         def progress(done: int, total: int) -> None:
             job.progress = {"folds_done": done, "folds": total}
 
-        await in_background_thread(lambda: registry.choose_method(served, cancel.is_set, progress),
+        await in_background_thread(lambda: self.engine.choose_method(served, cancel.is_set, progress),
                                    "anchorserve-choosing")
         return await self._store_again(served, None)
 
@@ -183,12 +180,10 @@ class TaskService:
     async def _learn_pool_beta(self, served: ServedTask, job: Job, cancel: threading.Event) -> ServedTask | None:
         """β from the task's pool in a nice-19 thread, stored as a new revision of the same spec;
         None when a newer write came first (its own build learns again if it needs to)."""
-        registry = self.engine.require_ready()
-
         def progress(done: int, total: int) -> None:
             job.progress = {"done": done, "total": total}
 
-        trained = await in_background_thread(lambda: registry.learn_pool_beta(served, cancel.is_set, progress),
+        trained = await in_background_thread(lambda: self.engine.learn_pool_beta(served, cancel.is_set, progress),
                                              "anchorserve-training")
         return await self._store_again(served, trained)
 
@@ -197,17 +192,16 @@ class TaskService:
         choice, or a β it does not have yet. Each task serves meanwhile (a choosing task as
         Hidden_anchor, a task waiting for β without it, with its calibration), so a first start
         answers at once instead of after minutes of training."""
-        registry = self.engine.require_ready()
         jobs = []
         for served in self.engine.tasks():
-            choosing = registry.needs_choice(served)
-            if choosing or registry.needs_pool_beta(served):
+            choosing = self.engine.needs_choice(served)
+            if choosing or self.engine.needs_pool_beta(served):
                 job = Job(kind="choose_method" if choosing else "learn_pool_beta", target=served.spec.name)
 
                 async def finish(cancel: threading.Event, served: ServedTask = served, job: Job = job
                                  ) -> dict[str, Any]:
                     done = await self._finish(served, job, cancel)
-                    return self.info(registry.get(served.spec.name) if done is served else done).model_dump()
+                    return self.info(self.engine.task(served.spec.name) if done is served else done).model_dump()
 
                 jobs.append(self.jobs.submit(job.kind, job.target, finish, job))
                 log.info("task %s serves %s while its pool %s (job %s)", served.spec.name,
@@ -246,7 +240,7 @@ class TaskService:
         applied (or none at all): it lost data (a Redis restarted without persistence, a state dir
         restored from an old copy) and its revision counter went back, so the write would get a
         revision every replica skips as stale: acknowledged, never served."""
-        applied = self.engine.require_ready().revision(name)
+        applied = self.engine.revision(name)
         stored = record.revision if record is not None else 0
         if stored < applied:
             log.error("the state store %s holds revision %d of task %s but this replica applied revision %d: the "
@@ -330,7 +324,6 @@ class TaskService:
     async def _train(self, served: ServedTask, body: ReweightRequest, texts: list[str], labels: list[int],
                      cancel: threading.Event) -> dict[str, Any]:
         """Train in a nice-19 thread (classification keeps flowing), then swap β in if the task is unchanged."""
-        registry = self.engine.require_ready()
         name = served.spec.name
         n_dev = int(len(texts) * body.dev_fraction)
         order = np.random.default_rng(body.seed).permutation(len(texts))
@@ -339,20 +332,18 @@ class TaskService:
                           seed=body.seed, patience=body.patience)
 
         def work() -> ServedTask:
-            result = train_reweighting(
-                served.classifier, [texts[i] for i in train_idx], [labels[i] for i in train_idx], cfg,
-                dev=([texts[i] for i in dev_idx], [labels[i] for i in dev_idx]) if n_dev else None,
-                progress=False, should_stop=cancel.is_set,
-            )
+            result = self.engine.train_beta(
+                served, ([texts[i] for i in train_idx], [labels[i] for i in train_idx]),
+                ([texts[i] for i in dev_idx], [labels[i] for i in dev_idx]) if n_dev else None, cfg, cancel.is_set)
             info = {"seconds": round(result.seconds, 3), "epoch_losses": result.epoch_losses,
                     "step_losses": result.step_losses, "dev_losses": result.dev_losses,
                     "train_examples": len(train_idx), "dev_examples": n_dev, "lr": body.lr, "epochs": body.epochs,
                     "batch_size": body.batch_size, "trained_at": time.time()}
-            return registry.with_beta(served, result.beta, info)
+            return self.engine.with_beta(served, result.beta, info)
 
         try:
             trained = await in_background_thread(work, "anchorserve-training")
-            await self._store(registry.save_beta, trained)
+            await self._store(self.engine.save_beta, trained)
             try:  # a new revision of the same spec: every replica reloads the task, with β
                 record = await self._store(self.store.write, name, served.spec.model_dump(mode="json"), "admin",
                                            served.revision)
