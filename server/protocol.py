@@ -473,7 +473,7 @@ ERROR_DESCRIPTIONS = {
     404: "unknown task, job, model (model_not_found) or route (the whole /admin API when no admin key is set)",
     405: "method not allowed (see the Allow header)",
     409: "conflicting write: the name exists (on any replica), a training runs, or max_tasks is reached",
-    412: "If-Match names a revision that is no longer the task's current one: GET it again",
+    412: "If-Match does not match the task's current revision (stale, weak or malformed): GET it again",
     413: "payload larger than max_payload_bytes; on TEI's routes also more inputs or tokens than the limits",
     415: "the body is not JSON",
     422: "invalid input, or a limit exceeded; the message names the limit (vLLM's routes answer 400, TEI's 413 "

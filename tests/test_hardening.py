@@ -185,10 +185,15 @@ def test_evaluation_only_method_is_refused_quietly(serve, caplog):
 
 
 def test_error_bodies_name_no_server_path(serve, tmp_path, dataset_dir):
+    """Each way a dataset path can fail (no such path, a path under a file, a folder without the
+    split, a file that is not JSONL) names the path as the client gave it, never the data root."""
+    (dataset_dir / "no-split").mkdir()
+    (dataset_dir / "broken.jsonl").write_text('{"text": "x", "label"\n')
     client = serve(admin_api_key="admin-secret", data_root=dataset_dir)
-    for path in ("", "nope", "train.jsonl/x"):
+    for path, names in (("nope", "'nope'"), ("train.jsonl/x", "'train.jsonl/x'"), ("no-split", "train.jsonl"),
+                        ("broken.jsonl", "broken.jsonl:1")):
         response = client.post("/admin/tasks/sentiment/reweighting", headers=ADMIN, json={"data": {"path": path}})
-        assert response.status_code in (202, 409, 422) and str(tmp_path) not in response.text
+        assert names in error_of(response, 422, "validation") and str(tmp_path) not in response.text, path
 
 
 def test_every_response_carries_a_request_id(serve):
@@ -257,12 +262,13 @@ def test_405_names_every_method_of_the_path(serve):
         assert "DELETE" in response.headers["allow"].split(", "), path
 
 
-def test_if_match_of_any_shape_is_a_4xx(serve):
+def test_if_match_of_any_shape_is_a_412_with_a_short_body(serve):
+    """A value that is no list of entity tags makes the condition false (RFC 9110 §13.1.1)."""
     client = serve(admin_api_key="admin-secret")
     spec = sentiment_task().model_dump(mode="json")
-    for value in ("9" * 4301, "+12", "W/\"x\"", "", "1e3"):
+    for value in ("9" * 4301, '"' + "9" * 4301 + '"', "+12", "W/\"x\"", "", "1e3", '"1', "1"):
         response = client.put("/admin/tasks/sentiment", json=spec, headers=ADMIN | {"If-Match": value})
-        assert response.status_code == 422 and response.json()["type"] == "validation", value
+        error_of(response, 412, "precondition_failed")
         assert len(response.text) < 1000
 
 

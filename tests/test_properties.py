@@ -1,4 +1,5 @@
-"""Property tests for hostile input at the edge: task specs, the Text type, JSONL datasets.
+"""Property tests for hostile input at the edge: task specs, the Text type, JSONL datasets, and
+the byte bound that refuses huge classify inputs unread.
 
 Whatever strings or bytes arrive, validation either accepts them or raises a validation error
 (never TypeError, UnicodeError, ...), and what it accepts can be UTF-8 encoded and rendered.
@@ -8,15 +9,20 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pydantic
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+import torch
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from anchor_cache.data import read_jsonl
 from anchor_cache.errors import ValidationError
 from anchor_cache.task import TEXT_SLOT, DemonstrationSource, FormatText, TaskSpec, Text, label_index
+from tests.conftest import CORPUS, error_of, tiny_config
 
 SETTINGS = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -325,3 +331,68 @@ def test_classify_request_refuses_unencodable_input(value, task):
     if not all(encodes(t) for t in texts):
         with pytest.raises(pydantic.ValidationError):
             ClassifyRequest(task="t", input=value)
+
+
+# --- the byte pre-check of classify inputs ---------------------------------------------------------
+
+# A word of 4-byte characters (mathematical letters), repeated in the corpus until it is one token:
+# longer in characters than any other token, so it sets the bound's bytes per token, and at 4 bytes
+# a character it covers as many bytes as a token of that length can.
+WIDE_WORD = "𝔘𝔫𝔦𝔠𝔬𝔡𝔢𝔱𝔢𝔵𝔱𝔞𝔫𝔡𝔪𝔬𝔯𝔢𝔰𝔬"
+
+
+def save_sentencepiece_model(folder: Path) -> Path:
+    """The tiny Llama with a sentencepiece-style vocabulary (Metaspace, byte fallback), as Llama 2,
+    Mistral and Gemma ship: its tokens are characters, not bytes, so one token can cover up to 4
+    bytes per character of its text."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    corpus = [*CORPUS, WIDE_WORD * 3, "猫が好きです 中文文本 😀😀 🎉"] * 20
+    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=700, special_tokens=[
+        "<unk>", "<s>", "</s>", *byte_tokens]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config("llama", len(fast))).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module", params=["byte-level", "sentencepiece"])
+def tokenizer_model(request, model_dir, tmp_path_factory) -> Path:
+    if request.param == "byte-level":
+        return model_dir
+    return save_sentencepiece_model(tmp_path_factory.mktemp("sentencepiece"))
+
+
+MAX_INPUT_TOKENS = 64
+
+
+def test_the_byte_pre_check_never_refuses_an_input_that_fits(serve, tokenizer_model):
+    """Inputs are refused unread past a byte bound (a huge input costs nothing); the bound must
+    never catch an input whose tokens fit max_input_tokens. The texts repeat the tokens that cover
+    the most bytes, where the bound is tightest, amid any characters."""
+    client = serve(model=str(tokenizer_model), max_input_tokens=MAX_INPUT_TOKENS)
+    engine = client.app.state.anchor.engine
+    prompt = client.portal.call(engine.view, "sentiment").prompt
+    tokenizer = prompt.tokenizer
+    texts = {tokenizer.convert_tokens_to_string([token]) for token in tokenizer.get_vocab()}
+    widest = sorted(texts, key=lambda text: len(text.encode()), reverse=True)[:8]
+    pieces = st.one_of(st.text(max_size=4), st.sampled_from(widest))
+    inputs = st.builds(lambda head, piece, times, tail: head + piece * times + tail, st.text(max_size=8),
+                       st.sampled_from(widest), st.integers(1, MAX_INPUT_TOKENS),
+                       st.lists(pieces, max_size=8).map("".join)).filter(bool)
+
+    @SETTINGS
+    @example(widest[0] * (MAX_INPUT_TOKENS - len(prompt.encode(""))))
+    @given(inputs)
+    def fits_and_is_served(text: str) -> None:
+        answer = client.post("/v1/classify", json={"task": "sentiment", "input": text})
+        if len(prompt.encode_batch([text])[0]) <= MAX_INPUT_TOKENS:
+            assert answer.status_code == 200, (len(text.encode()), answer.text)
+        else:  # what does not fit is refused, by bytes or by tokens
+            error_of(answer, 400, "input_limit")
+
+    fits_and_is_served()

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from httpx import Response
 
-from anchor_cache import Classifier, load_model
-from anchor_cache.errors import UnavailableError
+from anchor_cache import Classifier, load_model, reweighting
+from anchor_cache.errors import Cancelled, UnavailableError
+from anchor_cache.registry import TaskRegistry
 from server.app import build_app
 from server.protocol import ClassifyResponse, TaskInfo
 from server.settings import Settings
@@ -121,6 +127,8 @@ def test_truncation_keeps_the_template(serve):
 
 
 def _slow(client: TestClient, seconds: float) -> None:
+    """Every forward takes `seconds` longer: the sleep is the slow model the queue limits are tested
+    against, not a wait for something to happen."""
     engine = client.app.state.anchor.engine
     run = engine._run_batch
 
@@ -197,6 +205,33 @@ def test_concurrent_admin_writes_leave_one_consistent_task(serve, tmp_path):
     stored = json.loads((tmp_path / "state" / "tasks" / "race.json").read_text())
     assert served.json()["template"] == stored["spec"]["template"]
     assert served.headers["etag"] == f'"{stored["revision"]}"' == f'"{served.json()["revision"]}"'
+
+
+def test_if_match_star_weak_and_listed_tags_on_admin_task_routes(serve):
+    """RFC 9110 §13.1.1: `*` matches any current version, a list matches when one strong tag is the
+    ETag, and a weak tag never matches (strong comparison); a failed condition writes nothing."""
+    client = serve(admin_api_key="admin-secret")
+    spec = sentiment_task(template="Opinion: {text}\nVerdict:").model_dump(mode="json")
+
+    def put(if_match: str) -> Response:
+        return client.put("/admin/tasks/sentiment", json=spec, headers=ADMIN | {"If-Match": if_match})
+
+    etag = client.get("/v1/tasks/sentiment").headers["etag"]
+    for weak in (f"W/{etag}", f'"0", W/{etag}'):
+        assert "weak" in error_of(put(weak), 412, "precondition_failed")
+        error_of(client.delete("/admin/tasks/sentiment", headers=ADMIN | {"If-Match": weak}), 412,
+                 "precondition_failed")
+    assert client.get("/v1/tasks/sentiment").headers["etag"] == etag  # nothing was written
+    assert put(f'"0", W/"9", {etag}').status_code == 201
+    listed = client.get("/v1/tasks/sentiment")
+    assert listed.json()["template"] == spec["template"] and listed.headers["etag"] != etag
+    assert put("*").status_code == 201
+    last = client.get("/v1/tasks/sentiment").headers["etag"]
+    assert client.delete("/admin/tasks/sentiment", headers=ADMIN | {"If-Match": "*"}).status_code == 200
+    # No current version: `*` fails instead of creating the task, and so does the deleted task's last ETag.
+    for stale in ("*", last):
+        assert "does not exist" in error_of(put(stale), 412, "precondition_failed")
+    error_of(client.get("/v1/tasks/sentiment"), 404, "not_found")
 
 
 def test_restart_loads_persisted_caches_and_tasks(serve, tmp_path):
@@ -298,17 +333,77 @@ def test_reweighting_from_a_dataset_under_the_data_root(serve, dataset_dir):
     assert _wait_job(client, started.json()["job"])["status"] == "succeeded"
 
 
-def test_cancelled_training_keeps_the_previous_beta(serve):
+def test_cancelled_training_keeps_the_previous_beta(serve, monkeypatch):
     client = serve(admin_api_key="admin-secret")
+    training = threading.Event()
+    forward = reweighting.extend_cache
+
+    def observed(*args: Any) -> Any:  # a training row's forward: the job is training
+        training.set()
+        return forward(*args)
+
+    monkeypatch.setattr(reweighting, "extend_cache", observed)
     before = client.post("/v1/classify", json={"task": "sentiment", "input": QUERIES}).json()["data"]
     started = client.post("/admin/tasks/sentiment/reweighting", headers=ADMIN,
                           json={"examples": TRAIN * 50, "epochs": 200})
     job_id = started.json()["job"]
-    time.sleep(0.2)
+    assert training.wait(30), "training never started"
     assert client.delete(f"/admin/jobs/{job_id}", headers=ADMIN).status_code == 200
     assert _wait_job(client, job_id)["status"] == "cancelled"
     assert not client.get("/v1/tasks/sentiment").json()["reweighted"]
     assert client.post("/v1/classify", json={"task": "sentiment", "input": QUERIES}).json()["data"] == before
+
+
+@pytest.mark.parametrize("job", ["training", "build"])
+def test_shutdown_neither_waits_for_a_job_thread_nor_blocks_the_event_loop(serve, monkeypatch, job):
+    """A job whose thread is inside one long step (a training row's forward on its nice-19 thread,
+    a cache build on the model thread) cannot hear a cancel until the step ends: shutdown must leave the thread
+    to finish on its own, and the event loop must keep running meanwhile."""
+    client = serve(admin_api_key="admin-secret", admin_sync_wait_s=0)
+    state = client.app.state.anchor
+    inside, release = threading.Event(), threading.Event()
+
+    def one_long_step(*args: Any, **kwargs: Any) -> Any:
+        inside.set()
+        release.wait(30)
+        raise Cancelled("released by the test")
+
+    if job == "training":
+        monkeypatch.setattr(reweighting, "extend_cache", one_long_step)
+        started = client.post("/admin/tasks/sentiment/reweighting", headers=ADMIN, json={"examples": TRAIN})
+    else:
+        monkeypatch.setattr(TaskRegistry, "prepare", one_long_step)
+        spec = sentiment_task(template="Opinion: {text}\nVerdict:").model_dump(mode="json")
+        started = client.put("/admin/tasks/sentiment", json=spec, headers=ADMIN)
+    assert started.status_code == 202, started.text
+    assert inside.wait(30)
+
+    async def stop() -> tuple[float, float]:
+        """Seconds the server's stop took, and the longest the event loop went without a turn meanwhile."""
+        turns = [time.monotonic()]
+
+        async def tick() -> None:
+            while True:
+                await asyncio.sleep(0.01)
+                turns.append(time.monotonic())
+
+        ticking = asyncio.create_task(tick())
+        await state.stop()
+        took = time.monotonic() - turns[0]
+        ticking.cancel()
+        turns.append(time.monotonic())
+        return took, max(b - a for a, b in itertools.pairwise(turns))
+
+    # If shutdown waits for the thread after all, the step ends after 10 s instead of hanging the test.
+    unblock = threading.Timer(10, release.set)
+    unblock.start()
+    try:
+        took, longest_stall = client.portal.call(stop)
+        assert not release.is_set(), "shutdown returned only once the job's step ended"
+    finally:
+        unblock.cancel()
+        release.set()
+    assert took < 5 and longest_stall < 1, (took, longest_stall)
 
 
 def test_calibrated_task_returns_raw_and_calibrated_probabilities(serve):

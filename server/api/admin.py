@@ -23,8 +23,8 @@ admin = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require
                   responses=error_responses(401, 404, 422, 503))
 
 WRITE_ERRORS = error_responses(400, 409, 412, 413, 415, 422)
-IfMatch = Annotated[str | None, Header(description='a revision from the ETag of GET /v1/tasks/{name} ("12") or *; '
-                                      "a stale one gets 412")]
+IfMatch = Annotated[str | None, Header(description='the ETag of GET /v1/tasks/{name} ("12"), or * for any current '
+                                      "version; anything else (a stale, weak or malformed tag) gets 412")]
 BUILD_RESPONSES = {201: {"model": TaskCreated, "description": "built within admin_sync_wait_s"},
                    202: {"model": JobAccepted, "description": "building: poll the job"}} | WRITE_ERRORS
 
