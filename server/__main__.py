@@ -1,4 +1,4 @@
-"""`python -m server [--host H] [--port N] [--config FILE]`: the same as `anchorserve serve` (see server/cli.py)."""
+"""`python -m server [--config FILE] [--SETTING VALUE ...]`: the same as `anchorserve serve` (see server/cli.py)."""
 
 import sys
 

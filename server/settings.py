@@ -1,49 +1,52 @@
-"""Server settings: defaults < config file (`ANCHORSERVE_CONFIG`, YAML or JSON) < environment.
+"""Server settings: defaults < settings file < environment < flags of `anchorserve serve`.
 
-Every field is also an `ANCHORSERVE_<NAME>` variable; `HOST` and `PORT` work too. Settings are
-validated before the model loads, so a bad value stops the start with a message naming it.
+Every field is an `ANCHORSERVE_<NAME>` variable and a flag of `anchorserve serve` (generated from
+these fields: server/serving.py); `HOST` and `PORT` work too, below their `ANCHORSERVE_` forms. The
+settings file (YAML or JSON) is itself a setting, `config`: `--config FILE`, `ANCHORSERVE_CONFIG`, or
+`Settings(config=path)`. Settings are validated before the model loads, so a bad value stops the
+start with a message naming it; no message, log line or `GET /info` shows a key or a password.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+import yaml
+from pydantic import AfterValidator, Field, SecretStr, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
 
 from anchor_cache.cpus import api_servers_for, usable_cpus
 from anchor_cache.names import DEFAULT_MODEL, cache_dir
 from anchor_cache.task import Demonstration, TaskSpec
+from server.redaction import redact_url, userinfo_cut_short
 
 CONFIG_ENV = "ANCHORSERVE_CONFIG"
-
-
-# The built-in task's labelled pool, written for anchorserve (not drawn from any dataset): its β is
-# learned from these and ships with the server (server/shipped.py).
-BUILTIN_POOL = {
-    "Negative": [
-        "a tiresome muddle", "awful", "the plot goes nowhere and takes its time getting there",
-        "flat characters and a script full of clichés", "i walked out halfway through",
-        "painfully slow and never funny", "a waste of a talented cast", "the worst film i have seen this year",
-        "loud, long and empty", "it looks cheap and feels cheaper", "tedious from the first scene to the last",
-        "the jokes fall flat", "a confused, lifeless sequel", "nothing about it works",
-        "clumsy direction and wooden acting", "boring and far too long",
-    ],
-    "Positive": [
-        "a lovely picture", "superb", "a moving story told with real warmth", "sharp, funny and beautifully shot",
-        "i loved every minute of it", "the best thing the director has ever made", "a warm, uplifting comedy",
-        "gripping from start to finish", "smart writing and a terrific cast", "a small gem worth seeking out",
-        "tender, funny and true", "an absolute delight", "the performances are superb",
-        "it left me smiling for days", "a thrilling, inventive ride", "beautiful and deeply felt",
-    ],
-}
+LogFormat = Literal["text", "json"]
+# The built-in task's labelled pool, {label: [text, ...]}, written for anchorserve (not drawn from any
+# dataset). Its order is part of the task's identity: the shipped β (server/shipped.py) serves only
+# for this exact pool.
+BUILTIN_POOL = Path(__file__).resolve().parent / "data" / "builtin_pool.json"
+STATE_URL_SCHEMES = ("redis://", "rediss://", "unix://")
+_DB_PATH = re.compile(r"/?\d*")
 
 
 def builtin_task() -> TaskSpec:
-    """Sentiment with the paper's SST-2 template, demonstrations and a labelled pool written for
-    anchorserve; β is learned from the pool (see BUILTIN_POOL)."""
+    """Sentiment with the paper's SST-2 template and demonstrations, and the labelled pool in
+    `BUILTIN_POOL`, from which β is learned."""
+    pool: dict[str, list[str]] = json.loads(BUILTIN_POOL.read_text(encoding="utf-8"))
     return TaskSpec(
         name="sentiment",
         template="Review: {text}\nSentiment:",
@@ -54,39 +57,117 @@ def builtin_task() -> TaskSpec:
             Demonstration(text="a boring, badly acted mess", label="Negative"),
             Demonstration(text="an utterly delightful, warm and funny film", label="Positive"),
         ],
-        examples=[Demonstration(text=text, label=label) for label, texts in BUILTIN_POOL.items() for text in texts],
+        examples=[Demonstration(text=text, label=label) for label, texts in pool.items() for text in texts],
     )
 
 
-def redact_url(url: str) -> str:
-    """A URL with its password (if any) replaced by ***."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+def builtin_tasks() -> list[TaskSpec]:
+    return [builtin_task()]
+
+
+def default_state_dir() -> Path:
+    return cache_dir() / "state"
+
+
+def default_api_servers() -> int:
+    return api_servers_for(usable_cpus())
+
+
+def check_state_url(url: SecretStr) -> SecretStr:
+    """'local', or a Redis URL the state store can open. The checks catch what redis-py would
+    read silently as something else (`/abc` as database 0, a password cut short by an unencoded
+    character); messages show the URL with its password hidden."""
+    text = url.get_secret_value()
+    if text == "local":
+        return url
+    shown = redact_url(text)
+    if not text.startswith(STATE_URL_SCHEMES):
+        raise ValueError(f"must be 'local' or a redis://, rediss:// or unix:// URL, got {shown!r}")
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        raise ValueError(f"{shown!r} is not a valid URL") from None
+    if userinfo_cut_short(parts):
+        raise ValueError(f"{shown!r}: a user name or password holds an unencoded '/', '?' or '#'; "
+                         "percent-encode it (%2F, %3F, %23)")
+    try:
+        parts.port  # noqa: B018 - reading the port parses it
+    except ValueError:
+        raise ValueError(f"{shown!r}: the port is not a number from 0 to 65535") from None
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError(f"{shown!r} names no socket path (unix:///path/to/redis.sock)")
+    elif not parts.hostname:
+        raise ValueError(f"{shown!r} names no host (redis://host:port/db)")
+    elif not _DB_PATH.fullmatch(parts.path):
+        raise ValueError(f"{shown!r}: the path must be a database number, like /0")
+    from redis.connection import parse_url  # its query parameters (db, timeouts) are redis-py's own
+
+    parse_url(text)  # its messages name the parameter, never a value
+    return url
+
+
+StateUrl = Annotated[SecretStr, AfterValidator(check_state_url)]
+
+
+class SettingsFile(PydanticBaseSettingsSource):
+    """The YAML or JSON file the `config` setting names, read once the sources above it (flags,
+    init arguments, the environment) have said which file that is."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        raise NotImplementedError("a settings file is read whole, by __call__")
+
+    def __call__(self) -> dict[str, Any]:
+        config = self.current_state.get("config")
+        if config is None:
+            return {}
+        path = Path(config)
+        if not path.is_file():
+            raise ValueError(f"the settings file {path} (--config, {CONFIG_ENV}): no such file")
+        try:
+            data = YamlConfigSettingsSource(self.settings_cls, yaml_file=path)()  # YAML ⊇ JSON
+        except yaml.YAMLError as exc:
+            raise ValueError(f"the settings file {path} is not valid YAML or JSON: {' '.join(str(exc).split())}"
+                             ) from None
+        if "config" in data:
+            raise ValueError(f"the settings file {path} names another settings file (config): use one file")
+        return data
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ANCHORSERVE_", env_ignore_empty=True, extra="forbid")
+    # No error message repeats the value it refuses: that value may be a key or a password.
+    model_config = SettingsConfigDict(env_prefix="ANCHORSERVE_", env_ignore_empty=True, extra="forbid",
+                                      hide_input_in_errors=True)
 
-    host: str = Field("127.0.0.1", validation_alias=AliasChoices("ANCHORSERVE_HOST", "HOST", "host"))
-    port: int = Field(8000, ge=1, le=65535, validation_alias=AliasChoices("ANCHORSERVE_PORT", "PORT", "port"))
+    config: Path | None = Field(None, description="YAML or JSON settings file (the environment and flags win "
+                                "over it)")
+    host: str = Field("127.0.0.1", description="address to listen on (HOST works too)")
+    port: int = Field(8000, ge=1, le=65535, description="port to listen on (PORT works too)")
     model: str = Field(DEFAULT_MODEL, description="'default' (SmolLM2-135M-Instruct) or a local HF model folder")
     device: str = "auto"
     dtype: str = "auto"
-    state_dir: Path = Field(default_factory=lambda: cache_dir() / "state", description="persisted tasks and caches")
-    tasks: list[TaskSpec] = Field(default_factory=lambda: [builtin_task()], description="tasks served at start")
+    state_dir: Path = Field(default_factory=default_state_dir, description="persisted tasks and caches")
+    # Decoded by `_tasks_from_json`, not by pydantic-settings, whose flag parser doubles every
+    # backslash inside a list and so turns a template's "\n" into a backslash and an n.
+    tasks: Annotated[list[TaskSpec], NoDecode] = Field(default_factory=builtin_tasks,
+                                                       description="tasks served at start (a JSON list)")
     default_task: str | None = Field(None, description="the task POST /predict and POST /v1/classify use when a "
                                      "request names none; unset: the first configured task (a name that is not "
                                      "served is a 404 at request time: admin writes may add it later)")
-    state_url: SecretStr = Field(SecretStr("local"), description="'local' (the state dir, for processes on one "
-                                 "host) or redis://host:port/db (shared by replicas on any host)")
+    state_url: StateUrl = Field("local", validate_default=True, description="'local' (the state dir, for "
+                                "processes on one host) or redis://[:password@]host:port/db, rediss://… or "
+                                "unix:///path.sock?db=0 (shared by replicas); shown with its password as ***")
     sync_interval_s: float = Field(1.0, gt=0, description="full resync with the state store at least this often "
                                    "(changes arrive sooner by notification)")
     job_ttl_s: float = Field(86400.0, gt=0, description="how long finished job records and plots are kept")
 
-    api_servers: int = Field(default_factory=lambda: api_servers_for(usable_cpus()), ge=0, le=64,
+    api_servers: int = Field(default_factory=default_api_servers, ge=0, le=64,
                              description="HTTP frontend processes in front of one engine-core process (tokenising "
                              "and shaping answers in parallel); 0: one process does everything. Default: 0 on up "
                              "to 2 usable CPUs, else one per 8")
     access_log: bool = Field(False, description="log every HTTP request (uvicorn's access log)")
+    log_format: LogFormat = Field("text", description="json: each log line one JSON object with time, level, "
+                                  "logger, message and request_id")
     torch_threads: int | None = Field(None, ge=1, description="torch threads of the process that runs the model; "
                                       "unset: the CPUs it may use (affinity, cgroup quota), less one for each HTTP "
                                       "process (its own event loop, or each frontend; at least 1)")
@@ -123,6 +204,11 @@ class Settings(BaseSettings):
     gc_grace_s: float = Field(600.0, ge=0, description="unreferenced caches younger than this are kept (another "
                               "replica on the same state dir may be about to load them)")
 
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _tasks_from_json(cls, value: Any) -> Any:
+        return json.loads(value) if isinstance(value, str) else value
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         names = [t.name for t in self.tasks]
@@ -142,16 +228,13 @@ class Settings(BaseSettings):
         env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources = [init_settings, env_settings]
-        config = os.environ.get(CONFIG_ENV)
-        if config:
-            if not Path(config).is_file():
-                raise ValueError(f"{CONFIG_ENV}={config} is not a file")
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config))  # YAML ⊇ JSON
-        return tuple(sources)
+        # Platforms (Heroku, Cloud Run) tell a process where to listen in HOST and PORT.
+        platform = {name: os.environ[name.upper()] for name in ("host", "port") if os.environ.get(name.upper())}
+        return (init_settings, env_settings, InitSettingsSource(settings_cls, init_kwargs=platform),
+                SettingsFile(settings_cls))
 
-    def redacted(self) -> dict:
-        """For the start-up log and GET /info: keys are shown only as set or unset."""
+    def redacted(self) -> dict[str, Any]:
+        """For the start-up log and GET /info: keys only as set or unset, the state URL's password as ***."""
         data = self.model_dump(mode="json", exclude={"tasks"})
         for key in ("api_key", "admin_api_key"):
             data[key] = "set" if getattr(self, key) else "unset"

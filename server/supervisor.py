@@ -17,8 +17,8 @@ everything and exits 1, so the orchestrator sees the failure. SIGTERM/SIGINT sto
 first (each drains its requests in flight, which still reach the core), then the core (which
 finishes its queue). Children get SIGTERM if the supervisor itself dies (PR_SET_PDEATHSIG).
 
-Children are `python -m server.supervisor {core|frontend} RUNTIME_DIR [FD]`, with the supervisor's
-environment (settings, and ANCHORSERVE_CONFIG for a settings file).
+Children are `python -m server.supervisor {core|frontend} RUNTIME_DIR [FD] -- SERVE_FLAGS`, with the
+supervisor's environment and working folder, so they read the same settings as `anchorserve serve`.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ from pathlib import Path
 
 from prometheus_client.multiprocess import mark_process_dead
 
-from server.cli import bounded_server, configure_logging, serve_app
+from server.logs import configure_logging
 from server.metrics import MULTIPROCESS_ENV
+from server.serving import bounded_server, serve_app, settings_from_flags
 from server.settings import Settings
 
 log = logging.getLogger("server.supervisor")
@@ -98,13 +99,14 @@ class Child:
             self.process.wait()
 
 
-def supervise(settings: Settings, sock: socket.socket) -> int:
+def supervise(settings: Settings, sock: socket.socket, flags: list[str]) -> int:
+    """Run and supervise the children until SIGTERM/SIGINT; `flags`: `anchorserve serve`'s, passed on."""
     runtime = Path(tempfile.mkdtemp(prefix="anchorserve-"))
     (runtime / "metrics").mkdir()
     env = dict(os.environ) | {MULTIPROCESS_ENV: str(runtime / "metrics")}
     command = [sys.executable, "-m", "server.supervisor"]
-    core = Child("engine core", [*command, "core", str(runtime)], env)
-    frontends = [Child(f"frontend {i}", [*command, "frontend", str(runtime), str(sock.fileno())], env,
+    core = Child("engine core", [*command, "core", str(runtime), "--", *flags], env)
+    frontends = [Child(f"frontend {i}", [*command, "frontend", str(runtime), str(sock.fileno()), "--", *flags], env,
                        (sock.fileno(),)) for i in range(settings.api_servers)]
     stopping: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -152,16 +154,14 @@ def supervise(settings: Settings, sock: socket.socket) -> int:
     return code
 
 
-def _core(runtime: Path) -> int:
-    settings = Settings()
+def _core(runtime: Path, settings: Settings) -> int:
     error = serve_app(settings, engine_address=engine_address(runtime), uds=core_http(runtime))
     return FATAL if error else 0
 
 
-def _frontend(runtime: Path, fd: int) -> int:
+def _frontend(runtime: Path, fd: int, settings: Settings) -> int:
     from server.frontend import Frontend
 
-    settings = Settings()
     app = Frontend(settings, engine_address(runtime), core_http(runtime))
     bounded_server(app, settings).run(sockets=[socket.socket(fileno=fd)])
     return 0
@@ -173,9 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("role", choices=["core", "frontend"])
     parser.add_argument("runtime", type=Path, help="the supervisor's runtime folder (sockets)")
     parser.add_argument("fd", type=int, nargs="?", help="frontend: the inherited listening socket")
-    args = parser.parse_args(argv)
-    configure_logging()
-    return _core(args.runtime) if args.role == "core" else _frontend(args.runtime, args.fd)
+    argv = sys.argv[1:] if argv is None else argv
+    split = argv.index("--") if "--" in argv else len(argv)  # then the flags `anchorserve serve` was given
+    args = parser.parse_args(argv[:split])
+    settings = settings_from_flags(argv[split + 1:])
+    configure_logging(settings.log_format)
+    return _core(args.runtime, settings) if args.role == "core" else _frontend(args.runtime, args.fd, settings)
 
 
 if __name__ == "__main__":

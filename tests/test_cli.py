@@ -23,7 +23,7 @@ import httpx
 import pytest
 from safetensors.torch import load_file
 
-from anchor_cache import cli, commands
+from anchor_cache import arguments, commands
 from anchor_cache.cli import main
 from clients.cli import main as client_main
 from server.cli import main as anchorserve_main
@@ -143,9 +143,9 @@ def test_analyze_writes_results_and_plots(tiny_folder, dataset_dir, tmp_path, ki
 
 def test_data_root_comes_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("ANCHORSERVE_DATA_DIR", str(tmp_path))
-    assert cli.default_data_root() == tmp_path
+    assert arguments.default_data_root() == tmp_path
     monkeypatch.delenv("ANCHORSERVE_DATA_DIR")
-    assert cli.default_data_root() == REPO.parent / "shared" / "data"
+    assert arguments.default_data_root() == REPO.parent / "shared" / "data"
 
 
 def test_classify_takes_data_like_the_other_commands(tiny_folder, dataset_dir, tmp_path, monkeypatch, capsys):
@@ -293,13 +293,15 @@ def test_serve_help_prints_help_and_does_not_start(argv, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["serve", "--config", "missing.yaml"], "--config missing.yaml: no such file"),
+    (["serve", "--config", "missing.yaml"], "settings file missing.yaml (--config, ANCHORSERVE_CONFIG): no such file"),
     (["serve", "--port", "0"], "port: Input should be greater than or equal to 1"),
-    (["serve", "--port", "x"], "argument --port: invalid int value: 'x'"),
+    (["serve", "--port", "x"], "port: Input should be a valid integer"),
+    (["serve", "--state-url", "redis://:hunter2@db/x"], "state_url: 'redis://:***@db/x': the path must be a database"),
+    (["serve", "--log-format", "xml"], "log_format: Input should be 'text' or 'json'"),
 ])
 def test_serve_mistakes_are_one_line(argv, message, capsys):
     code, err, _ = run(anchorserve_main, argv, capsys)
-    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert code == 2 and len(err) == 1 and message in err[0] and "hunter2" not in err[0], err
 
 
 @contextlib.contextmanager
@@ -400,7 +402,8 @@ def test_the_exit_watchdog_cuts_a_stuck_shutdown_short():
     """A thread that never ends holds a Python process's exit; once armed (at the first SIGTERM),
     the watchdog ends the process within its timeout, status 1, saying why."""
     stuck = ("import threading, time\n"
-             "from server.cli import arm_exit_watchdog, configure_logging\n"
+             "from server.serving import arm_exit_watchdog\n"
+             "from server.logs import configure_logging\n"
              "configure_logging()\n"
              "threading.Thread(target=time.sleep, args=(120,)).start()\n"
              "arm_exit_watchdog(0.5)\n")

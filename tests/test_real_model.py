@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from anchor_cache import Classifier, Demonstration, Method, load_model
+from anchor_cache.arguments import default_data_root
 from anchor_cache.cache import build_anchor_cache
-from anchor_cache.cli import default_data_root
 from anchor_cache.data import read_jsonl, sample_rows, seed_demonstrations
 from anchor_cache.forward import Prefix, label_logits, last_hidden
 from anchor_cache.reweighting import pool_hash
