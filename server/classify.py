@@ -13,9 +13,8 @@ Small requests are tokenised on the event loop (a fast-tokenizer call is tens of
 less than a thread hop under load); requests with more text than `INLINE_TOKENIZE_BYTES` go to a
 thread, so one large request cannot stall the loop.
 
-Timing, as TEI's headers report it (`Timing`): the scheduler does not tell when a queued request's
-forward starts, so the time between entering the queue and getting the logits back, waiting for a
-batch included, counts as inference; queue time is only the admission into the queue.
+Timing, as TEI's headers report it (`Timing`): queue time is the wait in the engine's queue until the
+request's first forward starts; inference is the rest, until the predictions.
 """
 
 from __future__ import annotations
@@ -50,8 +49,8 @@ class Timing:
 
     total_s: float  # from entering the service to the predictions
     tokenization_s: float  # rendering the template and tokenising
-    queue_s: float  # admission into the scheduler's queue
-    inference_s: float  # from the queue to the predictions: waiting for a batch, forward(s), calibration
+    queue_s: float  # waiting in the engine's queue for the first forward
+    inference_s: float  # from the first forward to the predictions: forward(s), calibration, the way back
     compute_tokens: int  # tokens the forwards ran (= usage.prompt_tokens)
     compute_characters: int  # characters of the inputs
     compute_type: str  # the model's device type
@@ -189,7 +188,6 @@ class ClassifyService:
                     self._tokenisers, self.encode, view, texts, truncate, direction, input_tokens)
             queued = time.perf_counter()
             future = self.engine.submit(view, chosen, queries, deadline)
-            admitted = time.perf_counter()
             try:
                 scores = await self._race(future, receive)
                 break
@@ -201,13 +199,13 @@ class ClassifyService:
             self.metrics.request_tokens.observe(len(q))
         predictions, raw = scores.predictions(view.spec.labels)
         done = time.perf_counter()
-        prompt_tokens = sum(len(q) for q in queries) + len(queries) * view.prefix_tokens(chosen)
+        prompt_tokens = sum(len(q) for q in queries) + len(queries) * view.reencoded_tokens(chosen)
         return Classification(
             model=self.model_name(), task=name, labels=view.spec.labels, predictions=predictions, raw=raw,
             logits=scores.logits, prompt_tokens=prompt_tokens,
             cached_tokens=len(queries) * (view.anchor_tokens if chosen in CACHED_METHODS else 0),
-            timing=Timing(total_s=done - start, tokenization_s=queued - tokenizing, queue_s=admitted - queued,
-                          inference_s=done - admitted, compute_tokens=prompt_tokens,
+            timing=Timing(total_s=done - start, tokenization_s=queued - tokenizing, queue_s=scores.queue_s,
+                          inference_s=max(0.0, done - queued - scores.queue_s), compute_tokens=prompt_tokens,
                           compute_characters=sum(len(t) for t in texts),
                           compute_type=self.engine.compute_type()),
         )

@@ -145,7 +145,7 @@ class CoreEndpoint:
             if exc is None:
                 scores = done.result()
                 self._send(sender, wire.Scored(id=message.id, logits=scores.logits, logprobs=scores.logprobs,
-                                               raw_logprobs=scores.raw_logprobs))
+                                               raw_logprobs=scores.raw_logprobs, queue_s=scores.queue_s))
             else:
                 kind = exc.kind if isinstance(exc, AnchorServeError) else "internal"
                 self._send(sender, wire.Failed(id=message.id, kind=kind, message=str(exc)))

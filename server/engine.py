@@ -81,11 +81,11 @@ def score_parts(work: list[Work], parts: list[torch.Tensor]) -> list[torch.Tenso
     return scored
 
 
-def scores_of(part: torch.Tensor) -> Scores:
+def scores_of(part: torch.Tensor, queue_s: float) -> Scores:
     """A request's `score_parts` rows as Scores."""
     rows = part.tolist()
     return Scores(logits=[r[0] for r in rows], logprobs=[r[1] for r in rows],
-                  raw_logprobs=[r[2] for r in rows] if part.shape[1] == 3 else None)
+                  raw_logprobs=[r[2] for r in rows] if part.shape[1] == 3 else None, queue_s=queue_s)
 
 
 class Engine:
@@ -252,10 +252,16 @@ class Engine:
         cached methods) and the tokens re-encoded before it."""
         served: ServedTask = view.handle
         cached = served.anchor_tokens if method in CACHED_METHODS else 0
-        attended = cached + view.prefix_tokens(method)
-        scored = self.scheduler.submit(served, method, queries, attended, deadline)
+        attended = cached + view.reencoded_tokens(method)
+        queue_s = 0.0
+
+        def started(waited: float) -> None:
+            nonlocal queue_s
+            queue_s = waited
+
+        scored = self.scheduler.submit(served, method, queries, attended, deadline, started)
         # Cancelled: the scheduler skips what has not reached the model yet.
-        return derived(scored, scores_of, scored.cancel)
+        return derived(scored, lambda part: scores_of(part, queue_s), scored.cancel)
 
     @torch.inference_mode()
     def _run_batch(self, work: list[Work]) -> list[torch.Tensor] | Collect:

@@ -47,7 +47,7 @@ class TaskView:
     def name(self) -> str:
         return self.spec.name
 
-    def prefix_tokens(self, method: Method) -> int:
+    def reencoded_tokens(self, method: Method) -> int:
         """Tokens re-encoded before every query of `method`: the whole demonstration context for
         vanilla, its formatting and labels for text_anchor, none for cached methods and zero-shot."""
         match method:
@@ -66,6 +66,7 @@ class Scores:
     logits: list[list[float]]  # the label words' logits (a head's scores), before softmax and calibration
     logprobs: list[list[float]]  # log-softmax of the served scores: calibrated for a calibrated task
     raw_logprobs: list[list[float]] | None  # before calibration, for a calibrated task; else None
+    queue_s: float = 0.0  # waited in the engine's queue before the first forward
 
     def predictions(self, labels: list[str]) -> tuple[list[Prediction], list[Prediction] | None]:
         """Per input, the served prediction and (for a calibrated task) the raw one."""

@@ -211,9 +211,8 @@ class LabelScore(BaseModel):
 TIMING_HEADERS: dict[str, str] = {
     "x-total-time": "milliseconds in the classify service, from the parsed request to the predictions",
     "x-tokenization-time": "milliseconds rendering the template and tokenising the inputs",
-    "x-queue-time": "milliseconds entering the scheduler's queue (admission); waiting in it is in x-inference-time",
-    "x-inference-time": "milliseconds from entering the queue until the predictions: waiting for a batch, the "
-                        "forward(s) and calibration",
+    "x-queue-time": "milliseconds waiting in the engine's queue until the request's first forward (TEI's meaning)",
+    "x-inference-time": "milliseconds from the first forward until the predictions: the forward(s) and calibration",
     "x-compute-tokens": "tokens the forwards ran for this request (usage.prompt_tokens)",
     "x-compute-time": "milliseconds of the classify service's work, as x-total-time (TEI's name for it)",
     "x-compute-characters": "characters of the request's inputs",

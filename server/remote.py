@@ -221,7 +221,8 @@ class RemoteEngine:
                 self._socket.send(wire.encoder.encode(wire.Abort(id=message.id)))
 
         reply.add_done_callback(forget_if_stale)
-        return derived(reply, lambda r: Scores(logits=r.logits, logprobs=r.logprobs, raw_logprobs=r.raw_logprobs),
+        return derived(reply, lambda r: Scores(logits=r.logits, logprobs=r.logprobs, raw_logprobs=r.raw_logprobs,
+                                                 queue_s=r.queue_s),
                        abort)
 
 

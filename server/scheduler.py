@@ -125,9 +125,10 @@ class Entry:
     task: Any
     method: Method
     queries: list[list[int]]
-    prefix_tokens: int  # per row: cached anchor tokens plus re-encoded prefix tokens
+    attended_tokens: int  # per row, before its query: cached anchor tokens plus re-encoded tokens
     deadline: float  # time.monotonic()
     future: asyncio.Future
+    on_start: Callable[[float], None] | None = None  # hears the seconds waited before the first forward
     enqueued: float = field(default_factory=time.perf_counter)
     sent: int = 0  # rows handed to a forward
     received: int = 0  # rows whose logits came back
@@ -136,7 +137,7 @@ class Entry:
 
     def cost(self, start: int, stop: int) -> int:
         """Tokens the forward attends over for rows [start, stop)."""
-        return sum(self.prefix_tokens + len(q) for q in self.queries[start:stop])
+        return sum(self.attended_tokens + len(q) for q in self.queries[start:stop])
 
     def expire(self, metrics: Metrics) -> None:
         if not self.future.done():
@@ -184,12 +185,14 @@ class Scheduler:
         self._loop_task = asyncio.create_task(self._batch_loop(), name="anchorserve-batcher")
 
     def submit(
-        self, task: Any, method: Method, queries: list[list[int]], prefix_tokens: int, deadline: float
+        self, task: Any, method: Method, queries: list[list[int]], attended_tokens: int, deadline: float,
+        on_start: Callable[[float], None] | None = None,
     ) -> asyncio.Future:
         """Queue a request; the returned future resolves to the (N, C) logits of its N queries, in order.
 
-        `prefix_tokens`: tokens each query attends over before its own: its cached anchor tokens
+        `attended_tokens`: tokens each query attends over before its own: its cached anchor tokens
         plus the tokens re-encoded before it.
+        `on_start`: called with the seconds the request waited in the queue when its first forward starts.
         `deadline`: a time.monotonic() instant; at it the future fails with DeadlineExceeded
         (counted as failures{reason="timeout"} here) unless it already resolved. Cancel the future
         when the client leaves: its remaining rows are skipped. Raises UnavailableError while stopping
@@ -204,7 +207,7 @@ class Scheduler:
             self.metrics.failures.labels("overloaded").inc()
             raise Overloaded(f"{self._in_flight} requests in flight (max_queued_requests); retry later")
         loop = asyncio.get_running_loop()
-        entry = Entry(task, method, queries, prefix_tokens, deadline, loop.create_future())
+        entry = Entry(task, method, queries, attended_tokens, deadline, loop.create_future(), on_start)
         entry.timer = loop.call_later(max(0.0, deadline - time.monotonic()), entry.expire, self.metrics)
         self._in_flight += 1
         entry.future.add_done_callback(lambda _: self._done(entry))
@@ -294,7 +297,10 @@ class Scheduler:
         start = time.perf_counter()
         for chunk in batch:
             if chunk.start == 0:
-                self.metrics.queue_seconds.observe(start - chunk.entry.enqueued)
+                waited = start - chunk.entry.enqueued
+                self.metrics.queue_seconds.observe(waited)
+                if chunk.entry.on_start is not None:
+                    chunk.entry.on_start(waited)
         work = [Work(chunk.entry.task, chunk.entry.method, chunk.queries) for chunk in batch]
         self.metrics.batch_size.observe(sum(len(w.queries) for w in work))
         try:

@@ -72,6 +72,7 @@ class Scored(msgspec.Struct, tag="scored"):
     logits: list[list[float]]
     logprobs: list[list[float]]
     raw_logprobs: list[list[float]] | None
+    queue_s: float
 
 
 class Failed(msgspec.Struct, tag="failed"):

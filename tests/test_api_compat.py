@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from html.parser import HTMLParser
 
 import httpx
@@ -275,6 +276,19 @@ def test_timing_headers_measure_the_request(serve):
         assert timing["x-inference-time"] >= 300 and timing["x-tokenization-time"] < 300
         assert timing["x-total-time"] >= max(timing[name] for name in TIMING[1:])
         assert timing["x-total-time"] >= sum(timing[name] for name in TIMING[1:])
+
+
+def test_queue_time_is_the_wait_for_the_first_forward(serve):
+    """TEI's meaning: two requests that cannot share a batch (one row per batch); whichever goes
+    second waits in the queue for the other's whole forward."""
+    client = serve(max_batch_size=1)
+    slow_forwards(client, 0.5)
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda text: client.post("/v1/classify", json={"task": "sentiment", "input": text}),
+                                ["x", "y"]))
+    timings = sorted((timing_of(a) for a in answers), key=lambda t: t["x-queue-time"])
+    assert timings[0]["x-queue-time"] < 400 <= timings[1]["x-queue-time"]
+    assert all(t["x-inference-time"] >= 500 for t in timings)
 
 
 def test_request_id_in_the_body_equals_the_header(serve):

@@ -105,7 +105,7 @@ async def occupy(scheduler: Scheduler, model: Model) -> asyncio.Future:
 
 
 @pytest.mark.parametrize(("prefix", "forwards"), [(100, [[BUSY], [1], [2]]), (0, [[BUSY], [1, 2]])])
-def test_token_budget_counts_prefix_tokens(prefix, forwards):
+def test_token_budget_counts_attended_tokens(prefix, forwards):
     """Two 30-token queries under a 250-token budget: with 100 prefix tokens a row costs 130, and two
     rows (260) do not fit; without a prefix they (60) share one forward."""
 
@@ -120,7 +120,7 @@ def test_token_budget_counts_prefix_tokens(prefix, forwards):
     assert run(BatchLimits(8, 250, 0.0, 10), scenario) == forwards
 
 
-def test_prefix_tokens_split_one_request():
+def test_attended_tokens_split_one_request():
     """Three rows of prefix 100 + query 20 (120 each) under 250: two rows, then one."""
 
     async def scenario(scheduler, model):
