@@ -33,8 +33,8 @@ from anchor_cache.heads import (
     linear_choices,
     linear_layers,
 )
+from anchor_cache.keep import anchor_keep, random_keep
 from anchor_cache.many_shot import many_shot_cache
-from anchor_cache.methods import anchor_keep, random_keep
 from anchor_cache.models import LoadedModel
 from anchor_cache.packed import PackedRow, packed_features, packed_hidden, packed_label_logits
 from anchor_cache.prompt import TaskPrompt

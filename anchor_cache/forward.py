@@ -28,7 +28,7 @@ from anchor_cache.models import LoadedModel
 def to_device(values: Sequence | np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     """Host numbers as a tensor on `device`. To a GPU through pinned memory without blocking, so the
     host does not wait for the device's queue to drain (as a plain copy does): the server prepares
-    the next batch while the device still runs the last one (server/engine.py)."""
+    the next batch while the device still runs the last one (server/inprocess.py)."""
     tensor = torch.as_tensor(values)
     if device.type != "cuda":
         return tensor.to(device)

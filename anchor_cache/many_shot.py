@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from anchor_cache.cache import AnchorCache, build_anchor_cache, merge_anchor_caches
-from anchor_cache.methods import anchor_keep
+from anchor_cache.keep import anchor_keep
 from anchor_cache.models import LoadedModel
 from anchor_cache.prompt import TaskPrompt
 from anchor_cache.task import Demonstration, TaskSpec

@@ -26,12 +26,7 @@ from typing import Any
 import torch
 
 from anchor_cache.auto import choose
-from anchor_cache.classifier import CACHED_METHODS, Classifier, calibrate
-from anchor_cache.errors import CacheMismatchError, ConflictError, NotFoundError, UnavailableError, ValidationError
-from anchor_cache.models import LoadedModel
-from anchor_cache.priors import PriorShift, class_frequencies
-from anchor_cache.reweighting import learn_pool_beta, pool_config, pool_hash, pool_rows
-from anchor_cache.storage import (
+from anchor_cache.blobs import (
     BlobStore,
     beta_blob,
     cache_blob,
@@ -48,6 +43,11 @@ from anchor_cache.storage import (
     save_choice,
     shipped_beta_key,
 )
+from anchor_cache.classifier import CACHED_METHODS, Classifier, calibrate
+from anchor_cache.errors import CacheMismatchError, ConflictError, NotFoundError, UnavailableError, ValidationError
+from anchor_cache.models import LoadedModel
+from anchor_cache.priors import PriorShift, class_frequencies
+from anchor_cache.reweighting import learn_pool_beta, pool_config, pool_hash, pool_rows
 from anchor_cache.task import AUTO, HEAD_METHODS, Method, TaskSpec, preview
 
 log = logging.getLogger(__name__)

@@ -25,15 +25,15 @@ from anchor_cache.errors import AnchorServeError, ValidationError
 from anchor_cache.models import resolve_model_dir
 from anchor_cache.task import Method
 from server import wire
-from server.engine import Engine
 from server.engine_client import Scores
+from server.inprocess import InProcessEngine
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 
 class CoreEndpoint:
-    def __init__(self, engine: Engine, address: str, metrics: Metrics) -> None:
+    def __init__(self, engine: InProcessEngine, address: str, metrics: Metrics) -> None:
         self.engine = engine
         self.address = address
         self.metrics = metrics

@@ -1,5 +1,5 @@
 """`EngineClient`: what the classify service needs from an engine, in vLLM's sense (its
-`vllm/engine/protocol.py`), implemented in process (`server.engine.Engine`) and across a socket
+`vllm/engine/protocol.py`), implemented in process (`server.inprocess.InProcessEngine`) and across a socket
 (`server.remote.RemoteEngine`, the client of an engine-core process).
 
 The service tokenises where it runs, so a task reaches it as a `TaskView`: the task's spec bound

@@ -71,7 +71,7 @@ def serve_app(settings: Settings, engine_address: str | None = None, sockets: li
     """Serve the whole app (one process, or the engine core behind frontends with
     `engine_address`) until SIGTERM/SIGINT; the start-up error when the model or state could not load."""
     from server.app import build_app
-    from server.engine import fit_threads
+    from server.inprocess import fit_threads
 
     server = None
 

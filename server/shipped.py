@@ -2,7 +2,7 @@
 
 Learning the built-in task's β from its pool takes minutes on a CPU; a first start used to serve
 without it until then. The file in `server/data/` is named by the task's shipped-β key
-(`anchor_cache.storage.shipped_beta_key`): the task's template, labels, demonstrations and method,
+(`anchor_cache.blobs.shipped_beta_key`): the task's template, labels, demonstrations and method,
 and the default model's weights and tokenizer, in any dtype. It serves when all of those match and
 its pool hash matches the task's pool; any other task, model or pool learns β in the background
 as before.
@@ -20,11 +20,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from anchor_cache.blobs import cache_identity, shipped_beta_file, shipped_beta_key
 from anchor_cache.classifier import Classifier
 from anchor_cache.models import load_model
 from anchor_cache.names import DEFAULT_MODEL
 from anchor_cache.reweighting import learn_pool_beta
-from anchor_cache.storage import cache_identity, shipped_beta_file, shipped_beta_key
 from server.settings import builtin_task
 from server.store.local import write_atomic
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from server.analyses import AnalysisService
 from server.classify import ClassifyService
 from server.core import CoreEndpoint
-from server.engine import Engine
+from server.inprocess import InProcessEngine
 from server.jobs import JobRunner
 from server.metrics import Metrics
 from server.replication import Replication
@@ -23,7 +23,7 @@ class ServerState:
         self.settings = settings
         self.metrics = Metrics()
         self.store = open_store(settings.state_url.get_secret_value(), settings.state_dir)
-        self.engine = Engine(settings, self.metrics, self.store)
+        self.engine = InProcessEngine(settings, self.metrics, self.store)
         self.jobs = JobRunner(self.store, settings.job_ttl_s)
         self.replication = Replication(self.engine, self.store, self.jobs, settings.sync_interval_s)
         self.classify = ClassifyService(self.engine, settings, self.metrics)

@@ -45,7 +45,7 @@ def test_imports_run_engine_then_server_then_clients():
 
 def test_the_state_store_loads_without_torch():
     code = ("import sys, server.store.local, server.store.redis; "
-            "print([m for m in ('torch', 'transformers', 'anchor_cache.storage') if m in sys.modules])")
+            "print([m for m in ('torch', 'transformers', 'anchor_cache.blobs') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

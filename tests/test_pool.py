@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import save_file
 
 from anchor_cache import Classifier, Demonstration, load_model
+from anchor_cache.blobs import find_beta
 from anchor_cache.registry import TaskRegistry
 from anchor_cache.reweighting import load_beta, pool_rows
-from anchor_cache.storage import find_beta
 from server.store.local import LocalStore
 from tests.conftest import ADMIN, QUERIES, sentiment_task, wait_finished, wait_reweighted
 

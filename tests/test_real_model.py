@@ -10,11 +10,11 @@ import torch
 
 from anchor_cache import Classifier, Demonstration, Method, load_model
 from anchor_cache.arguments import default_data_root
+from anchor_cache.blobs import cache_identity, find_shipped_beta, shipped_beta_key
 from anchor_cache.cache import build_anchor_cache
 from anchor_cache.data import read_jsonl, sample_rows, seed_demonstrations
 from anchor_cache.forward import Prefix, label_logits, last_hidden
 from anchor_cache.reweighting import pool_hash
-from anchor_cache.storage import cache_identity, find_shipped_beta, shipped_beta_key
 from anchor_cache.task import PRESETS, TaskSpec
 from server.settings import builtin_task
 from server.shipped import SHIPPED_BETAS

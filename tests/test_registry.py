@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from anchor_cache import Classifier, Method
+from anchor_cache.blobs import beta_blob, cache_blob, cache_identity, shipped_beta_file, shipped_beta_key
 from anchor_cache.errors import ConflictError, NotFoundError, UnavailableError
 from anchor_cache.registry import TaskRegistry
 from anchor_cache.reweighting import pool_hash
-from anchor_cache.storage import beta_blob, cache_blob, cache_identity, shipped_beta_file, shipped_beta_key
 from server.replication import seed
 from server.store import ABSENT, TaskRecord
 from server.store.local import LocalStore

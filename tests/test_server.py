@@ -562,7 +562,7 @@ def test_a_store_that_lost_its_records_refuses_writes(serve, tmp_path):
 def test_ready_says_what_start_up_is_doing_and_when_to_retry(model_dir, tmp_path, monkeypatch):
     import threading
 
-    import server.engine
+    import server.inprocess
 
     gate, loading = threading.Event(), threading.Event()
 
@@ -571,7 +571,7 @@ def test_ready_says_what_start_up_is_doing_and_when_to_retry(model_dir, tmp_path
         assert gate.wait(30)
         return load_model(*args)
 
-    monkeypatch.setattr(server.engine, "load_model", slow_load)
+    monkeypatch.setattr(server.inprocess, "load_model", slow_load)
     with TestClient(build_app(settings(model_dir, tmp_path / "state"))) as client:
         try:
             assert loading.wait(30)

@@ -20,8 +20,8 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr, TypeAdapter, ValidationError
 
 from anchor_cache import Classifier
+from anchor_cache.blobs import parse_tensors
 from anchor_cache.reweighting import pool_hash
-from anchor_cache.storage import parse_tensors
 from server.app import build_app
 from server.logs import log_handler
 from server.redaction import redact_url

@@ -4,7 +4,7 @@
   store-wide, monotonically increasing revision; writes are compare-and-set on that revision;
 - blobs: content-addressed files (anchor caches, learned β) that every replica can load instead of
   rebuilding; caches are derivable, so a missing blob is a rebuild, never an error. The engine
-  reaches a store only through this part (`anchor_cache.storage.BlobStore`);
+  reaches a store only through this part (`anchor_cache.blobs.BlobStore`);
 - job records and their PNG plots, with a time to live, so any replica answers for any job, and
   cancel requests that reach the replica running the job;
 - change notification: a counter that grows with every task write or cancel request, and a

@@ -31,7 +31,6 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -39,6 +38,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from anchor_cache.errors import UnavailableError
+from server.redaction import redact_url
 from server.store.base import StateStore
 from server.store.records import (
     CANCEL_TTL_S,
@@ -131,24 +131,6 @@ return 1
 """
 
 
-def hide_password(url: str) -> str:
-    """`url` for messages and logs: any password (in the user info or a `password=` query) as ***."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<an unparsable Redis URL>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        netloc = f"{userinfo.split(':', 1)[0]}:***@{host}" if ":" in userinfo else f"***@{host}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*/")
-    shown = f"{parts.scheme}://{netloc}{parts.path}"  # urlunsplit would drop the '//' of unix:///path
-    return shown + (f"?{query}" if query else "") + (f"#{parts.fragment}" if parts.fragment else "")
-
-
 def _stamp() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
 
@@ -161,7 +143,7 @@ class RedisStore(StateStore):
     """The state store in the Redis at `url`, under keys starting with `prefix` (see the module docstring)."""
 
     def __init__(self, url: str, prefix: str = "anchorserve:") -> None:
-        self.url = hide_password(url)
+        self.url = redact_url(url)
         self.prefix = prefix
         self._tasks_key = f"{prefix}tasks"
         self._counter_key = f"{prefix}revision"

@@ -88,7 +88,7 @@ def scores_of(part: torch.Tensor, queue_s: float) -> Scores:
                   raw_logprobs=[r[2] for r in rows] if part.shape[1] == 3 else None, queue_s=queue_s)
 
 
-class Engine:
+class InProcessEngine:
     def __init__(self, settings: Settings, metrics: Metrics, store: StateStore) -> None:
         self.settings = settings
         self.metrics = metrics

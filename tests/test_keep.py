@@ -9,7 +9,7 @@ import pytest
 
 from anchor_cache import Classifier, Demonstration, Method, ValidationError
 from anchor_cache.data import Example, read_jsonl, sample_demonstrations, sample_rows
-from anchor_cache.methods import anchor_keep, random_keep
+from anchor_cache.keep import anchor_keep, random_keep
 from anchor_cache.task import POOL_METHODS
 from tests.conftest import QUERIES, sentiment_task
 

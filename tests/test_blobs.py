@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from anchor_cache import CacheMismatchError, Classifier, Demonstration, Method
-from anchor_cache.storage import (
+from anchor_cache.blobs import (
     beta_blob,
     cache_blob,
     cache_identity,
