@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -63,9 +64,19 @@ class StateStore(ABC):
     def changes(self) -> int:
         """A counter that grows with every write and every cancel request (cheap to read)."""
 
-    @abstractmethod
     def wait_for_change(self, seen: int, timeout: float) -> int:
         """Block until `changes()` differs from `seen` or `timeout` seconds pass; returns it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            current = self.changes()
+            remaining = deadline - time.monotonic()
+            if current != seen or remaining <= 0:
+                return current
+            self._await_change(seen, remaining)
+
+    @abstractmethod
+    def _await_change(self, seen: int, timeout: float) -> None:
+        """Block for a while, up to `timeout`, returning early if a change may have come."""
 
     # --- content-addressed blobs ----------------------------------------------------------------
 

@@ -204,14 +204,8 @@ class LocalStore(StateStore):
             value = self._read_counter()
             return value if value is not None else self._highest_revision()
 
-    def wait_for_change(self, seen: int, timeout: float) -> int:
-        deadline = time.monotonic() + timeout
-        while True:
-            current = self.changes()
-            remaining = deadline - time.monotonic()
-            if current != seen or remaining <= 0:
-                return current
-            time.sleep(min(POLL_S, remaining))
+    def _await_change(self, seen: int, timeout: float) -> None:
+        time.sleep(min(POLL_S, timeout))  # one host: polling the counter file is cheap
 
     # --- task records -------------------------------------------------------------------------------
 

@@ -39,20 +39,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from anchor_cache.errors import UnavailableError
 from server.redaction import redact_url
+from server.store import records
 from server.store.base import StateStore
-from server.store.records import (
-    CANCEL_TTL_S,
-    TASK_NAME,
-    Source,
-    TaskRecord,
-    check_blob_name,
-    check_job_id,
-    check_write,
-    conflict,
-    one_line,
-    parse_record,
-    stale,
-)
+from server.store.records import TASK_NAME, Source, TaskRecord, one_line
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +204,7 @@ class RedisStore(StateStore):
                 raw = self._redis.hget(self._tasks_key, name)
             if raw is None:
                 return None
-            record = parse_record(name, raw)
+            record = records.parse_record(name, raw)
             if isinstance(record, TaskRecord):
                 return record
             reason = record
@@ -238,7 +227,7 @@ class RedisStore(StateStore):
             return self._redis.hget(self._tasks_key, name)
 
     def write(self, name: str, spec: dict[str, Any] | None, source: Source, expect: int | None) -> TaskRecord:
-        check_write(name, spec, source, expect)
+        records.check_write(name, spec, source, expect)
         body = self._body(spec, source)
         for _ in range(5):
             with self._talk():
@@ -250,9 +239,9 @@ class RedisStore(StateStore):
             if status == "OK":
                 return TaskRecord(name=name, revision=revision, spec=spec, source=source)
             if status == "CONFLICT":
-                raise conflict(name, revision, bool(damaged))
+                raise records.conflict(name, revision, bool(damaged))
             if status == "STALE":
-                raise stale(name, revision, expect if expect is not None else 0)
+                raise records.stale(name, revision, expect if expect is not None else 0)
             self.record(name)  # DAMAGED: quarantine the stored bytes (a new revision), then decide again
         raise UnavailableError(f"the state store {self.url}: the record of task {name} keeps changing; retry")
 
@@ -263,23 +252,17 @@ class RedisStore(StateStore):
 
     # --- change notification ------------------------------------------------------------------------
 
-    def wait_for_change(self, seen: int, timeout: float) -> int:
+    def _await_change(self, seen: int, timeout: float) -> None:
         """Listens on the events channel (one subscription, used by one waiting thread at a time;
-        the others re-read the counter when it returns); re-reads the counter at least every
-        second, and polls it while pub/sub is broken, so a missed message only costs latency."""
-        deadline = time.monotonic() + timeout
-        while True:
-            current = self.changes()
-            remaining = deadline - time.monotonic()
-            if current != seen or remaining <= 0:
-                return current
-            if time.monotonic() < self._pubsub_retry_at:
-                time.sleep(min(FALLBACK_POLL_S, remaining))
-            elif self._pubsub_lock.acquire(timeout=min(LISTEN_SLICE_S, remaining)):
-                try:
-                    self._listen_locked(seen, min(LISTEN_SLICE_S, remaining))
-                finally:
-                    self._pubsub_lock.release()
+        the others re-read the counter when it returns) for at most a second, and polls while
+        pub/sub is broken, so a missed message only costs latency."""
+        if time.monotonic() < self._pubsub_retry_at:
+            time.sleep(min(FALLBACK_POLL_S, timeout))
+        elif self._pubsub_lock.acquire(timeout=min(LISTEN_SLICE_S, timeout)):
+            try:
+                self._listen_locked(seen, min(LISTEN_SLICE_S, timeout))
+            finally:
+                self._pubsub_lock.release()
 
     def _listen_locked(self, seen: int, timeout: float) -> None:
         """Subscribe if needed, then wait up to `timeout` for a message (or return at once if the
@@ -321,7 +304,7 @@ class RedisStore(StateStore):
     # --- blobs --------------------------------------------------------------------------------------
 
     def _blob_key(self, name: str) -> str:
-        return self._key("blob", check_blob_name(name))
+        return self._key("blob", records.check_blob_name(name))
 
     def get_blob(self, name: str) -> bytes | None:
         key = self._blob_key(name)
@@ -375,11 +358,11 @@ class RedisStore(StateStore):
                 self._redis.set(key, value, px=_ms(ttl_s))
 
     def put_job(self, job_id: str, record: dict[str, Any], ttl_s: float) -> None:
-        key = self._key("job", check_job_id(job_id))
+        key = self._key("job", records.check_job_id(job_id))
         self._set_expiring(key, json.dumps(record, ensure_ascii=False).encode(), ttl_s)
 
     def get_job(self, job_id: str) -> dict[str, Any] | None:
-        key = self._key("job", check_job_id(job_id))
+        key = self._key("job", records.check_job_id(job_id))
         with self._talk():
             raw = self._redis.get(key)
         if raw is None:
@@ -395,25 +378,25 @@ class RedisStore(StateStore):
         return record
 
     def put_plot(self, job_id: str, name: str, png: bytes, ttl_s: float) -> None:
-        key = self._key("plot", check_job_id(job_id), check_job_id(name, "plot name"))
+        key = self._key("plot", records.check_job_id(job_id), records.check_job_id(name, "plot name"))
         self._set_expiring(key, bytes(png), ttl_s)
 
     def get_plot(self, job_id: str, name: str) -> bytes | None:
-        key = self._key("plot", check_job_id(job_id), check_job_id(name, "plot name"))
+        key = self._key("plot", records.check_job_id(job_id), records.check_job_id(name, "plot name"))
         with self._talk():
             return self._redis.get(key)
 
     def request_cancel(self, job_id: str) -> None:
-        key = self._key("cancel", check_job_id(job_id))
+        key = self._key("cancel", records.check_job_id(job_id))
         with self._talk():
             pipe = self._redis.pipeline(transaction=True)
-            pipe.set(key, b"1", ex=int(CANCEL_TTL_S))
+            pipe.set(key, b"1", ex=int(records.CANCEL_TTL_S))
             pipe.incr(self._counter_key)
             pipe.publish(self._channel, b"cancel")
             pipe.execute()
 
     def cancel_requested(self, job_ids: list[str]) -> set[str]:
-        ids = [check_job_id(job_id) for job_id in job_ids]
+        ids = [records.check_job_id(job_id) for job_id in job_ids]
         if not ids:
             return set()
         with self._talk():
