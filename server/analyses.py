@@ -19,7 +19,7 @@ from anchor_cache.data import Example, read_jsonl
 from anchor_cache.errors import NotFoundError, ValidationError
 from anchor_cache.task import TaskSpec, label_index
 from server.datafiles import data_path
-from server.inprocess import InProcessEngine
+from server.engine_client import AdminEngineClient
 from server.jobs import Job, JobRunner, TooManyJobs, in_background_thread
 from server.protocol import AnalysisRequest
 from server.settings import Settings
@@ -28,7 +28,7 @@ JOB_KIND = "analysis"
 
 
 class AnalysisService:
-    def __init__(self, engine: InProcessEngine, jobs: JobRunner, settings: Settings) -> None:
+    def __init__(self, engine: AdminEngineClient, jobs: JobRunner, settings: Settings) -> None:
         self.engine = engine
         self.jobs = jobs
         self.settings = settings

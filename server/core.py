@@ -22,18 +22,16 @@ import zmq
 import zmq.asyncio
 
 from anchor_cache.errors import AnchorServeError, ValidationError
-from anchor_cache.models import resolve_model_dir
 from anchor_cache.task import Method
 from server import wire
-from server.engine_client import Scores
-from server.inprocess import InProcessEngine
+from server.engine_client import AdminEngineClient, Scores
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 
 class CoreEndpoint:
-    def __init__(self, engine: InProcessEngine, address: str, metrics: Metrics) -> None:
+    def __init__(self, engine: AdminEngineClient, address: str, metrics: Metrics) -> None:
         self.engine = engine
         self.address = address
         self.metrics = metrics
@@ -106,7 +104,7 @@ class CoreEndpoint:
             case wire.Hello(id=id):
                 engine.require_ready()
                 self._send(sender, wire.ModelFacts(id=id, name=engine.model_name(),
-                                                   model_dir=str(resolve_model_dir(engine.settings.model)),
+                                                   model_dir=engine.model_dir(),
                                                    max_token_bytes=engine.max_token_bytes,
                                                    compute_type=engine.compute_type()))
             case wire.Describe(id=id, task=name):

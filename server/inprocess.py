@@ -30,7 +30,7 @@ from anchor_cache.classifier import CACHED_METHODS
 from anchor_cache.cpus import torch_threads, usable_cpus
 from anchor_cache.errors import UnavailableError
 from anchor_cache.graphs import PackedGraphs
-from anchor_cache.models import LoadedModel, load_model
+from anchor_cache.models import LoadedModel, load_model, resolve_model_dir
 from anchor_cache.packed import packed_label_logits
 from anchor_cache.registry import ServedTask, TaskRegistry
 from anchor_cache.reweighting import TrainConfig, TrainResult, train_reweighting
@@ -336,6 +336,10 @@ class InProcessEngine:
     def save_beta(self, served: ServedTask) -> None:
         """Store the task's β blob (blocking I/O)."""
         self._ready().save_beta(served)
+
+    def model_dir(self) -> str:
+        """Where the model's files are, for frontends that load its tokenizer."""
+        return str(resolve_model_dir(self.settings.model))
 
     def model(self) -> LoadedModel:
         """The loaded model, for the analyses' own forwards."""

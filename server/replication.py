@@ -27,7 +27,7 @@ import logging
 from anchor_cache.errors import ConflictError, PreconditionFailedError, UnavailableError
 from anchor_cache.registry import ServedTask
 from anchor_cache.task import TaskSpec
-from server.inprocess import InProcessEngine
+from server.engine_client import AdminEngineClient
 from server.jobs import JobRunner
 from server.store import ABSENT, StateStore, TaskRecord
 
@@ -59,7 +59,7 @@ def seed(store: StateStore, configured: list[TaskSpec]) -> None:
 
 
 class Replication:
-    def __init__(self, engine: InProcessEngine, store: StateStore, jobs: JobRunner, interval_s: float) -> None:
+    def __init__(self, engine: AdminEngineClient, store: StateStore, jobs: JobRunner, interval_s: float) -> None:
         self.engine = engine
         self.store = store
         self.jobs = jobs

@@ -14,7 +14,7 @@ from server.jobs import JobRunner
 from server.metrics import Metrics
 from server.replication import Replication
 from server.settings import Settings
-from server.store import open_store
+from server.store.url import open_store
 from server.tasks import TaskService
 
 

@@ -35,7 +35,7 @@ from anchor_cache.registry import ServedTask
 from anchor_cache.reweighting import TrainConfig
 from anchor_cache.task import TEXT_SLOT, Method, TaskSpec, label_index, preview
 from server.datafiles import dataset_file, inline_rows
-from server.inprocess import InProcessEngine
+from server.engine_client import AdminEngineClient
 from server.jobs import Job, JobRunner, in_background_thread
 from server.protocol import ReweightRequest, TaskInfo
 from server.replication import Replication
@@ -50,7 +50,8 @@ _ENTITY_TAGS = re.compile(rf"{_ENTITY_TAG.pattern}(?:[ \t]*,[ \t]*{_ENTITY_TAG.p
 
 
 class TaskService:
-    def __init__(self, engine: InProcessEngine, replication: Replication, jobs: JobRunner, settings: Settings) -> None:
+    def __init__(self, engine: AdminEngineClient, replication: Replication, jobs: JobRunner,
+                 settings: Settings) -> None:
         self.engine = engine
         self.store = replication.store
         self.replication = replication

@@ -1,11 +1,10 @@
 """Two real server processes sharing one state store agree, on each backend (`local`: one state dir
 on this host; `redis`: a real redis-server on loopback).
 
-The five observations that issue 11 started from are each a test here: a task created on A serves on
-B; a replacement on A reaches B; a job taken by A answers on B (and B cancels it); a create on B of a
-name A has is 409; concurrent replacements on A and B end the same on both, and stay so after both
-restart. Plus: a delete on B stops A, a stale If-Match is 412, kill -9 of a replica mid-write, and (Redis)
-a Redis restart under classification load.
+Tested: a task created on A serves on B; a replacement on A reaches B; a job taken by A answers on B
+(and B cancels it); a create on B of a name A has is 409; concurrent replacements on A and B end the
+same on both, and stay so after both restart; a delete on B stops A; a stale If-Match is 412; kill -9
+of a replica mid-write; and (Redis) a Redis restart under classification load.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from typing import Any
 import pytest
 
 from anchor_cache.errors import UnavailableError
-from server.store import open_store
+from server.store.url import open_store
 from tests.processes import ServerProcess
 from tests.test_faults import BIG_DEMOS, QUERIES, article, review, same_probs
 
@@ -226,7 +225,7 @@ OUTAGE_TRIALS = 20
 
 
 def test_writes_that_meet_a_store_outage_converge_everywhere(replicas, redis_process, tmp_path):
-    """Issue 22's reproduction, 20 times: a PUT to A, Redis stopped 0-50 ms later (mid-build) and
+    """A store outage mid-write, 20 times: a PUT to A, Redis stopped 0-50 ms later (mid-build) and
     started again. After every trial the store, A and B agree on the task within sync_interval_s
     + 5 s, and so they do after B restarts; a write acknowledged with a 2xx is served."""
     if replicas.backend != "redis":
