@@ -100,19 +100,6 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
-class _DeprecatedAlias(argparse.Action):
-    """A hidden old flag name (`new` is the one to use): stores into its dest and says so on stderr."""
-
-    def __init__(self, *args: Any, new: str, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.new = new
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
-        sys.stderr.write(f"{parser.prog}: warning: {option_string} is deprecated; use {self.new}\n")
-        setattr(namespace, self.dest, values)
-
-
 # --- arguments ----------------------------------------------------------------------------------------
 
 
@@ -170,8 +157,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     cl.add_argument("--data", type=Path, metavar="DIR|FILE",
                     help="dataset folder with train.jsonl, or a JSONL file of {\"text\", \"label\"} rows, to draw "
                          f"demonstrations from; with --preset the default is ${DATA_DIR_ENV}/<preset>")
-    cl.add_argument("--demos-from", dest="data", type=Path, action=_DeprecatedAlias, new="--data",
-                    help=argparse.SUPPRESS)
     _add_task_args(cl)
     cl.add_argument("--seed", type=int, default=42, help="draws the demonstrations (default 42)")
     cl.add_argument("--method", type=Method, default=Method.HIDDEN_ANCHOR, choices=list(Method),

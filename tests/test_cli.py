@@ -161,10 +161,7 @@ def test_classify_takes_data_like_the_other_commands(tiny_folder, dataset_dir, t
         code, err, out = run(main, ["classify", *data, *common], capsys)
         assert (code, err) == (0, [])
         outputs.append(out)
-    code, err, out = run(main, ["classify", "--demos-from", str(root / "sst2" / "train.jsonl"), *TASK, *common],
-                         capsys)
-    assert code == 0 and err == ["python -m anchor_cache classify: warning: --demos-from is deprecated; use --data"]
-    assert len(set([*outputs, out])) == 1 and json.loads(out)["label"] in {"Negative", "Positive"}
+    assert len(set(outputs)) == 1 and json.loads(outputs[0])["label"] in {"Negative", "Positive"}
 
 
 # --- every mistake: one line, the right status, before the model loads ------------------------------
@@ -280,7 +277,7 @@ def test_anchorserve_runs_the_engine_commands(no_model, dataset_dir, capsys):
     code, err, out = run(anchorserve_main, ["--help"], capsys)
     assert code == 0 and all(c in out for c in ("serve", "eval", "classify", "reweight", "analyze"))
     code, err, out = run(anchorserve_main, ["classify", "--help"], capsys)
-    assert code == 0 and "--beta" in out and "--data" in out and "--demos-from" not in out
+    assert code == 0 and "--beta" in out and "--data" in out
 
 
 @pytest.mark.parametrize("argv", [["-m", "server.cli", "serve", "--help"], ["-m", "server", "--help"]])
