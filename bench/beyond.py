@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from anchor_cache.analysis.plots import new_figure, to_png
+from anchor_cache.arguments import default_data_root
 from anchor_cache.classifier import Classifier
-from anchor_cache.cli import default_data_root
 from anchor_cache.data import read_jsonl, sample_rows, seed_demonstrations, training_draw
 from anchor_cache.evaluate import EvalConfig, evaluate
 from anchor_cache.models import load_model

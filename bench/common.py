@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from anchor_cache.cli import default_data_root
+from anchor_cache.arguments import default_data_root
 from anchor_cache.task import PRESETS
 
 DATASETS = ["sst2", "trec", "agnews", "emoc"]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from anchor_cache.cli import default_data_root
+from anchor_cache.arguments import default_data_root
 from anchor_cache.names import cache_dir
 from bench.common import RESULTS
 from bench.load import load_phase, start_server, stop_server

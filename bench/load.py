@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from anchor_cache.cli import default_data_root
+from anchor_cache.arguments import default_data_root
 from anchor_cache.names import cache_dir
 from bench.common import RESULTS, wait_ready
 

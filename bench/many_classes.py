@@ -12,8 +12,8 @@ import json
 import sys
 import time
 
+from anchor_cache.arguments import default_data_root
 from anchor_cache.classifier import Classifier
-from anchor_cache.cli import default_data_root
 from anchor_cache.data import read_jsonl
 from anchor_cache.models import load_model
 from anchor_cache.reweighting import learn_pool_beta

@@ -53,8 +53,8 @@ import httpx
 import numpy as np
 import torch
 
+from anchor_cache.arguments import default_data_root
 from anchor_cache.classifier import Classifier
-from anchor_cache.cli import default_data_root
 from anchor_cache.data import read_jsonl, sample_rows, seed_demonstrations
 from anchor_cache.models import default_gguf_path, load_model
 from anchor_cache.task import PRESETS, TEXT_SLOT, TaskSpec

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import httpx
 
-from anchor_cache.cli import default_data_root
+from anchor_cache.arguments import default_data_root
 from anchor_cache.data import read_jsonl
 from anchor_cache.names import cache_dir
 from anchor_cache.task import PRESETS

@@ -76,7 +76,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from anchor_cache.cli import default_data_root
+from anchor_cache.arguments import default_data_root
 from anchor_cache.models import DEFAULT_MODEL, resolve_model_dir
 from bench.common import RESULTS, log_tail, wait_ready
 from bench.load import free_port, hide_unrequired

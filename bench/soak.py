@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from anchor_cache.cli import default_data_root
+from anchor_cache.arguments import default_data_root
 from anchor_cache.names import DEFAULT_MODEL
 from bench.common import RESULTS
 from bench.load import free_port
