@@ -1,4 +1,4 @@
-"""Admin input that cannot stall classification, cancellable β jobs and a bounded exit (issue 22).
+"""Admin input that cannot stall classification, cancellable β jobs and a bounded exit.
 
     python -m bench.admin_pressure                     # writes bench/results/admin_pressure.json
 

@@ -1,4 +1,4 @@
-"""`method: auto`, its accuracy estimate, and class priors on the development sets (issue 21).
+"""`method: auto`, its accuracy estimate, and class priors on the development sets.
 
     python -m bench.auto --seeds 42,43,44,45,46 --limit 300      # bench/results/auto.json, a markdown table
 

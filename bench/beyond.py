@@ -1,4 +1,4 @@
-"""Beyond the paper: more labelled rows per class, counted at Hidden_anchor's cost (issue 13).
+"""Beyond the paper: more labelled rows per class, counted at Hidden_anchor's cost.
 
     python -m bench.beyond                      # bench/results/beyond.json, docs/beyond-curve.png
     python -m bench.beyond --datasets sst2 --seeds 42,43 --limit 100   # a quicker look

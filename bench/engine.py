@@ -1,12 +1,12 @@
-"""Engine throughput with the engine's own API: the serving forward of the previous commit (padded,
-one task per batch) in float32 and bfloat16, against the packed forward, at batch 1 and 32.
+"""Engine throughput with the engine's own API: the padded forward (one task per batch) in float32
+and bfloat16, against the packed forward the server runs, at batch 1 and 32.
 
     python -m bench.engine --repeats 7        # bench/results/engine.json, prints markdown
 
 SST-2 test sentences, the SST-2 template, one demonstration per class (seed 42), Hidden_anchor.
 The variants run interleaved, their order rotating each repeat, so machine noise hits them alike;
-medians over repeats. "padded" is `label_logits(last_hidden(...))`, the previous serving path;
-"packed" is `packed_label_logits`, today's (anchor_cache/packed.py).
+medians over repeats. "padded" is `label_logits(last_hidden(...))`; "packed" is
+`packed_label_logits` (anchor_cache/packed.py).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A new user's first start: a fresh clone, `make serve`, and the first correct answer (issue 20).
+"""A new user's first start: a fresh clone, `make serve`, and the first correct answer.
 
 Each round clones the tree's last commit into a temporary folder and runs `make serve` there with
 an empty model cache (`ANCHORSERVE_CACHE_DIR`), so the round pays the venv, the install, the GGUF

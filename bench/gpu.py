@@ -1,12 +1,12 @@
-"""The serving issue's GPU figures, in one run of about five minutes on a lent GPU.
+"""The serving path's GPU figures, in one run of about five minutes on a lent GPU.
 
     python -m bench.gpu --model DIR --test sst2/test.jsonl --train sst2/train.jsonl --out gpu.json
     python -m bench.gpu --model CONFIG_DIR --dummy-weights ...    # a config and tokenizer, random weights
 
 Engine, in process (bfloat16, SST-2 template, 1 demonstration per class drawn with seed 42,
 Hidden_anchor), medians of `--repeats` after warm-ups, timed between `torch.cuda.synchronize()`:
-- throughput at each of `--batches`: the eager packed forward (the previous commit's serving
-  path) and the same batch replayed from CUDA graphs (anchor_cache/graphs.py); the first graphed
+- throughput at each of `--batches`: the eager packed forward (what serves without
+  graphs) and the same batch replayed from CUDA graphs (anchor_cache/graphs.py); the first graphed
   call, which captures, is timed apart, and so is the graph's replay alone (the GPU's share of a
   graphed call; the rest is the host's batch work). Beside them the largest logit difference between the two
   and how often their argmax agrees (bfloat16, so not zero: the graphs' fixed spans group the
@@ -160,7 +160,7 @@ def server(args: argparse.Namespace, texts: list[str], work: Path) -> dict:
 
 
 def summary(result: dict) -> dict:
-    """The issue's targets, read off the run."""
+    """The headline figures: the engine's best graphed throughput, and the fastest HTTP run with its share of it."""
     eng = result.get("engine", {})
     best = max((p["graph_rps"] for p in eng.get("throughput", {}).values()), default=None)
     runs = result.get("server", {})

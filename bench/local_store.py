@@ -1,4 +1,4 @@
-"""Today's LocalStore (files) against stdlib sqlite3 in WAL mode for the task records (issue 23).
+"""LocalStore (files) against stdlib sqlite3 in WAL mode for the task records.
 
     python -m bench.local_store                # writes bench/results/local_store.json, prints tables
     python -m bench.local_store --runs 1       # one run instead of two

@@ -1,4 +1,4 @@
-"""β for a 14-class task with 16 pool rows per class, at 16 examples a step: the time (issue 21).
+"""β for a 14-class task with 16 pool rows per class, at 16 examples a step: the time.
 
     OMP_NUM_THREADS=1 taskset -c 1 python -m bench.many_classes     # prints one JSON line
 

@@ -1,4 +1,4 @@
-"""A task without a pool: Hidden_anchor with and without contextual calibration (issue 21).
+"""A task without a pool: Hidden_anchor with and without contextual calibration.
 
     python -m bench.nopool --seeds 42,43,44 --limit 200      # bench/results/nopool.json
 

@@ -1,4 +1,4 @@
-"""Class priors on the development sets: the served head under `pool`, `uniform` and `adapt` (issue 21).
+"""Class priors on the development sets: the served head under `pool`, `uniform` and `adapt`.
 
     python -m bench.priors --seeds 42,43,44 --limit 600        # bench/results/priors.json
 

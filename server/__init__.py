@@ -1,1 +1,1 @@
-"""anchorserve's HTTP layer (FastAPI), a thin adapter over `anchor_cache`; built in the server issue."""
+"""anchorserve's HTTP layer (FastAPI), a thin adapter over `anchor_cache`."""

@@ -26,7 +26,7 @@ batching task launches the next batch before it collects the last: while the dev
 k, the host prepares k + 1 (layout, one copy of its indices, its graph's replay queued behind k),
 then waits for k's logits and the event loop answers its requests. So the device is not left idle
 while the host works between batches. On the CPU the forward finishes on the model thread and its
-rows go out at once, as before.
+rows go out at once.
 
 Threads that run the model. Three kinds of thread call the same model object:
 - this scheduler's model thread: every classification forward and every cache build (task

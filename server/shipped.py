@@ -1,11 +1,10 @@
 """β shipped with the server for the built-in task, so that a first start serves it with β at once.
 
-Learning the built-in task's β from its pool takes minutes on a CPU; a first start used to serve
+Learning the built-in task's β from its pool takes minutes on a CPU, and a first start would serve
 without it until then. The file in `server/data/` is named by the task's shipped-β key
 (`anchor_cache.blobs.shipped_beta_key`): the task's template, labels, demonstrations and method,
 and the default model's weights and tokenizer, in any dtype. It serves when all of those match and
-its pool hash matches the task's pool; any other task, model or pool learns β in the background
-as before.
+its pool hash matches the task's pool; any other task, model or pool learns β in the background.
 
     python -m server.shipped     # learn it again and replace the file (a few minutes)
 

@@ -372,7 +372,7 @@ def test_the_clients_models_parse_real_responses(serve):
     assert [client_protocol.LabelScore.model_validate(s).label for s in predicted] == [s["label"] for s in predicted]
 
 
-# --- vLLM's and TEI's requests, as their clients send them (issue 20) -----------------------------------
+# --- vLLM's and TEI's requests, as their clients send them --------------------------------------------
 
 
 def test_vllm_path_and_request_fields(serve):

@@ -95,7 +95,7 @@ def test_compose_replicas_share_redis_and_start_in_order():
     url = urlsplit(env["ANCHORSERVE_STATE_URL"])
     assert url.scheme == "redis" and url.hostname in services and services[url.hostname]["image"].startswith("redis")
     assert url.port == 6379 and url.path == "/0"
-    # No shared state volume any more: a volume mounted by every replica would bypass Redis.
+    # No shared state volume: a volume mounted by every replica would bypass Redis.
     assert not any(str(v).endswith(":/data") for v in app.get("volumes", []))
     assert app["depends_on"] == {url.hostname: {"condition": "service_healthy"}}
     health = " ".join(argv(app["healthcheck"]["test"]))

@@ -1,5 +1,5 @@
-"""The server under hostile input and faults: each test reproduces a defect found by a review
-(issue 9) and checks the fixed behaviour: a clear 4xx JSON error, nothing lost, nothing leaked."""
+"""The server under hostile input and faults: each test sends one such input or fault and checks
+the answer: a clear 4xx JSON error, nothing lost, nothing leaked."""
 
 from __future__ import annotations
 

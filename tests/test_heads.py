@@ -1,4 +1,4 @@
-"""Heads on anchor-context features and many-shot anchors (issue 13): exact against their
+"""Heads on anchor-context features and many-shot anchors: exact against their
 references, and wired into the eval's methods."""
 
 from __future__ import annotations

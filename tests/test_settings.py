@@ -194,7 +194,7 @@ def test_host_and_port_come_from_the_platform_below_their_own_variables(monkeypa
 
 
 def test_the_builtin_pool_is_the_one_its_shipped_beta_was_learned_from(tiny_lm):
-    """The pool moved to server/data/builtin_pool.json; the shipped β records the hash of the pool it
+    """The pool is read from server/data/builtin_pool.json; the shipped β records the hash of the pool it
     was learned from, and serves only while the task's pool hashes the same."""
     (shipped,) = SHIPPED_BETAS.glob("*.beta.safetensors")
     _, manifest = parse_tensors(shipped.read_bytes(), shipped.name, torch.device("cpu"))
