@@ -1,5 +1,5 @@
 """The StateStore interface on both backends: LocalStore on a tmp dir, RedisStore on a real
-redis-server (tests/redis_server.py). Then each backend's own guarantees: old and damaged files,
+redis-server (tests/redis_server.py). Then each backend's own guarantees: damaged files,
 several processes on one state dir; a hidden password, an unreachable server, a restart."""
 
 from __future__ import annotations
@@ -11,14 +11,16 @@ import multiprocessing
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from anchor_cache.errors import ConflictError, PreconditionFailedError, UnavailableError, ValidationError
-from server.store import ABSENT, TaskRecord, open_store
+from server.store import ABSENT, StateStore, TaskRecord
 from server.store.local import LocalStore
 from server.store.redis import RedisStore
+from server.store.url import open_store
 from tests.redis_server import free_port
 
 
@@ -123,6 +125,29 @@ def test_revisions_grow_across_names(store):
 # --- change notification ----------------------------------------------------------------------------
 
 
+def blocked_waiters(store: StateStore, monkeypatch: pytest.MonkeyPatch) -> Callable[[int, int], None]:
+    """`until(seen, n)` returns once n threads have entered the backend's wait for a change past
+    `seen`, that is, read the counter and found nothing new: a write after that tests how they are
+    woken, not their first read. Fails the test after 10 s."""
+    entered = threading.Condition()
+    waiting: dict[int, set[int]] = {}  # seen -> the threads that entered the wait
+    await_change = store._await_change
+
+    def recorded(seen: int, timeout: float) -> None:
+        with entered:
+            waiting.setdefault(seen, set()).add(threading.get_ident())
+            entered.notify_all()
+        await_change(seen, timeout)
+
+    monkeypatch.setattr(store, "_await_change", recorded)
+
+    def until(seen: int, n: int) -> None:
+        with entered:
+            assert entered.wait_for(lambda: len(waiting.get(seen, ())) >= n, 10), f"{n} waiters never blocked"
+
+    return until
+
+
 def test_wait_for_change_times_out_when_nothing_changes(store):
     seen = store.changes()
     began = time.monotonic()
@@ -131,19 +156,19 @@ def test_wait_for_change_times_out_when_nothing_changes(store):
 
 
 @pytest.mark.parametrize("waiters", [1, 3])
-def test_wait_for_change_wakes_promptly_on_a_write(store, waiters):
-    def wait(seen: int, started: threading.Barrier, woke: list) -> None:
-        started.wait()
+def test_wait_for_change_wakes_promptly_on_a_write(store, waiters, monkeypatch):
+    until_blocked = blocked_waiters(store, monkeypatch)
+
+    def wait(seen: int, woke: list) -> None:
         woke.append((store.wait_for_change(seen, 20.0), time.monotonic()))
 
     for round_ in range(3):
         seen = store.changes()
-        started, woke = threading.Barrier(waiters + 1), []
-        threads = [threading.Thread(target=wait, args=(seen, started, woke)) for _ in range(waiters)]
+        woke: list[tuple[int, float]] = []
+        threads = [threading.Thread(target=wait, args=(seen, woke)) for _ in range(waiters)]
         for t in threads:
             t.start()
-        started.wait()
-        time.sleep(0.1)  # not for correctness: lets the waiters block, so the wake-up path is the one tested
+        until_blocked(seen, waiters)
         written_at = time.monotonic()
         written = store.write("w", spec("w", round=round_), "admin", None)
         for t in threads:
@@ -156,7 +181,8 @@ def test_wait_for_change_wakes_promptly_on_a_write(store, waiters):
         assert store._pubsub is not None and not store._pubsub_broken
 
 
-def test_cancel_requests_bump_changes_and_wake_waiters(store):
+def test_cancel_requests_bump_changes_and_wake_waiters(store, monkeypatch):
+    until_blocked = blocked_waiters(store, monkeypatch)
     seen = store.changes()
     done = threading.Event()
     result = []
@@ -166,6 +192,7 @@ def test_cancel_requests_bump_changes_and_wake_waiters(store):
         done.set()
 
     threading.Thread(target=wait, daemon=True).start()
+    until_blocked(seen, 1)
     store.request_cancel("job-1")
     assert done.wait(5.0)
     assert result[0] > seen and store.changes() == result[0]
@@ -452,6 +479,7 @@ def test_redis_wait_for_change_falls_back_to_polling(redis_url, monkeypatch, cap
     seen = store.changes()
     with caplog.at_level(logging.WARNING, logger="server.store.redis"):
         assert store.wait_for_change(seen, 0.3) == seen  # tries to subscribe, fails, polls
+    until_blocked = blocked_waiters(store, monkeypatch)
     done = threading.Event()
     result = []
 
@@ -460,6 +488,7 @@ def test_redis_wait_for_change_falls_back_to_polling(redis_url, monkeypatch, cap
         done.set()
 
     threading.Thread(target=wait, daemon=True).start()
+    until_blocked(seen, 1)
     written = other.write("p", spec("p"), "admin", None)
     assert done.wait(5)
     assert result == [written.revision] and store._pubsub_broken
@@ -483,17 +512,22 @@ def test_redis_store_survives_a_restart(redis_process):
     assert store.record("keep") == created  # the same store object reconnects; the data persisted
     second = store.write("keep", spec("keep", v=2), "admin", created.revision)
     assert second.revision > created.revision
+
+    def subscribers() -> int:
+        return other._redis.pubsub_numsub(store._channel)[0][1]
+
+    assert subscribers() == 0  # the subscription ended with the server
     woke: list[tuple[int, float]] = []
-    waiting = threading.Event()
 
     def wait() -> None:
-        waiting.set()
         woke.append((store.wait_for_change(second.revision, 20), time.monotonic()))
 
     thread = threading.Thread(target=wait)
     thread.start()
-    waiting.wait(5)
-    time.sleep(0.1)  # lets the waiter block (not for correctness)
+    deadline = time.monotonic() + 10
+    while subscribers() == 0:  # a write now would be seen by the waiter's read, not by a notification
+        assert time.monotonic() < deadline, "the waiter never subscribed again"
+        time.sleep(0.01)
     written_at = time.monotonic()
     third = other.write("keep", None, "admin", second.revision)
     thread.join(20)
