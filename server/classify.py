@@ -63,7 +63,10 @@ class Classification:
     labels: list[str]
     predictions: list[Prediction]
     raw: list[Prediction] | None  # before calibration, for calibrated tasks
-    logits: list[list[float]]  # the label words' logits, before softmax and calibration
+    # The scores `predictions` are the softmax of, for clients that ask for them: the label words'
+    # logits, or on a calibrated task the calibrated log-probabilities (raw logits would not agree
+    # with the probabilities beside them).
+    logits: list[list[float]]
     prompt_tokens: int
     cached_tokens: int  # anchor-cache tokens the inputs attended to, summed
     timing: Timing
@@ -202,7 +205,7 @@ class ClassifyService:
         prompt_tokens = sum(len(q) for q in queries) + len(queries) * view.reencoded_tokens(chosen)
         return Classification(
             model=self.model_name(), task=name, labels=view.spec.labels, predictions=predictions, raw=raw,
-            logits=scores.logits, prompt_tokens=prompt_tokens,
+            logits=scores.logits if raw is None else scores.logprobs, prompt_tokens=prompt_tokens,
             cached_tokens=len(queries) * (view.anchor_tokens if chosen in CACHED_METHODS else 0),
             timing=Timing(total_s=done - start, tokenization_s=queued - tokenizing, queue_s=scores.queue_s,
                           inference_s=max(0.0, done - queued - scores.queue_s), compute_tokens=prompt_tokens,

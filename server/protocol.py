@@ -67,7 +67,8 @@ class ClassifyRequest(BaseModel):
                                                      "template; more than max_input_tokens is a 400")
     truncation_side: TruncationDirection | None = Field(None, description="vLLM's name for truncation_direction")
     use_activation: StrictBool | None = Field(None, description="vLLM's: false puts the label words' logits in "
-                                              "`probs` instead of probabilities")
+                                              "`probs` instead of probabilities (calibrated on a calibrated "
+                                              "task, so that their softmax is the probabilities)")
     add_special_tokens: StrictBool = Field(True, description="vLLM's; no effect: the task's template is the "
                                            "whole prompt, and no special tokens are added to it")
     user: Text | None = Field(None, description="vLLM's and OpenAI's end-user id; not used")
@@ -169,8 +170,8 @@ class PredictRequest(BaseModel):
     inputs: Text | list[Text] | list[list[Text]] = Field(
         description="a string, [string], or a batch [[string], [string], ...]",
         examples=["a wonderful film", [["a wonderful film"], ["a dull mess"]]])
-    raw_scores: StrictBool = Field(False, description="the label words' logits instead of probabilities (before "
-                             "calibration)")
+    raw_scores: StrictBool = Field(False, description="the label words' logits instead of probabilities "
+                             "(calibrated on a calibrated task, so that their softmax is the probabilities)")
     truncate: StrictBool | None = Field(None, description=TRUNCATE_DESCRIPTION)
     truncation_direction: TruncationDirection = Field("right", description=DIRECTION_DESCRIPTION)
     task: Text | None = Field(None, description="a served task; unset: the server's default_task")

@@ -79,7 +79,7 @@ def test_classify_has_vllms_shape_field_by_field(serve, model_dir):
         assert item["label"] == labels[item["probs"].index(max(item["probs"]))] == expected.label
         assert item["label_probs"] == dict(zip(labels, item["probs"], strict=True))
         assert [math.exp(item["label_logprobs"][label]) for label in labels] == pytest.approx(item["probs"], abs=1e-6)
-        assert item["raw_label_probs"] is None
+        assert item["raw_label_probs"] == pytest.approx(expected.raw_probs, abs=1e-5)  # no pool: calibrated
     parsed = ClassifyResponse.model_validate(body)
     assert [d.index for d in parsed.data] == [0, 1, 2]
 

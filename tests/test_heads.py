@@ -12,7 +12,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from anchor_cache import Classifier, Demonstration, Method, load_model
+from anchor_cache import Classifier, Demonstration, Method, TaskSpec, load_model
 from anchor_cache.attention import AttentionPlan
 from anchor_cache.cache import extend_cache, merge_anchor_caches
 from anchor_cache.errors import ValidationError
@@ -283,6 +283,17 @@ def test_a_pool_method_needs_a_pool_and_a_head_takes_no_calibration():
         sentiment_task(method=Method.LINEAR_HEAD)
     with pytest.raises(ValueError, match="`calibrate` does not apply"):
         sentiment_task(method=Method.KNN, examples=POOL, calibrate=True)
+
+
+def test_calibration_defaults_to_on_only_for_a_label_word_task_without_a_pool():
+    assert sentiment_task().calibrate is True
+    assert sentiment_task(method=Method.ZERO_SHOT).calibrate is True
+    assert sentiment_task(examples=POOL).calibrate is False
+    assert sentiment_task(examples=POOL, method=Method.KNN).calibrate is False
+    assert sentiment_task(calibrate=False).calibrate is False
+    assert sentiment_task(examples=POOL, calibrate=True).calibrate is True
+    stored = sentiment_task().model_dump(mode="json")
+    assert TaskSpec.model_validate(stored) == sentiment_task()  # a stored spec keeps what it was built with
 
 
 def test_the_server_serves_a_pool_method_as_the_engine_does(serve, model_dir):
