@@ -5,11 +5,11 @@
     python -m bench.beyond --device cuda --parts curve                 # one part; the rest is kept
 
 1. The comparison: on each dataset, 5 seeds, `--limit` test rows per seed, 16 labelled rows per class:
-   zero-shot, vanilla 1-shot, β + Hidden_anchor (β learned on the same 16 rows per class) against
-   `linear_head` (with and without that β), `knn` and `many_shot` (anchor_cache/heads.py,
-   many_shot.py) — the eval's own code.
-2. The curve: accuracy of the pool methods without β with 1, 4, 16 and 64 rows per class (same
-   seeds), as a PNG.
+   zero-shot, vanilla 1-shot, β + Hidden_anchor (β learned on the same 16 rows per class, 16 a step,
+   as a task's pool teaches it) against `linear_head` (with and without that β), `knn` and
+   `many_shot` (anchor_cache/heads.py, many_shot.py) — the eval's own code.
+2. The curve: accuracy of the pool methods, and of β + Hidden_anchor and the served head with β
+   learned on the same rows, with 1, 4, 16 and 64 rows per class (same seeds), as a PNG.
 3. Serving cost: batch-1 latency of a `linear_head` task against the same task's Hidden_anchor,
    through the serving forward, interleaved, medians; head and cache bytes.
 """
@@ -33,14 +33,14 @@ from anchor_cache.data import read_jsonl, sample_rows, seed_demonstrations, trai
 from anchor_cache.evaluate import EvalConfig, evaluate
 from anchor_cache.models import load_model
 from anchor_cache.packed import packed_label_logits
-from anchor_cache.reweighting import TrainConfig
+from anchor_cache.reweighting import pool_config
 from anchor_cache.task import PRESETS, Demonstration, Method, TaskSpec
 from bench.common import DATASETS, RESULTS
 
 PARTS = ["compare", "curve", "latency"]
 BASELINES = ["zero_shot", "vanilla", "hidden_anchor_reweighted"]
 POOL_METHODS = ["linear_head", "linear_head_reweighted", "knn", "many_shot"]
-CURVE_METHODS = ["linear_head", "knn", "many_shot"]  # no β: learning one per size and seed is the cost
+CURVE_METHODS = ["linear_head", "knn", "many_shot", "hidden_anchor_reweighted", "linear_head_reweighted"]
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
@@ -56,7 +56,7 @@ def compare(lm, data_root: Path, datasets: list[str], seeds: list[int], limit: i
         template, labels = PRESETS[ds]
         cfg = EvalConfig(data=data_root / ds, template=template, labels=labels, methods=methods,
                          seeds=seeds, limit=limit, train_per_class=pool, pool_per_class=pool,
-                         reweight=TrainConfig())
+                         reweight=pool_config(Method.HIDDEN_ANCHOR))
         result = evaluate(lm, cfg, progress=False)
         out[ds] = {m: spread(r["per_seed"]) | {"per_seed": [s["accuracy"] for s in r["per_seed"]],
                                                 "kv_cache_bytes": r["kv_cache_bytes"]}
@@ -71,7 +71,8 @@ def curve(lm, data_root: Path, datasets: list[str], seeds: list[int], limit: int
         template, labels = PRESETS[ds]
         for size in sizes:
             cfg = EvalConfig(data=data_root / ds, template=template, labels=labels, methods=CURVE_METHODS,
-                             seeds=seeds, limit=limit, pool_per_class=size)
+                             seeds=seeds, limit=limit, pool_per_class=size, train_per_class=size,
+                             reweight=pool_config(Method.HIDDEN_ANCHOR))
             result = evaluate(lm, cfg, progress=False)
             for m in CURVE_METHODS:
                 out.setdefault(ds, {}).setdefault(m, {})[size] = spread(result["methods"][m]["per_seed"])
@@ -168,6 +169,7 @@ def main() -> None:
     parser.add_argument("--parts", type=lambda s: s.split(","), default=PARTS,
                         help="which parts to run; the others are kept from an earlier run's JSON")
     parser.add_argument("--out", type=Path, default=RESULTS / "beyond.json")
+    parser.add_argument("--figure", type=Path, default=DOCS / "beyond-curve.png", help="the curve's PNG")
     args = parser.parse_args()
     lm = load_model("default", args.device, args.dtype)
     result = json.loads(args.out.read_text()) if args.out.exists() else {}
@@ -183,7 +185,7 @@ def main() -> None:
         result.setdefault("curve", {}).update(curve(lm, args.data_root, [ds], args.seeds, args.limit, args.sizes))
         args.out.write_text(json.dumps(result, indent=1))
     if "curve" in args.parts:
-        DOCS.joinpath("beyond-curve.png").write_bytes(plot_curve(result["curve"], args.sizes))
+        args.figure.write_bytes(plot_curve(result["curve"], args.sizes))
     if "latency" in args.parts:
         result["latency"] = latency(lm, args.data_root, args.repeats, args.pool)
     args.out.write_text(json.dumps(result, indent=1))
