@@ -11,6 +11,22 @@ log π − log π₀ to every row.
 - `adapt`: π estimated from the task's recent unlabelled traffic by EM (Saerens, Latinne and
   Decaestecker, 2002): π ← mean over rows of the posteriors moved to π, until it settles. A window
   of the last `window` rows bounds the memory, and nothing changes before `min_samples` rows.
+
+EM reads any lean of the method as a shift: it assumes the probabilities are calibrated under π₀,
+and a head fitted on 16 rows per class, or a prompt that favours one label word, is not. On traffic
+in or near its pool's balance such a method's estimate lay up to 0.35 (total variation) from π₀,
+and correcting towards it cost up to 5.6 points (docs/RESULTS.md). So `adapt` corrects only a shift
+that is both real and large:
+- real: a likelihood-ratio test of π against π₀ on the window (twice the log-likelihood ratio
+  against χ² with C − 1 degrees of freedom) at level `SIGNIFICANCE`. It weighs how much the rows
+  say: a weak method's EM estimate wanders far on balanced traffic, and the test calls that noise;
+- large: π at least `MIN_SHIFT` from π₀. A lean is systematic, so over a large window the test
+  finds it significant too; only its size tells it from a real shift.
+Every refit decides again. Consecutive windows differ by `refit_every` rows at most, so the decision
+does not flicker on noise, and a band below `MIN_SHIFT` to keep acting in would reach the leans.
+Calibrating first (π₀ := the method's mean prediction on its own pool) does not separate the two:
+a fitted head's mean prediction on its own pool is the pool's frequencies, whatever it does on new
+rows, and for β + Hidden_anchor the pool's lean matched the traffic's on SST-2, not on TREC.
 """
 
 from __future__ import annotations
@@ -21,12 +37,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.stats import chi2
 
 from anchor_cache.task import Prior
 
 EM_ITERATIONS = 200
 EM_TOLERANCE = 1e-6
 FLOOR = 1e-6  # no class's prior estimate reaches 0: log π stays finite and the class can come back
+SIGNIFICANCE = 0.001  # the chance that a refit acts on unshifted traffic from a calibrated method
+# Total variation between π and π₀ below which `adapt` leaves the probabilities alone. Measured on
+# the development sets (docs/RESULTS.md): the methods' own leans on traffic in or near the pool's
+# balance reached 0.35, EmoC's shift (85% "Others" on 4 classes) is estimated at 0.45 or more; 0.4
+# is between the two. On a balanced binary task it means a 90/10 mix of traffic.
+MIN_SHIFT = 0.4
 
 
 def class_frequencies(classes: Sequence[int], n_classes: int) -> np.ndarray:
@@ -55,6 +78,16 @@ def em_prior(logprobs: np.ndarray, base: np.ndarray) -> np.ndarray:
     return prior
 
 
+def log_likelihood_ratio(logprobs: np.ndarray, prior: np.ndarray, base: np.ndarray) -> float:
+    """log p(rows | π = `prior`) − log p(rows | π = `base`) for rows whose (N, C) log-posteriors were
+    computed under `base`: a row's likelihood under π is p(x) Σ_c p(c | x) π_c / base_c."""
+    return float(np.logaddexp.reduce(logprobs + np.log(prior) - np.log(base), axis=1).sum())
+
+
+def total_variation(p: np.ndarray, q: np.ndarray) -> float:
+    return float(0.5 * np.abs(p - q).sum())
+
+
 class PriorShift:
     """One served task's prior correction; `adapt` keeps a window of recent rows. Only the model
     thread observes and corrects; `info` may be read from any thread."""
@@ -68,6 +101,8 @@ class PriorShift:
         self._seen = 0  # rows observed in all (the window holds the last `window` of them)
         self._since_fit = 0
         self._estimate: np.ndarray | None = None
+        self._p_value: float | None = None  # the likelihood-ratio test of the estimate against π₀
+        self._distance: float | None = None  # total variation from the estimate to π₀
         self._lock = threading.Lock()
         self._correction = self._fixed()
 
@@ -92,10 +127,15 @@ class PriorShift:
         if self.samples < self.min_samples or (self._estimate is not None and self._since_fit < self.refit_every):
             return
         self._since_fit = 0
-        estimate = em_prior(self._rows[: self.samples], self.base)
-        with self._lock:  # the two fields `info` reads change together
-            self._estimate = estimate
-            self._correction = torch.as_tensor(np.log(estimate) - np.log(self.base), dtype=torch.float32)
+        window = self._rows[: self.samples]
+        estimate = em_prior(window, self.base)
+        p_value = float(chi2.sf(2 * log_likelihood_ratio(window, estimate, self.base), len(self.base) - 1))
+        distance = total_variation(estimate, self.base)
+        clear = p_value < SIGNIFICANCE and distance >= MIN_SHIFT
+        correction = torch.as_tensor(np.log(estimate) - np.log(self.base), dtype=torch.float32) if clear else None
+        with self._lock:  # the fields `info` reads change together
+            self._estimate, self._p_value, self._distance = estimate, p_value, distance
+            self._correction = correction
 
     def correct(self, logprobs: torch.Tensor) -> torch.Tensor:
         """(N, C) log-probabilities moved to the prior this task serves under (unnormalised: the
@@ -108,6 +148,9 @@ class PriorShift:
             out: dict[str, Any] = {"mode": str(self.mode), "base": [round(float(x), 4) for x in self.base]}
             if self.mode == Prior.ADAPT:
                 out |= {"samples": self.samples, "min_samples": self.min_samples, "window": self.window,
-                        "active": self._estimate is not None,
-                        "estimate": None if self._estimate is None else [round(float(x), 4) for x in self._estimate]}
+                        "active": self._correction is not None,
+                        "estimate": None if self._estimate is None else [round(float(x), 4) for x in self._estimate],
+                        "p_value": self._p_value,
+                        "distance": None if self._distance is None else round(self._distance, 4),
+                        "acts_when": {"p_value_below": SIGNIFICANCE, "distance_at_least": MIN_SHIFT}}
             return out

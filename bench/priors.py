@@ -5,7 +5,8 @@
 Per dataset and seed (anchor_cache/evaluate.py): one demonstration per class, a balanced pool of 16
 rows per class (β learned on it, 16 a step), `linear_head` under that β (what a pool task serves)
 and β + Hidden_anchor, scored on `--limit` test rows in the test file's own class mix. `adapt`
-sees the rows as traffic, 16 at a time, and acts after `--min-samples` of them, as the server does.
+sees the rows as traffic, 16 at a time, as the server does: from `--min-samples` of them on, it
+corrects when the shift it estimates is significant and large (anchor_cache/priors.py).
 EmoC's test rows are 85% "Others"; the other sets are close to their pools' balance.
 """
 
