@@ -342,7 +342,8 @@ class TaskInfo(BaseModel):
                                         "candidate, every candidate's cross-validated log loss, accuracy and cost "
                                         "rank, and the accuracy estimate (Wilson 95% interval, ECE, temperature)")
     prior: dict[str, Any] | None = Field(None, description="the class prior: mode, the pool's class frequencies "
-                                         "(base); for adapt the rows seen, whether it acts, and its estimate")
+                                         "(base); for adapt the rows seen, whether it corrects (active), its estimate, "
+                                         "the shift's p_value and distance, and acts_when (the thresholds)")
     revision: int = Field(description="the state-store revision this replica serves (the ETag; If-Match takes it)")
 
 
