@@ -5,7 +5,9 @@
 Per dataset and seed (the eval's own code, anchor_cache/evaluate.py): one demonstration per class,
 a pool of 16 labelled rows per class (β learned on the same rows, 16 a step), and every candidate
 of `auto` scored on `--limit` test rows. `auto` is the candidate cross-validation on the pool chose;
-its estimate's 95% interval is checked against the test accuracy. Class priors: bench/priors.py.
+its estimate's 95% interval is checked against the test accuracy, and the time the choice took
+(its cross-validation: what a task created with `method: auto` waits for in its build job) is
+recorded per seed. Class priors: bench/priors.py.
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from unittest import mock
 
 import numpy as np
 
+from anchor_cache import evaluate
+from anchor_cache.auto import Choice, choose
 from anchor_cache.evaluate import AUTO_VARIANTS
 from anchor_cache.models import load_model
 from anchor_cache.reweighting import pool_config
@@ -24,10 +29,24 @@ from bench.common import RESULTS, dataset_parser, evaluate_each
 
 
 def run(lm, args: argparse.Namespace) -> None:
-    for name, result in evaluate_each(lm, args, args.out, methods=["auto"], train_per_class=16, pool_per_class=16,
-                                      reweight=pool_config(Method.HIDDEN_ANCHOR)):
-        sys.stdout.write(markdown({name: result}) + "\n")
-        sys.stdout.flush()
+    choices: list[Choice] = []
+
+    def kept(*given: object, **named: object) -> Choice:
+        choices.append(choose(*given, **named))
+        return choices[-1]
+
+    # The eval's per-seed record has no timing of the choice: the choices it makes are kept here.
+    results: dict[str, dict] = {}
+    with mock.patch.object(evaluate, "choose", kept):
+        for name, result in evaluate_each(lm, args, args.out, methods=["auto"], train_per_class=16,
+                                          pool_per_class=16, reweight=pool_config(Method.HIDDEN_ANCHOR)):
+            for seed, choice in zip(result["methods"]["auto"]["per_seed"], choices, strict=True):
+                seed |= {"folds": list(choice.folds), "cv_seconds": round(choice.seconds, 1)}
+            choices.clear()
+            results[name] = result
+            (RESULTS / args.out).write_text(json.dumps(results, indent=1))
+            sys.stdout.write(markdown({name: result}) + "\n")
+            sys.stdout.flush()
 
 
 def _cell(values: list[float]) -> str:
@@ -35,17 +54,19 @@ def _cell(values: list[float]) -> str:
 
 
 def markdown(results: dict) -> str:
-    """Per dataset: each candidate's accuracy, auto's, what it chose, and its interval's coverage."""
+    """Per dataset: each candidate's accuracy, auto's, what it chose, its interval's coverage, and the
+    seconds its cross-validation took per seed."""
     names = [*AUTO_VARIANTS.values(), "auto"]
-    lines = ["| dataset | " + " | ".join(names) + " | auto chose | interval covers |",
-             "|---|" + "---|" * (len(names) + 2)]
+    lines = ["| dataset | " + " | ".join(names) + " | auto chose | interval covers | CV seconds |",
+             "|---|" + "---|" * (len(names) + 3)]
     for dataset, result in results.items():
         methods = result["methods"]
         cells = [_cell([s["accuracy"] for s in methods[n]["per_seed"]]) for n in names]
         seeds = methods["auto"]["per_seed"]
         chose = ", ".join(s["chosen"] for s in seeds)
         covers = f"{sum(s['estimate_covers'] for s in seeds)}/{len(seeds)}"
-        lines.append(f"| {dataset} | " + " | ".join(cells) + f" | {chose} | {covers} |")
+        seconds = _cell([s["cv_seconds"] for s in seeds])
+        lines.append(f"| {dataset} | " + " | ".join(cells) + f" | {chose} | {covers} | {seconds} |")
     return "\n".join(lines)
 
 
