@@ -41,6 +41,7 @@ from server.scheduler import BatchLimits, Collect, Scheduler, Work
 from server.settings import Settings
 from server.shipped import SHIPPED_BETAS
 from server.store import StateStore, TaskRecord
+from server.store.records import stored_specs
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +95,7 @@ class InProcessEngine:
         self.metrics = metrics
         self.store = store
         self.lm: LoadedModel | None = None
-        self.registry: TaskRegistry | None = None  # once every task loaded
-        self._registry: TaskRegistry | None = None  # once the model loaded
+        self._registry: TaskRegistry | None = None  # once the model loaded; served once `ready`
         self.scheduler: Scheduler | None = None
         self.graphs: PackedGraphs | None = None  # CUDA graphs of the packed forward, by shape
         self.startup_error: str | None = None
@@ -139,7 +139,7 @@ class InProcessEngine:
             if on_fatal is not None:
                 on_fatal()
             return
-        registry = self.registry = self._registry
+        registry = self._registry
         self.ready_after_s = time.monotonic() - self.started
         log.info("ready after %.1fs: tasks %s%s", self.ready_after_s, [t.spec.name for t in registry.all()],
                  f"; failed {sorted(registry.failures())}" if registry.failures() else "")
@@ -153,9 +153,9 @@ class InProcessEngine:
         self._ready()
 
     def _ready(self) -> TaskRegistry:
-        if self.registry is None:
+        if not self.ready:
             raise UnavailableError(self.startup_error or "the model and tasks are still loading; retry shortly")
-        return self.registry
+        return self._registry
 
     # --- what is served -------------------------------------------------------------------------
 
@@ -166,10 +166,10 @@ class InProcessEngine:
         return self._ready().all()
 
     def failures(self) -> dict[str, str]:
-        return self.registry.failures() if self.registry is not None else {}
+        return self._registry.failures() if self.ready else {}
 
     def knows(self, name: str) -> bool:
-        return self.registry is not None and any(t.spec.name == name for t in self.registry.all())
+        return self.ready and any(t.spec.name == name for t in self._registry.all())
 
     def describe(self) -> dict[str, Any]:
         """The loaded model as GET /info shows it."""
@@ -373,6 +373,5 @@ class InProcessEngine:
         """Delete caches no spec refers to, served or among `records`, on the model thread (it
         tokenises specs to key them)."""
         registry = self._loaded()
-        stored = {r.name: (r.revision, r.spec) for r in records.values() if r.spec is not None}
-        unreadable = [r.name for r in records.values() if r.error is not None]
+        stored, unreadable = stored_specs(records)
         await self.scheduler.run_exclusive(lambda: registry.collect_garbage(grace_s, stored, unreadable))

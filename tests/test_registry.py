@@ -22,6 +22,7 @@ from anchor_cache.reweighting import pool_hash
 from server.replication import seed
 from server.store import ABSENT, TaskRecord
 from server.store.local import LocalStore
+from server.store.records import stored_specs
 from tests.conftest import QUERIES, sentiment_task
 
 LONG_AGO = 1_000_000.0  # an mtime far older than any grace period
@@ -46,9 +47,7 @@ def apply(reg: TaskRegistry, record: TaskRecord):
 
 
 def collect(reg: TaskRegistry, grace_s: float) -> int:
-    records = reg.store.records().values()
-    return reg.collect_garbage(grace_s, {r.name: (r.revision, r.spec) for r in records if r.spec is not None},
-                               [r.name for r in records if r.error is not None])
+    return reg.collect_garbage(grace_s, *stored_specs(reg.store.records()))
 
 
 def cache_file(directory: Path, key: str) -> Path:

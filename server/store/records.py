@@ -119,3 +119,10 @@ def parse_record(name: str, raw: bytes) -> TaskRecord | str:
         return decode_record(name, json.loads(raw.decode("utf-8")))
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         return " ".join(str(exc).split()) if type(exc) is ValueError else one_line(exc)
+
+
+def stored_specs(records: dict[str, TaskRecord]) -> tuple[dict[str, tuple[int, dict[str, Any]]], list[str]]:
+    """What garbage collection must keep blobs for: each live spec by name with its revision, and
+    the names whose record could not be read (their keys are unknown)."""
+    specs = {r.name: (r.revision, r.spec) for r in records.values() if r.spec is not None}
+    return specs, [r.name for r in records.values() if r.error is not None]
