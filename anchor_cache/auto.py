@@ -146,6 +146,11 @@ def curve_weight(folds: Sequence[int]) -> float:
     return (most - 1) / (fewest - most)
 
 
+def _extrapolate(most: np.ndarray, fewer: np.ndarray, weight: float) -> np.ndarray:
+    """Per-row scores at the most training rows carried on to the whole pool, linearly in 1/rows."""
+    return most + weight * (most - fewer)
+
+
 def extrapolated_accuracy(logprobs: np.ndarray, gold: np.ndarray, fewer: np.ndarray | None = None,
                           weight: float = 0.0) -> tuple[float, float, float]:
     """(accuracy extrapolated to the whole pool, the correction the extrapolation made, that
@@ -166,7 +171,7 @@ def estimate(logprobs: np.ndarray, gold: np.ndarray, fewer: np.ndarray | None = 
     """The accuracy estimate (`extrapolated_accuracy`'s arguments): the Wilson interval of the
     out-of-fold accuracy, moved by the correction and widened by its half-width in quadrature."""
     temperature = fit_temperature(logprobs, gold)
-    correct = int((logprobs.argmax(1) == gold).sum())
+    correct = int(_row_correct(logprobs, gold).sum())
     measured = correct / len(gold)
     interval = binomtest(correct, len(gold)).proportion_ci(confidence_level=0.95, method="wilson")
     accuracy, correction, spread = extrapolated_accuracy(logprobs, gold, fewer, weight)
@@ -191,7 +196,7 @@ class Curve:
         """`name`'s log loss and accuracy extrapolated to the whole pool, and measured at the most folds."""
         weight, most, fewest = curve_weight(self.folds), self.most[name], self.fewest[name]
         losses, fewer_losses = _row_losses(most, gold), _row_losses(fewest, gold)
-        return {"log_loss": round(float((losses + weight * (losses - fewer_losses)).mean()), 4),
+        return {"log_loss": round(float(_extrapolate(losses, fewer_losses, weight).mean()), 4),
                 "accuracy": round(extrapolated_accuracy(most, gold, fewest, weight)[0], 4),
                 "cv_log_loss": round(float(losses.mean()), 4),
                 "cv_accuracy": round(float(_row_correct(most, gold).mean()), 4)}
@@ -268,9 +273,10 @@ def choose(clf: Classifier, texts: Sequence[str], classes: Sequence[int], cfg: T
     texts, gold = list(texts), np.asarray(classes)
     fold_designs(gold, len(clf.task.labels))  # a pool too small fails before any forward
     with torch.inference_mode():
-        fixed = {"zero_shot": _log_softmax(clf.label_logits(texts, Method.ZERO_SHOT)),
-                 "hidden_anchor": _log_softmax(clf.label_logits(texts, Method.HIDDEN_ANCHOR))}
+        # one β-free Hidden_anchor forward gives kNN's features and Hidden_anchor's label logits
         knn_features = clf.features(texts, Method.HIDDEN_ANCHOR, final_layer(clf.lm.num_layers))
+        fixed = {"zero_shot": _log_softmax(clf.label_logits(texts, Method.ZERO_SHOT)),
+                 "hidden_anchor": _log_softmax(knn_features.label_logits)}
 
     cfg = cfg or TrainConfig()
 

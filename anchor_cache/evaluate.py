@@ -190,10 +190,12 @@ def prior_predictions(logprobs: np.ndarray, prior: Prior, base: np.ndarray, batc
 
 
 def _chosen(choice: Choice, accuracy: float) -> dict[str, Any]:
-    """What auto chose on this seed, its estimate, and whether the estimate's interval holds the test accuracy."""
+    """What auto chose on this seed, its estimate, whether the estimate's interval holds the test
+    accuracy, and the folds and seconds its cross-validation took."""
     est = choice.estimate
     return {"chosen": choice.chosen.name, "candidates": choice.scores, "estimate": asdict(est),
-            "estimate_covers": bool(est.low <= accuracy <= est.high)}
+            "estimate_covers": bool(est.low <= accuracy <= est.high), "folds": list(choice.folds),
+            "cv_seconds": round(choice.seconds, 1)}
 
 
 def _jaccard(a: set[int], b: set[int]) -> float:

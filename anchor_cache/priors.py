@@ -102,7 +102,6 @@ class PriorShift:
         self._since_fit = 0
         self._estimate: np.ndarray | None = None
         self._p_value: float | None = None  # the likelihood-ratio test of the estimate against π₀
-        self._distance: float | None = None  # total variation from the estimate to π₀
         self._lock = threading.Lock()
         self._correction = self._fixed()
 
@@ -134,7 +133,7 @@ class PriorShift:
         clear = p_value < SIGNIFICANCE and distance >= MIN_SHIFT
         correction = torch.as_tensor(np.log(estimate) - np.log(self.base), dtype=torch.float32) if clear else None
         with self._lock:  # the fields `info` reads change together
-            self._estimate, self._p_value, self._distance = estimate, p_value, distance
+            self._estimate, self._p_value = estimate, p_value
             self._correction = correction
 
     def correct(self, logprobs: torch.Tensor) -> torch.Tensor:
@@ -151,6 +150,7 @@ class PriorShift:
                         "active": self._correction is not None,
                         "estimate": None if self._estimate is None else [round(float(x), 4) for x in self._estimate],
                         "p_value": self._p_value,
-                        "distance": None if self._distance is None else round(self._distance, 4),
+                        "distance": None if self._estimate is None
+                        else round(total_variation(self._estimate, self.base), 4),
                         "acts_when": {"p_value_below": SIGNIFICANCE, "distance_at_least": MIN_SHIFT}}
             return out

@@ -15,12 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from unittest import mock
 
 import numpy as np
 
-from anchor_cache import evaluate
-from anchor_cache.auto import Choice, choose
 from anchor_cache.evaluate import AUTO_VARIANTS
 from anchor_cache.models import load_model
 from anchor_cache.reweighting import pool_config
@@ -29,24 +26,10 @@ from bench.common import RESULTS, dataset_parser, evaluate_each
 
 
 def run(lm, args: argparse.Namespace) -> None:
-    choices: list[Choice] = []
-
-    def kept(*given: object, **named: object) -> Choice:
-        choices.append(choose(*given, **named))
-        return choices[-1]
-
-    # The eval's per-seed record has no timing of the choice: the choices it makes are kept here.
-    results: dict[str, dict] = {}
-    with mock.patch.object(evaluate, "choose", kept):
-        for name, result in evaluate_each(lm, args, args.out, methods=["auto"], train_per_class=16,
-                                          pool_per_class=16, reweight=pool_config(Method.HIDDEN_ANCHOR)):
-            for seed, choice in zip(result["methods"]["auto"]["per_seed"], choices, strict=True):
-                seed |= {"folds": list(choice.folds), "cv_seconds": round(choice.seconds, 1)}
-            choices.clear()
-            results[name] = result
-            (RESULTS / args.out).write_text(json.dumps(results, indent=1))
-            sys.stdout.write(markdown({name: result}) + "\n")
-            sys.stdout.flush()
+    for name, result in evaluate_each(lm, args, args.out, methods=["auto"], train_per_class=16, pool_per_class=16,
+                                      reweight=pool_config(Method.HIDDEN_ANCHOR)):
+        sys.stdout.write(markdown({name: result}) + "\n")
+        sys.stdout.flush()
 
 
 def _cell(values: list[float]) -> str:

@@ -53,11 +53,11 @@ from pathlib import Path
 from typing import Any
 
 from anchor_cache.errors import ConflictError, PreconditionFailedError
+from bench.common import RESULTS
 from server.store.local import LocalStore
 from server.store.records import ABSENT, Source, TaskRecord, check_write, conflict, stale
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "bench" / "results"  # as bench.common's (not imported: this bench needs no model code)
 BACKENDS = ["files", "sqlite-FULL", "sqlite-NORMAL"]
 PROCESSES, WRITES_PER_PROCESS, SHARED_NAMES = 4, 200, 8
 
