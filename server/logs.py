@@ -32,13 +32,10 @@ class JsonFormatter(logging.Formatter):
 
 def log_handler(log_format: LogFormat) -> logging.Handler:
     """A stderr handler that stamps each record with the request id (asgi-correlation-id's context)."""
+    json_lines = log_format == "json"
     handler = logging.StreamHandler()
-    if log_format == "json":
-        handler.addFilter(CorrelationIdFilter(default_value=None))
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.addFilter(CorrelationIdFilter(default_value="-"))
-        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+    handler.addFilter(CorrelationIdFilter(default_value=None if json_lines else "-"))
+    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(TEXT_FORMAT))
     return handler
 
 

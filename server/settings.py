@@ -32,6 +32,8 @@ from anchor_cache.cpus import api_servers_for, usable_cpus
 from anchor_cache.names import DEFAULT_MODEL, cache_dir
 from anchor_cache.task import Demonstration, TaskSpec
 from server.redaction import redact_url, userinfo_cut_short
+from server.store.records import one_line
+from server.store.url import REDIS_SCHEMES
 
 CONFIG_ENV = "ANCHORSERVE_CONFIG"
 LogFormat = Literal["text", "json"]
@@ -39,7 +41,6 @@ LogFormat = Literal["text", "json"]
 # dataset). Its order is part of the task's identity: the shipped β (server/shipped.py) serves only
 # for this exact pool.
 BUILTIN_POOL = Path(__file__).resolve().parent / "data" / "builtin_pool.json"
-STATE_URL_SCHEMES = ("redis://", "rediss://", "unix://")
 _DB_PATH = re.compile(r"/?\d*")
 
 
@@ -81,7 +82,7 @@ def check_state_url(url: SecretStr) -> SecretStr:
     if text == "local":
         return url
     shown = redact_url(text)
-    if not text.startswith(STATE_URL_SCHEMES):
+    if not text.startswith(REDIS_SCHEMES):
         raise ValueError(f"must be 'local' or a redis://, rediss:// or unix:// URL, got {shown!r}")
     try:
         parts = urlsplit(text)
@@ -127,7 +128,7 @@ class SettingsFile(PydanticBaseSettingsSource):
         try:
             data = YamlConfigSettingsSource(self.settings_cls, yaml_file=path)()  # YAML ⊇ JSON
         except yaml.YAMLError as exc:
-            raise ValueError(f"the settings file {path} is not valid YAML or JSON: {' '.join(str(exc).split())}"
+            raise ValueError(f"the settings file {path} is not valid YAML or JSON: {one_line(str(exc))}"
                              ) from None
         if "config" in data:
             raise ValueError(f"the settings file {path} names another settings file (config): use one file")
