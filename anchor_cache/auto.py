@@ -24,8 +24,9 @@ Wilson 95% interval of its out-of-fold accuracy moved by the extrapolation and w
 correction's own standard error; their expected calibration error (ECE); and a temperature
 fitted on the out-of-fold predictions, kept where it lowers their log loss. What the interval
 leaves out: the estimate belongs to the best of several candidates on the same rows (optimistic),
-and it is an interval for the accuracy on rows like the pool's, so traffic unlike the pool, or an
-accuracy measured on few rows, can fall outside it (docs/RESULTS.md).
+and it is an interval for the accuracy on rows like the pool's, so traffic unlike the pool can fall
+outside it; an accuracy measured on a given number of rows has its own interval (`Estimate.for_rows`),
+wider by those rows' binomial spread (docs/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -85,6 +86,15 @@ class Estimate:
     ece: float  # after the temperature, when one is kept
     temperature: float  # 1.0: none kept
     correction: float  # what the extrapolation added to the out-of-fold accuracy
+
+    def for_rows(self, rows: int) -> tuple[float, float]:
+        """A 95% interval for the accuracy that `rows` new rows like the pool's will measure: the
+        estimate's interval widened, in quadrature, by those rows' own binomial spread. The estimate's
+        interval is for the accuracy on unlimited such rows; a check on a few hundred labelled rows
+        carries several points of noise of its own, which this one includes."""
+        spread = float(norm.ppf(0.975) * np.sqrt(self.accuracy * (1 - self.accuracy) / rows))
+        return (max(0.0, self.accuracy - float(np.hypot(self.accuracy - self.low, spread))),
+                min(1.0, self.accuracy + float(np.hypot(self.high - self.accuracy, spread))))
 
 
 @dataclass(frozen=True)

@@ -189,12 +189,15 @@ def prior_predictions(logprobs: np.ndarray, prior: Prior, base: np.ndarray, batc
     return np.concatenate(preds)
 
 
-def _chosen(choice: Choice, accuracy: float) -> dict[str, Any]:
+def _chosen(choice: Choice, accuracy: float, rows: int) -> dict[str, Any]:
     """What auto chose on this seed, its estimate, whether the estimate's interval holds the test
-    accuracy, and the folds and seconds its cross-validation took."""
+    accuracy (measured on `rows` rows) and whether the interval for that many rows does, and the
+    folds and seconds its cross-validation took."""
     est = choice.estimate
+    low, high = est.for_rows(rows)
     return {"chosen": choice.chosen.name, "candidates": choice.scores, "estimate": asdict(est),
-            "estimate_covers": bool(est.low <= accuracy <= est.high), "folds": list(choice.folds),
+            "estimate_covers": bool(est.low <= accuracy <= est.high), "test_rows_interval": [low, high],
+            "test_rows_interval_covers": bool(low <= accuracy <= high), "folds": list(choice.folds),
             "cv_seconds": round(choice.seconds, 1)}
 
 
@@ -257,7 +260,7 @@ def evaluate(lm: LoadedModel, cfg: EvalConfig, progress: bool = True) -> dict[st
                     "tokens_per_request": run.tokens_per_request,
                     "kv_cache_bytes": run.kv_cache_bytes,
                     "n": len(texts),
-                } | (_chosen(choices[method], float((preds == gold).mean())) if method in choices else {})
+                } | (_chosen(choices[method], float((preds == gold).mean()), len(gold)) if method in choices else {})
             )
     bar.close()
     summary = {}
@@ -290,11 +293,13 @@ def markdown_table(results: dict[str, Any]) -> str:
         for s in m["per_seed"]:
             if "chosen" in s:
                 est = s["estimate"]
+                low, high = s["test_rows_interval"]
                 losses = ", ".join(f"{c} {v['log_loss']:.3f}" for c, v in s["candidates"].items())
                 lines.append(f"\n{name}, seed {s['seed']}: chose {s['chosen']} by cross-validated log loss "
                              f"({losses}); "
                              f"estimated accuracy {100 * est['accuracy']:.1f}% [{100 * est['low']:.1f}, "
                              f"{100 * est['high']:.1f}] on {est['rows']} pool rows, ECE {est['ece']:.3f}, "
-                             f"temperature {est['temperature']:.2f}; on the test rows {s['accuracy']:.1f}%")
+                             f"temperature {est['temperature']:.2f}; on the {s['n']} test rows {s['accuracy']:.1f}% "
+                             f"(interval for {s['n']} rows: [{100 * low:.1f}, {100 * high:.1f}])")
     return "\n".join(lines)
 

@@ -1,11 +1,13 @@
 """`method: auto`, its accuracy estimate, and class priors on the development sets.
 
     python -m bench.auto --seeds 42,43,44,45,46 --limit 300      # bench/results/auto.json, a markdown table
+    python -m bench.auto --report auto.json auto-seeds-45-46.json    # one table from runs of other seeds
 
 Per dataset and seed (the eval's own code, anchor_cache/evaluate.py): one demonstration per class,
 a pool of 16 labelled rows per class (β learned on the same rows, 16 a step), and every candidate
 of `auto` scored on `--limit` test rows. `auto` is the candidate cross-validation on the pool chose;
-its estimate's 95% interval is checked against the test accuracy, and the time the choice took
+its estimate's 95% interval is checked against the test accuracy, and so is the interval for as
+many rows as the test has (`Estimate.for_rows`: the test rows' own spread added), and the time the choice took
 (its cross-validation: what a task created with `method: auto` waits for in its build job) is
 recorded per seed. Class priors: bench/priors.py.
 """
@@ -18,6 +20,7 @@ import sys
 
 import numpy as np
 
+from anchor_cache.auto import Estimate
 from anchor_cache.evaluate import AUTO_VARIANTS
 from anchor_cache.models import load_model
 from anchor_cache.reweighting import pool_config
@@ -36,20 +39,39 @@ def _cell(values: list[float]) -> str:
     return f"{np.mean(values):.1f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.1f}"
 
 
+def _covers_test_rows(seed: dict) -> bool:
+    low, high = Estimate(**seed["estimate"]).for_rows(seed["n"])
+    return low <= seed["accuracy"] / 100 <= high
+
+
+def merged(runs: list[dict]) -> dict:
+    """Results files of one bench over other seeds as one: per dataset and method, the seeds of all."""
+    out: dict = {}
+    for results in runs:
+        for dataset, result in results.items():
+            methods = out.setdefault(dataset, {"methods": {}})["methods"]
+            for name, method in result["methods"].items():
+                methods.setdefault(name, {"per_seed": []})["per_seed"] += method["per_seed"]
+    return out
+
+
 def markdown(results: dict) -> str:
-    """Per dataset: each candidate's accuracy, auto's, what it chose, its interval's coverage, and the
-    seconds its cross-validation took per seed."""
+    """Per dataset: each candidate's accuracy, auto's, what it chose, how often the estimate's interval
+    and the interval for the test's rows cover the test accuracy, and the seconds its
+    cross-validation took per seed."""
     names = [*AUTO_VARIANTS.values(), "auto"]
-    lines = ["| dataset | " + " | ".join(names) + " | auto chose | interval covers | CV seconds |",
-             "|---|" + "---|" * (len(names) + 3)]
+    lines = ["| dataset | " + " | ".join(names) + " | auto chose | interval covers | interval for the test rows "
+             "covers | CV seconds |",
+             "|---|" + "---|" * (len(names) + 4)]
     for dataset, result in results.items():
         methods = result["methods"]
         cells = [_cell([s["accuracy"] for s in methods[n]["per_seed"]]) for n in names]
         seeds = methods["auto"]["per_seed"]
         chose = ", ".join(s["chosen"] for s in seeds)
         covers = f"{sum(s['estimate_covers'] for s in seeds)}/{len(seeds)}"
+        covers_rows = f"{sum(map(_covers_test_rows, seeds))}/{len(seeds)}"
         seconds = _cell([s["cv_seconds"] for s in seeds])
-        lines.append(f"| {dataset} | " + " | ".join(cells) + f" | {chose} | {covers} | {seconds} |")
+        lines.append(f"| {dataset} | " + " | ".join(cells) + f" | {chose} | {covers} | {covers_rows} | {seconds} |")
     return "\n".join(lines)
 
 
@@ -58,10 +80,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[42, 43, 44, 45, 46])
     parser.add_argument("--limit", type=int, default=300)
     parser.add_argument("--out", default="auto.json")
-    parser.add_argument("--report", action="store_true", help="the table from the results file, without running")
+    parser.add_argument("--report", nargs="+", metavar="FILE",
+                        help="the table from these results files in bench/results, their seeds merged, without running")
     args = parser.parse_args()
     if args.report:
-        sys.stdout.write(markdown(json.loads((RESULTS / args.out).read_text())) + "\n")
+        sys.stdout.write(markdown(merged([json.loads((RESULTS / f).read_text()) for f in args.report])) + "\n")
         return
     RESULTS.mkdir(exist_ok=True)
     run(load_model(args.model, "auto", args.dtype), args)

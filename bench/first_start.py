@@ -89,7 +89,7 @@ def one_round(work: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=RESULTS / "first-start.json")
+    parser.add_argument("--out", default="first-start.json", help="the results file's name in bench/results")
     args = parser.parse_args()
     rounds = []
     for i in range(args.rounds):
@@ -100,7 +100,7 @@ def main() -> None:
     result = {"commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                                        text=True, check=True).stdout.strip(),
               "rounds": rounds, "median": summary}
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(summary, indent=2))  # noqa: T201
 
 

@@ -51,6 +51,30 @@ def test_an_overconfident_model_gets_its_temperature_back():
     assert fixed.low < fixed.accuracy < fixed.high and fixed.rows == len(gold)
 
 
+
+def _answers(correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two-class log-probabilities that are right exactly where `correct` is, and their classes."""
+    gold = np.zeros(len(correct), dtype=int)
+    logprobs = np.where(correct[:, None], np.log([[0.8, 0.2]]), np.log([[0.2, 0.8]]))
+    return logprobs, gold
+
+
+def test_the_interval_for_a_number_of_rows_covers_what_that_many_rows_measure():
+    """A method right on 75% of rows: estimated on 96 pool rows, checked on 200 new rows. The
+    estimate's own interval is for the accuracy on unlimited rows, so the 200 rows' own spread takes
+    it below 95%; the interval for 200 rows holds their accuracy 95% of the time."""
+    rng = np.random.default_rng(0)
+    plain = for_rows = 0
+    draws = 2000
+    for _ in range(draws):
+        est = estimate(*_answers(rng.random(96) < 0.75))
+        measured = float((rng.random(200) < 0.75).mean())
+        low, high = est.for_rows(200)
+        plain += est.low <= measured <= est.high
+        for_rows += low <= measured <= high
+    assert plain / draws < 0.92
+    assert 0.93 <= for_rows / draws <= 0.97
+
 def test_the_fold_designs_are_half_the_pool_and_seven_eighths_where_every_class_allows():
     assert fold_designs(np.repeat([0, 1], 16), 2) == (2, 8)
     assert fold_designs(np.repeat([0, 1, 2], [5, 16, 16]), 3) == (2, 5)
@@ -189,5 +213,8 @@ def test_the_eval_reports_what_auto_chose_with_every_candidate_beside_it(tiny_lm
     seed = methods["auto"]["per_seed"][0]
     assert seed["accuracy"] == methods[AUTO_VARIANTS[seed["chosen"]]]["per_seed"][0]["accuracy"]
     assert seed["estimate_covers"] == (seed["estimate"]["low"] <= seed["accuracy"] / 100 <= seed["estimate"]["high"])
+    low, high = seed["test_rows_interval"]
+    assert low <= seed["estimate"]["low"] and seed["estimate"]["high"] <= high  # the test rows' own spread added
+    assert seed["test_rows_interval_covers"] == (low <= seed["accuracy"] / 100 <= high)
     assert set(seed["accuracy_by_prior"]) == {"pool", "adapt"}
     assert f"auto, seed 42: chose {seed['chosen']}" in markdown_table(results)
