@@ -55,6 +55,24 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class AutoState:
+    """A `method: auto` task's side: the spec as stored (the served task's `spec` is what serves),
+    what was chosen ({"status": "choosing"} until then) and the key the choice is stored under."""
+
+    stored: TaskSpec
+    info: dict[str, Any]
+    key: str
+
+    @property
+    def choosing(self) -> bool:
+        return self.info.get("status") == "choosing"
+
+    @property
+    def estimate(self) -> dict[str, float] | None:
+        return self.info.get("estimate")
+
+
+@dataclass(frozen=True)
 class ServedTask:
     spec: TaskSpec
     classifier: Classifier
@@ -69,11 +87,7 @@ class ServedTask:
     reweighting: dict[str, Any] | None = None
     content_free: torch.Tensor | None = None  # (C,) log content-free probabilities when spec.calibrate
     prior: PriorShift | None = None  # the spec's class prior for its own method; adapt's state lives here
-    # `method: auto`: the spec as stored (`spec` is what serves), what was chosen ({"status": "choosing"}
-    # until then) and the key its choice is stored under
-    stored: TaskSpec | None = None
-    auto: dict[str, Any] | None = None
-    choice_key: str | None = None
+    auto: AutoState | None = None  # set for a `method: auto` task
     # the same for the other label-word methods a request may ask for, made on first use (model thread)
     _other_content_free: dict[Method, torch.Tensor] = dataclasses.field(default_factory=dict, init=False, compare=False,
                                                                         repr=False)
@@ -85,12 +99,13 @@ class ServedTask:
     @property
     def written(self) -> TaskSpec:
         """The spec as the store holds it (`method: auto` serves as the method it chose)."""
-        return self.stored or self.spec
+        return self.auto.stored if self.auto is not None else self.spec
 
     @property
     def temperature(self) -> float:
         """`method: auto`'s temperature, fitted on the chosen method's out-of-fold predictions."""
-        return float(((self.auto or {}).get("estimate") or {}).get("temperature", 1.0))
+        estimate = self.auto.estimate if self.auto is not None else None
+        return float(estimate["temperature"]) if estimate is not None else 1.0
 
     def beta_for(self, method: Method) -> torch.Tensor | None:
         """β applies to the method it was trained in; other methods requested per call run without."""
@@ -219,11 +234,11 @@ class TaskRegistry:
         if info is not None and info.get("pool") != pool_hash(clf):
             info = None  # chosen on another pool
         served = self._prepare(resolved(spec, info) if info is not None else provisional(spec), revision)
-        return dataclasses.replace(served, stored=spec, auto=info or {"status": "choosing"}, choice_key=key)
+        return dataclasses.replace(served, auto=AutoState(stored=spec, info=info or {"status": "choosing"}, key=key))
 
     @staticmethod
     def needs_choice(served: ServedTask) -> bool:
-        return served.auto is not None and served.auto.get("status") == "choosing"
+        return served.auto is not None and served.auto.choosing
 
     def choose_method(self, served: ServedTask, should_stop: Callable[[], bool] | None = None,
                       on_fold: Callable[[int, int], None] | None = None) -> dict[str, Any]:
@@ -235,7 +250,7 @@ class TaskRegistry:
         choice = choose(clf, texts, classes, pool_config(Method.HIDDEN_ANCHOR), should_stop=should_stop,
                         on_fold=on_fold)
         info = choice.info() | {"pool": pool_hash(clf), "chosen_at": time.time()}
-        save_choice(self.store, served.choice_key, info)
+        save_choice(self.store, served.auto.key, info)
         estimate = choice.estimate
         log.info("task %s: chose %s (cross-validated accuracy %.1f%%, 95%% interval %.1f-%.1f%%)", name,
                  choice.chosen.name, 100 * estimate.accuracy, 100 * estimate.low, 100 * estimate.high)
@@ -444,7 +459,8 @@ class TaskRegistry:
         `unreadable`, a failed task whose β an operator may still recover), β blobs are kept: unlike
         caches they cannot be rebuilt."""
         serving = dict(self._tasks)  # a snapshot: a build may `put` meanwhile
-        live = {served.key for served in serving.values()} | {s.choice_key for s in serving.values() if s.choice_key}
+        live = {served.key for served in serving.values()}
+        live |= {served.auto.key for served in serving.values() if served.auto is not None}
         unknown = [f"{name} (failed to load)" for name in self.failures()]
         unknown += [f"{name} (unreadable)" for name in unreadable]
         for name, (revision, spec) in stored.items():

@@ -200,7 +200,7 @@ class InProcessEngine:
         name = served.spec.name
         self.metrics.cache_bytes.labels(name).set(served.cache_bytes)
         self.metrics.task_loads.labels(name, "disk" if served.loaded_from_disk else "built").inc()
-        estimate = (served.auto or {}).get("estimate")
+        estimate = served.auto.estimate if served.auto is not None else None
         if estimate is not None:
             for bound, key in (("estimate", "accuracy"), ("low", "low"), ("high", "high")):
                 self.metrics.estimated_accuracy.labels(name, bound).set(estimate[key])

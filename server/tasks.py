@@ -70,7 +70,7 @@ class TaskService:
             loaded_from_disk=served.loaded_from_disk, calibrate=spec.calibrate, reweighted=served.beta is not None,
             revision=served.revision,
             reweighting=served.reweighting, prior=served.prior.info() if served.prior is not None else None,
-            auto=served.auto,
+            auto=served.auto.info if served.auto is not None else None,
             **self.engine.task_facts(served),
         )
 
