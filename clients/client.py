@@ -10,8 +10,8 @@ each `data[i]` has `index` (the input's position), `label`, `probs` (a list in l
 `num_classes`, and the same numbers keyed by label word in `label_probs`, `label_logprobs` and, for a
 calibrated task, `raw_label_probs`. `predict` is TEI's /predict: `[LabelScore(label, score)]`, highest first.
 
-Idempotent requests (GET, HEAD, PUT, DELETE, and the classification POSTs, which change nothing on
-the server) are retried on a dropped or refused connection, 429 and 503: after the server's
+Idempotent requests (GET, PUT, DELETE, and the classification POSTs, which change nothing on the
+server) are retried on a dropped or refused connection, 429 and 503: after the server's
 `Retry-After` when it sends one, else after an exponential backoff with full jitter, at most
 `retries` times and never starting later than `max_retry_s` after the first try. Other POSTs (a task
 creation, a β training, an analysis) go once: their first try may have been stored before the error,
@@ -40,9 +40,9 @@ from tenacity.wait import wait_base
 from clients.protocol import ClassifyResponse, LabelScore, ModelList, TaskInfo, TaskList
 
 RETRY_STATUSES = frozenset({429, 503})
-IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
-# The POST routes that only compute an answer: classification in vLLM's, TEI's and Hugging Face's shapes.
-PURE_POSTS = frozenset({"/v1/classify", "/classify", "/predict", "/", "/invocations"})
+IDEMPOTENT_METHODS = frozenset({"GET", "PUT", "DELETE"})
+# The POST routes the client sends that only compute an answer: classify (vLLM's shape) and predict (TEI's).
+PURE_POSTS = frozenset({"/v1/classify", "/predict"})
 # The request never reached the server, or its connection dropped before an answer. Timeouts are
 # left out: the request may still be running, and a retry would multiply the caller's timeout.
 RETRY_ERRORS = (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ConnectTimeout)
@@ -114,11 +114,11 @@ class _Base:
         self.api_key, self.admin_key = api_key, admin_key
         self.timeout, self.retries, self.backoff_s, self.max_retry_s = timeout, retries, backoff_s, max_retry_s
 
-    def _retry_policy(self, method: str, path: str) -> dict[str, Any]:
-        """tenacity's arguments for one request: `retries` more tries for an idempotent one, none otherwise."""
-        tries = self.retries + 1 if idempotent(method, path) else 1
+    def _retry_policy(self) -> dict[str, Any]:
+        """tenacity's arguments for an idempotent request: up to `retries` more tries. Other requests are
+        sent once, without tenacity."""
         return {
-            "stop": stop_after_attempt(tries) | stop_before_delay(self.max_retry_s),
+            "stop": stop_after_attempt(self.retries + 1) | stop_before_delay(self.max_retry_s),
             "wait": _WaitRetryAfter(self.backoff_s),
             "retry": retry_if_exception_type(RETRY_ERRORS)
             | retry_if_result(lambda response: response.status_code in RETRY_STATUSES),
@@ -154,6 +154,9 @@ class AnchorServeClient(_Base):
     def __init__(self, base_url: str, **kwargs: Any) -> None:
         super().__init__(base_url, **kwargs)
         self._http = httpx.Client(base_url=self.base_url, timeout=self.timeout)
+        # The policy's objects are built once; tenacity's wrapper runs each call on a shallow copy that holds
+        # that call's attempt state (state a Retrying keeps per thread, not per call).
+        self._retried_request = Retrying(**self._retry_policy()).wraps(self._http.request)
 
     def __enter__(self) -> AnchorServeClient:
         return self
@@ -165,8 +168,8 @@ class AnchorServeClient(_Base):
         self._http.close()
 
     def _request(self, method: str, path: str, admin: bool = False, **kwargs: Any) -> Any:
-        retrying = Retrying(**self._retry_policy(method, path))
-        return _raise_for(retrying(self._http.request, method, path, headers=self._headers(admin), **kwargs))
+        send = self._retried_request if idempotent(method, path) else self._http.request
+        return _raise_for(send(method, path, headers=self._headers(admin), **kwargs))
 
     def ready(self) -> bool:
         return self._http.get("/ready").status_code == 200
@@ -261,6 +264,8 @@ class AsyncAnchorServeClient(_Base):
     def __init__(self, base_url: str, **kwargs: Any) -> None:
         super().__init__(base_url, **kwargs)
         self._http = httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout)
+        # As in AnchorServeClient; here the per-call copy matters more, as concurrent requests share a thread.
+        self._retried_request = AsyncRetrying(**self._retry_policy()).wraps(self._http.request)
 
     async def __aenter__(self) -> AsyncAnchorServeClient:
         return self
@@ -272,8 +277,8 @@ class AsyncAnchorServeClient(_Base):
         await self._http.aclose()
 
     async def _request(self, method: str, path: str, admin: bool = False, **kwargs: Any) -> Any:
-        retrying = AsyncRetrying(**self._retry_policy(method, path))
-        return _raise_for(await retrying(self._http.request, method, path, headers=self._headers(admin), **kwargs))
+        send = self._retried_request if idempotent(method, path) else self._http.request
+        return _raise_for(await send(method, path, headers=self._headers(admin), **kwargs))
 
     async def classify(
         self, task: str | None, inputs: str | list[str], method: str | None = None, *, model: str | None = None,

@@ -25,15 +25,16 @@ from tests.conftest import ADMIN, error_of, sentiment_task
 
 # An error status and its headers, or None: close the connection without answering.
 Answer = tuple[int, dict[str, str]] | None
-# Valid for every call the tests make: a ClassifyResponse, a TaskList, a job's dict.
+# Valid for every call the tests make but predict: a ClassifyResponse, a TaskList, a job's dict.
 SUCCESS = {"id": "classify-1", "model": "m", "data": [], "usage": {"prompt_tokens": 0, "total_tokens": 0}}
+PREDICTED = [{"label": "a", "score": 1.0}]
 TASK = {"name": "second", "template": "{text}", "labels": ["a", "b"], "demonstrations": []}
 
 
 @contextlib.contextmanager
 def scripted(*answers: Answer) -> Iterator[tuple[str, list[tuple[str, str, float]]]]:
-    """A server that answers the i-th request with answers[i], then 200 SUCCESS; yields its URL and
-    the (method, path, time.monotonic()) of each request as it arrived."""
+    """A server that answers the i-th request with answers[i], then 200 SUCCESS (PREDICTED on /predict);
+    yields its URL and the (method, path, time.monotonic()) of each request as it arrived."""
     script = list(answers)
     arrivals: list[tuple[str, str, float]] = []
 
@@ -46,7 +47,8 @@ def scripted(*answers: Answer) -> Iterator[tuple[str, list[tuple[str, str, float
                 self.close_connection = True
                 return
             status, headers = scripted_answer
-            body = json.dumps(SUCCESS if status == 200 else {"error": "scripted", "type": "scripted"}).encode()
+            success = PREDICTED if self.path == "/predict" else SUCCESS
+            body = json.dumps(success if status == 200 else {"error": "scripted", "type": "scripted"}).encode()
             self.send_response(status)
             for name, value in (headers | {"Content-Type": "application/json",
                                            "Content-Length": str(len(body))}).items():
@@ -92,7 +94,10 @@ def test_a_post_that_writes_is_sent_once(call, status):
 
 IDEMPOTENT: dict[str, tuple[Callable[[AnchorServeClient], Any], str, str]] = {
     "classify": (lambda c: c.classify("sentiment", "x"), "POST", "/v1/classify"),
+    "predict": (lambda c: c.predict("x"), "POST", "/predict"),
     "tasks": (lambda c: c.tasks(), "GET", "/v1/tasks"),
+    "replace_task": (lambda c: c.replace_task(TASK), "PUT", "/admin/tasks/second"),
+    "delete_task": (lambda c: c.delete_task("second"), "DELETE", "/admin/tasks/second"),
 }
 
 
