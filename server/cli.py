@@ -41,11 +41,11 @@ from server.serving import (
 PROG = "anchorserve"
 
 
-def serve(args: argparse.Namespace, flags: SettingsFlags, argv: list[str], prog: str = PROG) -> int:
-    """Validate the settings and the model setting, then serve until SIGTERM/SIGINT. `argv`: the
-    flags as given, for the children of a split server to read the same settings."""
+def serve(flags: SettingsFlags, argv: list[str], prog: str = PROG) -> int:
+    """Validate the settings `argv` gives (serve's flags, parsed by the parser of `flags`) and the model
+    setting, then serve until SIGTERM/SIGINT. The children of a split server read the same `argv`."""
     try:
-        settings = load_settings(args, flags)
+        settings = load_settings(flags.root_parser.parse_args(argv), flags)
         configure_logging(settings.log_format)
         from anchor_cache.commands import check_model  # the engine, only once serving is certain
 
@@ -93,15 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         # Only -v/--verbose, which takes no value, may come before the command: serve's flags follow it.
-        return serve(args, flags, argv[argv.index("serve") + 1:])
+        return serve(flags, argv[argv.index("serve") + 1:])
     return engine_cli.run_command(args, PROG)
 
 
 def serve_main(argv: list[str] | None = None) -> int:
     """`python -m server`: the same as `anchorserve serve`."""
     argv = sys.argv[1:] if argv is None else argv
-    parser, flags = serve_parser("python -m server")
-    return serve(parser.parse_args(argv), flags, argv, prog=PROG)
+    _, flags = serve_parser("python -m server")
+    return serve(flags, argv)
 
 
 if __name__ == "__main__":
