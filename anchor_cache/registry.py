@@ -152,12 +152,14 @@ def resolved(spec: TaskSpec, info: dict[str, Any]) -> TaskSpec:
                                    "calibrate": spec.calibrate and method not in HEAD_METHODS})
 
 
-def _log_progress(name: str) -> Callable[[int, int], None]:
-    """Logs β training progress at every tenth of the steps."""
+def _log_progress(name: str, what: str, then: Callable[[int, int], None] | None) -> Callable[[int, int], None]:
+    """Logs `what` done of total at every tenth of the total, then calls `then` (a job's progress)."""
 
     def report(done: int, total: int) -> None:
         if done == total or done % max(1, total // 10) == 0:
-            log.info("task %s: learning β, step %d/%d", name, done, total)
+            log.info("task %s: %s %d/%d", name, what, done, total)
+        if then is not None:
+            then(done, total)
 
     return report
 
@@ -248,7 +250,7 @@ class TaskRegistry:
         texts, classes = pool_rows(clf)
         log.info("task %s: choosing its method on %d pool rows", name, len(texts))
         choice = choose(clf, texts, classes, pool_config(Method.HIDDEN_ANCHOR), should_stop=should_stop,
-                        on_fold=on_fold)
+                        on_fold=_log_progress(name, "choosing its method, fold", on_fold))
         info = choice.info() | {"pool": pool_hash(clf), "chosen_at": time.time()}
         save_choice(self.store, served.auto.key, info)
         estimate = choice.estimate
@@ -344,7 +346,7 @@ class TaskRegistry:
         """Learn β from the task's pool and store its blob; returns the task with it (not served yet)."""
         name = served.spec.name
         log.info("task %s: learning β from its %d pool examples", name, len(pool_rows(served.classifier)[0]))
-        beta, info = learn_pool_beta(served.classifier, should_stop, on_step or _log_progress(name))
+        beta, info = learn_pool_beta(served.classifier, should_stop, _log_progress(name, "learning β, step", on_step))
         trained = self.with_beta(served, beta, info)
         self.save_beta(trained)
         log.info("task %s: β learned in %.1fs (loss %.4f -> %.4f)", name, info["seconds"], info["epoch_losses"][0],

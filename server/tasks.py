@@ -15,11 +15,13 @@ the previous β serving. Replaced and deleted caches are garbage-collected once 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import threading
 import time
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Literal
 
 import numpy as np
 
@@ -37,7 +39,7 @@ from anchor_cache.task import TEXT_SLOT, Method, TaskSpec, label_index, preview
 from server.datafiles import dataset_file, inline_rows
 from server.engine_client import AdminEngineClient
 from server.jobs import Job, JobRunner, in_background_thread
-from server.protocol import ReweightRequest, TaskInfo
+from server.protocol import Pending, ReweightRequest, TaskInfo
 from server.replication import Replication
 from server.settings import Settings
 from server.store import ABSENT, TaskRecord
@@ -58,6 +60,7 @@ class TaskService:
         self.jobs = jobs
         self.settings = settings
         self.training: set[str] = set()  # task names with a training job running here
+        self._pending: dict[str, tuple[Literal["choose_method", "learn_pool_beta"], Job]] = {}
 
     # --- reading --------------------------------------------------------------------------------
 
@@ -70,9 +73,28 @@ class TaskService:
             loaded_from_disk=served.loaded_from_disk, calibrate=spec.calibrate, reweighted=served.beta is not None,
             revision=served.revision,
             reweighting=served.reweighting, prior=served.prior.info() if served.prior is not None else None,
-            auto=served.auto.info if served.auto is not None else None,
+            auto=served.auto.info if served.auto is not None else None, pending=self.pending(spec.name),
             **self.engine.task_facts(served),
         )
+
+    def pending(self, name: str) -> Pending | None:
+        """What a job here is still learning from task `name`'s pool, and how far it got."""
+        if name not in self._pending:
+            return None
+        step, job = self._pending[name]
+        return Pending(step=step, job=job.id, progress=job.progress)
+
+    def all_pending(self) -> dict[str, Pending]:
+        return {name: pending for name in list(self._pending) if (pending := self.pending(name)) is not None}
+
+    @contextlib.contextmanager
+    def _working(self, name: str, step: Literal["choose_method", "learn_pool_beta"], job: Job) -> Iterator[None]:
+        self._pending[name] = (step, job)
+        try:
+            yield
+        finally:
+            if self._pending.get(name, (step, None))[1] is job:  # a newer write's job may have taken over
+                del self._pending[name]
 
     def get(self, name: str) -> TaskInfo:
         return self.info(self.engine.task(name))
@@ -162,8 +184,9 @@ class TaskService:
         def progress(done: int, total: int) -> None:
             job.progress = {"folds_done": done, "folds": total}
 
-        await in_background_thread(lambda: self.engine.choose_method(served, cancel.is_set, progress),
-                                   "anchorserve-choosing")
+        with self._working(served.spec.name, "choose_method", job):
+            await in_background_thread(lambda: self.engine.choose_method(served, cancel.is_set, progress),
+                                       "anchorserve-choosing")
         return await self._store_again(served, None)
 
     async def _store_again(self, served: ServedTask, built: ServedTask | None) -> ServedTask | None:
@@ -184,8 +207,9 @@ class TaskService:
         def progress(done: int, total: int) -> None:
             job.progress = {"done": done, "total": total}
 
-        trained = await in_background_thread(lambda: self.engine.learn_pool_beta(served, cancel.is_set, progress),
-                                             "anchorserve-training")
+        with self._working(served.spec.name, "learn_pool_beta", job):
+            trained = await in_background_thread(
+                lambda: self.engine.learn_pool_beta(served, cancel.is_set, progress), "anchorserve-training")
         return await self._store_again(served, trained)
 
     def finish_from_pools(self) -> list[Job]:

@@ -267,6 +267,7 @@ def test_timing_headers_measure_the_request(serve):
     assert timing["x-compute-tokens"] == response.json()["usage"]["prompt_tokens"]
     assert timing["x-compute-characters"] == sum(len(q) for q in QUERIES)
     assert timing["x-compute-time"] == timing["x-total-time"]
+    assert response.headers["x-compute-type"] == "cpu"  # TEI's: the device the model runs on
     assert timing["x-total-time"] >= sum(timing[name] for name in TIMING[1:])
     slow_forwards(client, 0.3)
     for response in (client.post("/v1/classify", json={"task": "sentiment", "input": "x"}),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -173,10 +175,11 @@ def test_choose_needs_two_rows_of_every_class(tiny_lm):
         choose(clf, ["a fine film", "dull", "bad"], [1, 0, 0])
 
 
-def test_a_task_with_method_auto_serves_its_choice_and_keeps_it_across_a_restart(serve):
-    """The build job chooses on the pool; the task then serves the chosen method, shows the choice
-    and its estimate, and exposes the estimate as a metric. The record keeps `auto`, so a restart
-    loads the stored choice instead of choosing again."""
+def test_a_task_with_method_auto_serves_its_choice_and_keeps_it_across_a_restart(serve, caplog):
+    """The build job chooses on the pool, logging each fold; the task then serves the chosen method,
+    shows the choice and its estimate, and exposes the estimate as a metric. The record keeps
+    `auto`, so a restart loads the stored choice instead of choosing again."""
+    caplog.set_level(logging.INFO, logger="anchor_cache.registry")
     pool = [{"text": t, "label": ["Negative", "Positive"][c]} for t, c in POOL]
     spec = sentiment_task(name="picky", method="auto", examples=pool).model_dump(mode="json")
     client = serve(admin_api_key="admin-secret")
@@ -185,6 +188,9 @@ def test_a_task_with_method_auto_serves_its_choice_and_keeps_it_across_a_restart
     if created.status_code == 202:
         assert wait_finished(client, created.json()["status_url"], timeout=300)["status"] == "succeeded"
     info = client.get("/v1/tasks/picky").json()
+    assert info["pending"] is None
+    folds = [r.getMessage() for r in caplog.records if "choosing its method, fold" in r.getMessage()]
+    assert folds and folds[-1].endswith(f"fold {len(folds)}/{len(folds)}")
     auto = info["auto"]
     assert auto["chosen"] in {c.name for c in CANDIDATES} and info["method"] == auto["method"]
     assert set(auto["candidates"]) == {c.name for c in CANDIDATES}

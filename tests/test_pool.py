@@ -3,6 +3,7 @@ engine's Python API answering exactly what the server answers for the same task 
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -61,21 +62,42 @@ def test_beta_is_learned_from_the_pool_after_start_and_only_loaded_after(serve, 
         time.sleep(0.02)
 
 
-def test_a_task_serves_at_once_while_its_pool_beta_is_learned(serve, monkeypatch):
-    """Start-up never waits for β: the task answers without it until the job swaps it in."""
-    release = threading.Event()
+def test_a_task_serves_at_once_while_its_pool_beta_is_learned(serve, monkeypatch, caplog, server_lm):
+    """Start-up never waits for β: the task answers without it, with its calibration, until the job
+    swaps it in; meanwhile the task's info, /ready and the log say how far the job got."""
+    first_step, release = threading.Event(), threading.Event()
     learn = TaskRegistry.learn_pool_beta
 
     def held(self, served, should_stop=None, on_step=None):
-        assert release.wait(60)
-        return learn(self, served, should_stop, on_step)
+        def step(done: int, total: int) -> None:
+            on_step(done, total)
+            if done == 1:
+                first_step.set()
+                assert release.wait(60)
+
+        return learn(self, served, should_stop, step)
 
     monkeypatch.setattr(TaskRegistry, "learn_pool_beta", held)
-    client = serve(tasks=[pooled()])  # ready while the job waits
-    assert not client.get("/v1/tasks/sentiment").json()["reweighted"]
+    spec = pooled(calibrate=True)
+    caplog.set_level(logging.INFO, logger="anchor_cache.registry")
+    client = serve(tasks=[spec], admin_api_key="admin-secret")  # ready while the job waits
+    assert first_step.wait(60)
+    info = client.get("/v1/tasks/sentiment").json()
+    assert not info["reweighted"]
+    pending = info["pending"]
+    assert pending["step"] == "learn_pool_beta" and pending["progress"]["done"] == 1
+    assert pending["progress"]["total"] > 1
+    assert client.get(f"/admin/jobs/{pending['job']}", headers=ADMIN).json()["status"] == "running"
+    assert client.get("/ready").json()["pending"] == {"sentiment": pending}
+    assert "task sentiment: learning β, step 1/" in caplog.text
     plain = client.post("/v1/classify", json={"task": "sentiment", "input": QUERIES}).json()["data"]
+    calibrated = Classifier(server_lm, spec).classify(QUERIES)  # no β, calibrated
+    for item, prediction in zip(plain, calibrated, strict=True):
+        for label, p in probs_of(item).items():
+            assert math.isclose(p, prediction.probs[label], abs_tol=1e-5), (item, prediction)
     release.set()
-    wait_reweighted(client, "sentiment")
+    info = wait_reweighted(client, "sentiment")
+    assert info["pending"] is None and client.get("/ready").json()["pending"] == {}
     learned = client.post("/v1/classify", json={"task": "sentiment", "input": QUERIES}).json()["data"]
     assert [d["probs"] for d in learned] != [d["probs"] for d in plain]
 
@@ -118,3 +140,4 @@ def test_load_beta_reads_what_reweight_wrote(tmp_path):
     beta = torch.arange(6, dtype=torch.float32).reshape(1, 2, 3)
     save_file({"beta": beta}, str(tmp_path / "beta.safetensors"))
     assert torch.equal(load_beta(tmp_path), beta) and torch.equal(load_beta(tmp_path / "beta.safetensors"), beta)
+

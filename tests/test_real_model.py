@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +54,19 @@ def test_readme_examples_are_right_on_the_builtin_task_with_its_shipped_beta(rea
     predictions = Classifier(real_lm, TASK, beta=beta).classify(list(README_EXAMPLES))
     assert {text: p.label for text, p in zip(README_EXAMPLES, predictions, strict=True)} == README_EXAMPLES
     assert all(max(p.probs.values()) > 0.9 for p in predictions), [p.probs for p in predictions]
+
+
+def test_the_readme_task_spec_builds_and_answers_its_inputs(real_lm):
+    """README § A task of your own: its spec is valid as written (label words that start
+    differently under this tokenizer, a pool of every label) and answers the README's three inputs
+    with its labels. The tiny test tokenizer cannot tell its label words apart."""
+    readme = README.read_text()
+    spec = TaskSpec.model_validate_json(re.search(r"cat > support.json <<'JSON'\n(.*?)\nJSON\n", readme, re.S).group(1))
+    inputs = json.loads(re.search(r'"task": "support", "input":\s*(\[.*?\])}', readme, re.S).group(1))
+    assert {row.label for row in spec.examples} == set(spec.labels) and spec.calibrate
+    predictions = Classifier(real_lm, spec).classify(inputs)
+    assert len(predictions) == 3 and all(set(p.probs) == set(spec.labels) for p in predictions)
+    assert all(f"| {text} |" in readme for text in inputs)  # the README's table of answers names each input
 
 
 def test_real_model_keep_all_cache_matches_vanilla(real_lm):

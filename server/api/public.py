@@ -27,7 +27,8 @@ async def ready(state: State) -> JSONResponse:
     engine = state.engine
     if not engine.ready:
         return error_response("unavailable", engine.startup_error or f"not ready: {engine.progress}")
-    body = Readiness(status="ready", tasks=[t.spec.name for t in engine.tasks()], failed=engine.failures())
+    body = Readiness(status="ready", tasks=[t.spec.name for t in engine.tasks()], failed=engine.failures(),
+                     pending=state.tasks.all_pending())
     return JSONResponse(body.model_dump())
 
 
