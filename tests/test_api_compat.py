@@ -395,6 +395,38 @@ def test_vllm_path_and_request_fields(serve):
         assert [e / sum(exp) for e in exp] == pytest.approx(probs["probs"], abs=1e-6)
 
 
+def test_pipeline_parameters_apply_the_function_and_keep_the_top_k(serve):
+    """Hugging Face's `parameters` as the text-classification pipeline means them: `none` gives the
+    scores vLLM's `use_activation: false` gives, `sigmoid` those through a sigmoid, softmax (and
+    unset) the probabilities; `top_k` keeps the k best, best first."""
+    client = serve()
+    labels = client.get("/v1/tasks/sentiment").json()["labels"]
+
+    def by_label(body: dict) -> list[dict[str, float]]:
+        answer = client.post("/classify", json={"input": QUERIES} | body)
+        return [dict(zip(labels, d["probs"], strict=True)) for d in answer.json()["data"]]
+
+    probs, logits = by_label({}), by_label({"use_activation": False})
+
+    def scores(parameters: dict) -> list[dict[str, float]]:
+        answer = client.post("/", json={"inputs": QUERIES, "parameters": parameters})
+        assert answer.status_code == 200, answer.text
+        rows = answer.json()
+        for row in rows:
+            assert [e["score"] for e in row] == sorted((e["score"] for e in row), reverse=True)
+        return [{e["label"]: e["score"] for e in row} for row in rows]
+
+    assert scores({}) == scores({"function_to_apply": "softmax"})
+    for got, want in zip(scores({}), probs, strict=True):
+        assert got == pytest.approx(want, abs=1e-6)
+    for got, want in zip(scores({"function_to_apply": "none"}), logits, strict=True):
+        assert got == pytest.approx(want, abs=1e-6)
+    for got, want in zip(scores({"function_to_apply": "sigmoid"}), logits, strict=True):
+        assert got == pytest.approx({k: 1 / (1 + math.exp(-x)) for k, x in want.items()}, abs=1e-6)
+    top = scores({"top_k": 1, "function_to_apply": "none"})
+    assert [list(row) for row in top] == [[max(row, key=row.get)] for row in logits]
+
+
 def test_vllm_truncate_prompt_tokens_cuts_each_input(serve):
     client = serve(max_input_tokens=64)
     long_text = "a moving match " * 100
