@@ -18,6 +18,7 @@ import pytest
 
 from anchor_cache.errors import ConflictError, PreconditionFailedError, UnavailableError, ValidationError
 from server.store import ABSENT, StateStore, TaskRecord
+from server.store import redis as redis_backend
 from server.store.local import LocalStore
 from server.store.redis import RedisStore
 from server.store.url import open_store
@@ -469,6 +470,18 @@ def test_redis_damaged_record(redis_url):
     store.close()
 
 
+# A Redis waiter's own timeout, and the bound that fails a test whose waiter was not woken: with
+# no listen slice ending in between (no_slice_ends), only the wake-up under test returns it sooner.
+WAIT_S = 60.0
+FAIL_S = 10.0
+
+
+def no_slice_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A waiter re-reads the counter when each listen slice (1 s) ends, so a missed wake-up only
+    costs it latency; with the slice as long as its wait, a missed wake-up leaves it blocked."""
+    monkeypatch.setattr(redis_backend, "LISTEN_SLICE_S", WAIT_S)
+
+
 def test_redis_wait_for_change_falls_back_to_polling(redis_url, monkeypatch, caplog):
     store, other = RedisStore(redis_url), RedisStore(redis_url)
 
@@ -479,18 +492,19 @@ def test_redis_wait_for_change_falls_back_to_polling(redis_url, monkeypatch, cap
     seen = store.changes()
     with caplog.at_level(logging.WARNING, logger="server.store.redis"):
         assert store.wait_for_change(seen, 0.3) == seen  # tries to subscribe, fails, polls
+    no_slice_ends(monkeypatch)
     until_blocked = blocked_waiters(store, monkeypatch)
     done = threading.Event()
     result = []
 
     def wait() -> None:
-        result.append(store.wait_for_change(seen, 20))
+        result.append(store.wait_for_change(seen, WAIT_S))
         done.set()
 
     threading.Thread(target=wait, daemon=True).start()
     until_blocked(seen, 1)
     written = other.write("p", spec("p"), "admin", None)
-    assert done.wait(5)
+    assert done.wait(FAIL_S), "the polling waiter never saw the write"
     assert result == [written.revision] and store._pubsub_broken
     assert any("change notifications failed (OSError: pub/sub is switched off here)" in r.message
                for r in caplog.records)
@@ -498,7 +512,7 @@ def test_redis_wait_for_change_falls_back_to_polling(redis_url, monkeypatch, cap
     other.close()
 
 
-def test_redis_store_survives_a_restart(redis_process):
+def test_redis_store_survives_a_restart(redis_process, monkeypatch):
     server = redis_process(persistent=True)
     store, other = RedisStore(server.url), RedisStore(server.url)
     created = store.write("keep", spec("keep"), "admin", ABSENT)
@@ -517,20 +531,21 @@ def test_redis_store_survives_a_restart(redis_process):
         return other._redis.pubsub_numsub(store._channel)[0][1]
 
     assert subscribers() == 0  # the subscription ended with the server
-    woke: list[tuple[int, float]] = []
+    no_slice_ends(monkeypatch)
+    woke = threading.Event()
+    result = []
 
     def wait() -> None:
-        woke.append((store.wait_for_change(second.revision, 20), time.monotonic()))
+        result.append(store.wait_for_change(second.revision, WAIT_S))
+        woke.set()
 
-    thread = threading.Thread(target=wait)
-    thread.start()
-    deadline = time.monotonic() + 10
+    threading.Thread(target=wait, daemon=True).start()
+    deadline = time.monotonic() + FAIL_S
     while subscribers() == 0:  # a write now would be seen by the waiter's read, not by a notification
         assert time.monotonic() < deadline, "the waiter never subscribed again"
         time.sleep(0.01)
-    written_at = time.monotonic()
     third = other.write("keep", None, "admin", second.revision)
-    thread.join(20)
-    assert woke[0][0] == third.revision and woke[0][1] - written_at < 2.5
+    assert woke.wait(FAIL_S), "the write's notification never woke the waiter"
+    assert result == [third.revision]
     store.close()
     other.close()
