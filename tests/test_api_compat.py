@@ -511,3 +511,9 @@ def test_info_carries_teis_fields_beside_its_own(serve):
     assert info["model_id"] == info["model"] and info["model_dtype"] == info["dtype"] == "float32"
     assert info["max_input_length"] == 100 and info["max_client_batch_size"] == info["max_inputs_per_request"]
     assert info["model_type"]["classifier"]["id2label"] == {str(i): label for i, label in enumerate(labels_of(client))}
+    assert info["max_batch_requests"] == info["max_batch_size"]
+    assert info["tokenization_workers"] == max(1, info["api_servers"])  # the frontends, or the one process
+    tei = {"model_id", "model_sha", "model_dtype", "model_type", "max_concurrent_requests", "max_input_length",
+           "max_batch_tokens", "max_batch_requests", "max_client_batch_size", "auto_truncate", "tokenization_workers",
+           "version", "sha", "docker_label"}  # TEI's Info, every field
+    assert tei <= set(info), tei - set(info)

@@ -59,4 +59,8 @@ def tei_info(own: dict[str, Any], labels: list[str]) -> dict[str, Any]:
             "max_input_length": own["max_input_tokens"], "max_batch_tokens": own["max_batch_tokens"],
             "max_client_batch_size": own["max_inputs_per_request"],
             "max_concurrent_requests": own["max_queued_requests"], "auto_truncate": own["truncate"],
-            "version": installed}
+            "max_batch_requests": own["max_batch_size"],
+            "tokenization_workers": max(1, own["api_servers"]),  # each frontend tokenises; one process does its own
+            "version": installed,
+            # a local model folder and a source tree: no Hub revision, build commit or image label to report
+            "model_sha": None, "sha": None, "docker_label": None}
