@@ -92,9 +92,16 @@ class Estimate:
         estimate's interval widened, in quadrature, by those rows' own binomial spread. The estimate's
         interval is for the accuracy on unlimited such rows; a check on a few hundred labelled rows
         carries several points of noise of its own, which this one includes."""
+        if rows < 1:
+            raise ValueError(f"an accuracy is measured on at least one row, not {rows}")
         spread = float(norm.ppf(0.975) * np.sqrt(self.accuracy * (1 - self.accuracy) / rows))
         return (max(0.0, self.accuracy - float(np.hypot(self.accuracy - self.low, spread))),
                 min(1.0, self.accuracy + float(np.hypot(self.high - self.accuracy, spread))))
+
+    def covers(self, accuracy: float, rows: int | None = None) -> bool:
+        """Whether `accuracy` lies in the estimate's interval, or in the interval for `rows` rows."""
+        low, high = (self.low, self.high) if rows is None else self.for_rows(rows)
+        return low <= accuracy <= high
 
 
 @dataclass(frozen=True)

@@ -194,10 +194,9 @@ def _chosen(choice: Choice, accuracy: float, rows: int) -> dict[str, Any]:
     accuracy (measured on `rows` rows) and whether the interval for that many rows does, and the
     folds and seconds its cross-validation took."""
     est = choice.estimate
-    low, high = est.for_rows(rows)
     return {"chosen": choice.chosen.name, "candidates": choice.scores, "estimate": asdict(est),
-            "estimate_covers": bool(est.low <= accuracy <= est.high), "test_rows_interval": [low, high],
-            "test_rows_interval_covers": bool(low <= accuracy <= high), "folds": list(choice.folds),
+            "estimate_covers": est.covers(accuracy), "test_rows_interval": list(est.for_rows(rows)),
+            "test_rows_interval_covers": est.covers(accuracy, rows), "folds": list(choice.folds),
             "cv_seconds": round(choice.seconds, 1)}
 
 

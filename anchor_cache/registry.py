@@ -246,13 +246,15 @@ class TaskRegistry:
                       on_fold: Callable[[int, int], None] | None = None) -> dict[str, Any]:
         """Choose a `method: auto` task's method on its pool (auto.py) and store the choice; the
         task serves it once its record is applied again."""
-        clf, name = served.classifier, served.spec.name
+        clf, name, auto = served.classifier, served.spec.name, served.auto
+        if auto is None:
+            raise ValueError(f"task {name!r} is not a method: auto task")
         texts, classes = pool_rows(clf)
         log.info("task %s: choosing its method on %d pool rows", name, len(texts))
         choice = choose(clf, texts, classes, pool_config(Method.HIDDEN_ANCHOR), should_stop=should_stop,
                         on_fold=_log_progress(name, "choosing its method, fold", on_fold))
         info = choice.info() | {"pool": pool_hash(clf), "chosen_at": time.time()}
-        save_choice(self.store, served.auto.key, info)
+        save_choice(self.store, auto.key, info)
         estimate = choice.estimate
         log.info("task %s: chose %s (cross-validated accuracy %.1f%%, 95%% interval %.1f-%.1f%%)", name,
                  choice.chosen.name, 100 * estimate.accuracy, 100 * estimate.low, 100 * estimate.high)

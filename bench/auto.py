@@ -40,8 +40,7 @@ def _cell(values: list[float]) -> str:
 
 
 def _covers_test_rows(seed: dict) -> bool:
-    low, high = Estimate(**seed["estimate"]).for_rows(seed["n"])
-    return low <= seed["accuracy"] / 100 <= high
+    return Estimate(**seed["estimate"]).covers(seed["accuracy"] / 100, seed["n"])
 
 
 def merged(runs: list[dict]) -> dict:

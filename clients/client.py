@@ -112,14 +112,12 @@ class _Base:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.api_key, self.admin_key = api_key, admin_key
-        self.timeout, self.retries, self.backoff_s, self.max_retry_s = timeout, retries, backoff_s, max_retry_s
-
-    def _retry_policy(self) -> dict[str, Any]:
-        """tenacity's arguments for an idempotent request: up to `retries` more tries. Other requests are
-        sent once, without tenacity."""
-        return {
-            "stop": stop_after_attempt(self.retries + 1) | stop_before_delay(self.max_retry_s),
-            "wait": _WaitRetryAfter(self.backoff_s),
+        self.timeout = timeout
+        # tenacity's arguments for an idempotent request, fixed for the client's life: up to `retries`
+        # more tries. Other requests are sent once, without tenacity.
+        self._retry_policy: dict[str, Any] = {
+            "stop": stop_after_attempt(retries + 1) | stop_before_delay(max_retry_s),
+            "wait": _WaitRetryAfter(backoff_s),
             "retry": retry_if_exception_type(RETRY_ERRORS)
             | retry_if_result(lambda response: response.status_code in RETRY_STATUSES),
             "retry_error_callback": _last_outcome,
@@ -156,7 +154,7 @@ class AnchorServeClient(_Base):
         self._http = httpx.Client(base_url=self.base_url, timeout=self.timeout)
         # The policy's objects are built once; tenacity's wrapper runs each call on a shallow copy that holds
         # that call's attempt state (state a Retrying keeps per thread, not per call).
-        self._retried_request = Retrying(**self._retry_policy()).wraps(self._http.request)
+        self._retried_request = Retrying(**self._retry_policy).wraps(self._http.request)
 
     def __enter__(self) -> AnchorServeClient:
         return self
@@ -265,7 +263,7 @@ class AsyncAnchorServeClient(_Base):
         super().__init__(base_url, **kwargs)
         self._http = httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout)
         # As in AnchorServeClient; here the per-call copy matters more, as concurrent requests share a thread.
-        self._retried_request = AsyncRetrying(**self._retry_policy()).wraps(self._http.request)
+        self._retried_request = AsyncRetrying(**self._retry_policy).wraps(self._http.request)
 
     async def __aenter__(self) -> AsyncAnchorServeClient:
         return self

@@ -321,8 +321,13 @@ def timed_response(description: str) -> dict[int | str, dict[str, Any]]:
     return {200: {"description": description, "headers": headers}}
 
 
-class Pending(BaseModel):
-    step: Literal["choose_method", "learn_pool_beta"] = Field(
+LearningStep = Literal["choose_method", "learn_pool_beta"]
+
+
+class Learning(BaseModel):
+    """What a job is still learning from a served task's pool, on the replica that runs it."""
+
+    step: LearningStep = Field(
         description="choose_method: `method: auto` cross-validates on the pool (the task serves as hidden_anchor "
                     "meanwhile); learn_pool_beta: β is learned from the pool (the task serves without it meanwhile)")
     job: str = Field(description="the job doing it: GET /admin/jobs/{id}")
@@ -353,8 +358,8 @@ class TaskInfo(BaseModel):
                                          "(base); for adapt the rows seen, whether it corrects (active), its estimate, "
                                          "the shift's p_value and distance, and acts_when (the thresholds)")
     revision: int = Field(description="the state-store revision this replica serves (the ETag; If-Match takes it)")
-    pending: Pending | None = Field(None, description="what the task's pool is still giving it while it serves "
-                                    "(on the replica whose job does it); null when nothing")
+    learning: Learning | None = Field(None, description="what a job is still learning from the task's pool while "
+                                      "it serves (shown by the replica that runs the job); null when nothing")
 
 
 class TaskFailure(BaseModel):
@@ -385,7 +390,8 @@ class Readiness(BaseModel):
     status: Literal["ready"]
     tasks: list[str]
     failed: dict[str, str] = Field(description="task name → why it could not load")
-    pending: dict[str, Pending] = Field(description="task name → what its pool is still giving it while it serves")
+    learning: dict[str, Learning] = Field(description="task name → what a job here is still learning from its pool "
+                                          "while it serves")
 
 
 class OpenAIError(BaseModel):

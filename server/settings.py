@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import AfterValidator, Field, PrivateAttr, SecretStr, field_validator, model_validator
+from pydantic import AfterValidator, Field, SecretStr, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -204,8 +204,6 @@ class Settings(BaseSettings):
     admin_sync_wait_s: float = Field(2.0, ge=0, description="admin builds finishing sooner answer 201, else 202")
     gc_grace_s: float = Field(600.0, ge=0, description="unreferenced caches younger than this are kept (another "
                               "replica on the same state dir may be about to load them)")
-    # What redacted() returns, made once when the settings are built: GET /info shows it on every request.
-    _redacted: dict[str, Any] = PrivateAttr()
 
     @field_validator("tasks", mode="before")
     @classmethod
@@ -236,16 +234,10 @@ class Settings(BaseSettings):
         return (init_settings, env_settings, InitSettingsSource(settings_cls, init_kwargs=platform),
                 SettingsFile(settings_cls))
 
-    @model_validator(mode="after")
-    def _redact(self) -> Settings:
+    def redacted(self) -> dict[str, Any]:
+        """For the start-up log and GET /info: keys only as set or unset, the state URL's password as ***."""
         data = self.model_dump(mode="json", exclude={"tasks"})
         for key in ("api_key", "admin_api_key"):
             data[key] = "set" if getattr(self, key) else "unset"
         data["state_url"] = redact_url(self.state_url.get_secret_value())
-        self._redacted = data | {"tasks": [t.name for t in self.tasks]}
-        return self
-
-    def redacted(self) -> dict[str, Any]:
-        """For the start-up log and GET /info: keys only as set or unset, the state URL's password as ***.
-        The same dict on every call: merge it into another, never change it."""
-        return self._redacted
+        return data | {"tasks": [t.name for t in self.tasks]}

@@ -21,6 +21,7 @@ from server.tasks import TaskService
 class ServerState:
     def __init__(self, settings: Settings, engine_address: str | None = None) -> None:
         self.settings = settings
+        self.shown_settings = settings.redacted()  # GET /info's, made once: settings do not change while serving
         self.metrics = Metrics()
         self.store = open_store(settings.state_url.get_secret_value(), settings.state_dir)
         self.engine = InProcessEngine(settings, self.metrics, self.store)

@@ -21,7 +21,8 @@ import re
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -39,7 +40,7 @@ from anchor_cache.task import TEXT_SLOT, Method, TaskSpec, label_index, preview
 from server.datafiles import dataset_file, inline_rows
 from server.engine_client import AdminEngineClient
 from server.jobs import Job, JobRunner, in_background_thread
-from server.protocol import Pending, ReweightRequest, TaskInfo
+from server.protocol import Learning, LearningStep, ReweightRequest, TaskInfo
 from server.replication import Replication
 from server.settings import Settings
 from server.store import ABSENT, TaskRecord
@@ -51,6 +52,13 @@ _ENTITY_TAG = re.compile(r'(W/)?"([\x21\x23-\x7e\x80-\xff]*)"')
 _ENTITY_TAGS = re.compile(rf"{_ENTITY_TAG.pattern}(?:[ \t]*,[ \t]*{_ENTITY_TAG.pattern})*")
 
 
+@dataclass(frozen=True)
+class _Learning:
+    step: LearningStep
+    job: Job
+    revision: int  # the version of the task it learns for
+
+
 class TaskService:
     def __init__(self, engine: AdminEngineClient, replication: Replication, jobs: JobRunner,
                  settings: Settings) -> None:
@@ -60,7 +68,7 @@ class TaskService:
         self.jobs = jobs
         self.settings = settings
         self.training: set[str] = set()  # task names with a training job running here
-        self._pending: dict[str, tuple[Literal["choose_method", "learn_pool_beta"], Job]] = {}
+        self._learning: dict[str, _Learning] = {}  # task name -> the job learning from its pool here
 
     # --- reading --------------------------------------------------------------------------------
 
@@ -73,28 +81,33 @@ class TaskService:
             loaded_from_disk=served.loaded_from_disk, calibrate=spec.calibrate, reweighted=served.beta is not None,
             revision=served.revision,
             reweighting=served.reweighting, prior=served.prior.info() if served.prior is not None else None,
-            auto=served.auto.info if served.auto is not None else None, pending=self.pending(spec.name),
+            auto=served.auto.info if served.auto is not None else None, learning=self.learning(served),
             **self.engine.task_facts(served),
         )
 
-    def pending(self, name: str) -> Pending | None:
-        """What a job here is still learning from task `name`'s pool, and how far it got."""
-        if name not in self._pending:
+    def learning(self, served: ServedTask) -> Learning | None:
+        """What a job here is still learning from the served task's pool, and how far it got; None
+        when none is, or the job's version of the task was replaced or deleted meanwhile."""
+        entry = self._learning.get(served.spec.name)
+        if entry is None or entry.revision != served.revision:
             return None
-        step, job = self._pending[name]
-        return Pending(step=step, job=job.id, progress=job.progress)
+        return Learning(step=entry.step, job=entry.job.id, progress=entry.job.progress)
 
-    def all_pending(self) -> dict[str, Pending]:
-        return {name: pending for name in list(self._pending) if (pending := self.pending(name)) is not None}
+    def all_learning(self) -> dict[str, Learning]:
+        return {served.spec.name: learning for served in self.engine.tasks()
+                if (learning := self.learning(served)) is not None}
 
     @contextlib.contextmanager
-    def _working(self, name: str, step: Literal["choose_method", "learn_pool_beta"], job: Job) -> Iterator[None]:
-        self._pending[name] = (step, job)
+    def _learning_from_pool(self, served: ServedTask, step: LearningStep, job: Job) -> Iterator[None]:
+        """Shows `step` of `job` for `served` until its result is served (or the job ends)."""
+        name, entry = served.spec.name, _Learning(step, job, served.revision)
+        job.progress = None  # a job's previous step counted other things
+        self._learning[name] = entry
         try:
             yield
         finally:
-            if self._pending.get(name, (step, None))[1] is job:  # a newer write's job may have taken over
-                del self._pending[name]
+            if self._learning.get(name) is entry:  # else a newer write's job has taken its place
+                del self._learning[name]
 
     def get(self, name: str) -> TaskInfo:
         return self.info(self.engine.task(name))
@@ -184,10 +197,10 @@ class TaskService:
         def progress(done: int, total: int) -> None:
             job.progress = {"folds_done": done, "folds": total}
 
-        with self._working(served.spec.name, "choose_method", job):
+        with self._learning_from_pool(served, "choose_method", job):
             await in_background_thread(lambda: self.engine.choose_method(served, cancel.is_set, progress),
                                        "anchorserve-choosing")
-        return await self._store_again(served, None)
+            return await self._store_again(served, None)
 
     async def _store_again(self, served: ServedTask, built: ServedTask | None) -> ServedTask | None:
         """The spec as written, stored as the next revision, so every replica applies what was just
@@ -207,10 +220,10 @@ class TaskService:
         def progress(done: int, total: int) -> None:
             job.progress = {"done": done, "total": total}
 
-        with self._working(served.spec.name, "learn_pool_beta", job):
+        with self._learning_from_pool(served, "learn_pool_beta", job):
             trained = await in_background_thread(
                 lambda: self.engine.learn_pool_beta(served, cancel.is_set, progress), "anchorserve-training")
-        return await self._store_again(served, trained)
+            return await self._store_again(served, trained)
 
     def finish_from_pools(self) -> list[Job]:
         """At start: a job per served task whose pool still owes it something: a `method: auto`

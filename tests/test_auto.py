@@ -53,7 +53,6 @@ def test_an_overconfident_model_gets_its_temperature_back():
     assert fixed.low < fixed.accuracy < fixed.high and fixed.rows == len(gold)
 
 
-
 def _answers(correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Two-class log-probabilities that are right exactly where `correct` is, and their classes."""
     gold = np.zeros(len(correct), dtype=int)
@@ -71,11 +70,13 @@ def test_the_interval_for_a_number_of_rows_covers_what_that_many_rows_measure():
     for _ in range(draws):
         est = estimate(*_answers(rng.random(96) < 0.75))
         measured = float((rng.random(200) < 0.75).mean())
-        low, high = est.for_rows(200)
-        plain += est.low <= measured <= est.high
-        for_rows += low <= measured <= high
+        plain += est.covers(measured)
+        for_rows += est.covers(measured, 200)
     assert plain / draws < 0.92
     assert 0.93 <= for_rows / draws <= 0.97
+    with pytest.raises(ValueError, match="at least one row"):
+        est.for_rows(0)
+
 
 def test_the_fold_designs_are_half_the_pool_and_seven_eighths_where_every_class_allows():
     assert fold_designs(np.repeat([0, 1], 16), 2) == (2, 8)
@@ -188,7 +189,7 @@ def test_a_task_with_method_auto_serves_its_choice_and_keeps_it_across_a_restart
     if created.status_code == 202:
         assert wait_finished(client, created.json()["status_url"], timeout=300)["status"] == "succeeded"
     info = client.get("/v1/tasks/picky").json()
-    assert info["pending"] is None
+    assert info["learning"] is None
     folds = [r.getMessage() for r in caplog.records if "choosing its method, fold" in r.getMessage()]
     assert folds and folds[-1].endswith(f"fold {len(folds)}/{len(folds)}")
     auto = info["auto"]

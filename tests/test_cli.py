@@ -347,7 +347,7 @@ def test_a_busy_port_stops_the_server_before_the_model_loads(tmp_path, api_serve
             "ANCHORSERVE_PORT": str(port), "ANCHORSERVE_API_SERVERS": api_servers}
         done = run_process("-m", "server", env=env)
     assert done.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in done.stderr, done.stderr
-    assert f"loaded {model}" not in done.stderr + done.stdout  # models.py's line once the weights are in
+    assert f"loaded {model.name} from {model}" not in done.stderr + done.stdout  # models.py's, once the weights are in
 
 
 # --- anchorserve-client -------------------------------------------------------------------------------

@@ -62,9 +62,9 @@ def test_beta_is_learned_from_the_pool_after_start_and_only_loaded_after(serve, 
         time.sleep(0.02)
 
 
-def test_a_task_serves_at_once_while_its_pool_beta_is_learned(serve, monkeypatch, caplog, server_lm):
-    """Start-up never waits for β: the task answers without it, with its calibration, until the job
-    swaps it in; meanwhile the task's info, /ready and the log say how far the job got."""
+@pytest.fixture
+def held_at_first_step(monkeypatch):
+    """β learning from a pool stops after its first step until `release` is set (set at teardown)."""
     first_step, release = threading.Event(), threading.Event()
     learn = TaskRegistry.learn_pool_beta
 
@@ -78,17 +78,25 @@ def test_a_task_serves_at_once_while_its_pool_beta_is_learned(serve, monkeypatch
         return learn(self, served, should_stop, step)
 
     monkeypatch.setattr(TaskRegistry, "learn_pool_beta", held)
+    yield first_step, release
+    release.set()
+
+
+def test_a_task_serves_at_once_while_its_pool_beta_is_learned(serve, held_at_first_step, caplog, server_lm):
+    """Start-up never waits for β: the task answers without it, with its calibration, until the job
+    swaps it in; meanwhile the task's info, /ready and the log say how far the job got."""
+    first_step, release = held_at_first_step
     spec = pooled(calibrate=True)
     caplog.set_level(logging.INFO, logger="anchor_cache.registry")
     client = serve(tasks=[spec], admin_api_key="admin-secret")  # ready while the job waits
     assert first_step.wait(60)
     info = client.get("/v1/tasks/sentiment").json()
     assert not info["reweighted"]
-    pending = info["pending"]
-    assert pending["step"] == "learn_pool_beta" and pending["progress"]["done"] == 1
-    assert pending["progress"]["total"] > 1
-    assert client.get(f"/admin/jobs/{pending['job']}", headers=ADMIN).json()["status"] == "running"
-    assert client.get("/ready").json()["pending"] == {"sentiment": pending}
+    learning = info["learning"]
+    assert learning["step"] == "learn_pool_beta" and learning["progress"]["done"] == 1
+    assert learning["progress"]["total"] > 1
+    assert client.get(f"/admin/jobs/{learning['job']}", headers=ADMIN).json()["status"] == "running"
+    assert client.get("/ready").json()["learning"] == {"sentiment": learning}
     assert "task sentiment: learning β, step 1/" in caplog.text
     plain = client.post("/v1/classify", json={"task": "sentiment", "input": QUERIES}).json()["data"]
     calibrated = Classifier(server_lm, spec).classify(QUERIES)  # no β, calibrated
@@ -97,9 +105,23 @@ def test_a_task_serves_at_once_while_its_pool_beta_is_learned(serve, monkeypatch
             assert math.isclose(p, prediction.probs[label], abs_tol=1e-5), (item, prediction)
     release.set()
     info = wait_reweighted(client, "sentiment")
-    assert info["pending"] is None and client.get("/ready").json()["pending"] == {}
+    assert info["learning"] is None and client.get("/ready").json()["learning"] == {}
     learned = client.post("/v1/classify", json={"task": "sentiment", "input": QUERIES}).json()["data"]
     assert [d["probs"] for d in learned] != [d["probs"] for d in plain]
+
+
+def test_a_replaced_task_shows_no_job_of_its_old_version(serve, held_at_first_step):
+    """The old version's β job may still run after a replacement without a pool: neither the new
+    version's info nor /ready shows it."""
+    first_step, _ = held_at_first_step
+    client = serve(tasks=[pooled()], admin_api_key="admin-secret")
+    assert first_step.wait(60)
+    assert client.get("/v1/tasks/sentiment").json()["learning"]["step"] == "learn_pool_beta"
+    replaced = client.put("/admin/tasks/sentiment", json=sentiment_task().model_dump(mode="json"), headers=ADMIN)
+    assert replaced.status_code in (200, 201), replaced.text
+    info = client.get("/v1/tasks/sentiment").json()
+    assert info["revision"] > 1 and info["learning"] is None
+    assert client.get("/ready").json()["learning"] == {}
 
 
 def test_an_admin_write_with_a_pool_learns_beta_in_its_job(serve):
@@ -140,4 +162,3 @@ def test_load_beta_reads_what_reweight_wrote(tmp_path):
     beta = torch.arange(6, dtype=torch.float32).reshape(1, 2, 3)
     save_file({"beta": beta}, str(tmp_path / "beta.safetensors"))
     assert torch.equal(load_beta(tmp_path), beta) and torch.equal(load_beta(tmp_path / "beta.safetensors"), beta)
-

@@ -28,7 +28,7 @@ async def ready(state: State) -> JSONResponse:
     if not engine.ready:
         return error_response("unavailable", engine.startup_error or f"not ready: {engine.progress}")
     body = Readiness(status="ready", tasks=[t.spec.name for t in engine.tasks()], failed=engine.failures(),
-                     pending=state.tasks.all_pending())
+                     learning=state.tasks.all_learning())
     return JSONResponse(body.model_dump())
 
 
@@ -41,7 +41,7 @@ async def metrics(state: State) -> Response:
 @public.get("/info", summary="The loaded model, device and dtype, and the effective limits (keys redacted), "
             "with TEI's /info fields beside them")
 async def info(state: State) -> dict[str, Any]:
-    own = state.settings.redacted() | state.engine.describe() | {"ready": state.engine.ready}
+    own = state.shown_settings | state.engine.describe() | {"ready": state.engine.ready}
     served = {t.spec.name: t for t in state.engine.tasks()} if state.engine.ready else {}
     default = served.get(state.classify.task_name(None))
     return own | tei_info(own, default.spec.labels if default is not None else [])
