@@ -15,7 +15,6 @@ recorded per seed. Class priors: bench/priors.py.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import numpy as np
@@ -25,7 +24,7 @@ from anchor_cache.evaluate import AUTO_VARIANTS
 from anchor_cache.models import load_model
 from anchor_cache.reweighting import pool_config
 from anchor_cache.task import Method
-from bench.common import RESULTS, dataset_parser, evaluate_each
+from bench.common import RESULTS, dataset_parser, evaluate_each, merged_results
 
 
 def run(lm, args: argparse.Namespace) -> None:
@@ -41,17 +40,6 @@ def _cell(values: list[float]) -> str:
 
 def _covers_test_rows(seed: dict) -> bool:
     return Estimate(**seed["estimate"]).covers(seed["accuracy"] / 100, seed["n"])
-
-
-def merged(runs: list[dict]) -> dict:
-    """Results files of one bench over other seeds as one: per dataset and method, the seeds of all."""
-    out: dict = {}
-    for results in runs:
-        for dataset, result in results.items():
-            methods = out.setdefault(dataset, {"methods": {}})["methods"]
-            for name, method in result["methods"].items():
-                methods.setdefault(name, {"per_seed": []})["per_seed"] += method["per_seed"]
-    return out
 
 
 def markdown(results: dict) -> str:
@@ -83,7 +71,7 @@ def main() -> None:
                         help="the table from these results files in bench/results, their seeds merged, without running")
     args = parser.parse_args()
     if args.report:
-        sys.stdout.write(markdown(merged([json.loads((RESULTS / f).read_text()) for f in args.report])) + "\n")
+        sys.stdout.write(markdown(merged_results(args.report)) + "\n")
         return
     RESULTS.mkdir(exist_ok=True)
     run(load_model(args.model, "auto", args.dtype), args)

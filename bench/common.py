@@ -44,6 +44,18 @@ def evaluate_each(lm, args: argparse.Namespace, out: str, **config: Any) -> Iter
         yield name, results[name]
 
 
+def merged_results(files: list[str]) -> dict:
+    """`evaluate_each`'s results files (in RESULTS) of runs over other seeds as one: per dataset and
+    method, the seeds of all."""
+    out: dict = {}
+    for file in files:
+        for dataset, result in json.loads((RESULTS / file).read_text()).items():
+            methods = out.setdefault(dataset, {"methods": {}})["methods"]
+            for name, method in result["methods"].items():
+                methods.setdefault(name, {"per_seed": []})["per_seed"] += method["per_seed"]
+    return out
+
+
 def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float) -> float:
     """Poll `url`/ready until it answers 200; seconds it took. Raises with the end of the server's
     log when the process exits first or `timeout` passes."""

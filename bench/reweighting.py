@@ -4,6 +4,7 @@
     python -m bench.reweighting --overhead               # latency with/without β, batch 1 and 16; training time
     python -m bench.reweighting --report                 # Table 1 markdown from the per-dataset JSON files
     python -m bench.reweighting --batched 8 --lr 0.05    # β at batch 1 (the paper's) against batch 8: time, accuracy
+    python -m bench.reweighting --batched-report reweighting-batched.json   # its table (several files: seeds merged)
 
 Table 1 rows: vanilla 1-shot, vanilla 5-shot (AG News 3-shot), re-weighting in a vanilla context,
 re-weighting + Hidden_anchor (what is served), calibration, calibration + re-weighting + Hidden_anchor.
@@ -69,6 +70,36 @@ def report(datasets: list[str]) -> str:
     gain = statistics.mean(accuracy[n]["hidden_anchor_reweighted"] - accuracy[n]["vanilla"] for n in found)
     lines.append(f"\nre-weighting + Hidden_anchor − vanilla 1-shot: {gain:+.2f} points (test rows per seed: "
                  f"{rows_per_seed})")
+    return "\n".join(lines)
+
+
+def batched_report(files: list[str]) -> str:
+    """The batched-against-batch-1 table from `batched` results files (runs of other seeds merged):
+    per dataset, the median seconds of each, the speed-up's median and range, and each accuracy and
+    their difference as mean ± standard deviation over seeds."""
+    runs = [run for f in files for run in json.loads((RESULTS / f).read_text())["runs"]]
+    lines = ["| dataset | rows | batch 1 (paper) | batched | speed-up (median, range) | accuracy, batch 1 | "
+             "accuracy, batched | difference | seeds |", "|---|" + "---|" * 8]
+
+    def cell(values: list[float], sign: str = "") -> str:
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):{sign}.1f} ± {spread:.1f}"
+
+    for name in dict.fromkeys(run["dataset"] for run in runs):
+        mine = [run for run in runs if run["dataset"] == name]
+        speedups = [run["speedup"] for run in mine]
+        paper = [100 * run["paper"]["accuracy"] for run in mine]
+        fast = [100 * run["batched"]["accuracy"] for run in mine]
+        seconds = {key: statistics.median(run[key]["seconds"] for run in mine) for key in ("paper", "batched")}
+        lines.append(
+            f"| {name} | {mine[0]['train_examples']} | {seconds['paper']:.0f} s | {seconds['batched']:.0f} s | "
+            f"{statistics.median(speedups):.2f}× ({min(speedups):.2f}–{max(speedups):.2f}) | {cell(paper)} | "
+            f"{cell(fast)} | {cell([f - p for f, p in zip(fast, paper, strict=True)], '+')} | {len(mine)} |")
+    speedups = [run["speedup"] for run in runs]
+    gains = [100 * (run["batched"]["accuracy"] - run["paper"]["accuracy"]) for run in runs]
+    lines.append(f"\nall {len(runs)} pairs: speed-up median {statistics.median(speedups):.2f}×, "
+                 f"{sum(x >= 5 for x in speedups)} of {len(runs)} at 5× or more; accuracy "
+                 f"{statistics.mean(gains):+.1f} points on average")
     return "\n".join(lines)
 
 
@@ -152,9 +183,14 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.01, help="the batched run's learning rate")
     parser.add_argument("--epochs", type=int, default=10, help="the batched run's epochs")
     parser.add_argument("--out", default="reweighting-batched.json")
+    parser.add_argument("--batched-report", nargs="+", metavar="FILE",
+                        help="the batched runs' table from these results files in bench/results, without running")
     args = parser.parse_args()
     if args.report:
         sys.stdout.write(report(args.datasets) + "\n")
+        return
+    if args.batched_report:
+        sys.stdout.write(batched_report(args.batched_report) + "\n")
         return
     lm = load_model(args.model, "auto", args.dtype)
     RESULTS.mkdir(exist_ok=True)
