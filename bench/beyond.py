@@ -10,8 +10,8 @@
    `many_shot` (anchor_cache/heads.py, many_shot.py) — the eval's own code.
 2. The curve: accuracy of the pool methods, and of β + Hidden_anchor and the served head with β
    learned on the same rows, with 1, 4, 16 and 64 rows per class (same seeds), as a PNG.
-3. Serving cost: batch-1 latency of a `linear_head` task against the same task's Hidden_anchor,
-   through the serving forward, interleaved, medians; head and cache bytes.
+3. Serving cost: batch-1 latency of every candidate `method: auto` may serve against the same
+   task's Hidden_anchor, through the serving forward, interleaved, medians; head and cache bytes.
 """
 
 from __future__ import annotations
@@ -28,12 +28,13 @@ import torch
 
 from anchor_cache.analysis.plots import new_figure, to_png
 from anchor_cache.arguments import default_data_root
+from anchor_cache.auto import CANDIDATES
 from anchor_cache.classifier import Classifier
 from anchor_cache.data import read_jsonl, sample_rows, seed_demonstrations, training_draw
 from anchor_cache.evaluate import EvalConfig, evaluate
 from anchor_cache.models import load_model
 from anchor_cache.packed import packed_label_logits
-from anchor_cache.reweighting import pool_config
+from anchor_cache.reweighting import learn_pool_beta, pool_config
 from anchor_cache.task import PRESETS, Demonstration, Method, TaskSpec
 from bench.common import DATASETS, RESULTS
 
@@ -98,8 +99,10 @@ def plot_curve(results: dict, sizes: list[int]) -> bytes:
 
 
 def latency(lm, data_root: Path, repeats: int, pool: int) -> dict:
-    """Batch-1 ms of a Hidden_anchor task against the same task served by its linear head (the same
-    forward reading more layers, plus the head's matmuls), through the serving forward, interleaved."""
+    """Batch-1 ms of every candidate `method: auto` may serve (anchor_cache/auto.py) on one SST-2 task
+    with a pool, through the serving forward, interleaved: each is the Hidden_anchor forward (reading
+    more layers for a head, over the pool's label words for many-shot), with the pool's β where the
+    candidate has it; medians, each against plain Hidden_anchor."""
     template, labels = PRESETS["sst2"]
     train = read_jsonl(data_root / "sst2" / "train.jsonl", labels)
     demos, used = seed_demonstrations(train, labels, 1, 42)
@@ -107,28 +110,30 @@ def latency(lm, data_root: Path, repeats: int, pool: int) -> dict:
                 for r in training_draw(train, used, len(labels), pool, 42)]
     spec = TaskSpec(name="sst2", template=template, labels=labels, demonstrations=demos, examples=examples)
     clf = Classifier(lm, spec)
-    head = clf.head(Method.LINEAR_HEAD)
+    beta, _ = learn_pool_beta(clf)
+    served = {c.name: (c.method, beta if c.reweight else None) for c in CANDIDATES}
     queries = clf.encode([r.text for r in sample_rows(read_jsonl(data_root / "sst2" / "test.jsonl", labels), 32, 7)])
     sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
 
-    def run(method: Method) -> float:
+    def run(name: str) -> float:
+        method, b = served[name]
         start = time.perf_counter()
         for q in queries:
-            packed_label_logits(lm, [clf.packed_row(q, method)])
+            packed_label_logits(lm, [clf.packed_row(q, method, b)])
         sync()
         return 1000 * (time.perf_counter() - start) / len(queries)
 
-    methods = [Method.HIDDEN_ANCHOR, Method.LINEAR_HEAD]
-    times: dict[str, list[float]] = {m.value: [] for m in methods}
+    times: dict[str, list[float]] = {name: [] for name in served}
     with torch.inference_mode():
-        for m in methods:
-            run(m)
+        for name in served:  # warm-up, and each method's head, features or cache built once
+            run(name)
         for r in range(repeats):
-            for m in methods[:: 1 if r % 2 == 0 else -1]:
-                times[m.value].append(run(m))
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return med | {"ratio": med["linear_head"] / med["hidden_anchor"], "head_bytes": head.nbytes,
-                  "cache_bytes": clf.prefix(Method.HIDDEN_ANCHOR).kv_bytes, "device": lm.device.type}
+            for name in list(served)[:: 1 if r % 2 == 0 else -1]:
+                times[name].append(run(name))
+    med = {name: statistics.median(v) for name, v in times.items()}
+    return {"ms": med, "ratio": {name: ms / med["hidden_anchor"] for name, ms in med.items()},
+            "head_bytes": clf.head(Method.LINEAR_HEAD, beta).nbytes,
+            "cache_bytes": clf.prefix(Method.HIDDEN_ANCHOR).kv_bytes, "device": lm.device.type}
 
 
 def markdown(result: dict) -> str:
