@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-import numpy as np
-
 from anchor_cache.auto import Estimate
 from anchor_cache.evaluate import AUTO_VARIANTS
 from anchor_cache.models import load_model
 from anchor_cache.reweighting import pool_config
 from anchor_cache.task import Method
 from bench.common import RESULTS, dataset_parser, evaluate_each, merged_results
+from bench.tables import cell
 
 
 def run(lm, args: argparse.Namespace) -> None:
@@ -32,10 +31,6 @@ def run(lm, args: argparse.Namespace) -> None:
                                       reweight=pool_config(Method.HIDDEN_ANCHOR)):
         sys.stdout.write(markdown({name: result}) + "\n")
         sys.stdout.flush()
-
-
-def _cell(values: list[float]) -> str:
-    return f"{np.mean(values):.1f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.1f}"
 
 
 def _covers_test_rows(seed: dict) -> bool:
@@ -52,12 +47,12 @@ def markdown(results: dict) -> str:
              "|---|" + "---|" * (len(names) + 4)]
     for dataset, result in results.items():
         methods = result["methods"]
-        cells = [_cell([s["accuracy"] for s in methods[n]["per_seed"]]) for n in names]
+        cells = [cell([s["accuracy"] for s in methods[n]["per_seed"]], 1) for n in names]
         seeds = methods["auto"]["per_seed"]
         chose = ", ".join(s["chosen"] for s in seeds)
         covers = f"{sum(s['estimate_covers'] for s in seeds)}/{len(seeds)}"
         covers_rows = f"{sum(map(_covers_test_rows, seeds))}/{len(seeds)}"
-        seconds = _cell([s["cv_seconds"] for s in seeds])
+        seconds = cell([s["cv_seconds"] for s in seeds], 1)
         lines.append(f"| {dataset} | " + " | ".join(cells) + f" | {chose} | {covers} | {covers_rows} | {seconds} |")
     return "\n".join(lines)
 

@@ -21,6 +21,7 @@ from anchor_cache.models import load_model
 from anchor_cache.reweighting import pool_config
 from anchor_cache.task import Method
 from bench.common import dataset_parser, evaluate_each, merged_results
+from bench.tables import cell
 
 PRIORS = ["pool", "uniform", "adapt"]
 METHODS = ["linear_head_reweighted", "hidden_anchor_reweighted"]
@@ -31,8 +32,7 @@ def table_rows(name: str, result: dict) -> list[str]:
     lines = []
     for method in METHODS:
         seeds = result["methods"][method]["per_seed"]
-        cells = [f"{np.mean([s['accuracy_by_prior'][p] for s in seeds]):.1f} ± "
-                 f"{np.std([s['accuracy_by_prior'][p] for s in seeds], ddof=1):.1f}" for p in PRIORS]
+        cells = [cell([s["accuracy_by_prior"][p] for s in seeds], digits=1) for p in PRIORS]
         gain = [s["accuracy_by_prior"]["adapt"] - s["accuracy_by_prior"]["pool"] for s in seeds]
         lines.append(f"| {name} | {method} | " + " | ".join(cells)
                      + f" | {np.mean(gain):+.1f} ({min(gain):+.1f} to {max(gain):+.1f}) | {len(seeds)} |")

@@ -27,6 +27,7 @@ from anchor_cache.models import load_model
 from anchor_cache.reweighting import TrainConfig, train_reweighting
 from anchor_cache.task import PRESETS, Method, TaskSpec
 from bench.common import RESULTS, dataset_parser
+from bench.tables import cell
 
 TABLE_METHODS = ["vanilla", "vanilla_reweighted", "hidden_anchor_reweighted", "calibrated",
                  "hidden_anchor_reweighted_calibrated"]
@@ -81,10 +82,6 @@ def batched_report(files: list[str]) -> str:
     lines = ["| dataset | rows | batch 1 (paper) | batched | speed-up (median, range) | accuracy, batch 1 | "
              "accuracy, batched | difference | seeds |", "|---|" + "---|" * 8]
 
-    def cell(values: list[float], sign: str = "") -> str:
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):{sign}.1f} ± {spread:.1f}"
-
     for name in dict.fromkeys(run["dataset"] for run in runs):
         mine = [run for run in runs if run["dataset"] == name]
         speedups = [run["speedup"] for run in mine]
@@ -93,8 +90,9 @@ def batched_report(files: list[str]) -> str:
         seconds = {key: statistics.median(run[key]["seconds"] for run in mine) for key in ("paper", "batched")}
         lines.append(
             f"| {name} | {mine[0]['train_examples']} | {seconds['paper']:.0f} s | {seconds['batched']:.0f} s | "
-            f"{statistics.median(speedups):.2f}× ({min(speedups):.2f}–{max(speedups):.2f}) | {cell(paper)} | "
-            f"{cell(fast)} | {cell([f - p for f, p in zip(fast, paper, strict=True)], '+')} | {len(mine)} |")
+            f"{statistics.median(speedups):.2f}× ({min(speedups):.2f}–{max(speedups):.2f}) | {cell(paper, 1)} | "
+            f"{cell(fast, 1)} | {cell([f - p for f, p in zip(fast, paper, strict=True)], 1, signed=True)} | "
+            f"{len(mine)} |")
     speedups = [run["speedup"] for run in runs]
     gains = [100 * (run["batched"]["accuracy"] - run["paper"]["accuracy"]) for run in runs]
     lines.append(f"\nall {len(runs)} pairs: speed-up median {statistics.median(speedups):.2f}×, "

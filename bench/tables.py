@@ -41,12 +41,14 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return statistics.mean(ok) if ok else None
 
 
-def cell(per_seed: Sequence[float | None], digits: int = 2, bold: bool = False, mean: float | None = None) -> str:
-    """"mean ± sd" over the seeds that have a value; `mean` replaces the mean shown."""
+def cell(per_seed: Sequence[float | None], digits: int = 2, bold: bool = False, mean: float | None = None,
+         signed: bool = False) -> str:
+    """"mean ± sd" over the seeds that have a value; `mean` replaces the mean shown; `signed`: a + on
+    a positive mean (a difference)."""
     values = [v for v in per_seed if v is not None and math.isfinite(v)]
     if not values:
         return "n/a"
-    shown = f"{statistics.mean(values) if mean is None else mean:.{digits}f}"
+    shown = f"{statistics.mean(values) if mean is None else mean:{'+' if signed else ''}.{digits}f}"
     sd = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
     return (f"**{shown}**" if bold else shown) + sd
 
