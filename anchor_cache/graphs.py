@@ -38,7 +38,7 @@ from anchor_cache.attention import AttentionPlan, Blocks, Reweighting, Segments
 from anchor_cache.cache import AnchorCache, dynamic_cache, key_bias_row
 from anchor_cache.forward import to_device
 from anchor_cache.models import LoadedModel
-from anchor_cache.packed import Entries, Layout, PackedRow
+from anchor_cache.packed import Entries, Layout, PackedRow, entries_block
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class Shape:
             slots=round_up(layout.num_slots, 16) if layout.num_slots else 0,
             targets=round_up(len(weighted) + 1, 8) if weighted else 0,  # + 1: padding entries' target
             entries=round_up(sum(rw.label_keys.shape[0] for rw in weighted), 16) if weighted else 0,
-            per_target=1 << (max(rw.label_keys.shape[0] for rw in weighted) - 1).bit_length() if weighted else 0,
+            per_target=entries_block(rows),
             classes=round_up(sum(b.shape[2] for b in betas.values()), 8) if weighted else 0,
             beta_dtype=next(iter(betas.values())).dtype if weighted else None,
             key_bias=any(c.key_bias is not None for c in layout.caches),

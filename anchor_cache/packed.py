@@ -112,6 +112,10 @@ class PackedBatch:
     targets: torch.Tensor | None  # (1, R) last token of each re-weighted row
     blocks: Blocks | None  # spans of whole rows for the fast path, with their masks; None: one SDPA call
     key_bias: torch.Tensor | None  # (1, S + T) the caches' key biases (many_shot.py); None: none
+    # With blocks and re-weighting: the longest row, the window every target's softmax is taken over
+    # (AttentionPlan.target_window), and the most entries of one target (AttentionPlan.target_entries).
+    target_window: int | None = None
+    target_entries: int = 0
 
 
 def _spans(lengths: Sequence[int], row_cache: Sequence[int], cache_slots: Sequence[range],
@@ -213,6 +217,7 @@ def pack(lm: LoadedModel, rows: Sequence[PackedRow], block_tokens: int | str | N
     starts, ends = layout.starts, layout.ends
     first, last = torch.tensor([starts, [end - 1 for end in ends]], device=device)  # (B,) each
     reweighting, targets = pack_reweighting(rows, layout, num_slots, device)
+    windowed = blocks is not None and reweighting is not None
     distinct = layout.caches
     return PackedBatch(
         input_ids=torch.tensor([layout.input_ids], device=device),
@@ -225,7 +230,16 @@ def pack(lm: LoadedModel, rows: Sequence[PackedRow], block_tokens: int | str | N
         targets=targets,
         blocks=blocks,
         key_bias=key_bias_row(distinct, total),
+        target_window=max(layout.lengths) if windowed else None,
+        target_entries=entries_block(rows) if windowed else 0,
     )
+
+
+def entries_block(rows: Sequence[PackedRow]) -> int:
+    """The most re-weighted entries of one target (its row's label keys), rounded up to a power of
+    two, the fused kernel's block; 0 when no row is re-weighted."""
+    most = max((row.reweighting.label_keys.shape[0] for row in rows if row.reweighting is not None), default=0)
+    return 1 << (most - 1).bit_length() if most else 0
 
 
 @dataclass(frozen=True)
@@ -293,7 +307,8 @@ def _forward(lm: LoadedModel, batch: PackedBatch, explicit: bool, all_layers: bo
     plan = None
     if batch.reweighting is not None or batch.blocks is not None or batch.key_bias is not None or explicit:
         plan = AttentionPlan(reweighting=batch.reweighting, targets=batch.targets, explicit=explicit,
-                             blocks=batch.blocks, key_bias=batch.key_bias)
+                             blocks=batch.blocks, key_bias=batch.key_bias, target_window=batch.target_window,
+                             target_entries=batch.target_entries)
     return lm.model.base_model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,

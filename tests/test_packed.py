@@ -128,7 +128,8 @@ def _assert_spans_follow(batch: PackedBatch, reference: torch.Tensor) -> None:
 def _run(lm, rows, block_tokens=None, **changes) -> list[torch.Tensor]:
     """Logits of a hand-modified PackedBatch (for the tests that must fail); a fresh cache each time."""
     batch = dataclasses.replace(pack(lm, rows, block_tokens), **changes)
-    plan = AttentionPlan(reweighting=batch.reweighting, targets=batch.targets, blocks=batch.blocks)
+    plan = AttentionPlan(reweighting=batch.reweighting, targets=batch.targets, blocks=batch.blocks,
+                         target_window=batch.target_window, target_entries=batch.target_entries)
     with torch.inference_mode():
         out = lm.model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                   position_ids=batch.position_ids, cache=batch.cache,
@@ -235,6 +236,20 @@ def test_blocked_batch_tests_can_fail(tiny_lm, mixed):
     wrong = blocks.allowed.clone()
     wrong[..., 0] = ~wrong[..., 0]  # each span's first cache key
     assert _max_diff(_run(tiny_lm, rows, 16, blocks=dataclasses.replace(blocks, allowed=wrong)), alone) > 1e-4
+
+
+def test_a_target_sees_its_whole_row_through_the_window(tiny_lm, mixed):
+    """With spans and β, each target's softmax is taken over the cache and a window of the longest
+    row's tokens, not over the whole sequence: the row-alone result needs all of it, and a window
+    half as wide changes the re-weighted rows."""
+    rows, refs = mixed
+    chosen = [i for i, row in enumerate(rows) if row.reweighting is not None and row.prefix.cache is not None]
+    weighted, alone = [rows[i] for i in chosen], [_alone(*refs[i]) for i in chosen]
+    batch = pack(tiny_lm, weighted, 16)
+    assert len(batch.blocks.spans) > 1 and batch.target_window == max(row.num_tokens for row in weighted)
+    assert pack(tiny_lm, [dataclasses.replace(r, reweighting=None) for r in weighted], 16).target_window is None
+    torch.testing.assert_close(torch.cat(_run(tiny_lm, weighted, 16)), torch.cat(alone), atol=1e-5, rtol=0)
+    assert _max_diff(_run(tiny_lm, weighted, 16, target_window=batch.target_window // 2), alone) > 1e-4
 
 
 @pytest.mark.parametrize("block_tokens", [None, 1, 16, 64])
