@@ -43,6 +43,33 @@ INLINE_TOKENIZE_BYTES = 16_384
 TOKENISER_THREADS = 2  # for inputs above that: the Rust tokenizer releases the GIL while it works
 
 
+class DisconnectWatch:
+    """Cancels `future` when the client disconnects first, watched by a callback chain on the ASGI
+    `receive` (vLLM's with_cancellation listens the same way), not a task racing the result.
+
+    It leaves no reference cycle behind, so a request's objects are freed when it ends, not by
+    the cyclic collector's full collections (under load, a 20-60 ms stall every 1-2 s per
+    frontend): it is an object, not a closure naming itself, and its last `receive` is left to
+    finish rather than cancelled (a CancelledError's traceback holds the frames that hold it). By
+    the ASGI spec that `receive` returns http.disconnect once the response is sent; uvicorn wakes
+    it then, or when the connection closes."""
+
+    def __init__(self, future: asyncio.Future, receive: Receive) -> None:
+        self.future = future
+        self.receive = receive
+        self.left = False  # the client disconnected before the result
+
+    def __call__(self, waiting: asyncio.Future | None = None) -> None:
+        if self.future.done():
+            return
+        if waiting is not None and not waiting.cancelled() and waiting.exception() is None \
+                and waiting.result()["type"] == "http.disconnect":
+            self.left = True
+            self.future.cancel()  # the engine skips it if it has not started
+            return
+        asyncio.ensure_future(self.receive()).add_done_callback(self)
+
+
 @dataclass(frozen=True)
 class Timing:
     """Seconds one request spent in each step (TEI's split, see the module docstring)."""
@@ -234,33 +261,14 @@ class ClassifyService:
 
     async def _race(self, future: asyncio.Future[Scores], receive: Receive) -> Scores:
         """The scores, DeadlineExceeded (the engine fails the future at its deadline), or
-        ClientDisconnected when the client leaves first: its queued work is cancelled here. The
-        disconnect is watched by a callback chain on `receive` (vLLM's with_cancellation listens
-        the same way), not a task racing the result."""
-        loop = asyncio.get_running_loop()
-        waiting: asyncio.Future | None = None
-        left = False
-
-        def listen(_: object = None) -> None:
-            nonlocal waiting, left
-            if future.done():
-                return
-            if waiting is not None and not waiting.cancelled() and waiting.exception() is None \
-                    and waiting.result()["type"] == "http.disconnect":
-                left = True
-                future.cancel()  # the engine skips it if it has not started
-                return
-            waiting = asyncio.ensure_future(receive(), loop=loop)
-            waiting.add_done_callback(listen)
-
-        listen()
+        ClientDisconnected when the client leaves first: its queued work is cancelled then
+        (`DisconnectWatch`)."""
+        watch = DisconnectWatch(future, receive)
+        watch()
         try:
             return await future  # cancelling this request cancels the engine's work too
         except asyncio.CancelledError:
-            if not left:
+            if not watch.left:
                 raise
             self.metrics.failures.labels("client_disconnected").inc()
             raise ClientDisconnected("the client went away before its result") from None
-        finally:
-            if waiting is not None and not waiting.done():
-                waiting.cancel()

@@ -33,6 +33,7 @@ from server.errors import dialect_of, error_body, error_headers, invalid_body, s
 from server.metrics import Metrics
 from server.protocol import ClassifyRequest, PredictRequest, classify_body, predict_body, timing_headers
 from server.remote import RemoteEngine
+from server.serving import freeze_startup_heap
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ class Frontend:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 await self.engine.start()
+                freeze_startup_heap()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.engine.stop()

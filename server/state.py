@@ -13,6 +13,7 @@ from server.inprocess import InProcessEngine
 from server.jobs import JobRunner
 from server.metrics import Metrics
 from server.replication import Replication
+from server.serving import freeze_startup_heap
 from server.settings import Settings
 from server.store.url import open_store
 from server.tasks import TaskService
@@ -41,6 +42,7 @@ class ServerState:
         if self.engine.ready:
             self.replication.start()
             self.tasks.finish_from_pools()
+            freeze_startup_heap()
 
     async def stop(self) -> None:
         await self.replication.stop()

@@ -5,13 +5,14 @@ reporting the engine's queue wait) is tested without a model."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 
 import pytest
 
 from anchor_cache.prompt import TaskPrompt
 from anchor_cache.task import Method, TaskSpec
-from server.classify import ClassifyService
+from server.classify import ClassifyService, DisconnectWatch
 from server.engine_client import EngineClient, Scores, TaskChanged, TaskView, text_bytes_bound
 from server.metrics import Metrics
 from server.settings import Settings
@@ -84,3 +85,52 @@ def test_the_queue_time_is_the_engines_and_inference_the_rest(tiny_lm):
     answer = classify(ScriptedEngine(tiny_lm.tokenizer, [sentiment_task()]), ["fine"])
     assert answer.timing.queue_s == QUEUE_S
     assert answer.timing.inference_s < QUEUE_S  # the scripted engine answers at once: no forward time
+
+
+async def _watched_requests(n: int, leave_first: bool = False) -> list[DisconnectWatch]:
+    """`n` requests watched as the service watches them, over a receive that behaves as uvicorn's:
+    http.disconnect once the response is sent (or at once, when the client leaves first)."""
+    watches = []
+    for _ in range(n):
+        sent, read = asyncio.Event(), asyncio.Event()
+
+        async def receive(sent=sent, read=read) -> dict:
+            if not leave_first:
+                await sent.wait()
+            read.set()
+            return {"type": "http.disconnect"}
+
+        future = asyncio.get_running_loop().create_future()
+        watch = DisconnectWatch(future, receive)
+        watch()
+        if not leave_first:
+            future.set_result(object())
+            await future
+            sent.set()  # the response went out
+        await read.wait()
+        await asyncio.sleep(0)  # the receive task's done callback runs one loop turn after it returns
+        watches.append(watch)
+    return watches
+
+
+def test_a_client_that_leaves_first_cancels_its_request():
+    watch, = asyncio.run(_watched_requests(1, leave_first=True))
+    assert watch.left and watch.future.cancelled()
+    answered, = asyncio.run(_watched_requests(1))
+    assert not answered.left and answered.future.done() and not answered.future.cancelled()
+
+
+def test_a_finished_request_leaves_no_reference_cycle():
+    """A request's watch, its receive task and its result are freed by reference counting when it
+    ends: one cycle per request cost each frontend a long full collection every second or two."""
+    async def count_cyclic_garbage() -> int:
+        await _watched_requests(1)  # what the loop makes once
+        gc.collect()
+        gc.disable()
+        try:
+            await _watched_requests(20)
+            return gc.collect()
+        finally:
+            gc.enable()
+
+    assert asyncio.run(count_cyclic_garbage()) == 0
