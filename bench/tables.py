@@ -17,7 +17,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from bench.common import RESULTS
+
 ANALYSES = Path(__file__).parent.parent / "docs" / "analyses"
 DATASETS = {"sst2": "SST-2", "trec": "TREC", "agnews": "AG News", "emoc": "EmoC"}
 METHODS = ("vanilla", "hidden_anchor", "text_anchor", "hidden_random", "hidden_random_top", "zero_shot")

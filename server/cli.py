@@ -34,6 +34,7 @@ from server.serving import (
     event_loop_and_parser,
     listen,
     load_settings,
+    reserve,
     serve_app,
     serve_parser,
 )
@@ -54,7 +55,7 @@ def serve(flags: SettingsFlags, argv: list[str], prog: str = PROG) -> int:
         sys.stderr.write(f"{prog}: error: not starting: {engine_cli.one_line(exc)}\n")
         return 2
     try:
-        sock = listen(settings)  # before anything loads, so a busy port fails at once
+        sock = reserve(settings) if settings.api_servers else listen(settings)  # a busy port fails before any load
     except OSError as exc:
         sys.stderr.write(f"{prog}: error: not starting: cannot listen on {settings.host}:{settings.port}: "
                          f"{exc.strerror}\n")

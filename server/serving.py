@@ -69,11 +69,36 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
+LISTEN_BACKLOG = 4096
+
+
 def listen(settings: Settings) -> socket.socket:
-    """The public listening socket (inheritable: the supervisor hands it to its frontends)."""
-    sock = socket.create_server((settings.host, settings.port), backlog=4096)
-    sock.set_inheritable(True)
+    """The public listening socket of a single-process server."""
+    return socket.create_server((settings.host, settings.port), backlog=LISTEN_BACKLOG)
+
+
+def reserve(settings: Settings) -> socket.socket:
+    """The public address held for a split server's frontends, each listening on its own socket of
+    the address's SO_REUSEPORT group (`join`). This one is bound but never listens, so it takes no
+    connection: it keeps the port while frontends restart. A plain bind comes first, so a port that
+    another process listens on, another split server's frontends included, fails here as it does
+    for one process."""
+    with socket.create_server((settings.host, settings.port)) as probe:
+        address = probe.getsockname()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as create_server's: a restart is not "busy"
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(address)
     return sock
+
+
+def join(reserved: socket.socket) -> socket.socket:
+    """A frontend's listening socket in the group `reserved` holds. The kernel spreads
+    new connections over the group's listening sockets by their addresses. One socket shared by
+    every frontend leaves them to whichever accepts first, and asyncio and libuv accept all waiting
+    connections at once, so a burst of new connections lands on one frontend. A frontend's socket
+    closes with it, leaving the group, so new connections go to the others until it is back."""
+    return socket.create_server(reserved.getsockname(), backlog=LISTEN_BACKLOG, reuse_port=True)
 
 
 def serve_app(settings: Settings, engine_address: str | None = None, sockets: list[socket.socket] | None = None,

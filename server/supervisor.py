@@ -4,8 +4,10 @@ The supervisor (this process, which runs no model) binds the public address, the
 - the engine core: the whole single-process server (model, tasks, scheduler, jobs, replication,
   admin routes), its HTTP on a unix socket for the frontends to relay to, and a ZeroMQ socket for
   token ids (server/core.py);
-- N frontends: uvicorn over the one inherited listening socket (the kernel spreads connections
-  between them), each a `server.frontend.Frontend`.
+- N frontends: uvicorn, each a `server.frontend.Frontend` listening on its own socket of the
+  public address's SO_REUSEPORT group, which the kernel spreads new connections over
+  (server/serving.py `reserve` and `join`). A frontend joins the group once it is about to serve,
+  so a restarting one takes no connection before it can answer it.
 
 Every child writes its metrics under the runtime folder (Prometheus' multiprocess mode), and the
 core's /metrics sums them (server/metrics.py).
@@ -40,7 +42,7 @@ from prometheus_client.multiprocess import mark_process_dead
 
 from server.logs import configure_logging
 from server.metrics import MULTIPROCESS_ENV
-from server.serving import bounded_server, serve_app, settings_from_flags
+from server.serving import bounded_server, join, serve_app, settings_from_flags
 from server.settings import Settings
 
 log = logging.getLogger("server.supervisor")
@@ -100,7 +102,8 @@ class Child:
 
 
 def supervise(settings: Settings, sock: socket.socket, flags: list[str]) -> int:
-    """Run and supervise the children until SIGTERM/SIGINT; `flags`: `anchorserve serve`'s, passed on."""
+    """Run and supervise the children until SIGTERM/SIGINT; `sock`: the address `serving.reserve`
+    holds, handed to every frontend; `flags`: `anchorserve serve`'s, passed on."""
     runtime = Path(tempfile.mkdtemp(prefix="anchorserve-"))
     (runtime / "metrics").mkdir()
     env = dict(os.environ) | {MULTIPROCESS_ENV: str(runtime / "metrics")}
@@ -163,7 +166,9 @@ def _frontend(runtime: Path, fd: int, settings: Settings) -> int:
     from server.frontend import Frontend
 
     app = Frontend(settings, engine_address(runtime), core_http(runtime))
-    bounded_server(app, settings).run(sockets=[socket.socket(fileno=fd)])
+    with socket.socket(fileno=fd) as reserved:  # joined only now, with everything imported and built
+        listening = join(reserved)
+    bounded_server(app, settings).run(sockets=[listening])
     return 0
 
 
@@ -172,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description="A child of `anchorserve serve --api-servers N` (not for direct use).")
     parser.add_argument("role", choices=["core", "frontend"])
     parser.add_argument("runtime", type=Path, help="the supervisor's runtime folder (sockets)")
-    parser.add_argument("fd", type=int, nargs="?", help="frontend: the inherited listening socket")
+    parser.add_argument("fd", type=int, nargs="?", help="frontend: the inherited socket holding the public address")
     argv = sys.argv[1:] if argv is None else argv
     split = argv.index("--") if "--" in argv else len(argv)  # then the flags `anchorserve serve` was given
     args = parser.parse_args(argv[:split])

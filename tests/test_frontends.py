@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +25,8 @@ import pytest
 import zmq
 
 from server import wire
+from server.serving import join, reserve
+from server.settings import Settings
 from tests.conftest import QUERIES, sentiment_task
 from tests.test_uvicorn import free_port, save_tiny_model
 
@@ -275,3 +278,37 @@ def test_sigterm_drains_requests_in_flight(tmp_path):
 
         assert asyncio.run(in_flight()) == [200] * 4
         assert server.process.wait(timeout=60) == 0
+
+
+def _accepted(sock: socket.socket) -> int:
+    """Connections waiting in a listening socket's queue (accepted and closed here)."""
+    sock.setblocking(False)
+    count = 0
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            sock.accept()[0].close()
+            count += 1
+    return count
+
+
+def test_the_kernel_spreads_new_connections_over_the_frontends_sockets():
+    """Each frontend listens on its own socket of the public address's group: a burst of new
+    connections reaches both (one shared socket left them all to whichever accepted first). The
+    reservation itself takes none, a second server cannot take the port, and a closed frontend
+    socket leaves the group."""
+    settings = Settings(tasks=[sentiment_task()], host="127.0.0.1", port=free_port())
+    reserved = reserve(settings)
+    address = reserved.getsockname()
+    with pytest.raises(ConnectionRefusedError):  # bound, never listening: no connection waits there
+        socket.create_connection(address, timeout=5).close()
+    first, second = join(reserved), join(reserved)
+    with pytest.raises(OSError):  # a second server on the port fails as for one process
+        reserve(settings)
+    clients = [socket.create_connection(address, timeout=5) for _ in range(64)]
+    counts = _accepted(first), _accepted(second)
+    assert sum(counts) == 64 and min(counts) > 0, counts
+    first.close()
+    late = [socket.create_connection(address, timeout=5) for _ in range(8)]
+    assert _accepted(second) == 8
+    for sock in [*clients, *late, second, reserved]:
+        sock.close()
