@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from anchor_cache.arguments import one_line
 from anchor_cache.auto import choose
 from anchor_cache.blobs import (
     BlobStore,
@@ -162,11 +163,6 @@ def _log_progress(name: str, what: str, then: Callable[[int, int], None] | None)
             then(done, total)
 
     return report
-
-
-def _one_line(reason: object) -> str:
-    """An error message on one line, for logs and failure reports."""
-    return " ".join(str(reason).split()) or type(reason).__name__
 
 
 class TaskRegistry:
@@ -443,14 +439,14 @@ class TaskRegistry:
                         "back", name, revision)
             raise
         except Exception as exc:  # one task that cannot load must leave the others serving
-            self.fail(name, revision, _one_line(exc))
-            log.error("task %s (revision %d) failed to load: %s", name, revision, _one_line(exc))
+            self.fail(name, revision, one_line(exc))
+            log.error("task %s (revision %d) failed to load: %s", name, revision, one_line(exc))
             return None
 
-    def _quarantine(self, blob: str, reason: object, consequence: str) -> str:
+    def _quarantine(self, blob: str, reason: BaseException, consequence: str) -> str:
         """Move a damaged blob aside and log one line; returns where it went."""
         moved = self.store.quarantine_blob(blob)
-        log.error("%s: %s; moved to %s", consequence, _one_line(reason), moved)
+        log.error("%s: %s; moved to %s", consequence, one_line(reason), moved)
         return moved
 
     # --- garbage collection -----------------------------------------------------------------------
@@ -474,7 +470,7 @@ class TaskRegistry:
             try:
                 live.add(self.key_of(TaskSpec.model_validate(spec)))
             except Exception as exc:  # a spec that cannot be prepared has no key
-                unknown.append(f"{name} ({_one_line(exc)})")
+                unknown.append(f"{name} ({one_line(exc)})")
         if unknown:
             log.warning("garbage collection keeps all β blobs: no key for %s", ", ".join(unknown))
         freed = collect_garbage(self.store, live, grace_s, keep_beta=bool(unknown))
