@@ -232,7 +232,7 @@ class ClassifyService:
         prompt_tokens = sum(len(q) for q in queries) + len(queries) * view.reencoded_tokens(chosen)
         return Classification(
             model=self.model_name(), task=name, labels=view.spec.labels, predictions=predictions, raw=raw,
-            logits=scores.logits if raw is None else scores.logprobs, prompt_tokens=prompt_tokens,
+            logits=scores.shown_logits, prompt_tokens=prompt_tokens,
             cached_tokens=len(queries) * (view.anchor_tokens if chosen in CACHED_METHODS else 0),
             timing=Timing(total_s=done - start, tokenization_s=queued - tokenizing, queue_s=scores.queue_s,
                           inference_s=max(0.0, done - queued - scores.queue_s), compute_tokens=prompt_tokens,

@@ -71,10 +71,17 @@ class TaskView:
 class Scores:
     """One request's results, a row per input in input order."""
 
-    logits: list[list[float]]  # the label words' logits (a head's scores), before softmax and calibration
+    # The label words' logits (a head's scores), before softmax; None for a calibrated task, which
+    # shows its calibrated log-probabilities where others show logits (`shown_logits`).
+    logits: list[list[float]] | None
     logprobs: list[list[float]]  # log-softmax of the served scores: calibrated for a calibrated task
     raw_logprobs: list[list[float]] | None  # before calibration, for a calibrated task; else None
     queue_s: float = 0.0  # waited in the engine's queue before the first forward
+
+    @property
+    def shown_logits(self) -> list[list[float]]:
+        """What the API shows as the logits: a calibrated task's raw logits are not what it serves."""
+        return self.logits if self.logits is not None else self.logprobs
 
     def predictions(self, labels: list[str]) -> tuple[list[Prediction], list[Prediction] | None]:
         """Per input, the served prediction and (for a calibrated task) the raw one."""

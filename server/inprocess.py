@@ -62,11 +62,10 @@ def fit_threads(settings: Settings) -> None:
 
 
 def score_parts(work: list[Work], parts: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Each part's (n, 2 or 3, C) rows on the host: its logits; its served log-probabilities
-    (`ServedTask.logprobs`: calibrated where the task is, under the task's class prior); and then the
-    raw log-probabilities. One
-    log-softmax per (task, method) of the batch, on the model thread, rather than per request on
-    the event loop."""
+    """Each part's (n, 2, C) rows on the host: its served log-probabilities (`ServedTask.logprobs`:
+    calibrated where the task is, under the task's class prior), then its raw log-probabilities
+    for a calibrated task, its logits otherwise (`scores_of`). One log-softmax per (task, method)
+    of the batch, on the model thread, rather than per request on the event loop."""
     groups: dict[tuple[int, Method], list[int]] = {}
     for i, w in enumerate(work):
         groups.setdefault((id(w.task), w.method), []).append(i)
@@ -74,19 +73,19 @@ def score_parts(work: list[Work], parts: list[torch.Tensor]) -> list[torch.Tenso
     for (_, method), members in groups.items():
         served: ServedTask = work[members[0]].task
         logits = torch.cat([parts[i] for i in members])
-        rows = [logits, served.logprobs(logits, method)]
-        if served.calibrated_for(method):
-            rows.append(torch.log_softmax(logits, -1))
-        for i, part in zip(members, torch.stack(rows, 1).split([parts[i].shape[0] for i in members]), strict=True):
+        second = torch.log_softmax(logits, -1) if served.calibrated_for(method) else logits
+        rows = torch.stack([served.logprobs(logits, method), second], 1)
+        for i, part in zip(members, rows.split([parts[i].shape[0] for i in members]), strict=True):
             scored[i] = part
     return scored
 
 
-def scores_of(part: torch.Tensor, queue_s: float) -> Scores:
-    """A request's `score_parts` rows as Scores."""
+def scores_of(part: torch.Tensor, queue_s: float, calibrated: bool) -> Scores:
+    """A request's `score_parts` rows as Scores; `calibrated`: its task and method are."""
     rows = part.tolist()
-    return Scores(logits=[r[0] for r in rows], logprobs=[r[1] for r in rows],
-                  raw_logprobs=[r[2] for r in rows] if part.shape[1] == 3 else None, queue_s=queue_s)
+    served, second = [r[0] for r in rows], [r[1] for r in rows]
+    return Scores(logits=None if calibrated else second, logprobs=served,
+                  raw_logprobs=second if calibrated else None, queue_s=queue_s)
 
 
 class InProcessEngine:
@@ -261,7 +260,8 @@ class InProcessEngine:
 
         scored = self.scheduler.submit(served, method, queries, attended, deadline, started)
         # Cancelled: the scheduler skips what has not reached the model yet.
-        return derived(scored, lambda part: scores_of(part, queue_s), scored.cancel)
+        calibrated = served.calibrated_for(method)
+        return derived(scored, lambda part: scores_of(part, queue_s, calibrated), scored.cancel)
 
     @torch.inference_mode()
     def _run_batch(self, work: list[Work]) -> list[torch.Tensor] | Collect:

@@ -69,7 +69,7 @@ class TaskFacts(msgspec.Struct, tag="task"):
 
 class Scored(msgspec.Struct, tag="scored"):
     id: int
-    logits: list[list[float]]
+    logits: list[list[float]] | None  # None for a calibrated task (server.engine_client.Scores)
     logprobs: list[list[float]]
     raw_logprobs: list[list[float]] | None
     queue_s: float
