@@ -30,10 +30,10 @@ from server.app import REQUEST_ID_HEADER, acceptable_request_id
 from server.auth import is_json, key_matches
 from server.classify import Classification, ClassifyService
 from server.errors import dialect_of, error_body, error_headers, invalid_body, status_in, status_of
+from server.heap import freeze_startup_heap
 from server.metrics import Metrics
 from server.protocol import ClassifyRequest, PredictRequest, classify_body, predict_body, timing_headers
 from server.remote import RemoteEngine
-from server.serving import freeze_startup_heap
 from server.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,6 @@ command line (server/cli.py) and the children of a split server (server/supervis
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib.util
 import logging
 import os
@@ -58,15 +57,6 @@ def event_loop_and_parser() -> tuple[str, str]:
     loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
     http = "httptools" if importlib.util.find_spec("httptools") else "h11"
     return loop, http
-
-
-def freeze_startup_heap() -> None:
-    """Keep what start-up made (torch, transformers, the model's Python objects: ~500,000 objects)
-    out of the cyclic collector's full collections. Under load each full collection traversed them
-    all, stalling a process for ~200 ms about once a second, which made the tail latency; later
-    objects are collected as before (vLLM's engine freezes its start-up heap too)."""
-    gc.collect()
-    gc.freeze()
 
 
 LISTEN_BACKLOG = 4096

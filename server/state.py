@@ -9,11 +9,11 @@ from collections.abc import Callable
 from server.analyses import AnalysisService
 from server.classify import ClassifyService
 from server.core import CoreEndpoint
+from server.heap import freeze_startup_heap
 from server.inprocess import InProcessEngine
 from server.jobs import JobRunner
 from server.metrics import Metrics
 from server.replication import Replication
-from server.serving import freeze_startup_heap
 from server.settings import Settings
 from server.store.url import open_store
 from server.tasks import TaskService
