@@ -58,6 +58,7 @@ class DisconnectWatch:
         self.future = future
         self.receive = receive
         self.left = False  # the client disconnected before the result
+        self.waiting: asyncio.Future | None = None  # the receive in flight, kept: the loop holds tasks weakly
 
     def __call__(self, waiting: asyncio.Future | None = None) -> None:
         if self.future.done():
@@ -67,7 +68,8 @@ class DisconnectWatch:
             self.left = True
             self.future.cancel()  # the engine skips it if it has not started
             return
-        asyncio.ensure_future(self.receive()).add_done_callback(self)
+        self.waiting = asyncio.ensure_future(self.receive())
+        self.waiting.add_done_callback(self)
 
 
 @dataclass(frozen=True)
