@@ -39,6 +39,8 @@ from server.settings import Settings
 log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per relayed request otherwise
 
+READY_WAIT_S = 3.0  # how long a starting frontend waits for the core to describe its model
+
 # Not relayed: they describe one hop's connection, not the request.
 HOP_HEADERS = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
                          b"host", b"content-length", b"x-request-id"})
@@ -113,6 +115,10 @@ class Frontend:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 await self.engine.start()
+                # Beside a serving core (a frontend restarted) requests wait in this frontend's
+                # socket until it can answer them, rather than get 503s a ready frontend would not give.
+                if not await self.engine.wait_ready(READY_WAIT_S):
+                    log.info("the engine core is not ready yet; answering 503 until it is")
                 freeze_startup_heap()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":

@@ -59,6 +59,7 @@ class RemoteEngine:
         self._facts: wire.ModelFacts | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._connected = asyncio.Event()
+        self._described = asyncio.Event()  # the core has answered a Hello since this frontend started
         self._tasks: list[asyncio.Task] = []
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -84,6 +85,12 @@ class RemoteEngine:
             self._socket.disable_monitor()
             self._socket.close(linger=0)
         self._context.term()
+
+    async def wait_ready(self, timeout_s: float) -> bool:
+        """Whether the core has described its model within `timeout_s` of now."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._described.wait(), timeout_s)
+        return self.ready
 
     @property
     def ready(self) -> bool:
@@ -121,6 +128,7 @@ class RemoteEngine:
                                                           local_files_only=True)
                 self._views.clear()
             self._facts = facts
+            self._described.set()
             log.info("connected to the engine core serving %s", facts.name)
             return
 
