@@ -89,8 +89,10 @@ def scores_of(part: torch.Tensor, queue_s: float, calibrated: bool) -> Scores:
 
 
 class InProcessEngine:
-    def __init__(self, settings: Settings, metrics: Metrics, store: StateStore) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, store: StateStore, behind_frontends: bool = False
+                 ) -> None:
         self.settings = settings
+        self.behind_frontends = behind_frontends  # the engine core of server/supervisor.py
         self.metrics = metrics
         self.store = store
         self.lm: LoadedModel | None = None
@@ -125,6 +127,8 @@ class InProcessEngine:
         try:
             self.progress = f"loading the model {s.model!r}"
             self.lm = await self.scheduler.run_exclusive(lambda: load_model(s.model, s.device, s.dtype))
+            # Only HTTP frontends' socket messages share the core's loop: a CPU forward runs on it.
+            self.scheduler.forwards_on_loop = self.behind_frontends and self.lm.device.type == "cpu"
             if s.cuda_graphs and self.lm.device.type == "cuda":
                 self.graphs = PackedGraphs(self.lm)
             self._max_token_bytes = 4 * max(len(token) for token in self.lm.tokenizer.get_vocab())

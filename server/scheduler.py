@@ -21,6 +21,14 @@ waits for at most that. A full scheduler (`max_queued` requests in flight) refus
 If a forward fails, every request with rows in it fails with that error, once; the rest of the
 queue goes on.
 
+Where the forward runs. By default on a "model thread" beside the event loop, so the loop keeps
+answering (parsing HTTP, for the single process) while torch works with the GIL released. The
+engine core behind HTTP frontends instead runs a CPU forward on its event loop's own thread
+(`forwards_on_loop`): its loop has only cheap socket messages to handle, and a second thread
+taking the GIL between torch's calls cost the forward more than it gained; messages wait in
+ZeroMQ's queue meanwhile and are taken in one go after it. A loop forward starts only once the
+model thread's exclusive work (below) is done, so the two never overlap.
+
 On a GPU a forward is only launched on the model thread (the engine returns a `Collect`), and the
 batching task launches the next batch before it collects the last: while the device runs forward
 k, the host prepares k + 1 (layout, one copy of its indices, its graph's replay queued behind k),
@@ -29,8 +37,9 @@ while the host works between batches. On the CPU the forward finishes on the mod
 rows go out at once.
 
 Threads that run the model. Three kinds of thread call the same model object:
-- this scheduler's model thread: every classification forward and every cache build (task
-  start-up and admin builds, via `run_exclusive`), one at a time;
+- this scheduler's model thread: every classification forward (or, with `forwards_on_loop`, the
+  event loop's thread) and every cache build (task start-up and admin builds, via
+  `run_exclusive`), one at a time;
 - a β-training thread per re-weighting job (server/tasks.py), which runs forwards and backwards
   through the model while classification goes on;
 - an analysis thread per analysis job (server/analyses.py).
@@ -174,6 +183,8 @@ class Scheduler:
         self.run_batch = run_batch
         self.limits = limits
         self.metrics = metrics
+        self.forwards_on_loop = False  # set once the model's device is known (see the module's text)
+        self._exclusive: set[asyncio.Future] = set()  # run_exclusive work not yet done
         self._queue: deque[Entry] = deque()
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anchorserve-model")
@@ -218,7 +229,10 @@ class Scheduler:
 
     def run_exclusive(self, fn: Callable[[], object]) -> asyncio.Future:
         """Run `fn` on the model thread between forwards (cache builds must not race a forward)."""
-        return asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        future = asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        self._exclusive.add(future)
+        future.add_done_callback(self._exclusive.discard)
+        return future
 
     def _done(self, entry: Entry) -> None:
         self._in_flight -= 1
@@ -293,6 +307,9 @@ class Scheduler:
 
     async def _launch(self, batch: list[Chunk], loop: asyncio.AbstractEventLoop) -> Launched | None:
         """Run or launch one batch on the model thread; None when it is already answered (or failed)."""
+        if self.forwards_on_loop:
+            while self._exclusive:
+                await asyncio.wait(self._exclusive)
         self.metrics.queue_size.set(len(self._queue))
         start = time.perf_counter()
         for chunk in batch:
@@ -304,7 +321,10 @@ class Scheduler:
         work = [Work(chunk.entry.task, chunk.entry.method, chunk.queries) for chunk in batch]
         self.metrics.batch_size.observe(sum(len(w.queries) for w in work))
         try:
-            result = await loop.run_in_executor(self._executor, self.run_batch, work)
+            if self.forwards_on_loop:
+                result = self.run_batch(work)
+            else:
+                result = await loop.run_in_executor(self._executor, self.run_batch, work)
         except Exception as exc:
             self.metrics.inference_seconds.observe(time.perf_counter() - start)
             self._fail(batch, exc)

@@ -37,6 +37,7 @@ class Model:
         self.entered: dict[int, threading.Event] = {}  # ... and sets this when it begins
         self.fail_on: int | None = None  # a forward with a row starting with this token raises
         self.tasks: list[list] = []  # per forward: the task of each part
+        self.threads: list[int] = []  # per forward: the thread it ran on
 
     def hold(self, token: int) -> None:
         self.gates[token], self.entered[token] = threading.Event(), threading.Event()
@@ -52,6 +53,7 @@ class Model:
         queries = [q for part in work for q in part.queries]
         self.calls.append([list(q) for q in queries])
         self.tasks.append([part.task for part in work])
+        self.threads.append(threading.get_ident())
         first = queries[0][0]
         if first in self.gates:
             self.entered[first].set()
@@ -80,12 +82,14 @@ def failures(metrics: Metrics, reason: str) -> float:
     return metrics.registry.get_sample_value("anchorserve_request_failure_total", {"reason": reason}) or 0.0
 
 
-def run(limits: BatchLimits, scenario, metrics: Metrics | None = None):
-    """Run `scenario(scheduler, model)` against a started Scheduler; stop it afterwards."""
+def run(limits: BatchLimits, scenario, metrics: Metrics | None = None, on_loop: bool = False):
+    """Run `scenario(scheduler, model)` against a started Scheduler; stop it afterwards.
+    `on_loop`: the engine core's mode, forwards on the event loop's thread."""
     model, metrics = Model(), metrics or Metrics()
 
     async def main():
         scheduler = Scheduler(model, limits, metrics)
+        scheduler.forwards_on_loop = on_loop
         scheduler.start()
         try:
             return await asyncio.wait_for(scenario(scheduler, model), GUARD)
@@ -120,25 +124,27 @@ def test_token_budget_counts_attended_tokens(prefix, forwards):
     assert run(BatchLimits(8, 250, 0.0, 10), scenario) == forwards
 
 
-def test_attended_tokens_split_one_request():
+@pytest.mark.parametrize("on_loop", [False, True])
+def test_attended_tokens_split_one_request(on_loop):
     """Three rows of prefix 100 + query 20 (120 each) under 250: two rows, then one."""
 
     async def scenario(scheduler, model):
         future = scheduler.submit("t", M, [[1] * 20, [2] * 20, [3] * 20], 100, later())
         return await future, model.firsts()
 
-    logits, calls = run(BatchLimits(8, 250, 0.0, 10), scenario)
+    logits, calls = run(BatchLimits(8, 250, 0.0, 10), scenario, on_loop=on_loop)
     assert calls == [[1, 2], [3]] and logits[:, 0].tolist() == [1, 2, 3]
 
 
-def test_oversized_request_is_split_and_reassembled_in_order():
+@pytest.mark.parametrize("on_loop", [False, True])
+def test_oversized_request_is_split_and_reassembled_in_order(on_loop):
     queries = [[i] * (1 + i % 3) for i in range(10)]
 
     async def scenario(scheduler, model):
         future = scheduler.submit("t", M, queries, 0, later())
         return await future, model.calls
 
-    logits, calls = run(BatchLimits(4, 1000, 0.0, 10), scenario)
+    logits, calls = run(BatchLimits(4, 1000, 0.0, 10), scenario, on_loop=on_loop)
     assert [len(c) for c in calls] == [4, 4, 2]
     assert [q for c in calls for q in c] == queries
     assert torch.equal(logits, torch.tensor([row_logits(q) for q in queries]))
@@ -298,13 +304,14 @@ def test_run_exclusive_waits_only_for_the_running_forward():
     assert run(BatchLimits(8, 1000, 0.0, 10), scenario) == [[BUSY], ["build"], [1]]
 
 
-def test_metrics_per_forward_and_per_request():
+@pytest.mark.parametrize("on_loop", [False, True])
+def test_metrics_per_forward_and_per_request(on_loop):
     metrics = Metrics()
 
     async def scenario(scheduler, model):
         await scheduler.submit("t", M, [[i] for i in range(5)], 0, later())
 
-    run(BatchLimits(2, 1000, 0.0, 10), scenario, metrics)
+    run(BatchLimits(2, 1000, 0.0, 10), scenario, metrics, on_loop)
     sample = metrics.registry.get_sample_value
     assert sample("anchorserve_batch_size_count") == 3 and sample("anchorserve_batch_size_sum") == 5
     assert sample("anchorserve_batch_inference_seconds_count") == 3
@@ -349,6 +356,44 @@ def test_requests_of_different_tasks_share_a_forward():
         assert [r.tolist() for r in results] == [[row_logits([i] * 5)] for i in range(1, 5)]
 
     run(BatchLimits(8, 1000, 0.0, 100), scenario)
+
+
+def test_forwards_on_the_loop_wait_for_exclusive_work_and_run_on_its_thread():
+    """The engine core's mode: no forward while a cache build holds the model thread (the two
+    would race on the model); what queued meanwhile goes out after it, on the loop's own thread,
+    each request with its own rows."""
+
+    async def scenario(scheduler, model):
+        gate, log = threading.Event(), []
+
+        def build():
+            log.append("build")
+            if not gate.wait(GUARD):
+                raise RuntimeError("the test never released the build")
+            log.append("built")
+
+        building = scheduler.run_exclusive(build)
+        futures = [scheduler.submit(f"task-{i}", M, [[i] * i], 0, later()) for i in (1, 2, 3)]
+        for _ in range(20):  # loop turns: a forward that did not wait for the build would run in these
+            await asyncio.sleep(0)
+        assert model.calls == []
+        gate.set()
+        await building
+        results = await asyncio.gather(*futures)
+        assert log == ["build", "built"]
+        assert model.firsts() == [[1, 2, 3]] and model.tasks == [["task-1", "task-2", "task-3"]]
+        assert model.threads == [threading.get_ident()]
+        assert [r.tolist() for r in results] == [[row_logits([i] * i)] for i in (1, 2, 3)]
+
+    run(BatchLimits(8, 1000, 0.0, 10), scenario, on_loop=True)
+
+
+def test_forwards_off_the_loop_run_on_the_model_thread():
+    async def scenario(scheduler, model):
+        await scheduler.submit("t", M, [[1]], 0, later())
+        assert model.threads != [threading.get_ident()] and len(model.threads) == 1
+
+    run(BatchLimits(8, 1000, 0.0, 10), scenario)
 
 
 class DeviceModel(Model):
@@ -399,11 +444,13 @@ def test_a_launched_forward_is_collected_after_the_next_is_launched():
     asyncio.run(scenario())
 
 
-def test_a_failed_collection_fails_only_its_own_requests():
+@pytest.mark.parametrize("on_loop", [False, True])
+def test_a_failed_collection_fails_only_its_own_requests(on_loop):
     async def scenario():
         model = DeviceModel()
         model.fail_collect = 1
         scheduler = Scheduler(model, BatchLimits(1, 1000, 0.0, 10), Metrics())
+        scheduler.forwards_on_loop = on_loop
         scheduler.start()
         try:
             futures = [scheduler.submit("t", M, [[i]], 0, later()) for i in range(3)]
