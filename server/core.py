@@ -6,8 +6,8 @@ messages (server/wire.py) go straight to the engine facade on the core's event l
 joins the same scheduler queue as an in-process request, so batches mix requests from every
 frontend; its reply leaves as soon as the batch's scores are on the host.
 
-A frame that does not decode to a known message, or a request that names token ids the model does
-not have, is refused (logged, counted as failures{reason="bad_message"}) without touching the model.
+A frame that does not decode to a list of known messages, or a request that names token ids the
+model does not have, is refused (logged, counted as failures{reason="bad_message"}) without touching the model.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class CoreEndpoint:
         self._socket: zmq.asyncio.Socket | None = None
         self._task: asyncio.Task | None = None
         self._pending: dict[tuple[bytes, int], asyncio.Future] = {}
+        self._outbox = wire.Outbox(lambda sender, frame: self._socket.send_multipart([sender, frame]))
 
     def start(self) -> None:
         sock = self._context.socket(zmq.ROUTER)
@@ -57,6 +58,7 @@ class CoreEndpoint:
         for future in self._pending.values():
             future.cancel()
         if self._socket is not None:
+            self._outbox.flush()  # the replies of the last turn; none may be left to run on a closed socket
             self._socket.close(linger=0)
         self._context.term()
 
@@ -73,16 +75,20 @@ class CoreEndpoint:
                 self._take(frames)
 
     def _take(self, frames: list[bytes]) -> None:
-        """Decode and handle one message; nothing it does may stop the loop."""
+        """Decode and handle one frame's messages; nothing it does may stop the loop."""
         if len(frames) != 2:
             self._refuse(f"{len(frames)} frames")
             return
         sender, payload = frames
         try:
-            message = wire.request_decoder.decode(payload)
+            messages = wire.request_decoder.decode(payload)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             self._refuse(str(exc))
             return
+        for message in messages:
+            self._take_one(sender, message)
+
+    def _take_one(self, sender: bytes, message: wire.Request) -> None:
         try:
             self._handle(sender, message)
         except AnchorServeError as exc:
@@ -96,7 +102,7 @@ class CoreEndpoint:
         log.warning("refused a message on the engine socket: %s", why[:200])
 
     def _send(self, sender: bytes, reply: wire.Reply) -> None:
-        self._socket.send_multipart([sender, wire.encoder.encode(reply)])
+        self._outbox.put(sender, reply)
 
     def _handle(self, sender: bytes, message: wire.Request) -> None:
         engine = self.engine

@@ -61,6 +61,7 @@ class RemoteEngine:
         self._connected = asyncio.Event()
         self._described = asyncio.Event()  # the core has answered a Hello since this frontend started
         self._tasks: list[asyncio.Task] = []
+        self._outbox = wire.Outbox(lambda _, frame: self._socket.send(frame))
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -83,6 +84,7 @@ class RemoteEngine:
         self._fail_pending(UnavailableError("the frontend is shutting down"))
         if self._socket is not None:
             self._socket.disable_monitor()
+            self._outbox.flush()  # none may be left to run on a closed socket
             self._socket.close(linger=0)
         self._context.term()
 
@@ -145,18 +147,19 @@ class RemoteEngine:
 
     def _take(self, payload: bytes) -> None:
         try:
-            reply = wire.reply_decoder.decode(payload)
+            replies = wire.reply_decoder.decode(payload)
         except (msgspec.DecodeError, msgspec.ValidationError):
             log.exception("undecodable reply from the engine core")
             return
-        future = self._pending.pop(reply.id, None)
-        if future is None or future.done():
-            return  # answered after the caller gave up
-        if isinstance(reply, wire.Failed):
-            future.set_exception(TaskChanged(reply.message) if reply.kind == wire.STALE
-                                 else EngineError(reply.kind, reply.message))
-        else:
-            future.set_result(reply)
+        for reply in replies:
+            future = self._pending.pop(reply.id, None)
+            if future is None or future.done():
+                continue  # answered after the caller gave up
+            if isinstance(reply, wire.Failed):
+                future.set_exception(TaskChanged(reply.message) if reply.kind == wire.STALE
+                                     else EngineError(reply.kind, reply.message))
+            else:
+                future.set_result(reply)
 
     def _fail_pending(self, error: AnchorServeError) -> None:
         pending, self._pending = self._pending, {}
@@ -174,7 +177,7 @@ class RemoteEngine:
         self._pending[message.id] = future
         timer = loop.call_at(loop.time() + max(0.0, deadline - time.monotonic()) + REPLY_GRACE_S, _expire, future)
         future.add_done_callback(lambda _: timer.cancel())
-        self._socket.send(wire.encoder.encode(message))
+        self._outbox.put(None, message)
         return future
 
     # --- EngineClient -----------------------------------------------------------------------------
@@ -226,7 +229,7 @@ class RemoteEngine:
             self._pending.pop(message.id, None)
             reply.cancel()
             if self._connected.is_set():
-                self._socket.send(wire.encoder.encode(wire.Abort(id=message.id)))
+                self._outbox.put(None, wire.Abort(id=message.id))
 
         reply.add_done_callback(forget_if_stale)
         return derived(reply, lambda r: Scores(logits=r.logits, logprobs=r.logprobs, raw_logprobs=r.raw_logprobs,

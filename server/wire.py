@@ -6,16 +6,26 @@ msgspec into the typed structs below, never pickled: the core decodes each frame
 `Request` union and refuses anything else (a frame over `MAX_MESSAGE_BYTES` is dropped by ZeroMQ
 itself, which disconnects the sender). Every request carries an `id` the reply repeats, so one
 socket carries many requests at once.
+
+A frame holds a list of messages: what one side sent a peer in one turn of its event loop
+(`Outbox`). Under load a frontend reads many requests in one turn and the core answers a whole
+batch in one, and ZeroMQ wakes its I/O thread for every frame sent: at one frame per message the
+sends took about 15% of a frontend's CPU.
 """
 
 from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Hashable
 
 import msgspec
 import zmq
 import zmq.asyncio
 
-# The largest request: max_inputs_per_request × max_input_tokens ids is far below this.
+# The largest frame the core takes: max_inputs_per_request × max_input_tokens ids is far below this.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+# An Outbox starts a new frame rather than grow one past this; a single larger message goes alone.
+FRAME_BYTES = MAX_MESSAGE_BYTES // 4
 
 
 class Hello(msgspec.Struct, tag="hello"):
@@ -89,8 +99,36 @@ Reply = ModelFacts | TaskFacts | Scored | Failed
 STALE = "stale"
 
 encoder = msgspec.msgpack.Encoder()
-request_decoder = msgspec.msgpack.Decoder(Request)
-reply_decoder = msgspec.msgpack.Decoder(Reply)
+request_decoder = msgspec.msgpack.Decoder(list[Request])
+reply_decoder = msgspec.msgpack.Decoder(list[Reply])
+
+
+class Outbox:
+    """Messages put in one event-loop turn, sent at the end of it as one frame per peer.
+
+    `send(peer, frame)` writes a frame; it runs on the loop, from `flush`, which the first `put`
+    of a turn schedules. A frame that would pass FRAME_BYTES is sent at once and a new one begun.
+    """
+
+    def __init__(self, send: Callable[[Hashable, bytes], None]) -> None:
+        self._send = send
+        self._frames: dict[Hashable, tuple[list[msgspec.Raw], int]] = {}  # peer → (messages, bytes)
+
+    def put(self, peer: Hashable, message: Request | Reply) -> None:
+        if not self._frames:
+            asyncio.get_running_loop().call_soon(self.flush)
+        raw = msgspec.Raw(encoder.encode(message))
+        messages, size = self._frames.get(peer, ([], 0))
+        if messages and size + len(raw) > FRAME_BYTES:
+            self._send(peer, encoder.encode(messages))
+            messages, size = [], 0
+        messages.append(raw)
+        self._frames[peer] = (messages, size + len(raw))
+
+    def flush(self) -> None:
+        frames, self._frames = self._frames, {}
+        for peer, (messages, _) in frames.items():
+            self._send(peer, encoder.encode(messages))
 
 
 def plain(sock: zmq.asyncio.Socket) -> zmq.Socket:

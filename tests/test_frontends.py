@@ -197,7 +197,8 @@ def test_bad_messages_on_the_engine_socket_are_refused(split):
     sock.connect(split.engine_address())
     try:
         sock.send(b"\xc1 not msgpack")
-        sock.send(wire.encoder.encode({"type": "classify", "id": 1}))  # a known tag, fields missing
+        sock.send(wire.encoder.encode({"type": "hello", "id": 1}))  # a message, not a frame's list of them
+        sock.send(wire.encoder.encode([{"type": "classify", "id": 1}]))  # a known tag, fields missing
         sock.send(b"\x00" * (wire.MAX_MESSAGE_BYTES + 1))  # ZeroMQ drops the sender; it reconnects
         task = httpx.get(f"{split.url}/v1/tasks/sentiment").json()
         out_of_range = wire.Classify(id=7, task="sentiment", revision=task["revision"], method="hidden_anchor",
@@ -205,10 +206,10 @@ def test_bad_messages_on_the_engine_socket_are_refused(split):
         deadline = time.monotonic() + 10
         reply = None
         while reply is None and time.monotonic() < deadline:  # resend until the reconnected socket answers
-            sock.send(wire.encoder.encode(out_of_range))
+            sock.send(wire.encoder.encode([out_of_range]))
             with contextlib.suppress(zmq.Again):
                 sock.setsockopt(zmq.RCVTIMEO, 500)
-                reply = wire.reply_decoder.decode(sock.recv())
+                [reply] = wire.reply_decoder.decode(sock.recv())
         assert isinstance(reply, wire.Failed) and (reply.id, reply.kind) == (7, "validation")
     finally:
         sock.close()
@@ -216,7 +217,7 @@ def test_bad_messages_on_the_engine_socket_are_refused(split):
     assert httpx.post(f"{split.url}/v1/classify", json={"input": "still here"}).status_code == 200
     assert "refused a message on the engine socket" in split.log.read_text()
     with pytest.raises(msgspec.ValidationError):
-        wire.request_decoder.decode(wire.encoder.encode({"type": "classify", "id": 1}))
+        wire.request_decoder.decode(wire.encoder.encode([{"type": "classify", "id": 1}]))
 
 
 def test_a_killed_frontend_leaves_the_other_serving(split):
@@ -321,3 +322,39 @@ def test_the_kernel_spreads_new_connections_over_the_frontends_sockets():
     assert _accepted(second) == 8
     for sock in [*clients, *late, second, reserved]:
         sock.close()
+
+
+def test_an_outbox_sends_what_one_loop_turn_put_as_one_frame_per_peer():
+    async def scenario() -> list[tuple[str, list]]:
+        sent: list[tuple[str, bytes]] = []
+        outbox = wire.Outbox(lambda peer, frame: sent.append((peer, frame)))
+        for i in range(3):
+            outbox.put("a", wire.Hello(id=i))
+        outbox.put("b", wire.Abort(id=9))
+        assert sent == []  # nothing leaves before the turn ends
+        await asyncio.sleep(0)
+        outbox.put("a", wire.Hello(id=3))
+        await asyncio.sleep(0)
+        return [(peer, wire.request_decoder.decode(frame)) for peer, frame in sent]
+
+    assert asyncio.run(scenario()) == [("a", [wire.Hello(id=0), wire.Hello(id=1), wire.Hello(id=2)]),
+                                       ("b", [wire.Abort(id=9)]), ("a", [wire.Hello(id=3)])]
+
+
+def test_an_outbox_starts_a_new_frame_rather_than_pass_frame_bytes():
+    """Four requests of ~0.9 MB each: frames stay within FRAME_BYTES (the core drops a frame past
+    MAX_MESSAGE_BYTES and disconnects its sender), and every request arrives once, in order."""
+    big = [wire.Classify(id=i, task="t", revision=1, method="hidden_anchor", queries=[[60_000] * 300_000],
+                         timeout_s=1.0) for i in range(4)]
+
+    async def scenario() -> list[bytes]:
+        sent: list[bytes] = []
+        outbox = wire.Outbox(lambda _, frame: sent.append(frame))
+        for message in big:
+            outbox.put(None, message)
+        await asyncio.sleep(0)
+        return sent
+
+    frames = asyncio.run(scenario())
+    assert len(frames) == 2 and all(len(frame) <= wire.FRAME_BYTES for frame in frames)
+    assert [m for frame in frames for m in wire.request_decoder.decode(frame)] == big
