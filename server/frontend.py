@@ -1,6 +1,7 @@
 """An HTTP frontend: one of N processes in front of the engine core (`--api-servers N`).
 
-Each frontend is a lean pure-ASGI app under uvicorn, all frontends sharing one listening socket.
+Each frontend is a lean pure-ASGI app under uvicorn, on its own socket of the public address's
+SO_REUSEPORT group (server/serving.py).
 It serves the classification routes itself: it checks the key and the media type, reads the body
 within `max_payload_bytes`, validates it with the same pydantic models as the core's routes,
 tokenises with its own tokenizer, sends token ids to the core over ZeroMQ (server/remote.py) and
@@ -14,6 +15,7 @@ X-Request-ID, or a new one) travels with a relayed request and comes back on eve
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import secrets
@@ -69,6 +71,7 @@ class Frontend:
                                       timeout=RELAY_TIMEOUT)
         self.routes: dict[str, Handler] = {"/v1/classify": self._classify, "/classify": self._classify,
                                            "/predict": self._predict}
+        self._heap: asyncio.Task | None = None  # freezes the heap once the core described its model
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -115,18 +118,25 @@ class Frontend:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 await self.engine.start()
+                self._heap = asyncio.create_task(self._freeze_heap_once_ready(), name="anchorserve-freeze-heap")
                 # Beside a serving core (a frontend restarted) requests wait in this frontend's
                 # socket until it can answer them, rather than get 503s a ready frontend would not give.
-                if not await self.engine.wait_ready(READY_WAIT_S):
+                if not (await asyncio.wait({self._heap}, timeout=READY_WAIT_S))[0]:
                     log.info("the engine core is not ready yet; answering 503 until it is")
-                freeze_startup_heap()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if self._heap is not None:
+                    self._heap.cancel()
                 await self.engine.stop()
                 self.service.close()
                 await self.core.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    async def _freeze_heap_once_ready(self) -> None:
+        """The tokenizer loads once the core has described its model: its objects are start-up's too."""
+        await self.engine.wait_ready(None)
+        freeze_startup_heap()
 
     # --- classification ---------------------------------------------------------------------------
 

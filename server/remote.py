@@ -88,8 +88,8 @@ class RemoteEngine:
             self._socket.close(linger=0)
         self._context.term()
 
-    async def wait_ready(self, timeout_s: float) -> bool:
-        """Whether the core has described its model within `timeout_s` of now."""
+    async def wait_ready(self, timeout_s: float | None) -> bool:
+        """Whether the core has described its model within `timeout_s` of now (None: waits for it)."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._described.wait(), timeout_s)
         return self.ready

@@ -32,7 +32,7 @@ from anchor_cache.cpus import api_servers_for, usable_cpus
 from anchor_cache.names import DEFAULT_MODEL, cache_dir
 from anchor_cache.task import Demonstration, TaskSpec
 from server.redaction import redact_url, userinfo_cut_short
-from server.store.records import one_line
+from server.store.records import typed_line
 from server.store.url import REDIS_SCHEMES
 
 CONFIG_ENV = "ANCHORSERVE_CONFIG"
@@ -128,7 +128,7 @@ class SettingsFile(PydanticBaseSettingsSource):
         try:
             data = YamlConfigSettingsSource(self.settings_cls, yaml_file=path)()  # YAML ⊇ JSON
         except yaml.YAMLError as exc:
-            raise ValueError(f"the settings file {path} is not valid YAML or JSON: {one_line(str(exc))}"
+            raise ValueError(f"the settings file {path} is not valid YAML or JSON: {typed_line(str(exc))}"
                              ) from None
         if "config" in data:
             raise ValueError(f"the settings file {path} names another settings file (config): use one file")

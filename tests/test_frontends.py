@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import re
@@ -23,8 +24,9 @@ import httpx
 import msgspec
 import pytest
 import zmq
+import zmq.asyncio
 
-from server import wire
+from server import frontend, wire
 from server.serving import join, reserve
 from server.settings import Settings
 from tests.conftest import QUERIES, sentiment_task
@@ -358,3 +360,44 @@ def test_an_outbox_starts_a_new_frame_rather_than_pass_frame_bytes():
     frames = asyncio.run(scenario())
     assert len(frames) == 2 and all(len(frame) <= wire.FRAME_BYTES for frame in frames)
     assert [m for frame in frames for m in wire.request_decoder.decode(frame)] == big
+
+
+def test_a_frontend_that_outwaits_its_ready_wait_freezes_its_heap_once_the_core_describes_its_model(
+        tmp_path, model_dir, monkeypatch):
+    """Its tokenizer loads only then, and its objects are start-up's too: freezing before would
+    leave them to every full collection. The core here is a ROUTER socket of the test's own."""
+    monkeypatch.setattr(frontend, "READY_WAIT_S", 0.05)
+    address = f"ipc://{tmp_path}/engine.sock"
+
+    async def scenario() -> None:
+        app = frontend.Frontend(Settings(tasks=[sentiment_task()]), address, str(tmp_path / "core.sock"))
+        inbox: asyncio.Queue = asyncio.Queue()
+        sent: list[str] = []
+
+        async def send(message: dict) -> None:
+            sent.append(message["type"])
+
+        frozen = gc.get_freeze_count()
+        await inbox.put({"type": "lifespan.startup"})
+        lifespan = asyncio.create_task(app({"type": "lifespan"}, inbox.get, send))
+        await until(lambda: sent == ["lifespan.startup.complete"])
+        assert gc.get_freeze_count() == frozen  # no core yet: serving (503s), the heap not frozen
+        context = zmq.asyncio.Context()
+        core = context.socket(zmq.ROUTER)
+        core.bind(address)
+        try:
+            sender, frame = await asyncio.wait_for(core.recv_multipart(), 30)
+            [hello] = wire.request_decoder.decode(frame)
+            facts = wire.ModelFacts(id=hello.id, name="tiny", model_dir=str(model_dir), max_token_bytes=64,
+                                    compute_type="cpu")
+            await core.send_multipart([sender, wire.encoder.encode([facts])])
+            await until(lambda: gc.get_freeze_count() > frozen)
+            assert app.engine.ready
+            await inbox.put({"type": "lifespan.shutdown"})
+            await asyncio.wait_for(lifespan, 30)
+        finally:
+            gc.unfreeze()
+            core.close(linger=0)
+            context.term()
+
+    asyncio.run(scenario())

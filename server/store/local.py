@@ -51,9 +51,9 @@ from server.store.records import (
     check_job_id,
     check_write,
     conflict,
-    one_line,
     parse_record,
     stale,
+    typed_line,
 )
 
 log = logging.getLogger(__name__)
@@ -365,7 +365,7 @@ class LocalStore(StateStore):
             except FileNotFoundError:
                 return None
             except (ValueError, KeyError, TypeError) as exc:
-                log.warning("jobs/%s.json is unreadable (%s); treated as missing", job_id, one_line(exc))
+                log.warning("jobs/%s.json is unreadable (%s); treated as missing", job_id, typed_line(exc))
                 return None
             return record if expires > time.time() else None  # an expired file goes at the next sweep
 

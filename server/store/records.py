@@ -42,8 +42,9 @@ class TaskRecord:
         return self.spec is not None or self.error is not None
 
 
-def one_line(reason: object) -> str:
-    """An exception or message on one line."""
+def typed_line(reason: object) -> str:
+    """An exception, named by its type, or a message on one line: for a log or a stored reason,
+    where the type says what failed (anchor_cache.arguments.one_line is the user-facing form)."""
     if isinstance(reason, BaseException):
         text = " ".join(str(reason).split())
         return f"{type(reason).__name__}: {text}" if text else type(reason).__name__
@@ -118,7 +119,7 @@ def parse_record(name: str, raw: bytes) -> TaskRecord | str:
     try:
         return decode_record(name, json.loads(raw.decode("utf-8")))
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        return " ".join(str(exc).split()) if type(exc) is ValueError else one_line(exc)
+        return " ".join(str(exc).split()) if type(exc) is ValueError else typed_line(exc)
 
 
 def stored_specs(records: dict[str, TaskRecord]) -> tuple[dict[str, tuple[int, dict[str, Any]]], list[str]]:

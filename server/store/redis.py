@@ -41,7 +41,7 @@ from anchor_cache.errors import UnavailableError
 from server.redaction import redact_url
 from server.store import records
 from server.store.base import StateStore
-from server.store.records import TASK_NAME, Source, TaskRecord, one_line
+from server.store.records import TASK_NAME, Source, TaskRecord, typed_line
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class RedisStore(StateStore):
                 health_check_interval=HEALTH_CHECK_S,
             )
         except ValueError as exc:
-            raise ValueError(f"state URL {self.url} is not a valid Redis URL ({one_line(exc)})") from None
+            raise ValueError(f"state URL {self.url} is not a valid Redis URL ({typed_line(exc)})") from None
         self._write_script = self._redis.register_script(WRITE_LUA)
         self._repair_script = self._redis.register_script(REPAIR_LUA)
         self._get_blob_script = self._redis.register_script(GET_BLOB_LUA)
@@ -291,7 +291,7 @@ class RedisStore(StateStore):
                     self._pubsub_retry_at = time.monotonic() + PUBSUB_RETRY_S
                     if not self._pubsub_broken:
                         log.warning("state store %s: change notifications failed (%s); polling until they work",
-                                    self.url, one_line(exc))
+                                    self.url, typed_line(exc))
                         self._pubsub_broken = True
                     return
 
@@ -373,7 +373,7 @@ class RedisStore(StateStore):
                 raise ValueError("not a JSON object")
         except ValueError as exc:
             log.warning("state store %s: the record of job %s is unreadable (%s); treated as missing",
-                        self.url, job_id, one_line(exc))
+                        self.url, job_id, typed_line(exc))
             return None
         return record
 
