@@ -306,7 +306,8 @@ class Scheduler:
             self.metrics.queue_size.set(len(self._queue))
 
     async def _launch(self, batch: list[Chunk], loop: asyncio.AbstractEventLoop) -> Launched | None:
-        """Run or launch one batch on the model thread; None when it is already answered (or failed)."""
+        """Run or launch one batch (on the model thread, or the loop's: `forwards_on_loop`); None when it
+        is already answered (or failed)."""
         if self.forwards_on_loop:
             while self._exclusive:
                 await asyncio.wait(self._exclusive)
