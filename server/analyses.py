@@ -1,6 +1,6 @@
 """The analysis service: the paper's analyses on a served task, as jobs with JSON results and PNGs.
 
-A job runs in its own nice-19 thread beside the model thread that serves requests: the OS hands the
+A job runs in its own nice-19 thread beside the thread that runs forwards for requests: the OS hands the
 cores to classification whenever it wants them, with no step a request has to wait out, and the
 job uses what is left (bench/job_interference.py measures both). Parameters are checked once,
 here, against the server's caps and the model's depth; the engine takes them as they are. Limits:

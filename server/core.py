@@ -58,7 +58,7 @@ class CoreEndpoint:
         for future in self._pending.values():
             future.cancel()
         if self._socket is not None:
-            self._outbox.flush()  # the replies of the last turn; none may be left to run on a closed socket
+            self._outbox.close()
             self._socket.close(linger=0)
         self._context.term()
 

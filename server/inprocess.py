@@ -65,7 +65,7 @@ def score_parts(work: list[Work], parts: list[torch.Tensor]) -> list[torch.Tenso
     """Each part's (n, 2, C) rows on the host: its served log-probabilities (`ServedTask.logprobs`:
     calibrated where the task is, under the task's class prior), then its raw log-probabilities
     for a calibrated task, its logits otherwise (`scores_of`). One log-softmax per (task, method)
-    of the batch, on the model thread, rather than per request on the event loop."""
+    of the batch, where the forward ran, rather than per request."""
     groups: dict[tuple[int, Method], list[int]] = {}
     for i, w in enumerate(work):
         groups.setdefault((id(w.task), w.method), []).append(i)

@@ -1,7 +1,7 @@
 """Background jobs for slow admin work (cache builds, β training, analyses): id, status, result.
 
 Work that runs beside classification (β training, analyses) runs in a thread at the lowest CPU
-priority, so the scheduler's model thread gets the cores whenever it wants them.
+priority, so the thread that runs the scheduler's forwards gets the cores whenever it wants them.
 
 A job runs on the replica that took it; its record (status, progress, result, plot names) and its
 plots are copied to the state store at every change of status (progress at each replication tick),

@@ -84,7 +84,7 @@ class RemoteEngine:
         self._fail_pending(UnavailableError("the frontend is shutting down"))
         if self._socket is not None:
             self._socket.disable_monitor()
-            self._outbox.flush()  # none may be left to run on a closed socket
+            self._outbox.close()
             self._socket.close(linger=0)
         self._context.term()
 

@@ -1,4 +1,5 @@
-"""Micro-batching: one asyncio task batches requests, one "model thread" runs their forwards.
+"""Micro-batching: one asyncio task batches requests, one "model thread" (or the event loop's own
+thread, in the engine core) runs their forwards.
 
 Requests are tokenised before they are queued (TEI's split). The batching task takes the oldest
 live request and adds queued requests, of any task and method, while the batch stays within
@@ -26,15 +27,18 @@ answering (parsing HTTP, for the single process) while torch works with the GIL 
 engine core behind HTTP frontends instead runs a CPU forward on its event loop's own thread
 (`forwards_on_loop`): its loop has only cheap socket messages to handle, and a second thread
 taking the GIL between torch's calls cost the forward more than it gained; messages wait in
-ZeroMQ's queue meanwhile and are taken in one go after it. A loop forward starts only once the
-model thread's exclusive work (below) is done, so the two never overlap.
+ZeroMQ's queue meanwhile and are taken in one go after it. For each loop forward the model thread
+is parked in a job of its own (`_parked`), queued as the forward would have been: the forward
+starts once the work queued before it is done (a cancelled build that still runs included), and
+work queued after it waits until it ends, so the two never overlap and keep their order. A
+method's first forward, which also builds its prefix (below), then holds the loop that long.
 
 On a GPU a forward is only launched on the model thread (the engine returns a `Collect`), and the
 batching task launches the next batch before it collects the last: while the device runs forward
 k, the host prepares k + 1 (layout, one copy of its indices, its graph's replay queued behind k),
 then waits for k's logits and the event loop answers its requests. So the device is not left idle
-while the host works between batches. On the CPU the forward finishes on the model thread and its
-rows go out at once.
+while the host works between batches. On the CPU the forward finishes where it ran and its rows
+go out at once.
 
 Threads that run the model. Three kinds of thread call the same model object:
 - this scheduler's model thread: every classification forward (or, with `forwards_on_loop`, the
@@ -65,9 +69,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,9 +108,10 @@ class Work:
     queries: list[list[int]]
 
 
-# Called on the model thread with the parts of one forward (possibly chunks of several requests, of
-# several tasks); returns each part's (rows, C) logits, C being that part's task's label count, or,
-# when the forward was only launched on a device, a `Collect` that waits for them.
+# Called on the model thread (or the loop's, `forwards_on_loop`) with the parts of one forward
+# (possibly chunks of several requests, of several tasks); returns each part's (rows, C) logits, C
+# being that part's task's label count, or, when the forward was only launched on a device, a
+# `Collect` that waits for them.
 Collect = Callable[[], list[torch.Tensor]]
 RunBatch = Callable[[list[Work]], list[torch.Tensor] | Collect]
 
@@ -184,7 +190,6 @@ class Scheduler:
         self.limits = limits
         self.metrics = metrics
         self.forwards_on_loop = False  # set once the model's device is known (see the module's text)
-        self._exclusive: set[asyncio.Future] = set()  # run_exclusive work not yet done
         self._queue: deque[Entry] = deque()
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="anchorserve-model")
@@ -229,10 +234,7 @@ class Scheduler:
 
     def run_exclusive(self, fn: Callable[[], object]) -> asyncio.Future:
         """Run `fn` on the model thread between forwards (cache builds must not race a forward)."""
-        future = asyncio.get_running_loop().run_in_executor(self._executor, fn)
-        self._exclusive.add(future)
-        future.add_done_callback(self._exclusive.discard)
-        return future
+        return asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     def _done(self, entry: Entry) -> None:
         self._in_flight -= 1
@@ -287,7 +289,7 @@ class Scheduler:
     async def _batch_loop(self) -> None:
         """Take a batch, launch it, then collect the batch launched before it: while the device runs
         one forward, the model thread prepares the next and the event loop answers the last.
-        A forward that finishes on the model thread (the CPU) is delivered at once."""
+        A forward that finishes where it ran (the CPU) is delivered at once."""
         loop = asyncio.get_running_loop()
         running: Launched | None = None
         while True:
@@ -308,9 +310,6 @@ class Scheduler:
     async def _launch(self, batch: list[Chunk], loop: asyncio.AbstractEventLoop) -> Launched | None:
         """Run or launch one batch (on the model thread, or the loop's: `forwards_on_loop`); None when it
         is already answered (or failed)."""
-        if self.forwards_on_loop:
-            while self._exclusive:
-                await asyncio.wait(self._exclusive)
         self.metrics.queue_size.set(len(self._queue))
         start = time.perf_counter()
         for chunk in batch:
@@ -323,7 +322,8 @@ class Scheduler:
         self.metrics.batch_size.observe(sum(len(w.queries) for w in work))
         try:
             if self.forwards_on_loop:
-                result = self.run_batch(work)
+                async with self._parked(loop):
+                    result = self.run_batch(work)
             else:
                 result = await loop.run_in_executor(self._executor, self.run_batch, work)
         except Exception as exc:
@@ -335,6 +335,23 @@ class Scheduler:
         self.metrics.inference_seconds.observe(time.perf_counter() - start)
         self._deliver(batch, result)
         return None
+
+    @contextlib.asynccontextmanager
+    async def _parked(self, loop: asyncio.AbstractEventLoop) -> AsyncIterator[None]:
+        """The model thread's turn, held by a job that parks it while the body runs on the loop."""
+        turn: asyncio.Future[None] = loop.create_future()
+        release = threading.Event()
+
+        def park() -> None:
+            loop.call_soon_threadsafe(_resolve, turn)
+            release.wait()
+
+        self._executor.submit(park)
+        try:
+            await turn
+            yield
+        finally:  # also when the wait was cancelled: the parked job must not hold the thread for good
+            release.set()
 
     async def _collect(self, launched: Launched, loop: asyncio.AbstractEventLoop) -> None:
         try:
@@ -378,3 +395,8 @@ class Scheduler:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():  # its waiter may have been cancelled meanwhile
+        future.set_result(None)

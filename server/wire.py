@@ -2,8 +2,8 @@
 
 One ZeroMQ socket pair per frontend: the core binds a ROUTER on an ipc:// path, each frontend
 connects a DEALER (vLLM's V1 split, over the same library). Messages are MessagePack encoded by
-msgspec into the typed structs below, never pickled: the core decodes each frame against the
-`Request` union and refuses anything else (a frame over `MAX_MESSAGE_BYTES` is dropped by ZeroMQ
+msgspec into the typed structs below, never pickled: the core decodes each frame as a list of the
+`Request` union and refuses any other frame whole (a frame over `MAX_MESSAGE_BYTES` is dropped by ZeroMQ
 itself, which disconnects the sender). Every request carries an `id` the reply repeats, so one
 socket carries many requests at once.
 
@@ -113,8 +113,11 @@ class Outbox:
     def __init__(self, send: Callable[[Hashable, bytes], None]) -> None:
         self._send = send
         self._frames: dict[Hashable, tuple[list[msgspec.Raw], int]] = {}  # peer → (messages, bytes)
+        self._closed = False
 
     def put(self, peer: Hashable, message: Request | Reply) -> None:
+        if self._closed:
+            return  # the socket is closed: no peer will read it
         if not self._frames:
             asyncio.get_running_loop().call_soon(self.flush)
         raw = msgspec.Raw(encoder.encode(message))
@@ -129,6 +132,11 @@ class Outbox:
         frames, self._frames = self._frames, {}
         for peer, (messages, _) in frames.items():
             self._send(peer, encoder.encode(messages))
+
+    def close(self) -> None:
+        """Send what waits, then drop whatever is put later: call it before closing the socket."""
+        self.flush()
+        self._closed = True
 
 
 def plain(sock: zmq.asyncio.Socket) -> zmq.Socket:

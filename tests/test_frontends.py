@@ -29,7 +29,9 @@ import zmq.asyncio
 from server import frontend, wire
 from server.serving import join, reserve
 from server.settings import Settings
+from server.state import ServerState
 from tests.conftest import QUERIES, sentiment_task
+from tests.conftest import settings as tiny_settings
 from tests.test_uvicorn import free_port, save_tiny_model
 
 ADMIN = {"Authorization": "Bearer admin-key"}
@@ -336,11 +338,15 @@ def test_an_outbox_sends_what_one_loop_turn_put_as_one_frame_per_peer():
         assert sent == []  # nothing leaves before the turn ends
         await asyncio.sleep(0)
         outbox.put("a", wire.Hello(id=3))
+        outbox.put("b", wire.Hello(id=4))
+        outbox.close()  # sends what waits
+        outbox.put("a", wire.Abort(id=3))  # after close: dropped, the socket is gone
         await asyncio.sleep(0)
         return [(peer, wire.request_decoder.decode(frame)) for peer, frame in sent]
 
     assert asyncio.run(scenario()) == [("a", [wire.Hello(id=0), wire.Hello(id=1), wire.Hello(id=2)]),
-                                       ("b", [wire.Abort(id=9)]), ("a", [wire.Hello(id=3)])]
+                                       ("b", [wire.Abort(id=9)]), ("a", [wire.Hello(id=3)]),
+                                       ("b", [wire.Hello(id=4)])]
 
 
 def test_an_outbox_starts_a_new_frame_rather_than_pass_frame_bytes():
@@ -401,3 +407,20 @@ def test_a_frontend_that_outwaits_its_ready_wait_freezes_its_heap_once_the_core_
             context.term()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(("engine_address", "on_loop"), [(None, False), ("ipc://{tmp}/engine.sock", True)])
+def test_only_an_engine_core_runs_its_cpu_forwards_on_its_loop(tmp_path, model_dir, engine_address, on_loop):
+    """Behind frontends the core's loop has only socket messages to handle; a single process's
+    loop also parses HTTP, so its forwards stay on the model thread."""
+    address = engine_address.format(tmp=tmp_path) if engine_address else None
+
+    async def scenario() -> bool:
+        state = ServerState(tiny_settings(model_dir, tmp_path / "state"), address)
+        await state.start()
+        try:
+            return state.engine.scheduler.forwards_on_loop
+        finally:
+            await state.stop()
+
+    assert asyncio.run(scenario()) is on_loop

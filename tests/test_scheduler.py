@@ -388,6 +388,37 @@ def test_forwards_on_the_loop_wait_for_exclusive_work_and_run_on_its_thread():
     run(BatchLimits(8, 1000, 0.0, 10), scenario, on_loop=True)
 
 
+def test_forwards_on_the_loop_keep_their_turn_among_exclusive_work():
+    """The model thread's queue order holds as it does for its own forwards: a forward waits for a
+    build queued before it, even one whose caller gave up on it while it ran (its thread still
+    runs it), and a build queued after the forward waits for the forward."""
+
+    async def scenario(scheduler, model):
+        gate = threading.Event()
+
+        def first_build():
+            model.calls.append([["first build"]])
+            if not gate.wait(GUARD):
+                raise RuntimeError("the test never released the build")
+            model.calls.append([["first built"]])
+
+        building = scheduler.run_exclusive(first_build)
+        answer = scheduler.submit("t", M, [[1]], 0, later())
+        for _ in range(20):  # loop turns: the batch is taken and the forward queued for its turn
+            await asyncio.sleep(0)
+        later_build = scheduler.run_exclusive(lambda: model.calls.append([["later build"]]))
+        building.cancel()  # the caller leaves; the model thread is still inside the build
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert [1] not in model.firsts()
+        gate.set()
+        await asyncio.gather(answer, later_build)
+        return model.firsts()
+
+    order = run(BatchLimits(8, 1000, 0.0, 10), scenario, on_loop=True)
+    assert order == [["first build"], ["first built"], [1], ["later build"]]
+
+
 def test_forwards_off_the_loop_run_on_the_model_thread():
     async def scenario(scheduler, model):
         await scheduler.submit("t", M, [[1]], 0, later())
