@@ -6,8 +6,8 @@ messages (server/wire.py) go straight to the engine facade on the core's event l
 joins the same scheduler queue as an in-process request, so batches mix requests from every
 frontend; its reply leaves as soon as the batch's scores are on the host.
 
-A frame that does not decode to a list of known messages, or a request that names token ids the
-model does not have, is refused (logged, counted as failures{reason="bad_message"}) without touching the model.
+A frame that is not a list, a message in it that is not a known one, or a request that names token
+ids the model does not have, is refused (logged, counted as failures{reason="bad_message"}) without touching the model.
 """
 
 from __future__ import annotations
@@ -81,11 +81,16 @@ class CoreEndpoint:
             return
         sender, payload = frames
         try:
-            messages = wire.request_decoder.decode(payload)
+            messages = wire.frame_decoder.decode(payload)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             self._refuse(str(exc))
             return
-        for message in messages:
+        for raw in messages:
+            try:
+                message = wire.request_decoder.decode(raw)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                self._refuse(str(exc))  # only this one: the frame's other requests go on
+                continue
             self._take_one(sender, message)
 
     def _take_one(self, sender: bytes, message: wire.Request) -> None:

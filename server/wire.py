@@ -2,10 +2,10 @@
 
 One ZeroMQ socket pair per frontend: the core binds a ROUTER on an ipc:// path, each frontend
 connects a DEALER (vLLM's V1 split, over the same library). Messages are MessagePack encoded by
-msgspec into the typed structs below, never pickled: the core decodes each frame as a list of the
-`Request` union and refuses any other frame whole (a frame over `MAX_MESSAGE_BYTES` is dropped by ZeroMQ
-itself, which disconnects the sender). Every request carries an `id` the reply repeats, so one
-socket carries many requests at once.
+msgspec into the typed structs below, never pickled: the core decodes each message of a frame
+against the `Request` union and refuses anything else, that message alone (a frame over
+`MAX_MESSAGE_BYTES` is dropped by ZeroMQ itself, which disconnects the sender). Every request
+carries an `id` the reply repeats, so one socket carries many requests at once.
 
 A frame holds a list of messages: what one side sent a peer in one turn of its event loop
 (`Outbox`). Under load a frontend reads many requests in one turn and the core answers a whole
@@ -99,7 +99,8 @@ Reply = ModelFacts | TaskFacts | Scored | Failed
 STALE = "stale"
 
 encoder = msgspec.msgpack.Encoder()
-request_decoder = msgspec.msgpack.Decoder(list[Request])
+frame_decoder = msgspec.msgpack.Decoder(list[msgspec.Raw])  # a frame's messages, each decoded on its own
+request_decoder = msgspec.msgpack.Decoder(Request)
 reply_decoder = msgspec.msgpack.Decoder(list[Reply])
 
 
