@@ -8,9 +8,18 @@ the CPUs and a batched forward slows down many times over while other work runs 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
+import torch
+
+log = logging.getLogger(__name__)
 
 CGROUP = Path("/sys/fs/cgroup")
 
@@ -37,16 +46,107 @@ def usable_cpus(root: Path = CGROUP) -> int:
 
 def torch_threads(usable: int, http_processes: int, gpu: bool = False) -> int:
     """Intra-op threads for the model beside `http_processes` HTTP processes (the model process's
-    own event loop counts as one): one CPU each for them, the rest for torch, at least one. On this
-    project's 2-core bench, beside two CPU-bound neighbours, the default model kept 34.1 req/s with
-    one torch thread and fell to 6.4 with two (each parallel region waits for its descheduled
-    thread); alone, two threads were 1.44× faster. The default takes the rule that never collapses.
+    own event loop counts as one): one CPU each for them, the rest for torch, at least one. A CPU
+    server starts with this count, which never collapses beside a busy neighbour, and `ThreadFit`
+    then moves it to the CPUs other work leaves free.
 
     On a GPU, one: the forward runs on the device, torch's CPU pool only serves the batch's small
     host-side operations, and its OpenMP workers spin after each one. On a 16-CPU H200 host seven
     such workers held seven cores at 100% in the engine core (top -H, py-spy) while eight frontends
     and the load generator needed them."""
     return 1 if gpu else max(1, usable - http_processes)
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """Cumulative CPU seconds at one moment: busy on the CPUs a process may use (anyone's), and the
+    process's own (all its threads)."""
+
+    wall: float
+    busy: float
+    own: float
+
+
+def sample_cpus(cpus: Collection[int]) -> CpuSample:
+    """Now's `CpuSample` over `cpus` (logical CPU numbers), from the kernel's counters (psutil).
+    Busy is what is not idle or waiting on I/O; steal counts as busy: the hypervisor gave the CPU
+    to someone else."""
+    per_cpu = psutil.cpu_times(percpu=True)
+    busy = sum(sum(t) - t.idle - t.iowait - t.guest - t.guest_nice  # guest time is inside user on Linux
+               for i, t in enumerate(per_cpu) if i in cpus)
+    own = psutil.Process().cpu_times()
+    return CpuSample(time.monotonic(), busy, own.user + own.system)
+
+
+class ThreadFit:
+    """Torch's intra-op threads fitted, before each CPU forward, to the usable CPUs nothing else is
+    using, measured over about the last `interval_s`: other processes (a neighbour, the frontends,
+    the load generator) and this process's own work outside its forwards (its event loop).
+
+    No fixed count suits every load on a small machine. On this project's 2-core bench the default
+    model served 85 req/s at 32 clients with two threads and 60 with one, but beside two busy loops
+    two threads fell to 5.3 req/s (each parallel region waits for its descheduled thread) where one
+    kept 37. A cheap model served 0.83x as fast with two, its own event loop needing the second
+    core. Fitted, a forward gets every CPU that is idle apart from it, and drops to what is left
+    when someone else takes them.
+
+    Free CPUs = usable - others - outside, where others is all busy time on the usable CPUs less
+    this process's, and outside is this process's CPU time less `threads` x each forward's wall
+    time (torch's OpenMP workers spin through a forward). The count moves up when free reaches it
+    plus `UP` and down when free falls below it less `DOWN`, so a reading near a boundary does not
+    flip it back and forth every interval. After a move down it moves up again only `hold_s` later:
+    a second thread slows the event loop beside it, which then reads as less busy, and a cheap
+    model's server flipped between one and two threads every second or two without it."""
+
+    UP = 0.7  # one more thread once this much of its CPU is free too: two threads at 1.7 CPUs free
+    DOWN = 0.6  # one fewer once the forward's own CPUs are that far from free: two threads below 1.4
+
+    def __init__(self, usable: int, start: int, cpus: Collection[int] | None = None, interval_s: float = 1.0,
+                 hold_s: float = 30.0, sample: Callable[[Collection[int]], CpuSample] = sample_cpus) -> None:
+        self.usable = usable
+        self.threads = start
+        self.cpus = frozenset(os.sched_getaffinity(0) if cpus is None else cpus)
+        self.interval_s = interval_s
+        self.hold_s = hold_s
+        self._sample = sample
+        self._last = sample(self.cpus)
+        self._up_after = self._last.wall  # no move up before this time (`hold_s` after a move down)
+        self._forward_cpu = 0.0  # threads x wall seconds of the forwards since `_last`
+
+    def fit(self) -> int:
+        """The threads for the forward about to run on the calling thread, which it sets (torch's
+        count is per thread under OpenMP)."""
+        if time.monotonic() - self._last.wall >= self.interval_s:
+            self._refit(self._sample(self.cpus))
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        return self.threads
+
+    def ran(self, wall_s: float) -> None:
+        """A forward at `fit()`'s count took `wall_s`."""
+        self._forward_cpu += self.threads * wall_s
+
+    def free(self, now: CpuSample) -> tuple[float, float, float]:
+        """(free, others, outside) in CPUs, since the last reading."""
+        span = now.wall - self._last.wall
+        own = (now.own - self._last.own) / span
+        others = max(0.0, (now.busy - self._last.busy) / span - own)
+        outside = max(0.0, own - self._forward_cpu / span)
+        return self.usable - others - outside, others, outside
+
+    def _refit(self, now: CpuSample) -> None:
+        free, others, outside = self.free(now)
+        self._last, self._forward_cpu = now, 0.0
+        threads = self.threads
+        if free >= threads + self.UP and now.wall >= self._up_after:  # one more, and one per further free CPU
+            threads = min(self.usable, threads + 1 + math.floor(free - threads - self.UP))
+        elif free < threads - self.DOWN:
+            threads = max(1, threads - 1 - math.floor(threads - self.DOWN - free))
+            self._up_after = now.wall + self.hold_s
+        if threads != self.threads:
+            log.info("torch threads %d -> %d: %.1f of %d CPUs free (other processes %.1f, this one outside its "
+                     "forwards %.1f)", self.threads, threads, free, self.usable, others, outside)
+            self.threads = threads
 
 
 def api_servers_for(usable: int) -> int:

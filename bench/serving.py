@@ -458,6 +458,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "serving.json")
     parser.add_argument("--neighbours", type=int, default=0,
                         help="CPU-bound processes (busy loops) running beside the server for the whole run")
+    parser.add_argument("--logs", type=Path, help="keep each server's log in this folder")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         parser.error("wrk is not installed (apt-get install -y wrk)")
@@ -478,8 +479,8 @@ def main() -> None:
     config = task_config(work / "task.yaml")
     wrk_version = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
     config_out = vars(args) | {"before": str(args.before), "after": str(args.after), "data": str(args.data),
-                               "out": str(args.out), "cpus": os.cpu_count(), "command": " ".join(sys.argv),
-                               "wrk": wrk_version}
+                               "out": str(args.out), "logs": str(args.logs), "cpus": os.cpu_count(),
+                               "command": " ".join(sys.argv), "wrk": wrk_version}
     result: dict = {"config": config_out, "setups": {}, "runs": {}, "summary": {}}
     # A neighbour that wants every cycle it can get, as another tenant's batch job would.
     neighbours = [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
@@ -509,6 +510,10 @@ def main() -> None:
     finally:
         for neighbour in neighbours:
             neighbour.kill()
+    if args.logs is not None:
+        args.logs.mkdir(parents=True, exist_ok=True)
+        for log in work.glob("*.log"):
+            shutil.copy(log, args.logs / log.name)
     shutil.rmtree(work, ignore_errors=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

@@ -8,6 +8,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI, Request
@@ -26,6 +27,9 @@ from server.metrics import RequestCounter
 from server.settings import Settings
 from server.state import ServerState
 
+if TYPE_CHECKING:  # the engine's type only; the entry point builds it (server/serving.py)
+    from anchor_cache.cpus import ThreadFit
+
 log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -40,12 +44,13 @@ def acceptable_request_id(value: str) -> bool:
 
 
 def build_app(settings: Settings | None = None, on_fatal: Callable[[], None] | None = None,
-              engine_address: str | None = None) -> FastAPI:
+              engine_address: str | None = None, threads: ThreadFit | None = None) -> FastAPI:
     """The ASGI app. `on_fatal` is called when the model cannot load (`python -m server` then exits
     non-zero, so Docker or Kubernetes restarts it); without it /ready reports the failure.
-    `engine_address`: serve HTTP frontends on this ZeroMQ address too (the engine-core process)."""
+    `engine_address`: serve HTTP frontends on this ZeroMQ address too (the engine-core process).
+    `threads`: the entry point's `fit_threads`, which the engine refits before each forward."""
     settings = settings or Settings()
-    state = ServerState(settings, engine_address)
+    state = ServerState(settings, engine_address, threads)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from anchor_cache.classifier import CACHED_METHODS
-from anchor_cache.cpus import torch_threads, usable_cpus
+from anchor_cache.cpus import ThreadFit, torch_threads, usable_cpus
 from anchor_cache.errors import UnavailableError
 from anchor_cache.graphs import PackedGraphs
 from anchor_cache.models import LoadedModel, load_model, resolve_model_dir
@@ -46,10 +46,11 @@ from server.store.records import stored_specs
 log = logging.getLogger(__name__)
 
 
-def fit_threads(settings: Settings) -> None:
+def fit_threads(settings: Settings) -> ThreadFit | None:
     """Size torch's thread pool to the CPUs this process may use and the HTTP processes beside it
-    (anchor_cache/cpus.py). Called by the server's entry points, not by the app, so tests that
-    build apps keep their own setting."""
+    (anchor_cache/cpus.py); unless the `torch_threads` setting fixes it or the model is on a GPU,
+    the engine then refits it before each forward (`ThreadFit`). Called by the server's entry
+    points, not by the app, so tests that build apps keep their own setting."""
     usable = usable_cpus()
     http = max(1, settings.api_servers)
     gpu = settings.device.startswith("cuda") or (settings.device == "auto" and torch.cuda.is_available())
@@ -57,8 +58,11 @@ def fit_threads(settings: Settings) -> None:
     torch.set_num_threads(threads)
     with contextlib.suppress(RuntimeError):  # settable only before torch's first parallel work
         torch.set_num_interop_threads(1)
-    log.info("torch runs %d thread(s): %d usable CPU(s), %d HTTP process(es)%s%s", threads, usable, http,
+    fitted = not (settings.torch_threads or gpu)
+    log.info("torch runs %d thread(s)%s: %d usable CPU(s), %d HTTP process(es)%s%s", threads,
+             " at first, then as many as the CPUs left free by other work" if fitted else "", usable, http,
              ", the model on a GPU" if gpu else "", " (the torch_threads setting)" if settings.torch_threads else "")
+    return ThreadFit(usable, threads) if fitted else None
 
 
 def score_parts(work: list[Work], parts: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -89,10 +93,11 @@ def scores_of(part: torch.Tensor, queue_s: float, calibrated: bool) -> Scores:
 
 
 class InProcessEngine:
-    def __init__(self, settings: Settings, metrics: Metrics, store: StateStore, behind_frontends: bool = False
-                 ) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, store: StateStore, behind_frontends: bool = False,
+                 threads: ThreadFit | None = None) -> None:
         self.settings = settings
         self.behind_frontends = behind_frontends  # the engine core of server/supervisor.py
+        self.threads = threads  # refits torch's threads before each forward; None: they stay as they are
         self.metrics = metrics
         self.store = store
         self.lm: LoadedModel | None = None
@@ -268,6 +273,16 @@ class InProcessEngine:
         return derived(scored, lambda part: scores_of(part, queue_s, calibrated), scored.cancel)
 
     @torch.inference_mode()
+    def _forward(self, rows: list) -> list[torch.Tensor]:
+        fit = self.threads
+        if fit is None:
+            return packed_label_logits(self.lm, rows, graphs=self.graphs)
+        self.metrics.torch_threads.set(fit.fit())
+        start = time.perf_counter()
+        logits = packed_label_logits(self.lm, rows, graphs=self.graphs)
+        fit.ran(time.perf_counter() - start)
+        return logits
+
     def _run_batch(self, work: list[Work]) -> list[torch.Tensor] | Collect:
         """One packed forward for every row of every part, whatever their tasks and methods; the
         logits come to the host in one copy, as float32, and are scored there (`score_parts`). On
@@ -275,7 +290,7 @@ class InProcessEngine:
         collects it after launching the next batch."""
         rows = [row for w in work
                 for row in w.task.classifier.packed_rows(w.queries, w.method, w.task.beta_for(w.method))]
-        logits = packed_label_logits(self.lm, rows, graphs=self.graphs)
+        logits = self._forward(rows)
         flat = torch.cat([row.float().reshape(-1) for row in logits])
         widths = [logits[row].numel() for row in itertools.accumulate((len(w.queries) for w in work[:-1]), initial=0)]
         if not flat.is_cuda:

@@ -40,6 +40,8 @@ class Metrics:
         # Only the core sets the gauges; "livesum" drops a dead core's value in multiprocess mode.
         self.queue_size = Gauge("anchorserve_queue_size", "Requests waiting for the worker", registry=r,
                                 multiprocess_mode="livesum")
+        self.torch_threads = Gauge("anchorserve_torch_threads", "Torch threads of the last forward on the CPU",
+                                   registry=r, multiprocess_mode="livesum")
         self.batch_size = Histogram("anchorserve_batch_size", "Inputs per forward", buckets=SIZE_BUCKETS, registry=r)
         self.request_tokens = Histogram(
             "anchorserve_request_tokens", "Query tokens per input", buckets=SIZE_BUCKETS, registry=r

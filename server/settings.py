@@ -169,9 +169,10 @@ class Settings(BaseSettings):
     access_log: bool = Field(False, description="log every HTTP request (uvicorn's access log)")
     log_format: LogFormat = Field("text", description="json: each log line one JSON object with time, level, "
                                   "logger, message and request_id")
-    torch_threads: int | None = Field(None, ge=1, description="torch threads of the process that runs the model; "
-                                      "unset: the CPUs it may use (affinity, cgroup quota), less one for each HTTP "
-                                      "process (its own event loop, or each frontend; at least 1)")
+    torch_threads: int | None = Field(None, ge=1, description="torch threads of the process that runs the model, "
+                                      "fixed; unset on a CPU: the CPUs it may use (affinity, cgroup quota) that other "
+                                      "processes and its own event loop leave free, refitted each second, starting "
+                                      "at one fewer per HTTP process (at least 1); unset on a GPU: 1")
 
     api_key: SecretStr | None = Field(None, description="Bearer key for /v1/*; unset = open")
     admin_api_key: SecretStr | None = Field(None, description="Bearer key for /admin/*; unset = admin disabled")

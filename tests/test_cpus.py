@@ -1,12 +1,31 @@
-"""The CPUs a process may use and torch's share of them (anchor_cache/cpus.py), on written cgroup files."""
+"""The CPUs a process may use and torch's share of them (anchor_cache/cpus.py): on written cgroup
+files, on scripted CPU counters, and on the kernel's own beside a real busy process."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
+from collections.abc import Collection
 
+import psutil
 import pytest
+import torch
+from fastapi.testclient import TestClient
 
-from anchor_cache.cpus import api_servers_for, cgroup_quota, torch_threads, usable_cpus
+from anchor_cache.cpus import (
+    CpuSample,
+    ThreadFit,
+    api_servers_for,
+    cgroup_quota,
+    sample_cpus,
+    torch_threads,
+    usable_cpus,
+)
+from server.app import build_app
+from server.inprocess import fit_threads
+from tests.conftest import settings, wait_ready
 
 AFFINITY = len(os.sched_getaffinity(0))
 
@@ -41,3 +60,118 @@ def test_torch_leaves_a_cpu_to_each_http_process():
 
 def test_frontends_follow_the_machine():
     assert [api_servers_for(n) for n in (1, 2, 4, 8, 16, 64)] == [0, 0, 1, 1, 2, 8]
+
+
+class Counters:
+    """CPU counters advanced second by second as a scenario says: what others burn on the CPUs, and
+    what this process burns inside and outside its forwards."""
+
+    def __init__(self) -> None:
+        self.now = CpuSample(wall=0.0, busy=0.0, own=0.0)
+
+    def __call__(self, cpus: Collection[int]) -> CpuSample:
+        return self.now
+
+    def second(self, fit: ThreadFit, others: float, outside: float, forward_s: float = 1.0) -> int:
+        """One second in which forwards ran `forward_s` at the fitted count; then the next fit."""
+        own = fit.threads * forward_s + outside
+        self.now = CpuSample(self.now.wall + 1, self.now.busy + own + others, self.now.own + own)
+        fit.ran(forward_s)
+        return fit.fit()
+
+
+@pytest.fixture()
+def counters():
+    threads = torch.get_num_threads()
+    yield Counters()
+    torch.set_num_threads(threads)  # fit() sets the calling thread's count
+
+
+def fitted(counters: Counters, usable: int = 2, start: int = 1, hold_s: float = 30.0) -> ThreadFit:
+    return ThreadFit(usable, start, cpus=range(usable), interval_s=0.0, hold_s=hold_s, sample=counters)
+
+
+def test_a_quiet_machine_gives_the_forward_every_cpu(counters):
+    fit = fitted(counters)
+    assert counters.second(fit, others=0.0, outside=0.05) == 2
+    assert torch.get_num_threads() == 2  # set on the thread that runs the forward
+    assert [counters.second(fit, others=0.0, outside=0.05) for _ in range(3)] == [2, 2, 2]
+
+
+def test_a_busy_neighbour_takes_the_forward_down_to_what_is_left(counters):
+    fit = fitted(counters, start=2)
+    # Two busy loops beside two spinning threads: each of the four gets half a CPU.
+    assert counters.second(fit, others=1.0, outside=0.0, forward_s=0.5) == 1
+    assert torch.get_num_threads() == 1
+    # Beside one thread the loops take a whole CPU: still one.
+    assert counters.second(fit, others=1.0, outside=0.05) == 1
+
+
+def test_the_count_comes_back_only_after_its_hold(counters):
+    fit = fitted(counters, start=2, hold_s=5.0)
+    assert counters.second(fit, others=1.2, outside=0.0) == 1
+    quiet = [counters.second(fit, others=0.0, outside=0.05) for _ in range(6)]
+    assert quiet == [1, 1, 1, 1, 2, 2]  # the neighbour left one second in; up five seconds after the move down
+
+
+def test_the_event_loop_keeps_its_cpu(counters):
+    # A cheap model's server: its own event loop is busy answering while the forward runs.
+    fit = fitted(counters)
+    assert [counters.second(fit, others=0.0, outside=0.8) for _ in range(3)] == [1, 1, 1]
+
+
+def test_a_reading_near_the_boundary_keeps_the_count(counters):
+    fit = fitted(counters, start=2)
+    assert counters.second(fit, others=0.45, outside=0.1) == 2  # 1.45 free: not below 1.4
+    fit = fitted(counters, start=1)
+    assert counters.second(fit, others=0.3, outside=0.05) == 1  # 1.65 free: not yet 1.7
+
+
+def test_a_large_machine_moves_by_the_cpus_freed_or_taken(counters):
+    fit = fitted(counters, usable=16, start=14)
+    assert counters.second(fit, others=4.3, outside=0.2) == 12  # 11.5 CPUs free
+    assert counters.second(fit, others=0.0, outside=0.2, forward_s=0.9) == 12  # held: no move up yet
+    fit = fitted(counters, usable=16, start=4)
+    assert counters.second(fit, others=0.5, outside=0.4) == 15  # 15.1 free
+
+
+def test_a_busy_process_reads_as_another_process():
+    cpu = min(os.sched_getaffinity(0))
+    before = sample_cpus({cpu})
+    busy = subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"])
+    try:
+        child = psutil.Process(busy.pid)
+        deadline = time.monotonic() + 30
+        while sum(child.cpu_times()[:2]) < 0.5:  # its own counter says it has run half a second
+            assert time.monotonic() < deadline, "the busy process never ran"
+            time.sleep(0.05)
+        after = sample_cpus({cpu})
+        ran = sum(child.cpu_times()[:2])
+    finally:
+        busy.kill()
+        busy.wait()
+    others = (after.busy - before.busy) - (after.own - before.own)
+    assert others >= 0.8 * ran, (before, after, ran)
+    assert after.own - before.own < 0.5 * ran  # the child is not this process
+
+
+def test_only_a_cpu_server_without_a_fixed_count_refits():
+    threads = torch.get_num_threads()
+    try:
+        assert isinstance(fit_threads(settings("m", "s")), ThreadFit)
+        assert fit_threads(settings("m", "s", torch_threads=2)) is None
+        assert torch.get_num_threads() == 2
+        assert fit_threads(settings("m", "s", device="cuda")) is None
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_engine_refits_before_each_forward(model_dir, tmp_path, counters):
+    fit = ThreadFit(2, 1, cpus=range(2), interval_s=0.0, sample=counters)
+    with TestClient(build_app(settings(model_dir, tmp_path / "state"), threads=fit)) as client:
+        wait_ready(client)
+        counters.now = CpuSample(wall=1.0, busy=0.05, own=0.05)  # a quiet second: both CPUs nearly idle
+        assert client.post("/v1/classify", json={"task": "sentiment", "input": "a fine film"}).status_code == 200
+        assert fit.threads == 2
+        metrics = client.get("/metrics").text
+    assert "anchorserve_torch_threads 2.0" in metrics
