@@ -84,7 +84,7 @@ class ThreadFit:
     the load generator) and this process's own work outside its forwards (its event loop).
 
     No fixed count suits every load on a small machine. On this project's 2-core bench the default
-    model served 85 req/s at 32 clients with two threads and 60 with one, but beside two busy loops
+    model served 81–85 req/s at 32 clients with two threads and 59–60 with one, but beside two busy loops
     two threads fell to 5.3 req/s (each parallel region waits for its descheduled thread) where one
     kept 37. A cheap model served 0.83x as fast with two, its own event loop needing the second
     core. Fitted, a forward gets every CPU that is idle apart from it, and drops to what is left
