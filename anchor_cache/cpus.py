@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-import torch
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +67,9 @@ class CpuSample:
 
 
 def sample_cpus(cpus: Collection[int]) -> CpuSample:
-    """Now's `CpuSample` over `cpus` (logical CPU numbers), from the kernel's counters (psutil).
-    Busy is what is not idle or waiting on I/O; steal counts as busy: the hypervisor gave the CPU
-    to someone else."""
+    """Now's `CpuSample` over `cpus` (logical CPU numbers, which psutil's per-CPU list follows while
+    every CPU is online), from the kernel's counters. Busy is what is not idle or waiting on I/O, as
+    psutil's own busy time; steal counts as busy: the hypervisor gave the CPU to someone else."""
     per_cpu = psutil.cpu_times(percpu=True)
     busy = sum(sum(t) - t.idle - t.iowait - t.guest - t.guest_nice  # guest time is inside user on Linux
                for i, t in enumerate(per_cpu) if i in cpus)
@@ -79,73 +78,82 @@ def sample_cpus(cpus: Collection[int]) -> CpuSample:
 
 
 class ThreadFit:
-    """Torch's intra-op threads fitted, before each CPU forward, to the usable CPUs nothing else is
+    """Torch's intra-op threads fitted, before each CPU batch, to the usable CPUs nothing else is
     using, measured over about the last `interval_s`: other processes (a neighbour, the frontends,
-    the load generator) and this process's own work outside its forwards (its event loop).
+    the load generator) and this process's own work outside its batches (its event loop).
 
     No fixed count suits every load on a small machine. On this project's 2-core bench the default
-    model served 81–85 req/s at 32 clients with two threads and 59–60 with one, but beside two busy loops
-    two threads fell to 5.3 req/s (each parallel region waits for its descheduled thread) where one
-    kept 37. A cheap model served 0.83x as fast with two, its own event loop needing the second
-    core. Fitted, a forward gets every CPU that is idle apart from it, and drops to what is left
-    when someone else takes them.
+    model served 81–85 req/s at 32 clients with two threads and 59–60 with one, but beside two busy
+    loops two threads fell to 5.3 req/s (each parallel region waits for its descheduled thread)
+    where one kept 37. A cheap model served 0.83x as fast with two, its own event loop needing the
+    second core. Fitted, a batch gets every CPU that is idle apart from it, and drops to what is
+    left when someone else takes them.
 
-    Free CPUs = usable - others - outside, where others is all busy time on the usable CPUs less
-    this process's, and outside is this process's CPU time less `threads` x each forward's wall
-    time (torch's OpenMP workers spin through a forward). The count moves up when free reaches it
-    plus `UP` and down when free falls below it less `DOWN`, so a reading near a boundary does not
-    flip it back and forth every interval. After a move down it moves up again only `hold_s` later:
-    a second thread slows the event loop beside it, which then reads as less busy, and a cheap
-    model's server flipped between one and two threads every second or two without it."""
+    Free CPUs = min(usable, the affinity's CPUs - others) - outside. Others is all busy time on the
+    affinity's CPUs less this process's: under a cgroup quota below them, the quota caps the count
+    and busy neighbours only matter once they leave less than it. Outside is this process's CPU
+    time less `threads` x each batch's wall time (torch's OpenMP workers spin through a forward).
+    The count moves up when free reaches it plus `UP` and down when free falls below it less
+    `DOWN`, so a reading near a boundary does not flip it back and forth every interval. After a
+    move down it moves up again only `hold_s` later: a second thread slows the event loop beside
+    it, which then reads as less busy, and a cheap model's server flipped between one and two
+    threads every second or two without it. A reading with no batch in it (the model loading, the
+    first batch) only starts the next one.
+
+    The caller runs each batch at `fit()`'s count on its own thread (OpenMP's count is per thread)
+    and reports its wall time to `ran`."""
 
     UP = 0.7  # one more thread once this much of its CPU is free too: two threads at 1.7 CPUs free
-    DOWN = 0.6  # one fewer once the forward's own CPUs are that far from free: two threads below 1.4
+    DOWN = 0.6  # one fewer once the batch's own CPUs are that far from free: two threads below 1.4
 
     def __init__(self, usable: int, start: int, cpus: Collection[int] | None = None, interval_s: float = 1.0,
-                 hold_s: float = 30.0, sample: Callable[[Collection[int]], CpuSample] = sample_cpus) -> None:
+                 hold_s: float = 30.0, sample: Callable[[Collection[int]], CpuSample] = sample_cpus,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.usable = usable
         self.threads = start
         self.cpus = frozenset(os.sched_getaffinity(0) if cpus is None else cpus)
         self.interval_s = interval_s
         self.hold_s = hold_s
         self._sample = sample
+        self._clock = clock
         self._last = sample(self.cpus)
         self._up_after = self._last.wall  # no move up before this time (`hold_s` after a move down)
-        self._forward_cpu = 0.0  # threads x wall seconds of the forwards since `_last`
+        self._batch_cpu = 0.0  # threads x wall seconds of the batches since `_last`
 
     def fit(self) -> int:
-        """The threads for the forward about to run on the calling thread, which it sets (torch's
-        count is per thread under OpenMP)."""
-        if time.monotonic() - self._last.wall >= self.interval_s:
+        """The threads for the batch about to run."""
+        if self._clock() - self._last.wall >= self.interval_s:
             self._refit(self._sample(self.cpus))
-        if torch.get_num_threads() != self.threads:
-            torch.set_num_threads(self.threads)
         return self.threads
 
     def ran(self, wall_s: float) -> None:
-        """A forward at `fit()`'s count took `wall_s`."""
-        self._forward_cpu += self.threads * wall_s
+        """A batch at `fit()`'s count took `wall_s`."""
+        self._batch_cpu += self.threads * wall_s
 
     def free(self, now: CpuSample) -> tuple[float, float, float]:
         """(free, others, outside) in CPUs, since the last reading."""
         span = now.wall - self._last.wall
         own = (now.own - self._last.own) / span
         others = max(0.0, (now.busy - self._last.busy) / span - own)
-        outside = max(0.0, own - self._forward_cpu / span)
-        return self.usable - others - outside, others, outside
+        outside = max(0.0, own - self._batch_cpu / span)
+        return min(self.usable, len(self.cpus) - others) - outside, others, outside
 
     def _refit(self, now: CpuSample) -> None:
+        if self._batch_cpu == 0.0 or now.wall <= self._last.wall:
+            self._last = now
+            return
         free, others, outside = self.free(now)
-        self._last, self._forward_cpu = now, 0.0
+        self._last, self._batch_cpu = now, 0.0
         threads = self.threads
         if free >= threads + self.UP and now.wall >= self._up_after:  # one more, and one per further free CPU
-            threads = min(self.usable, threads + 1 + math.floor(free - threads - self.UP))
+            threads = min(self.usable, math.floor(free - self.UP) + 1)
         elif free < threads - self.DOWN:
-            threads = max(1, threads - 1 - math.floor(threads - self.DOWN - free))
-            self._up_after = now.wall + self.hold_s
+            threads = max(1, math.floor(free + self.DOWN))
         if threads != self.threads:
             log.info("torch threads %d -> %d: %.1f of %d CPUs free (other processes %.1f, this one outside its "
-                     "forwards %.1f)", self.threads, threads, free, self.usable, others, outside)
+                     "batches %.1f)", self.threads, threads, free, self.usable, others, outside)
+            if threads < self.threads:
+                self._up_after = now.wall + self.hold_s
             self.threads = threads
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,7 +31,18 @@ from anchor_cache.arguments import default_data_root
 from anchor_cache.models import DEFAULT_MODEL
 from bench.common import RESULTS
 from bench.load import free_port
-from bench.serving import HERE, Setup, key_values, run_wrk, server_env, start_server, stop_server, task_config, warm_up
+from bench.serving import (
+    HERE,
+    Setup,
+    key_values,
+    request_bodies,
+    run_wrk,
+    server_env,
+    start_server,
+    stop_server,
+    task_config,
+    warm_up,
+)
 from bench.throughput import commit_of
 
 THREADS = "anchorserve_torch_threads"
@@ -48,7 +60,11 @@ def watch_threads(url: str, stop: threading.Event, began: float, timeline: list[
     """(seconds since `began`, the gauge) every second until `stop`."""
     with httpx.Client(base_url=url, timeout=10) as client:
         while not stop.wait(1.0):
-            timeline.append((round(time.monotonic() - began, 1), torch_threads(client)))
+            try:
+                threads = torch_threads(client)
+            except httpx.HTTPError:  # a slow /metrics leaves a gap in the timeline, not an end to it
+                threads = None
+            timeline.append((round(time.monotonic() - began, 1), threads))
 
 
 def run_tree(tree: Path, env: dict[str, str], log: Path, bodies: Path, texts: list[str],
@@ -57,6 +73,7 @@ def run_tree(tree: Path, env: dict[str, str], log: Path, bodies: Path, texts: li
     timeline: list[tuple[float, float | None]] = []
     periods = {}
     stop = threading.Event()
+    watcher = None
     try:
         warm_up(url, texts, bodies, args.concurrency, 1, 60, 2)
         began = time.monotonic()
@@ -79,6 +96,8 @@ def run_tree(tree: Path, env: dict[str, str], log: Path, bodies: Path, texts: li
             sys.stderr.write(f"{tree.name} {name}: {periods[name]['rps']:.1f} req/s\n")
     finally:
         stop.set()
+        if watcher is not None:
+            watcher.join()
         stop_server(proc, 30)
     changes = [line.split(": ", 1)[1] for line in log.read_text().splitlines() if "torch threads" in line]
     return {"commit": commit_of(tree), "periods": periods, "threads": timeline, "changes": changes}
@@ -111,16 +130,20 @@ def main() -> None:
     args = parser.parse_args()
     trees = ({"before": args.before.resolve()} if args.before else {}) | {"after": args.after.resolve()}
     extra = {"before": key_values(args.before_env), "after": key_values(args.after_env)}
-    texts = [json.loads(line)["text"] for line in args.data.read_text().splitlines() if line.strip()][:200]
     work = Path(tempfile.mkdtemp(prefix="anchorserve-neighbours-"))
-    bodies = work / "bodies.jsonl"
-    bodies.write_text("".join(json.dumps({"input": t}, ensure_ascii=True) + "\n" for t in texts))
+    texts, bodies = request_bodies(args.data, 200, work)
     config = task_config(work / "task.yaml")
     setup = Setup("default", DEFAULT_MODEL, "bfloat16", [args.concurrency])
     result = {"config": {k: str(v) for k, v in vars(args).items()} | {"command": " ".join(sys.argv)}, "trees": {}}
-    for name, tree in trees.items():
-        env = server_env(tree, setup, work / f"state-{name}", config, free_port(), work / f"site-{name}", extra[name])
-        result["trees"][name] = run_tree(tree, env, work / f"{name}.log", bodies, texts, args)
+    try:
+        for name, tree in trees.items():
+            env = server_env(tree, setup, work / f"state-{name}", config, free_port(), work / f"site-{name}",
+                             extra[name])
+            result["trees"][name] = run_tree(tree, env, work / f"{name}.log", bodies, texts, args)
+    except BaseException:
+        sys.stderr.write(f"failed: server logs kept in {work}\n")
+        raise
+    shutil.rmtree(work, ignore_errors=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     sys.stdout.write(markdown(result) + "\n")

@@ -133,6 +133,15 @@ def task_config(path: Path) -> Path:
     return path
 
 
+def request_bodies(data: Path, sentences: int, work: Path) -> tuple[list[str], Path]:
+    """The first `sentences` texts of a JSONL file, and wrk's file of request bodies in `work`."""
+    texts = [json.loads(line)["text"] for line in data.read_text().splitlines() if line.strip()][:sentences]
+    # ensure_ascii: the Lua side reads plain bytes and wrk sends them as they are; one body per line.
+    bodies = work / "bodies.jsonl"
+    bodies.write_text("".join(json.dumps({"input": t}, ensure_ascii=True) + "\n" for t in texts))
+    return texts, bodies
+
+
 def server_env(tree: Path, setup: Setup, state_dir: Path, config: Path, port: int, site: Path,
                extra: dict[str, str]) -> dict[str, str]:
     # A stray ANCHORSERVE_API_KEY or _MAX_BATCH_SIZE in the caller's shell would change what is measured.
@@ -471,11 +480,8 @@ def main() -> None:
             parser.error(f"--{name} {tree} is not an anchorserve source tree")
     extra = {"before": key_values(args.before_env), "after": key_values(args.after_env)}
 
-    texts = [json.loads(line)["text"] for line in args.data.read_text().splitlines() if line.strip()][: args.sentences]
     work = Path(tempfile.mkdtemp(prefix="anchorserve-serving-"))
-    # ensure_ascii: the Lua side reads plain bytes and wrk sends them as they are; one body per line.
-    bodies = work / "bodies.jsonl"
-    bodies.write_text("".join(json.dumps({"input": t}, ensure_ascii=True) + "\n" for t in texts))
+    texts, bodies = request_bodies(args.data, args.sentences, work)
     config = task_config(work / "task.yaml")
     wrk_version = subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
     config_out = vars(args) | {"before": str(args.before), "after": str(args.after), "data": str(args.data),

@@ -8,7 +8,6 @@ import logging
 import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from asgi_correlation_id import CorrelationIdMiddleware
 from fastapi import FastAPI, Request
@@ -16,6 +15,7 @@ from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redi
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
+from anchor_cache.cpus import ThreadFit
 from server.api.admin import admin
 from server.api.analyses import analyses
 from server.api.public import public
@@ -26,9 +26,6 @@ from server.limits import PayloadLimitMiddleware
 from server.metrics import RequestCounter
 from server.settings import Settings
 from server.state import ServerState
-
-if TYPE_CHECKING:  # the engine's type only; the entry point builds it (server/serving.py)
-    from anchor_cache.cpus import ThreadFit
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +41,13 @@ def acceptable_request_id(value: str) -> bool:
 
 
 def build_app(settings: Settings | None = None, on_fatal: Callable[[], None] | None = None,
-              engine_address: str | None = None, threads: ThreadFit | None = None) -> FastAPI:
+              engine_address: str | None = None, thread_fit: ThreadFit | None = None) -> FastAPI:
     """The ASGI app. `on_fatal` is called when the model cannot load (`python -m server` then exits
     non-zero, so Docker or Kubernetes restarts it); without it /ready reports the failure.
     `engine_address`: serve HTTP frontends on this ZeroMQ address too (the engine-core process).
-    `threads`: the entry point's `fit_threads`, which the engine refits before each forward."""
+    `thread_fit`: the entry point's `fit_threads`, which the engine refits before each batch."""
     settings = settings or Settings()
-    state = ServerState(settings, engine_address, threads)
+    state = ServerState(settings, engine_address, thread_fit)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -94,10 +94,11 @@ def scores_of(part: torch.Tensor, queue_s: float, calibrated: bool) -> Scores:
 
 class InProcessEngine:
     def __init__(self, settings: Settings, metrics: Metrics, store: StateStore, behind_frontends: bool = False,
-                 threads: ThreadFit | None = None) -> None:
+                 thread_fit: ThreadFit | None = None) -> None:
         self.settings = settings
         self.behind_frontends = behind_frontends  # the engine core of server/supervisor.py
-        self.threads = threads  # refits torch's threads before each forward; None: they stay as they are
+        self.thread_fit = thread_fit  # refits torch's threads before each batch; None: they stay as they are
+        metrics.torch_threads.set(thread_fit.threads if thread_fit is not None else torch.get_num_threads())
         self.metrics = metrics
         self.store = store
         self.lm: LoadedModel | None = None
@@ -272,25 +273,30 @@ class InProcessEngine:
         calibrated = served.calibrated_for(method)
         return derived(scored, lambda part: scores_of(part, queue_s, calibrated), scored.cancel)
 
-    @torch.inference_mode()
-    def _forward(self, rows: list) -> list[torch.Tensor]:
-        fit = self.threads
-        if fit is None:
-            return packed_label_logits(self.lm, rows, graphs=self.graphs)
-        self.metrics.torch_threads.set(fit.fit())
-        start = time.perf_counter()
-        logits = packed_label_logits(self.lm, rows, graphs=self.graphs)
-        fit.ran(time.perf_counter() - start)
-        return logits
-
     def _run_batch(self, work: list[Work]) -> list[torch.Tensor] | Collect:
+        """`_batch` at the thread count fitted for it (see `ThreadFit`), on the thread that runs it."""
+        fit = self.thread_fit
+        if fit is None:
+            return self._batch(work)
+        threads = fit.fit()
+        if torch.get_num_threads() != threads:  # OpenMP's count is per thread: this one runs the forward
+            torch.set_num_threads(threads)
+        self.metrics.torch_threads.set(threads)
+        start = time.perf_counter()
+        try:
+            return self._batch(work)
+        finally:
+            fit.ran(time.perf_counter() - start)
+
+    @torch.inference_mode()
+    def _batch(self, work: list[Work]) -> list[torch.Tensor] | Collect:
         """One packed forward for every row of every part, whatever their tasks and methods; the
         logits come to the host in one copy, as float32, and are scored there (`score_parts`). On
         a GPU the forward is only launched: the copy lands in pinned memory, and the scheduler
         collects it after launching the next batch."""
         rows = [row for w in work
                 for row in w.task.classifier.packed_rows(w.queries, w.method, w.task.beta_for(w.method))]
-        logits = self._forward(rows)
+        logits = packed_label_logits(self.lm, rows, graphs=self.graphs)
         flat = torch.cat([row.float().reshape(-1) for row in logits])
         widths = [logits[row].numel() for row in itertools.accumulate((len(w.queries) for w in work[:-1]), initial=0)]
         if not flat.is_cuda:

@@ -104,7 +104,7 @@ def serve_app(settings: Settings, engine_address: str | None = None, sockets: li
         if server is not None:
             server.should_exit = True
 
-    app = build_app(settings, on_fatal=fatal, engine_address=engine_address, threads=fit_threads(settings))
+    app = build_app(settings, on_fatal=fatal, engine_address=engine_address, thread_fit=fit_threads(settings))
     server = bounded_server(app, settings, **bind)
     server.run(sockets=sockets)
     return app.state.anchor.engine.startup_error

@@ -21,14 +21,14 @@ from server.tasks import TaskService
 
 
 class ServerState:
-    def __init__(self, settings: Settings, engine_address: str | None = None, threads: ThreadFit | None = None
+    def __init__(self, settings: Settings, engine_address: str | None = None, thread_fit: ThreadFit | None = None
                  ) -> None:
         self.settings = settings
         self.shown_settings = settings.redacted()  # GET /info's, made once: settings do not change while serving
         self.metrics = Metrics()
         self.store = open_store(settings.state_url.get_secret_value(), settings.state_dir)
         self.engine = InProcessEngine(settings, self.metrics, self.store, behind_frontends=engine_address is not None,
-                                     threads=threads)
+                                     thread_fit=thread_fit)
         self.jobs = JobRunner(self.store, settings.job_ttl_s)
         self.replication = Replication(self.engine, self.store, self.jobs, settings.sync_interval_s)
         self.classify = ClassifyService(self.engine, settings, self.metrics)
