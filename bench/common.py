@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,3 +75,10 @@ def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float) -> f
 
 def log_tail(log: Path, chars: int = 3000) -> str:
     return log.read_text(errors="replace")[-chars:] if log.is_file() else "(no log)"
+
+
+def write_result(out: Path, result: dict, table: str) -> None:
+    """A bench's JSON to `out`, and its markdown table to stdout."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    sys.stdout.write(table + "\n")

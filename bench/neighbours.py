@@ -15,7 +15,6 @@ gauge); the server's log lines about its thread count are kept with the result.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from anchor_cache.arguments import default_data_root
 from anchor_cache.models import DEFAULT_MODEL
-from bench.common import RESULTS
+from bench.common import RESULTS, write_result
 from bench.load import free_port
 from bench.serving import (
     HERE,
@@ -144,9 +143,7 @@ def main() -> None:
         sys.stderr.write(f"failed: server logs kept in {work}\n")
         raise
     shutil.rmtree(work, ignore_errors=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    sys.stdout.write(markdown(result) + "\n")
+    write_result(args.out, result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from anchor_cache.arguments import default_data_root
 from anchor_cache.models import DEFAULT_MODEL, resolve_model_dir
-from bench.common import RESULTS, log_tail, wait_ready
+from bench.common import RESULTS, log_tail, wait_ready, write_result
 from bench.load import free_port, hide_unrequired
 from bench.throughput import commit_of
 from server.settings import builtin_task
@@ -521,9 +521,7 @@ def main() -> None:
         for log in work.glob("*.log"):
             shutil.copy(log, args.logs / log.name)
     shutil.rmtree(work, ignore_errors=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    sys.stdout.write(markdown(result) + "\n")
+    write_result(args.out, result, markdown(result))
 
 
 if __name__ == "__main__":
