@@ -278,7 +278,9 @@ class TaskRegistry:
         except CacheMismatchError as exc:
             moved = self._quarantine(beta_blob(key), exc, f"task {spec.name}: serving without β")
             info = {"lost": f"{exc}; moved to {moved}"}
-        if beta is None and info is None:
+        if beta is None and info is None and spec.examples is not None and spec.reweight:
+            # Shipped for the built-in task's pool: not for a task with no pool to have learned it
+            # from, nor for one that asked for none. Another pool serves it until its own is learned.
             beta, info = self._shipped_beta(identity) or (None, None)
         clf.head(spec.method, beta)  # a head method fits its head on the pool now, not on the first request
         prefix = clf.prefix(spec.method)

@@ -3,8 +3,10 @@
 Learning the built-in task's β from its pool takes minutes on a CPU, and a first start would serve
 without it until then. The file in `server/data/` is named by the task's shipped-β key
 (`anchor_cache.blobs.shipped_beta_key`): the task's template, labels, demonstrations and method,
-and the default model's weights and tokenizer, in any dtype. It serves when all of those match and
-its pool hash matches the task's pool; any other task, model or pool learns β in the background.
+and the default model's weights and tokenizer, in any dtype. It serves a task with a pool (and
+`reweight` on) when all of those match. A task whose pool differs serves it until the β learned from
+its own pool, in the background, replaces it; any other task or model learns β without it, and a
+task without a pool, or with `reweight: false`, serves without β.
 
     python -m server.shipped     # learn it again and replace the file (a few minutes)
 

@@ -169,6 +169,8 @@ def test_a_shipped_beta_serves_only_for_its_weights_task_and_pool(tiny_lm, tmp_p
     assert start(pooled, other_weights, tmp_path / "other").beta is None
     repooled = start(pooled.model_copy(update={"examples": pooled.examples[:1]}), state=tmp_path / "repooled")
     assert TaskRegistry.needs_pool_beta(repooled)  # shipped for another pool: learned again
+    assert start(pooled.model_copy(update={"examples": None}), state=tmp_path / "unpooled").beta is None
+    assert start(pooled.model_copy(update={"reweight": False}), state=tmp_path / "unweighted").beta is None
     assert start(sentiment_task(template="Text: {text}\nSentiment:", examples=pooled.examples),
                  state=tmp_path / "retemplated").beta is None
     file.write_bytes(file.read_bytes()[:-3])
