@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 def fit_threads(settings: Settings) -> ThreadFit | None:
     """Size torch's thread pool to the CPUs this process may use and the HTTP processes beside it
     (anchor_cache/cpus.py); unless the `torch_threads` setting fixes it or the model is on a GPU,
-    the engine then refits it before each forward (`ThreadFit`). Called by the server's entry
+    the engine then refits it before each batch (`ThreadFit`). Called by the server's entry
     points, not by the app, so tests that build apps keep their own setting."""
     usable = usable_cpus()
     http = max(1, settings.api_servers)
@@ -281,7 +281,7 @@ class InProcessEngine:
         threads = fit.fit()
         if torch.get_num_threads() != threads:  # OpenMP's count is per thread: this one runs the forward
             torch.set_num_threads(threads)
-        self.metrics.torch_threads.set(threads)
+            self.metrics.torch_threads.set(threads)
         start = time.perf_counter()
         try:
             return self._batch(work)
