@@ -127,7 +127,8 @@ class InProcessEngine:
         """Load the model, then `load_tasks()` (the server's records, each through `apply`), then
         serve. A failure of either is fatal."""
         s = self.settings
-        limits = BatchLimits(s.max_batch_size, s.max_batch_tokens, s.max_wait_ms / 1000, s.max_queued_requests)
+        limits = BatchLimits(s.max_batch_size, s.max_batch_tokens, s.max_wait_ms / 1000, s.max_queued_requests,
+                             s.refill_wait)
         self.scheduler = Scheduler(self._run_batch, limits, self.metrics)
         self.scheduler.start()
         try:

@@ -12,6 +12,16 @@ larger than the budget is split into chunks that each fit (one row always runs, 
 over the budget on its own); its chunks run in order, in as many forwards as they need, and its
 future resolves with all rows' logits in input order once the last one is done.
 
+Refilling after a forward. Many clients send their next request when they get an answer. With the
+CPU's forward the limit, such clients split into two groups that alternate: one group's rows run
+while the other's queue, so each forward holds half of them, and a forward of 16 rows costs more
+than half of one of 32 (its fixed cost, about 50 ms for the default model at any batch size, is
+paid twice). So after a forward that ran to its end here (the CPU; a GPU's launched forwards
+overlap instead), the next batch waits for as many rows as it answered to come back, on top of
+those already queued, for at most `refill_wait` × that forward's time; it starts at once when they
+are back or a batch is full. A lone client's next request starts at once; traffic that does not
+come back on answers waits the window, a fraction of a forward (docs/RESULTS.md).
+
 Deadlines are the scheduler's: a request's future fails with DeadlineExceeded at its deadline
 (a timer on the event loop), whether it is still queued or between two of its chunks, and what
 it had left never reaches the model thread. A chunk already in a forward cannot be interrupted:
@@ -131,6 +141,15 @@ class BatchLimits:
     max_batch_tokens: int  # Σ over rows of cached + re-encoded + query tokens per forward
     max_wait_s: float  # how long a batch waits for more requests to join it
     max_queued: int  # requests in flight (queued or running) before new ones get 429
+    refill_wait: float = 0.0  # the longest refill (`Refill`), as a fraction of the forward before it
+
+
+@dataclass(frozen=True)
+class Refill:
+    """After a forward that ran to its end, how the next batch waits for its rows' senders to return."""
+
+    until: float  # loop time at which the next batch starts regardless
+    rows: int  # it starts earlier once this many rows are queued: those queued before, plus the forward's
 
 
 @dataclass(eq=False)
@@ -196,6 +215,7 @@ class Scheduler:
         self._loop_task: asyncio.Task | None = None
         self._closing = False
         self._in_flight = 0
+        self._refill: Refill | None = None
 
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._batch_loop(), name="anchorserve-batcher")
@@ -286,6 +306,23 @@ class Scheduler:
     def _queued_rows(self) -> int:
         return sum(len(e.queries) - e.sent for e in self._queue)
 
+    def _refilled(self, rows: int) -> bool:
+        """Whether the queue holds `rows` live rows, a forward's worth of rows or tokens, or the rest of a
+        split request (which runs alone)."""
+        if self._queue and self._queue[0].sent:
+            return True
+        live = [e for e in self._queue if not e.future.done()]
+        return (sum(len(e.queries) - e.sent for e in live) >= min(rows, self.limits.max_batch_size)
+                or sum(e.cost(e.sent, len(e.queries)) for e in live) >= self.limits.max_batch_tokens)
+
+    async def _wait_for(self, refill: Refill) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closing and not self._refilled(refill.rows) and loop.time() < refill.until:
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(refill.until):
+                    await self._wake.wait()
+
     async def _batch_loop(self) -> None:
         """Take a batch, launch it, then collect the batch launched before it: while the device runs
         one forward, the model thread prepares the next and the event loop answers the last.
@@ -293,6 +330,9 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         running: Launched | None = None
         while True:
+            if self._refill is not None:
+                await self._wait_for(self._refill)
+                self._refill = None
             if running is None and not self._queue:
                 if self._closing:
                     return
@@ -332,7 +372,11 @@ class Scheduler:
             return None
         if callable(result):
             return Launched(batch, result, start)
-        self.metrics.inference_seconds.observe(time.perf_counter() - start)
+        took = time.perf_counter() - start
+        self.metrics.inference_seconds.observe(took)
+        if self.limits.refill_wait:
+            self._refill = Refill(loop.time() + self.limits.refill_wait * took,
+                                  self._queued_rows() + sum(c.stop - c.start for c in batch))
         self._deliver(batch, result)
         return None
 

@@ -38,6 +38,8 @@ class Model:
         self.fail_on: int | None = None  # a forward with a row starting with this token raises
         self.tasks: list[list] = []  # per forward: the task of each part
         self.threads: list[int] = []  # per forward: the thread it ran on
+        self.seconds: dict[int, float] = {}  # a forward starting with this token computes this long
+        self.started_at: list[float] = []  # per forward: time.monotonic() when it began
 
     def hold(self, token: int) -> None:
         self.gates[token], self.entered[token] = threading.Event(), threading.Event()
@@ -54,7 +56,9 @@ class Model:
         self.calls.append([list(q) for q in queries])
         self.tasks.append([part.task for part in work])
         self.threads.append(threading.get_ident())
+        self.started_at.append(time.monotonic())
         first = queries[0][0]
+        time.sleep(self.seconds.get(first, 0.0))
         if first in self.gates:
             self.entered[first].set()
             if not self.gates[first].wait(GUARD):
@@ -340,6 +344,72 @@ def test_scheduler_drains_on_stop_and_then_refuses():
         assert model.firsts() == [[0, 1, 2, 3], [4, 5]]
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("on_loop", [False, True])
+@pytest.mark.parametrize("refill", [0.0, 1.0])
+def test_answered_senders_that_come_back_join_the_queued_rows(refill, on_loop):
+    """A client that sends its next request on an answer: with a refill wait, its request and the one
+    queued during the forward share the next forward; without, they alternate in two. (The first two
+    rows do not fit one 1,000-token forward, so the first runs alone.)"""
+
+    async def scenario(scheduler, model):
+        model.seconds[BUSY] = 0.3  # the window: refill × this
+        busy = scheduler.submit("t", M, [[BUSY] * 900], 0, later())
+        queued = scheduler.submit("t", M, [[1] * 200], 0, later())
+        await busy
+        back = scheduler.submit("t", M, [[2]], 0, later())
+        await asyncio.gather(queued, back)
+        return model.firsts()
+
+    limits = BatchLimits(8, 1000, 0.0, 10, refill_wait=refill)
+    assert run(limits, scenario, on_loop=on_loop) == ([[BUSY], [1, 2]] if refill else [[BUSY], [1], [2]])
+
+
+def test_a_refill_nobody_answers_lasts_its_window():
+    """Rows queued during a forward whose senders do not come back wait the forward's time × refill_wait."""
+
+    async def scenario(scheduler, model):
+        model.seconds[BUSY] = 0.4
+        busy = await occupy(scheduler, model)
+        queued = scheduler.submit("t", M, [[1]], 0, later())
+        model.release(BUSY)
+        await busy
+        answered = time.monotonic()
+        await queued
+        return model.started_at[-1] - answered
+
+    waited = run(BatchLimits(8, 1000, 0.0, 10, refill_wait=0.5), scenario)
+    assert 0.19 <= waited < GUARD / 2
+
+
+@pytest.mark.parametrize("case", ["the sender came back", "a full batch is queued", "a split request goes on"])
+def test_a_refill_ends_as_soon_as_the_next_batch_is_whole(case):
+    """The next forward starts at once, well inside a 1 s window, when every answered sender is back, when
+    the queue holds max_batch_size rows, or when the rest of a split request is next (it runs alone)."""
+
+    async def scenario(scheduler, model):
+        if case == "a split request goes on":
+            model.seconds[1] = 1.0
+            split = scheduler.submit("t", M, [[1], [1], [2], [2]], 0, later())
+            await split
+            return model.started_at[1] - model.started_at[0] - 1.0
+        model.seconds[BUSY] = 1.0
+        busy = await occupy(scheduler, model)
+        if case == "a full batch is queued":
+            rows = [scheduler.submit("t", M, [[i]], 0, later()) for i in (1, 2)]
+            model.release(BUSY)
+            await busy
+            answered = time.monotonic()
+            await asyncio.gather(*rows)
+        else:
+            model.release(BUSY)
+            await busy
+            answered = time.monotonic()
+            await scheduler.submit("t", M, [[1]], 0, later())
+        return model.started_at[-1] - answered
+
+    assert run(BatchLimits(2, 1000, 0.0, 10, refill_wait=1.0), scenario) < 0.5
 
 
 def test_requests_of_different_tasks_share_a_forward():
