@@ -306,14 +306,18 @@ class Scheduler:
     def _queued_rows(self) -> int:
         return sum(len(e.queries) - e.sent for e in self._queue)
 
+    def _live_rows(self) -> int:
+        """Queued rows of requests that can still be answered."""
+        return sum(len(e.queries) - e.sent for e in self._queue if not e.future.done())
+
     def _refilled(self, rows: int) -> bool:
         """Whether the queue holds `rows` live rows, a forward's worth of rows or tokens, or the rest of a
         split request (which runs alone)."""
         if self._queue and self._queue[0].sent:
             return True
-        live = [e for e in self._queue if not e.future.done()]
-        return (sum(len(e.queries) - e.sent for e in live) >= min(rows, self.limits.max_batch_size)
-                or sum(e.cost(e.sent, len(e.queries)) for e in live) >= self.limits.max_batch_tokens)
+        return (self._live_rows() >= min(rows, self.limits.max_batch_size)
+                or sum(e.cost(e.sent, len(e.queries)) for e in self._queue if not e.future.done())
+                >= self.limits.max_batch_tokens)
 
     async def _wait_for(self, refill: Refill) -> None:
         loop = asyncio.get_running_loop()
@@ -376,7 +380,7 @@ class Scheduler:
         self.metrics.inference_seconds.observe(took)
         if self.limits.refill_wait:
             self._refill = Refill(loop.time() + self.limits.refill_wait * took,
-                                  self._queued_rows() + sum(c.stop - c.start for c in batch))
+                                  self._live_rows() + sum(c.stop - c.start for c in batch))
         self._deliver(batch, result)
         return None
 
