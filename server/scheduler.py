@@ -139,7 +139,7 @@ class Launched:
 class BatchLimits:
     max_batch_size: int  # rows per forward
     max_batch_tokens: int  # Σ over rows of cached + re-encoded + query tokens per forward
-    max_wait_s: float  # how long a batch waits for more requests to join it
+    max_wait_s: float  # how long a request that finds the model idle waits for others to join its batch
     max_queued: int  # requests in flight (queued or running) before new ones get 429
     refill_wait: float = 0.0  # the longest refill (`Refill`), as a fraction of the forward before it
 
