@@ -128,7 +128,7 @@ class InProcessEngine:
         serve. A failure of either is fatal."""
         s = self.settings
         limits = BatchLimits(s.max_batch_size, s.max_batch_tokens, s.max_wait_ms / 1000, s.max_queued_requests,
-                             s.refill_wait)
+                             s.refill_wait_fraction)
         self.scheduler = Scheduler(self._run_batch, limits, self.metrics)
         self.scheduler.start()
         try:

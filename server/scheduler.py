@@ -3,7 +3,8 @@ thread, in the engine core) runs their forwards.
 
 Requests are tokenised before they are queued (TEI's split). The batching task takes the oldest
 live request and adds queued requests, of any task and method, while the batch stays within
-`max_batch_size` rows and `max_batch_tokens`, waiting at most `max_wait_s` for more. Rows of
+`max_batch_size` rows and `max_batch_tokens`, waiting at most `max_wait_s` for more when the
+model was idle (after a forward, see "Refilling" below). Rows of
 different tasks share one forward: the engine packs them without padding, each row against its
 own anchor cache (anchor_cache/packed.py), so many tasks with light traffic still fill a batch. A
 row's cost is what its forward attends over: its cached anchor tokens, the tokens it re-encodes
@@ -16,11 +17,13 @@ Refilling after a forward. Many clients send their next request when they get an
 CPU's forward the limit, such clients split into two groups that alternate: one group's rows run
 while the other's queue, so each forward holds half of them, and a forward of 16 rows costs more
 than half of one of 32 (its fixed cost, about 50 ms for the default model at any batch size, is
-paid twice). So after a forward that ran to its end here (the CPU; a GPU's launched forwards
-overlap instead), the next batch waits for as many rows as it answered to come back, on top of
-those already queued, for at most `refill_wait` × that forward's time; it starts at once when they
-are back or a batch is full. A lone client's next request starts at once; traffic that does not
-come back on answers waits the window, a fraction of a forward (docs/RESULTS.md).
+paid twice). So after a forward that returned its rows where it ran (the CPU; a GPU's launched
+forwards overlap instead), the next batch waits for as many rows as it answered to come back, on
+top of those queued at its end, for at most `refill_wait_fraction` × the forward's time (the
+median of the last few, so that a method's first forward, which also builds its cache, does not
+stretch it). It starts at once when they are back, when a batch's rows or tokens are queued, or
+when the rest of a split request is next. A lone client's next request starts at once; traffic that
+does not come back on answers waits the window (docs/RESULTS.md).
 
 Deadlines are the scheduler's: a request's future fails with DeadlineExceeded at its deadline
 (a timer on the event loop), whether it is still queued or between two of its chunks, and what
@@ -79,6 +82,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import statistics
 import threading
 import time
 from collections import deque
@@ -94,6 +98,7 @@ from anchor_cache.task import Method
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
+FORWARD_HISTORY = 8  # forwards whose median time the refill's window follows
 
 
 class Overloaded(AnchorServeError):
@@ -141,7 +146,7 @@ class BatchLimits:
     max_batch_tokens: int  # Σ over rows of cached + re-encoded + query tokens per forward
     max_wait_s: float  # how long a request that finds the model idle waits for others to join its batch
     max_queued: int  # requests in flight (queued or running) before new ones get 429
-    refill_wait: float = 0.0  # the longest refill (`Refill`), as a fraction of the forward before it
+    refill_wait_fraction: float = 0.0  # the longest refill (`Refill`), as a fraction of a forward's time
 
 
 @dataclass(frozen=True)
@@ -149,7 +154,8 @@ class Refill:
     """After a forward that ran to its end, how the next batch waits for its rows' senders to return."""
 
     until: float  # loop time at which the next batch starts regardless
-    rows: int  # it starts earlier once this many rows are queued: those queued before, plus the forward's
+    rows: int  # it starts earlier once this many rows are queued: those queued at the forward's end, plus
+    # the rows it answered
 
 
 @dataclass(eq=False)
@@ -216,6 +222,7 @@ class Scheduler:
         self._closing = False
         self._in_flight = 0
         self._refill: Refill | None = None
+        self._forward_seconds: deque[float] = deque(maxlen=FORWARD_HISTORY)  # the refill's window: their median
 
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._batch_loop(), name="anchorserve-batcher")
@@ -313,7 +320,7 @@ class Scheduler:
     def _refilled(self, rows: int) -> bool:
         """Whether the queue holds `rows` live rows, a forward's worth of rows or tokens, or the rest of a
         split request (which runs alone)."""
-        if self._queue and self._queue[0].sent:
+        if self._queue and self._queue[0].sent and not self._queue[0].future.done():
             return True
         return (self._live_rows() >= min(rows, self.limits.max_batch_size)
                 or sum(e.cost(e.sent, len(e.queries)) for e in self._queue if not e.future.done())
@@ -367,22 +374,28 @@ class Scheduler:
         try:
             if self.forwards_on_loop:
                 async with self._parked(loop):
-                    result = self.run_batch(work)
+                    result, ran = self._timed(work)
             else:
-                result = await loop.run_in_executor(self._executor, self.run_batch, work)
+                result, ran = await loop.run_in_executor(self._executor, self._timed, work)
         except Exception as exc:
             self.metrics.inference_seconds.observe(time.perf_counter() - start)
             self._fail(batch, exc)
             return None
         if callable(result):
             return Launched(batch, result, start)
-        took = time.perf_counter() - start
-        self.metrics.inference_seconds.observe(took)
-        if self.limits.refill_wait:
-            self._refill = Refill(loop.time() + self.limits.refill_wait * took,
-                                  self._live_rows() + sum(c.stop - c.start for c in batch))
+        self.metrics.inference_seconds.observe(time.perf_counter() - start)
+        if self.limits.refill_wait_fraction:
+            self._forward_seconds.append(ran)
+            window = self.limits.refill_wait_fraction * min(ran, statistics.median(self._forward_seconds))
+            answered = sum(c.stop - c.start for c in batch if not c.entry.future.done())
+            self._refill = Refill(loop.time() + window, self._live_rows() + answered)
         self._deliver(batch, result)
         return None
+
+    def _timed(self, work: list[Work]) -> tuple[list[torch.Tensor] | Collect, float]:
+        """`run_batch(work)` and the seconds it took, measured where it runs: not its wait for the turn."""
+        start = time.perf_counter()
+        return self.run_batch(work), time.perf_counter() - start
 
     @contextlib.asynccontextmanager
     async def _parked(self, loop: asyncio.AbstractEventLoop) -> AsyncIterator[None]:

@@ -40,6 +40,7 @@ class Model:
         self.threads: list[int] = []  # per forward: the thread it ran on
         self.seconds: dict[int, float] = {}  # a forward starting with this token computes this long
         self.started_at: list[float] = []  # per forward: time.monotonic() when it began
+        self.ended_at: list[float] = []  # ... and when it returned
 
     def hold(self, token: int) -> None:
         self.gates[token], self.entered[token] = threading.Event(), threading.Event()
@@ -65,6 +66,7 @@ class Model:
                 raise RuntimeError("the test never released the model thread")
         if self.fail_on is not None and any(q[0] == self.fail_on for q in queries):
             raise RuntimeError("forward failed")
+        self.ended_at.append(time.monotonic())
         return [torch.tensor([row_logits(q) for q in part.queries]) for part in work]
 
     def firsts(self) -> list[list]:
@@ -362,25 +364,40 @@ def test_answered_senders_that_come_back_join_the_queued_rows(refill, on_loop):
         await asyncio.gather(queued, back)
         return model.firsts()
 
-    limits = BatchLimits(8, 1000, 0.0, 10, refill_wait=refill)
+    limits = BatchLimits(8, 1000, 0.0, 10, refill_wait_fraction=refill)
     assert run(limits, scenario, on_loop=on_loop) == ([[BUSY], [1, 2]] if refill else [[BUSY], [1], [2]])
 
 
 def test_a_refill_nobody_answers_lasts_its_window():
-    """Rows queued during a forward whose senders do not come back wait the forward's time × refill_wait."""
+    """Rows queued during a forward whose senders do not come back wait the forward's time × the fraction."""
 
     async def scenario(scheduler, model):
         model.seconds[BUSY] = 0.4
         busy = await occupy(scheduler, model)
         queued = scheduler.submit("t", M, [[1]], 0, later())
         model.release(BUSY)
-        await busy
-        answered = time.monotonic()
-        await queued
-        return model.started_at[-1] - answered
+        await asyncio.gather(busy, queued)
+        return model.started_at[1] - model.ended_at[0], model.ended_at[0] - model.started_at[0]
 
-    waited = run(BatchLimits(8, 1000, 0.0, 10, refill_wait=0.5), scenario)
-    assert 0.19 <= waited < GUARD / 2
+    waited, forward = run(BatchLimits(8, 1000, 0.0, 10, refill_wait_fraction=0.5), scenario)
+    assert 0.5 * forward <= waited < GUARD / 2
+
+
+def test_one_slow_forward_does_not_stretch_the_refill():
+    """The window follows the median of recent forwards: after quick ones, a 1 s forward (a method's first,
+    which builds its cache) leaves the rows queued behind it a short wait, not 1 s × the fraction."""
+
+    async def scenario(scheduler, model):
+        for i in range(3):
+            await scheduler.submit("t", M, [[i]], 0, later())
+        model.seconds[BUSY] = 1.0
+        busy = await occupy(scheduler, model)
+        queued = scheduler.submit("t", M, [[5]], 0, later())
+        model.release(BUSY)
+        await asyncio.gather(busy, queued)
+        return model.started_at[-1] - model.ended_at[-2]
+
+    assert run(BatchLimits(8, 1000, 0.0, 10, refill_wait_fraction=1.0), scenario) < 0.5
 
 
 @pytest.mark.parametrize("case", ["the sender came back", "a full batch is queued", "a split request goes on"])
@@ -391,7 +408,7 @@ def test_a_refill_ends_as_soon_as_the_next_batch_is_whole(case):
     async def scenario(scheduler, model):
         if case == "a split request goes on":
             model.seconds[1] = 1.0
-            split = scheduler.submit("t", M, [[1], [1], [2], [2]], 0, later())
+            split = scheduler.submit("t", M, [[1], [1], [2]], 0, later())
             await split
             return model.started_at[1] - model.started_at[0] - 1.0
         model.seconds[BUSY] = 1.0
@@ -409,7 +426,7 @@ def test_a_refill_ends_as_soon_as_the_next_batch_is_whole(case):
             await scheduler.submit("t", M, [[1]], 0, later())
         return model.started_at[-1] - answered
 
-    assert run(BatchLimits(2, 1000, 0.0, 10, refill_wait=1.0), scenario) < 0.5
+    assert run(BatchLimits(2, 1000, 0.0, 10, refill_wait_fraction=1.0), scenario) < 0.5
 
 
 def test_requests_of_different_tasks_share_a_forward():
