@@ -267,15 +267,18 @@ def scrape(url: str) -> dict:
 # ---------------------------------------------------------------------------- load
 
 
-def run_wrk(url: str, bodies: Path, connections: int, duration: float, threads: int, timeout: float) -> dict:
-    """One wrk run; returns its done() JSON plus wrk's own CPU seconds."""
+def run_wrk(url: str, bodies: Path, connections: int, duration: float, threads: int, timeout: float,
+            think_ms: float = 0.0) -> dict:
+    """One wrk run; returns its done() JSON plus wrk's own CPU seconds. `think_ms`: each connection's mean
+    wait before each request (0: the next goes on the answer)."""
     threads = max(1, min(threads, connections))  # wrk refuses fewer connections than threads
     cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--latency", f"--timeout={timeout:g}s",
            "-H", "Content-Type: application/json", "-s", str(LUA_SCRIPT), url, "--", str(bodies)]
     # Nothing else is reaped while wrk runs (the server is reaped only when stopped), so the
     # children's rusage delta is wrk's alone.
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + timeout + 60)
+    env = os.environ | {"WRK_THINK_MS": f"{think_ms:g}"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + timeout + 60, env=env)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     line = next((x for x in done.stdout.splitlines() if x.startswith("WRK_JSON ")), None)
     if done.returncode != 0 or line is None:
@@ -321,7 +324,7 @@ def wait_idle(url: str, limit: float = 30) -> None:
 def phase(url: str, pid: int, bodies: Path, connections: int, args: argparse.Namespace) -> dict:
     """wrk at one concurrency, with the server tree's CPU and /metrics around it."""
     m0, (cpu0, _), busy0 = scrape(url), tree_cpu(pid), machine_busy_s()
-    w = run_wrk(url, bodies, connections, args.duration, args.wrk_threads, args.wrk_timeout)
+    w = run_wrk(url, bodies, connections, args.duration, args.wrk_threads, args.wrk_timeout, args.think_ms)
     (cpu1, procs), busy1, m1 = tree_cpu(pid), machine_busy_s(), scrape(url)
     wait_idle(url)
     seconds = w["duration_us"] / 1e6
@@ -458,6 +461,9 @@ def main() -> None:
     parser.add_argument("--warm-up", type=float, default=2, help="seconds of wrk after each start, not measured")
     parser.add_argument("--wrk-threads", type=int, default=1, help="wrk -t (2 CPUs here: 1 leaves the server more)")
     parser.add_argument("--wrk-timeout", type=float, default=60, help="wrk --timeout in seconds")
+    parser.add_argument("--think-ms", type=float, default=0.0,
+                        help="each connection's mean wait (exponential) before each measured request: a load at a "
+                        "set rate, about connections / (think + latency), instead of the next request on the answer")
     parser.add_argument("--before-env", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--after-env", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--sentences", type=int, default=200)

@@ -28,6 +28,16 @@ function init(args)
    counter = (offset or 0) % #requests
 end
 
+-- WRK_THINK_MS (bench/serving.py --think-ms): each connection waits an exponential time of this mean
+-- before each request, so arrivals depend little on answers (an open-loop-like load at a set rate).
+-- wrk times requests through its timers only when delay() exists, so it is defined only then.
+local think_ms = tonumber(os.getenv("WRK_THINK_MS") or "0")
+if think_ms > 0 then
+   function delay()
+      return math.floor(-think_ms * math.log(1 - math.random()))
+   end
+end
+
 function request()
    counter = counter % #requests + 1
    return requests[counter]
