@@ -100,6 +100,7 @@ from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 FORWARD_HISTORY = 8  # forwards whose median time the refill's window follows
+PROBE_EVERY = 8  # after a refill whose senders did not come back, forwards until the next one tries
 
 
 class Overloaded(AnchorServeError):
@@ -224,6 +225,7 @@ class Scheduler:
         self._in_flight = 0
         self._refill: Refill | None = None
         self._forward_seconds: deque[float] = deque(maxlen=FORWARD_HISTORY)  # the refill's window: their median
+        self._unrefilled = 0  # forwards without a refill since one ran out its window; 0: the last one did not
 
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._batch_loop(), name="anchorserve-batcher")
@@ -328,12 +330,26 @@ class Scheduler:
                 >= self.limits.max_batch_tokens)
 
     async def _wait_for(self, refill: Refill) -> None:
+        """Wait out `refill`; one that runs out its window stops the next ones until a probe (`_refill_due`)."""
         loop = asyncio.get_running_loop()
         while not self._closing and not self._refilled(refill.rows) and loop.time() < refill.until:
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(refill.until):
                     await self._wake.wait()
+        if not self._closing and not self._refilled(refill.rows):
+            self._unrefilled = max(self._unrefilled, 1)
+
+    def _refill_due(self) -> bool:
+        """Whether the forward just delivered gets a refill: yes while answered senders come back in time;
+        after one that did not, only every PROBE_EVERY forwards, to see whether they do again."""
+        if not self._unrefilled:
+            return True
+        self._unrefilled += 1
+        if self._unrefilled > PROBE_EVERY:
+            self._unrefilled = 0
+            return True
+        return False
 
     async def _batch_loop(self) -> None:
         """Take a batch, launch it, then collect the batch launched before it: while the device runs
@@ -385,8 +401,8 @@ class Scheduler:
         if callable(result):
             return Launched(batch, result, start)
         self.metrics.inference_seconds.observe(time.perf_counter() - start)
-        if self.limits.refill_wait_fraction:
-            self._forward_seconds.append(ran)
+        self._forward_seconds.append(ran)
+        if self.limits.refill_wait_fraction and self._refill_due():
             window = self.limits.refill_wait_fraction * min(ran, statistics.median(self._forward_seconds))
             answered = sum(c.stop - c.start for c in batch if not c.entry.future.done())
             self._refill = Refill(loop.time() + window, self._live_rows() + answered)

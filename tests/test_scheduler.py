@@ -383,6 +383,26 @@ def test_a_refill_nobody_answers_lasts_its_window():
     assert 0.5 * forward <= waited < GUARD / 2
 
 
+def test_a_refill_whose_senders_stay_away_stops_the_next():
+    """Once a refill runs out its window (its senders did not come back), the next forwards take what is
+    queued at once: traffic that does not come back on answers is not made to wait each time."""
+
+    async def scenario(scheduler, model):
+        model.seconds[BUSY] = model.seconds[1] = 0.3
+        busy = await occupy(scheduler, model)
+        model.hold(1)
+        first = scheduler.submit("t", M, [[1]], 0, later())
+        model.release(BUSY)
+        await busy  # its sender does not come back: the refill runs out its window
+        await model.started(1)
+        second = scheduler.submit("t", M, [[2]], 0, later())
+        model.release(1)
+        await asyncio.gather(first, second)
+        return model.started_at[2] - model.ended_at[1]
+
+    assert run(BatchLimits(8, 1000, 0.0, 10, refill_wait_fraction=1.0), scenario) < 0.15
+
+
 def test_one_slow_forward_does_not_stretch_the_refill():
     """The window follows the median of recent forwards: after quick ones, a 1 s forward (a method's first,
     which builds its cache) leaves the rows queued behind it a short wait, not 1 s × the fraction."""
