@@ -333,13 +333,14 @@ class Scheduler:
     async def _wait_for(self, refill: Refill) -> None:
         """Wait out `refill`; one that runs out its window stops the next ones until a probe (`_refill_due`)."""
         loop = asyncio.get_running_loop()
-        while not self._closing and not self._refilled(refill.rows) and loop.time() < refill.until:
+        while not self._closing and not self._refilled(refill.rows):
+            if loop.time() >= refill.until:
+                self._unrefilled = max(self._unrefilled, 1)
+                return
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(refill.until):
                     await self._wake.wait()
-        if not self._closing and not self._refilled(refill.rows):
-            self._unrefilled = max(self._unrefilled, 1)
 
     def _refill_due(self) -> bool:
         """Whether the forward just delivered gets a refill: yes while answered senders come back in time;
