@@ -89,6 +89,7 @@ INFERENCE_SUM = "anchorserve_batch_inference_seconds_sum"
 REQUESTS_TOTAL = "anchorserve_requests_total"
 QUEUE_SIZE = "anchorserve_queue_size"
 BATCH_SIZE = "anchorserve_batch_size"  # a histogram: _sum inputs over _count forwards
+REFILL = "anchorserve_batch_refill_seconds"  # a histogram by outcome: returned, ran_out
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -243,7 +244,8 @@ def tree_cpu(root: int) -> tuple[float, int]:
 
 def scrape(url: str) -> dict:
     """The few series this benchmark reads from GET /metrics; absent ones are None."""
-    out: dict = {"inference_s": None, "queue_size": None, "batch_inputs": None, "batches": None, "statuses": {}}
+    out: dict = {"inference_s": None, "queue_size": None, "batch_inputs": None, "batches": None, "statuses": {},
+                 "refills": {}}
     try:
         text = httpx.get(f"{url}/metrics", timeout=10).text
         families = list(text_string_to_metric_families(text))
@@ -256,6 +258,9 @@ def scrape(url: str) -> dict:
             elif sample.name in (f"{BATCH_SIZE}_sum", f"{BATCH_SIZE}_count"):
                 key = "batch_inputs" if sample.name.endswith("_sum") else "batches"
                 out[key] = (out[key] or 0.0) + sample.value
+            elif sample.name in (f"{REFILL}_sum", f"{REFILL}_count"):
+                key = f"{sample.labels['outcome']}_{'s' if sample.name.endswith('_sum') else 'count'}"
+                out["refills"][key] = out["refills"].get(key, 0.0) + sample.value
             elif sample.name == QUEUE_SIZE:
                 out["queue_size"] = (out["queue_size"] or 0.0) + sample.value
             elif sample.name == REQUESTS_TOTAL and "classify" in sample.labels.get("route", ""):
@@ -349,6 +354,8 @@ def phase(url: str, pid: int, bodies: Path, connections: int, args: argparse.Nam
         # Whatever else ran meanwhile, in cores: a phase with other load is not comparable to one without.
         "other_cpu_cores": max(0.0, busy1 - busy0 - cpu_s - w["wrk_cpu_s"]) / seconds,
         "statuses": statuses,  # server-side, from anchorserve_requests_total ({} if absent)
+        # The refill's waits after CPU forwards, by outcome: their count and seconds ({} if none ran).
+        "refills": {k: v - m0["refills"].get(k, 0.0) for k, v in m1["refills"].items()},
     }
 
 
@@ -370,7 +377,8 @@ def measure(tree: Path, name: str, setup: Setup, rnd: int, env: dict[str, str], 
             sys.stderr.write(f"{setup.name} {name} round {rnd} c={c}: {p['rps']:.1f} req/s, p50 {p['p50_ms'] or 0:.1f} "
                              f"ms, p99 {p['p99_ms'] or 0:.1f} ms, {p['errors']} errors, {p['server_processes']} server "
                              f"processes, mean batch {p['mean_batch'] or 0:.1f}, forward {p['inference_s'] or 0:.1f} s "
-                             f"of {p['server_cpu_s']:.1f} CPU s, other load {p['other_cpu_cores']:.2f} cores\n")
+                             f"of {p['server_cpu_s']:.1f} CPU s, refill waits {refill_summary(p['refills'])}, "
+                             f"other load {p['other_cpu_cores']:.2f} cores\n")
             if proc.poll() is not None:  # else its connection errors would pass for a measurement
                 raise RuntimeError(f"the server from {tree} exited with {proc.returncode} during the {c}-client "
                                    f"phase (-{signal.SIGTERM}: SIGTERM, not sent by this script)")
@@ -384,6 +392,12 @@ def measure(tree: Path, name: str, setup: Setup, rnd: int, env: dict[str, str], 
         sys.stderr.write(f"note: {setup.name} {name} round {rnd} stopped uncleanly: {stop}\n")
     return {"round": rnd, "ready_s": ready_s, "warm_up": warm, "stop": stop, "phases": phases,
             "log_tail": log_tail(log, 1500) if any(p["errors"] for p in phases) else None}
+
+
+def refill_summary(refills: dict) -> str:
+    """'n, s s' per outcome of the refill's waits in a phase."""
+    outcomes = sorted({key.rsplit("_", 1)[0] for key in refills})
+    return ", ".join(f"{o} {refills[f'{o}_count']:.0f} × {refills[f'{o}_s']:.2f} s" for o in outcomes) or "none"
 
 
 def summarise(runs: list[dict], concurrency: list[int]) -> dict:

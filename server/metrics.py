@@ -37,6 +37,11 @@ class Metrics:
         self.inference_seconds = Histogram(
             "anchorserve_batch_inference_seconds", "Forward time per batch", buckets=DURATION_BUCKETS, registry=r
         )
+        self.refill_seconds = Histogram(
+            "anchorserve_batch_refill_seconds", "Wait of the next batch after a CPU forward for the senders it "
+            "answered (refill_wait_fraction), by outcome: returned (or a batch's worth queued) or ran_out (the "
+            "window ended first)", ["outcome"], buckets=DURATION_BUCKETS, registry=r,
+        )
         # Only the core sets the gauges; "livesum" drops a dead core's value in multiprocess mode.
         self.queue_size = Gauge("anchorserve_queue_size", "Requests waiting for the worker", registry=r,
                                 multiprocess_mode="livesum")

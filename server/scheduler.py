@@ -332,15 +332,20 @@ class Scheduler:
 
     async def _wait_for(self, refill: Refill) -> None:
         """Wait out `refill`; one that runs out its window stops the next ones until a probe (`_refill_due`)."""
-        loop = asyncio.get_running_loop()
+        start = time.perf_counter()
         while not self._closing and not self._refilled(refill.rows):
-            if loop.time() >= refill.until:
-                self._unrefilled = max(self._unrefilled, 1)
-                return
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
+            try:
                 async with asyncio.timeout_at(refill.until):
                     await self._wake.wait()
+            except TimeoutError:  # uvloop's timers may fire before loop.time() reaches `until`: no re-check
+                if not self._refilled(refill.rows):
+                    self._unrefilled = max(self._unrefilled, 1)
+                    self.metrics.refill_seconds.labels("ran_out").observe(time.perf_counter() - start)
+                    return
+                break
+        if not self._closing:
+            self.metrics.refill_seconds.labels("returned").observe(time.perf_counter() - start)
 
     def _refill_due(self) -> bool:
         """Whether the forward just delivered gets a refill: yes while answered senders come back in time;

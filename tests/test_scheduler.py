@@ -364,8 +364,10 @@ def test_answered_senders_that_come_back_join_the_queued_rows(refill, on_loop):
         await asyncio.gather(queued, back)
         return model.firsts()
 
-    limits = BatchLimits(8, 1000, 0.0, 10, refill_wait_fraction=refill)
-    assert run(limits, scenario, on_loop=on_loop) == ([[BUSY], [1, 2]] if refill else [[BUSY], [1], [2]])
+    limits, metrics = BatchLimits(8, 1000, 0.0, 10, refill_wait_fraction=refill), Metrics()
+    assert run(limits, scenario, metrics, on_loop) == ([[BUSY], [1, 2]] if refill else [[BUSY], [1], [2]])
+    returned = metrics.registry.get_sample_value("anchorserve_batch_refill_seconds_count", {"outcome": "returned"})
+    assert returned == (1 if refill else None)
 
 
 def test_a_refill_nobody_answers_lasts_its_window():
@@ -379,8 +381,10 @@ def test_a_refill_nobody_answers_lasts_its_window():
         await asyncio.gather(busy, queued)
         return model.started_at[1] - model.ended_at[0], model.ended_at[0] - model.started_at[0]
 
-    waited, forward = run(BatchLimits(8, 1000, 0.0, 10, refill_wait_fraction=0.5), scenario)
+    metrics = Metrics()
+    waited, forward = run(BatchLimits(8, 1000, 0.0, 10, refill_wait_fraction=0.5), scenario, metrics)
     assert 0.5 * forward <= waited < GUARD / 2
+    assert metrics.registry.get_sample_value("anchorserve_batch_refill_seconds_count", {"outcome": "ran_out"}) == 1
 
 
 def test_a_refill_whose_senders_stay_away_stops_the_next():
