@@ -184,12 +184,12 @@ class Settings(BaseSettings):
                               "batch shape, captured on first use (removes the launch cost of every layer's kernels)")
     max_wait_ms: float = Field(2.0, ge=0, description="how long a request that finds the model idle waits for "
                                 "others to join its batch")
-    refill_wait_fraction: float = Field(0.0, ge=0, le=1, description="after a forward that returns its rows where "
-                                        "it ran (the CPU), the next batch waits for as many rows as it answered to "
-                                        "come back, up to this fraction of a forward's time (clients that send their "
-                                        "next request on an answer then share one forward instead of alternating in "
-                                        "two: 0.15 served 1.20x at 32 such clients); 0 (the default): no wait, "
-                                        "since traffic that does not come back on answers only waits longer")
+    refill_wait_fraction: float = Field(0.15, ge=0, le=1, description="after a forward that returns its rows "
+                                        "where it ran (the CPU), the next batch waits for as many rows as it answered "
+                                        "to come back, up to this fraction of a forward's time: clients that send "
+                                        "their next request on an answer then share one forward instead of "
+                                        "alternating in two (1.20x at 32 such clients). After a wait that ran out, "
+                                        "only every 8th forward waits again. 0: never wait")
     max_queued_requests: int = Field(512, ge=1, description="beyond this, requests get 429 at once")
     request_timeout_s: float = Field(30.0, gt=0, description="queue + inference deadline; past it, 504")
     shutdown_timeout_s: float = Field(30.0, gt=0, description="after SIGTERM/SIGINT the process exits within this: "

@@ -26,6 +26,9 @@ function init(args)
    end
    if #requests == 0 then error("no request bodies in " .. path) end
    counter = (offset or 0) % #requests
+   -- LuaJIT seeds every state alike: without this, each thread would draw the same think times.
+   -- Fixed per thread, so the trees a run compares get the same sequence.
+   math.randomseed(1 + (offset or 0))
 end
 
 -- WRK_THINK_MS (bench/serving.py --think-ms): each connection waits an exponential time of this mean
