@@ -23,9 +23,10 @@ top of those queued at its end, for at most `refill_wait_fraction` × the forwar
 median of the last few, so that a method's first forward, which also builds its cache, does not
 stretch it). It starts at once when they are back, when a batch's rows or tokens are queued, or
 when the rest of a split request is next. A lone client's next request starts at once; traffic that
-does not come back on answers waits the window once, and then only every `PROBE_EVERY` forwards:
-near capacity, the model then waits about 1.6% of the time (anchorserve_batch_refill_seconds,
-docs/RESULTS.md).
+does not come back on answers waits the window, then skips the next refills, 1, 2, 4 and at most
+`MAX_SKIP` forwards after each such wait in a row: near capacity, the model then waits about 1.6% of
+the time (anchorserve_batch_refill_seconds, docs/RESULTS.md). A wait that ran out once among
+senders that do come back (a phase change, a slow client) costs one window, not the refills after.
 
 Deadlines are the scheduler's: a request's future fails with DeadlineExceeded at its deadline
 (a timer on the event loop), whether it is still queued or between two of its chunks, and what
@@ -101,7 +102,7 @@ from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 FORWARD_HISTORY = 8  # forwards whose median time the refill's window follows
-PROBE_EVERY = 8  # after a refill whose senders did not come back, forwards until the next one tries
+MAX_SKIP = 8  # the most forwards without a refill after refills whose senders did not come back
 
 
 class Overloaded(AnchorServeError):
@@ -226,7 +227,8 @@ class Scheduler:
         self._in_flight = 0
         self._refill: Refill | None = None
         self._forward_seconds: deque[float] = deque(maxlen=FORWARD_HISTORY)  # the refill's window: their median
-        self._unrefilled = 0  # forwards without a refill since one ran out its window; 0: the last one did not
+        self._skip = 0  # forwards left to run without a refill
+        self._backoff = 0  # what `_skip` becomes at the next refill that runs out: 0 after one that was answered
 
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._batch_loop(), name="anchorserve-batcher")
@@ -331,7 +333,8 @@ class Scheduler:
                 >= self.limits.max_batch_tokens)
 
     async def _wait_for(self, refill: Refill) -> None:
-        """Wait out `refill`; one that runs out its window stops the next ones until a probe (`_refill_due`)."""
+        """Wait out `refill`. One that runs out its window skips the next refills (`_refill_due`), more
+        forwards after each such one in a row; one that was answered ends the backoff."""
         start = time.perf_counter()
         while not self._closing and not self._refilled(refill.rows):
             self._wake.clear()
@@ -340,23 +343,20 @@ class Scheduler:
                     await self._wake.wait()
             except TimeoutError:  # uvloop's timers may fire before loop.time() reaches `until`: no re-check
                 if not self._refilled(refill.rows):
-                    self._unrefilled = max(self._unrefilled, 1)
+                    self._skip, self._backoff = self._backoff, min(max(1, 2 * self._backoff), MAX_SKIP)
                     self.metrics.refill_seconds.labels("ran_out").observe(time.perf_counter() - start)
                     return
                 break
         if not self._closing:
+            self._backoff = 0
             self.metrics.refill_seconds.labels("returned").observe(time.perf_counter() - start)
 
     def _refill_due(self) -> bool:
-        """Whether the forward just delivered gets a refill: yes while answered senders come back in time;
-        after one that did not, only every PROBE_EVERY forwards, to see whether they do again."""
-        if not self._unrefilled:
-            return True
-        self._unrefilled += 1
-        if self._unrefilled > PROBE_EVERY:
-            self._unrefilled = 0
-            return True
-        return False
+        """Whether the forward just delivered gets a refill: not while skipping after ones that ran out."""
+        if self._skip:
+            self._skip -= 1
+            return False
+        return True
 
     async def _batch_loop(self) -> None:
         """Take a batch, launch it, then collect the batch launched before it: while the device runs

@@ -387,24 +387,65 @@ def test_a_refill_nobody_answers_lasts_its_window():
     assert metrics.registry.get_sample_value("anchorserve_batch_refill_seconds_count", {"outcome": "ran_out"}) == 1
 
 
-def test_a_refill_whose_senders_stay_away_stops_the_next():
-    """Once a refill runs out its window (its senders did not come back), the next forwards take what is
-    queued at once: traffic that does not come back on answers is not made to wait each time."""
+def test_refills_whose_senders_stay_away_back_off():
+    """Traffic that does not come back on answers (each request arrives as the one before it starts, so
+    every forward leaves one queued and none of its senders return): after a refill that runs out, the
+    next ones are skipped, more after each in a row, so few of many forwards wait."""
+    forwards = 24
 
     async def scenario(scheduler, model):
-        model.seconds[BUSY] = model.seconds[1] = 0.3
-        busy = await occupy(scheduler, model)
-        model.hold(1)
-        first = scheduler.submit("t", M, [[1]], 0, later())
-        model.release(BUSY)
-        await busy  # its sender does not come back: the refill runs out its window
-        await model.started(1)
-        second = scheduler.submit("t", M, [[2]], 0, later())
-        model.release(1)
-        await asyncio.gather(first, second)
-        return model.started_at[2] - model.ended_at[1]
+        futures: list[asyncio.Future] = []
 
-    assert run(BatchLimits(8, 1000, 0.0, 10, refill_wait_fraction=1.0), scenario) < 0.15
+        def arrive(i: int) -> None:
+            if i < forwards:
+                model.seconds[i] = 0.02
+                futures.append(scheduler.submit("t", M, [[i]], 0, later(), on_start=lambda _: arrive(i + 1)))
+
+        arrive(0)
+        while len(futures) < forwards or not all(f.done() for f in futures):
+            await asyncio.gather(*futures)
+        return model.firsts()
+
+    metrics = Metrics()
+    assert run(BatchLimits(8, 1000, 0.0, 10, refill_wait_fraction=1.0), scenario, metrics) == [
+        [i] for i in range(forwards)]
+    waited = metrics.registry.get_sample_value("anchorserve_batch_refill_seconds_count", {"outcome": "ran_out"})
+    assert 2 <= waited <= forwards // 3
+
+
+def test_a_refill_that_runs_out_among_returning_senders_does_not_stop_the_next():
+    """A refill that runs out once (a slow sender, a change of load) costs that one window: when the next
+    forward's sender comes back on its answer, its request still joins the row queued meanwhile. Twice,
+    with a refill that was answered between them."""
+
+    async def scenario(scheduler, model):
+        for token in (BUSY, 1, 2, 4):
+            model.seconds[token] = 0.1
+            model.hold(token)
+        busy = scheduler.submit("t", M, [[BUSY]], 0, later())
+        await model.started(BUSY)
+        one = scheduler.submit("t", M, [[1]], 0, later())
+        model.release(BUSY)
+        await busy  # nobody comes back: this refill runs out
+        await model.started(1)
+        two = scheduler.submit("t", M, [[2]], 0, later())
+        model.release(1)
+        await one
+        three = scheduler.submit("t", M, [[3]], 0, later())  # one's sender, back on its answer
+        await model.started(2)
+        four = scheduler.submit("t", M, [[4]], 0, later())
+        model.release(2)
+        await asyncio.gather(two, three)  # nobody comes back: this refill runs out
+        await model.started(4)
+        five = scheduler.submit("t", M, [[5]], 0, later())
+        model.release(4)
+        await four
+        six = scheduler.submit("t", M, [[6]], 0, later())  # four's sender, back on its answer
+        await asyncio.gather(five, six)
+        return model.firsts()
+
+    assert run(BatchLimits(8, 1000, 0.0, 10, refill_wait_fraction=1.0), scenario) == [
+        [BUSY], [1], [2, 3], [4], [5, 6]]
 
 
 def test_one_slow_forward_does_not_stretch_the_refill():
