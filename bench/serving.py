@@ -395,9 +395,9 @@ def measure(tree: Path, name: str, setup: Setup, rnd: int, env: dict[str, str], 
 
 
 def refill_summary(refills: dict) -> str:
-    """'n, s s' per outcome of the refill's waits in a phase."""
+    """How many of the refill's waits a phase had, and their seconds in all, per outcome."""
     outcomes = sorted({key.rsplit("_", 1)[0] for key in refills})
-    return ", ".join(f"{o} {refills[f'{o}_count']:.0f} × {refills[f'{o}_s']:.2f} s" for o in outcomes) or "none"
+    return ", ".join(f"{o} {refills[f'{o}_count']:.0f} ({refills[f'{o}_s']:.2f} s in all)" for o in outcomes) or "none"
 
 
 def summarise(runs: list[dict], concurrency: list[int]) -> dict:

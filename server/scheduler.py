@@ -23,10 +23,10 @@ top of those queued at its end, for at most `refill_wait_fraction` × the forwar
 median of the last few, so that a method's first forward, which also builds its cache, does not
 stretch it). It starts at once when they are back, when a batch's rows or tokens are queued, or
 when the rest of a split request is next. A lone client's next request starts at once; traffic that
-does not come back on answers waits the window, then skips the next refills, 1, 2, 4 and at most
-`MAX_SKIP` forwards after each such wait in a row: near capacity, the model then waits about 1.6% of
-the time (anchorserve_batch_refill_seconds, docs/RESULTS.md). A wait that ran out once among
-senders that do come back (a phase change, a slow client) costs one window, not the refills after.
+does not come back on answers waits the window; after a second such wait in a row the next forward
+skips its refill, after a third the next 2, then 4, then at most `MAX_SKIP`: near capacity the model
+then waits 1.6-1.8% of the time (anchorserve_batch_refill_seconds, docs/RESULTS.md). A wait that ran
+out once among senders that do come back (a change of load, a slow client) costs that one window.
 
 Deadlines are the scheduler's: a request's future fails with DeadlineExceeded at its deadline
 (a timer on the event loop), whether it is still queued or between two of its chunks, and what
@@ -227,8 +227,8 @@ class Scheduler:
         self._in_flight = 0
         self._refill: Refill | None = None
         self._forward_seconds: deque[float] = deque(maxlen=FORWARD_HISTORY)  # the refill's window: their median
-        self._skip = 0  # forwards left to run without a refill
-        self._backoff = 0  # what `_skip` becomes at the next refill that runs out: 0 after one that was answered
+        self._refills_to_skip = 0  # forwards left to run without a refill
+        self._next_skip = 0  # `_refills_to_skip` after the next refill that runs out; 0 after one that is answered
 
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._batch_loop(), name="anchorserve-batcher")
@@ -335,6 +335,8 @@ class Scheduler:
     async def _wait_for(self, refill: Refill) -> None:
         """Wait out `refill`. One that runs out its window skips the next refills (`_refill_due`), more
         forwards after each such one in a row; one that was answered ends the backoff."""
+        if self._refilled(refill.rows):
+            return  # a batch was queued already: nothing to learn of the senders
         start = time.perf_counter()
         while not self._closing and not self._refilled(refill.rows):
             self._wake.clear()
@@ -342,19 +344,21 @@ class Scheduler:
                 async with asyncio.timeout_at(refill.until):
                     await self._wake.wait()
             except TimeoutError:  # uvloop's timers may fire before loop.time() reaches `until`: no re-check
+                if self._closing:
+                    return
                 if not self._refilled(refill.rows):
-                    self._skip, self._backoff = self._backoff, min(max(1, 2 * self._backoff), MAX_SKIP)
+                    self._refills_to_skip, self._next_skip = self._next_skip, min(max(1, 2 * self._next_skip), MAX_SKIP)
                     self.metrics.refill_seconds.labels("ran_out").observe(time.perf_counter() - start)
                     return
                 break
         if not self._closing:
-            self._backoff = 0
+            self._next_skip = 0
             self.metrics.refill_seconds.labels("returned").observe(time.perf_counter() - start)
 
     def _refill_due(self) -> bool:
         """Whether the forward just delivered gets a refill: not while skipping after ones that ran out."""
-        if self._skip:
-            self._skip -= 1
+        if self._refills_to_skip:
+            self._refills_to_skip -= 1
             return False
         return True
 
