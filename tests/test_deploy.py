@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from server.metrics import Metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -351,3 +353,15 @@ def test_nginx_and_the_app_keep_the_same_client_request_ids():
     for sample in samples:
         # nginx's $request_id (32 hex digits) and every id nginx passes through are kept by the app as is.
         assert (re.search(pattern, sample) is not None) == acceptable_request_id(sample), sample
+
+
+def test_the_readme_lists_every_metric_and_no_other():
+    """The README's metrics table names each metric the server registers, and nothing it does not."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("**Metrics**"):]
+    table = table[:table.index("\n\n", table.index("| metric |"))]
+    listed = set(re.findall(r"^\| `(anchorserve_\w+)", table, flags=re.M))
+    registered = {family.name + ("_total" if family.type == "counter" else "")
+                  for family in Metrics().registry.collect()}
+    assert listed == registered
+
