@@ -22,11 +22,14 @@ forwards overlap instead), the next batch waits for as many rows as it answered 
 top of those queued at its end, for at most `refill_wait_fraction` × the forward's time (the
 median of the last few, so that a method's first forward, which also builds its cache, does not
 stretch it). It starts at once when they are back, when a batch's rows or tokens are queued, or
-when the rest of a split request is next. A lone client's next request starts at once; traffic that
-does not come back on answers waits the window; after a second such wait in a row the next forward
-skips its refill, after a third the next 2, then 4, then at most `MAX_SKIP`: near capacity the model
-then waits 1.6-1.8% of the time (anchorserve_batch_refill_seconds, docs/RESULTS.md). A wait that ran
-out once among senders that do come back (a change of load, a slow client) costs that one window.
+when the rest of a split request is next. A lone client's next request starts at once. Whether a
+refill pays is measured whether or not one waits: after each such forward, the time until as many
+rows as it answered have been submitted (its senders' return time; infinite if the next forward
+ended first). The next batch waits only while the median of the last `RETURN_HISTORY` is within
+the window. Clients that send on answers come back in a burst after the event loop has sent their
+answers (12-19 ms after a 32-row forward of the default model, against a window of 45 ms); traffic
+on its own schedule takes about a forward's time to bring that many rows, so it is seldom made to
+wait, and a one-off straggler does not stop the refills of clients that do come back.
 
 Deadlines are the scheduler's: a request's future fails with DeadlineExceeded at its deadline
 (a timer on the event loop), whether it is still queued or between two of its chunks, and what
@@ -85,6 +88,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import statistics
 import threading
 import time
@@ -102,7 +106,7 @@ from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 FORWARD_HISTORY = 8  # forwards whose median time the refill's window follows
-MAX_SKIP = 8  # the most forwards without a refill after refills whose senders did not come back
+RETURN_HISTORY = 8  # forwards whose senders' median return time decides whether a refill pays
 
 
 class Overloaded(AnchorServeError):
@@ -160,6 +164,16 @@ class Refill:
     until: float  # loop time at which the next batch starts regardless
     rows: int  # it starts earlier once this many rows are queued: those queued at the forward's end, plus
     # the rows it answered
+
+
+@dataclass(frozen=True)
+class Answered:
+    """A forward that ran to its end, watched for its senders' next requests (timed whether or not a
+    refill waits for them)."""
+
+    at: float  # loop time of its end
+    rows: int  # live rows it answered
+    submitted: int  # rows submitted to the scheduler before then
 
 
 @dataclass(eq=False)
@@ -227,8 +241,9 @@ class Scheduler:
         self._in_flight = 0
         self._refill: Refill | None = None
         self._forward_seconds: deque[float] = deque(maxlen=FORWARD_HISTORY)  # the refill's window: their median
-        self._refills_to_skip = 0  # forwards left to run without a refill
-        self._next_skip = 0  # `_refills_to_skip` after the next refill that runs out; 0 after one that is answered
+        self._submitted = 0  # rows submitted so far
+        self._answered: Answered | None = None  # the last forward, until as many rows as it answered are submitted
+        self._returns: deque[float] = deque(maxlen=RETURN_HISTORY)  # those seconds; inf: not within a forward
 
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._batch_loop(), name="anchorserve-batcher")
@@ -259,6 +274,10 @@ class Scheduler:
         entry = Entry(task, method, queries, attended_tokens, deadline, loop.create_future(), on_start)
         entry.timer = loop.call_later(max(0.0, deadline - time.monotonic()), entry.expire, self.metrics)
         self._in_flight += 1
+        self._submitted += len(queries)
+        if self._answered is not None and self._submitted - self._answered.submitted >= self._answered.rows:
+            self._returns.append(loop.time() - self._answered.at)
+            self._answered = None
         entry.future.add_done_callback(lambda _: self._done(entry))
         self._queue.append(entry)
         self.metrics.queue_size.set(len(self._queue))
@@ -333,10 +352,9 @@ class Scheduler:
                 >= self.limits.max_batch_tokens)
 
     async def _wait_for(self, refill: Refill) -> None:
-        """Wait out `refill`. One that runs out its window skips the next refills (`_refill_due`), more
-        forwards after each such one in a row; one that was answered ends the backoff."""
+        """Wait out `refill`, counting how it ended."""
         if self._refilled(refill.rows):
-            return  # a batch was queued already: nothing to learn of the senders
+            return  # a batch was queued already: nothing was waited for
         start = time.perf_counter()
         while not self._closing and not self._refilled(refill.rows):
             self._wake.clear()
@@ -344,23 +362,10 @@ class Scheduler:
                 async with asyncio.timeout_at(refill.until):
                     await self._wake.wait()
             except TimeoutError:  # uvloop's timers may fire before loop.time() reaches `until`: no re-check
-                if self._closing:
-                    return
-                if not self._refilled(refill.rows):
-                    self._refills_to_skip, self._next_skip = self._next_skip, min(max(1, 2 * self._next_skip), MAX_SKIP)
-                    self.metrics.refill_seconds.labels("ran_out").observe(time.perf_counter() - start)
-                    return
                 break
         if not self._closing:
-            self._next_skip = 0
-            self.metrics.refill_seconds.labels("returned").observe(time.perf_counter() - start)
-
-    def _refill_due(self) -> bool:
-        """Whether the forward just delivered gets a refill: not while skipping after ones that ran out."""
-        if self._refills_to_skip:
-            self._refills_to_skip -= 1
-            return False
-        return True
+            outcome = "returned" if self._refilled(refill.rows) else "ran_out"
+            self.metrics.refill_seconds.labels(outcome).observe(time.perf_counter() - start)
 
     async def _batch_loop(self) -> None:
         """Take a batch, launch it, then collect the batch launched before it: while the device runs
@@ -413,9 +418,12 @@ class Scheduler:
             return Launched(batch, result, start)
         self.metrics.inference_seconds.observe(time.perf_counter() - start)
         self._forward_seconds.append(ran)
-        if self.limits.refill_wait_fraction and self._refill_due():
-            window = self.limits.refill_wait_fraction * min(ran, statistics.median(self._forward_seconds))
-            answered = sum(c.stop - c.start for c in batch if not c.entry.future.done())
+        if self._answered is not None:  # the last forward's senders did not come back within this one
+            self._returns.append(math.inf)
+        answered = sum(c.stop - c.start for c in batch if not c.entry.future.done())
+        self._answered = Answered(loop.time(), answered, self._submitted) if answered else None
+        window = self.limits.refill_wait_fraction * min(ran, statistics.median(self._forward_seconds))
+        if window and (not self._returns or statistics.median(self._returns) <= window):
             self._refill = Refill(loop.time() + window, self._live_rows() + answered)
         self._deliver(batch, result)
         return None
