@@ -188,8 +188,9 @@ class Settings(BaseSettings):
                                         "where it ran (the CPU), the next batch waits for as many rows as it answered "
                                         "to come back, up to this fraction of a forward's time: clients that send "
                                         "their next request on an answer then share one forward instead of "
-                                        "alternating in two (1.15-1.20x at 32 such clients). After waits that ran out "
-                                        "in a row, the next 1, 2, 4, at most 8 forwards do not wait. 0: never wait")
+                                        "alternating in two (1.15-1.20x at 32 such clients). It waits only while the "
+                                        "senders of answered rows have been coming back within that time (timed "
+                                        "after every such forward). 0: never wait")
     max_queued_requests: int = Field(512, ge=1, description="beyond this, requests get 429 at once")
     request_timeout_s: float = Field(30.0, gt=0, description="queue + inference deadline; past it, 504")
     shutdown_timeout_s: float = Field(30.0, gt=0, description="after SIGTERM/SIGINT the process exits within this: "
