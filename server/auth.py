@@ -2,6 +2,7 @@
 
 /v1/* needs API_KEY when one is set. /admin/* needs ADMIN_API_KEY and answers 404 when none is
 set, so an unconfigured admin surface does not even exist. /health, /ready, /metrics are public.
+The gates are `async def` for the reason server/deps.py gives.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def key_matches(header: str | None, key: SecretStr) -> bool:
     return scheme.lower() == "bearer" and secrets.compare_digest(given, wanted)
 
 
-def require_api_key(request: Request) -> None:
+async def require_api_key(request: Request) -> None:
     key = request.app.state.anchor.settings.api_key
     if key is not None and not key_matches(request.headers.get("authorization"), key):
         raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <API_KEY>'")
@@ -34,13 +35,13 @@ def is_json(content_type: str) -> bool:
     return content_type.partition(";")[0].strip().lower() == "application/json"
 
 
-def require_json(request: Request) -> None:
+async def require_json(request: Request) -> None:
     """Bodies must be JSON (vLLM's validate_json_request); anything else is a clear 415."""
     if request.method in ("POST", "PUT") and not is_json(request.headers.get("content-type", "")):
         raise UnsupportedMediaType("send the body as JSON with 'Content-Type: application/json'")
 
 
-def require_admin_key(request: Request) -> None:
+async def require_admin_key(request: Request) -> None:
     key = request.app.state.anchor.settings.admin_api_key
     if key is None:
         raise NotFoundError("not found (admin API disabled: set ANCHORSERVE_ADMIN_API_KEY to enable it)")

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import itertools
 import json
+import pkgutil
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+from fastapi import APIRouter
+from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from httpx import Response
 
+import server.api
 from anchor_cache import Classifier, load_model, reweighting
 from anchor_cache.errors import Cancelled, UnavailableError
 from anchor_cache.registry import TaskRegistry
@@ -584,3 +590,20 @@ def test_ready_says_what_start_up_is_doing_and_when_to_retry(model_dir, tmp_path
         while client.get("/ready").status_code != 200:
             assert time.monotonic() < deadline
             time.sleep(0.05)
+
+
+def test_no_route_or_dependency_runs_in_the_thread_pool():
+    """FastAPI runs a plain `def` endpoint or dependency in its thread pool: a thread hop for each, on
+    every request, beside the model thread's forward."""
+
+    def calls(dependant) -> Iterator[Any]:
+        yield dependant.call
+        for sub in dependant.dependencies:
+            yield from calls(sub)
+
+    routes = [route for module in pkgutil.iter_modules(server.api.__path__, "server.api.")
+              for router in vars(importlib.import_module(module.name)).values() if isinstance(router, APIRouter)
+              for route in router.routes if isinstance(route, APIRoute)]
+    sync = sorted({f"{route.path}: {call.__name__}" for route in routes for call in calls(route.dependant)
+                   if not asyncio.iscoroutinefunction(call)})
+    assert len(routes) > 20 and sync == []
