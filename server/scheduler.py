@@ -29,7 +29,10 @@ ended first). The next batch waits only while the median of the last `RETURN_HIS
 the window. Clients that send on answers come back in a burst after the event loop has sent their
 answers (12-19 ms after a 32-row forward of the default model, against a window of 45 ms); traffic
 on its own schedule takes about a forward's time to bring that many rows, so it is seldom made to
-wait, and a one-off straggler does not stop the refills of clients that do come back.
+wait, and a one-off straggler does not stop the refills of clients that do come back. The engine
+core (`forwards_on_loop`) cannot tell them apart as well: requests that arrived during a forward
+reach it only after the forward, so on its clock they came back at once; the refill they satisfy
+then ends at once too, but one still short of its rows waits out the window.
 
 Deadlines are the scheduler's: a request's future fails with DeadlineExceeded at its deadline
 (a timer on the event loop), whether it is still queued or between two of its chunks, and what
@@ -413,6 +416,7 @@ class Scheduler:
         except Exception as exc:
             self.metrics.inference_seconds.observe(time.perf_counter() - start)
             self._fail(batch, exc)
+            self._answered = None  # its senders' retries are not returns
             return None
         if callable(result):
             return Launched(batch, result, start)
@@ -420,7 +424,8 @@ class Scheduler:
         self._forward_seconds.append(ran)
         if self._answered is not None:  # the last forward's senders did not come back within this one
             self._returns.append(math.inf)
-        answered = sum(c.stop - c.start for c in batch if not c.entry.future.done())
+        # Rows whose request is now answered: a split request's sender waits on until its last chunk.
+        answered = sum(c.stop - c.start for c in batch if c.stop == len(c.entry.queries) and not c.entry.future.done())
         self._answered = Answered(loop.time(), answered, self._submitted) if answered else None
         window = self.limits.refill_wait_fraction * min(ran, statistics.median(self._forward_seconds))
         if window and (not self._returns or statistics.median(self._returns) <= window):
