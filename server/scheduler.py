@@ -175,7 +175,7 @@ class Answered:
     refill waits for them)."""
 
     at: float  # loop time of its end
-    rows: int  # live rows it answered
+    rows: int  # rows of the live requests it completed
     submitted: int  # rows submitted to the scheduler before then
 
 
@@ -358,16 +358,18 @@ class Scheduler:
         """Wait out `refill`, counting how it ended."""
         if self._refilled(refill.rows):
             return  # a batch was queued already: nothing was waited for
-        start = time.perf_counter()
-        while not self._closing and not self._refilled(refill.rows):
+        start, refilled = time.perf_counter(), False
+        while not self._closing and not refilled:
             self._wake.clear()
             try:
                 async with asyncio.timeout_at(refill.until):
                     await self._wake.wait()
             except TimeoutError:  # uvloop's timers may fire before loop.time() reaches `until`: no re-check
+                refilled = self._refilled(refill.rows)
                 break
+            refilled = self._refilled(refill.rows)
         if not self._closing:
-            outcome = "returned" if self._refilled(refill.rows) else "ran_out"
+            outcome = "returned" if refilled else "ran_out"
             self.metrics.refill_seconds.labels(outcome).observe(time.perf_counter() - start)
 
     async def _batch_loop(self) -> None:

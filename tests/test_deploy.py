@@ -364,4 +364,3 @@ def test_the_readme_lists_every_metric_and_no_other():
     registered = {family.name + ("_total" if family.type == "counter" else "")
                   for family in Metrics().registry.collect()}
     assert listed == registered
-
