@@ -1,7 +1,8 @@
 """`method: auto`: the method a task serves, chosen on its labelled pool by cross-validation.
 
-No method wins everywhere: the pool's β helps on some tasks and not others, a head beats the label
-words on topic-like tasks and loses on sentiment. So each candidate is fitted on k−1 stratified
+No method wins everywhere: the pool's β helps on some tasks and not others (a head's features as
+well as the label words: on TREC β costs the head about 3 points), a head beats the label words on
+topic-like tasks and loses on sentiment. So each candidate is fitted on k−1 stratified
 folds of the pool (β learned, a head fitted, a many-shot cache built from those rows only) and
 scores the held-out fold. Its out-of-fold log-probabilities give a log loss (a proper score: it
 rewards probabilities that can be trusted, not only the argmax) and an accuracy.
@@ -15,7 +16,8 @@ candidate's per-row log loss and correctness at the two sizes are extrapolated, 
 learned from, to the whole pool. From these two sizes the extrapolation adds a sixth of the
 difference between them, so it adds little noise. β training dominates the cost, and it runs once
 per fold: ten times instead of four, 1.7 to 2.6 times the time on the development sets. The
-candidates that learn nothing from the pool (zero-shot, Hidden_anchor) are scored once. The lowest
+candidates that learn nothing from the pool (zero-shot, Hidden_anchor) are scored once, and the
+β-free heads read the pool's features from one forward. The lowest
 extrapolated log loss wins; a candidate within `TIE` nats of it wins instead when it is cheaper to
 serve (`COST`).
 
@@ -44,7 +46,15 @@ from sklearn.model_selection import StratifiedKFold
 
 from anchor_cache.classifier import Classifier
 from anchor_cache.errors import ValidationError
-from anchor_cache.heads import Features, final_layer, fit_knn_head
+from anchor_cache.heads import (
+    Features,
+    final_layer,
+    fit_knn_head,
+    fit_linear_head,
+    linear_choices,
+    linear_layers,
+    select,
+)
 from anchor_cache.many_shot import many_shot_cache
 from anchor_cache.reweighting import TrainConfig, train_reweighting
 from anchor_cache.task import Demonstration, Method
@@ -62,13 +72,15 @@ class Candidate:
     reweight: bool  # served under β learned from the pool
 
 
-# Cheapest first: the order ties are broken in (measured serving cost, docs/RESULTS.md).
+# Cheapest first: the order ties are broken in (measured serving cost, docs/RESULTS.md). A head
+# without β costs Hidden_anchor's forward; β's correction is what makes the reweighted ones dearer.
 CANDIDATES = (
     Candidate("zero_shot", Method.ZERO_SHOT, False),
     Candidate("hidden_anchor", Method.HIDDEN_ANCHOR, False),
+    Candidate("linear_head", Method.LINEAR_HEAD, False),
     Candidate("hidden_anchor_reweighted", Method.HIDDEN_ANCHOR, True),
     Candidate("knn", Method.KNN, False),
-    Candidate("linear_head", Method.LINEAR_HEAD, True),
+    Candidate("linear_head_reweighted", Method.LINEAR_HEAD, True),
     Candidate("many_shot", Method.MANY_SHOT, False),
 )
 COST = {c.name: rank for rank, c in enumerate(CANDIDATES)}
@@ -261,24 +273,29 @@ def _log_softmax(scores: torch.Tensor) -> np.ndarray:
 
 
 def _fit_fold(clf: Classifier, texts: list[str], gold: np.ndarray, cfg: TrainConfig,
-              should_stop: Callable[[], bool] | None, knn_features: Features,
+              should_stop: Callable[[], bool] | None, free: Features,
               train: np.ndarray, held: np.ndarray) -> dict[str, np.ndarray]:
-    """The candidates that learn from the pool, fitted on the rows `train`: log-probabilities of the rows `held`."""
+    """The candidates that learn from the pool, fitted on the rows `train`: log-probabilities of the
+    rows `held`. `free`: the pool's β-free features of every layer a head reads (`linear_layers`)."""
     rows, labels, part = [texts[i] for i in train], gold[train], [texts[i] for i in held]
-    task = clf.task
+    task, depth, n_classes = clf.task, clf.lm.num_layers, len(clf.task.labels)
     beta = train_reweighting(clf, rows, labels.tolist(), cfg, progress=False, should_stop=should_stop).beta
     linear = clf.fit_head(Method.LINEAR_HEAD, rows, labels, beta)
-    # kNN reads β-free features, the same for every fold: the pool's were computed once
-    knn = fit_knn_head(_rows(knn_features, train), labels, len(task.labels), final_layer(clf.lm.num_layers))
+    # the β-free heads read features that are the same for every fold: the pool's were computed once
+    layers, final = linear_layers(depth), final_layer(depth)
+    free_linear = fit_linear_head(_rows(free, train), labels, n_classes, layers, linear_choices(depth))
+    knn = fit_knn_head(select(_rows(free, train), layers, final), labels, n_classes, final)
     many = Classifier(clf.lm, task, demonstrations=clf.prompt.demonstrations)
     many.install_cache(Method.HIDDEN_ANCHOR, many_shot_cache(
         clf.lm, task, [Demonstration(text=t, label=task.labels[y]) for t, y in zip(rows, labels, strict=True)]))
     with torch.inference_mode():
         # one forward under β gives the head's features and β + Hidden_anchor's label logits
         under_beta = clf.features(part, Method.HIDDEN_ANCHOR, linear.layers, beta)
+        held_free = _rows(free, held)
         return {"hidden_anchor_reweighted": _log_softmax(under_beta.label_logits),
-                "knn": _log_softmax(knn.scores(_rows(knn_features, held))),
-                "linear_head": _log_softmax(linear.scores(under_beta)),
+                "knn": _log_softmax(knn.scores(select(held_free, layers, final))),
+                "linear_head": _log_softmax(free_linear.scores(select(held_free, layers, free_linear.layers))),
+                "linear_head_reweighted": _log_softmax(linear.scores(under_beta)),
                 "many_shot": _log_softmax(many.label_logits(part, Method.HIDDEN_ANCHOR))}
 
 
@@ -290,15 +307,15 @@ def choose(clf: Classifier, texts: Sequence[str], classes: Sequence[int], cfg: T
     texts, gold = list(texts), np.asarray(classes)
     fold_designs(gold, len(clf.task.labels))  # a pool too small fails before any forward
     with torch.inference_mode():
-        # one β-free Hidden_anchor forward gives kNN's features and Hidden_anchor's label logits
-        knn_features = clf.features(texts, Method.HIDDEN_ANCHOR, final_layer(clf.lm.num_layers))
+        # one β-free Hidden_anchor forward gives the β-free heads' features and Hidden_anchor's label logits
+        free = clf.features(texts, Method.HIDDEN_ANCHOR, linear_layers(clf.lm.num_layers))
         fixed = {"zero_shot": _log_softmax(clf.label_logits(texts, Method.ZERO_SHOT)),
-                 "hidden_anchor": _log_softmax(knn_features.label_logits)}
+                 "hidden_anchor": _log_softmax(free.label_logits)}
 
     cfg = cfg or TrainConfig()
 
     def fit_fold(train: np.ndarray, held: np.ndarray) -> dict[str, np.ndarray]:
-        return _fit_fold(clf, texts, gold, cfg, should_stop, knn_features, train, held)
+        return _fit_fold(clf, texts, gold, cfg, should_stop, free, train, held)
 
     learned = learning_curve(fit_fold, gold, len(clf.task.labels), seed, on_fold)
     curve = Curve(learned.folds, learned.most | fixed, learned.fewest | fixed)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from anchor_cache.auto import Choice, choose
+from anchor_cache.auto import CANDIDATES, Choice, choose
 from anchor_cache.cache import kv_bytes_per_token
 from anchor_cache.classifier import Classifier, calibrate
 from anchor_cache.data import Example, read_jsonl, sample_rows, seed_demonstrations, training_draw
@@ -65,10 +65,6 @@ VARIANTS = {m.value: Variant(m) for m in Method} | {
     "auto": Variant(Method.HIDDEN_ANCHOR, auto=True),
     "hidden_anchor_calibrated": Variant(Method.HIDDEN_ANCHOR, calibrated=True),
 }
-# The variant each of auto's candidates is evaluated as (the served linear_head reads features under the pool's β).
-AUTO_VARIANTS = {"zero_shot": "zero_shot", "hidden_anchor": "hidden_anchor",
-                 "hidden_anchor_reweighted": "hidden_anchor_reweighted", "knn": "knn",
-                 "linear_head": "linear_head_reweighted", "many_shot": "many_shot"}
 
 
 @dataclass
@@ -212,7 +208,7 @@ def evaluate(lm: LoadedModel, cfg: EvalConfig, progress: bool = True) -> dict[st
         raise ValidationError(f"unknown methods {unknown}; choose from {list(VARIANTS)}")
     methods = list(dict.fromkeys([Method.VANILLA.value, *cfg.methods]))  # vanilla is every loyalty's reference
     if "auto" in methods:  # every candidate runs; auto reports the one the pool chooses
-        methods = list(dict.fromkeys([*(m for m in methods if m != "auto"), *AUTO_VARIANTS.values(), "auto"]))
+        methods = list(dict.fromkeys([*(m for m in methods if m != "auto"), *(c.name for c in CANDIDATES), "auto"]))
     variants = [VARIANTS[m] for m in methods]
     n_test = min(cfg.limit, len(test))
     bar = tqdm(total=n_test * len(methods) * len(cfg.seeds), desc="eval", unit="ex", disable=not progress)
@@ -235,7 +231,7 @@ def evaluate(lm: LoadedModel, cfg: EvalConfig, progress: bool = True) -> dict[st
             if variant.auto:
                 choice = choose(clf, [r.text for r in pool], [r.label for r in pool],
                                 replace(cfg.reweight, method=Method.HIDDEN_ANCHOR, seed=seed), seed)
-                runs[name], choices[name] = runs[AUTO_VARIANTS[choice.chosen.name]], choice
+                runs[name], choices[name] = runs[choice.chosen.name], choice
                 continue
             bar.set_postfix(seed=seed, method=name)
             beta = betas.get(variant.base) if variant.reweighted else None

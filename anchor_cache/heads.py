@@ -103,6 +103,13 @@ class Features:
     label_logits: torch.Tensor  # (N, C) the task's label-word logits of the same forward
 
 
+def select(features: Features, layers: FeatureLayers, subset: FeatureLayers) -> Features:
+    """The columns of `subset`'s layers among `features`, which read `layers` (as `read_features` lays them out)."""
+    width = features.hidden.shape[1] // (len(layers.last) + len(layers.mean))
+    at = torch.as_tensor(layers.columns(subset, width), device=features.hidden.device)
+    return Features(features.hidden[:, at], features.label_logits)
+
+
 def _check(n_features: int, labels: np.ndarray, n_classes: int) -> None:
     if n_features != len(labels) or len(labels) == 0:
         raise ValidationError(f"a head needs labelled rows: got {n_features} features and {len(labels)} labels")

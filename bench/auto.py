@@ -17,8 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from anchor_cache.auto import Estimate
-from anchor_cache.evaluate import AUTO_VARIANTS
+from anchor_cache.auto import CANDIDATES, Estimate
 from anchor_cache.models import load_model
 from anchor_cache.reweighting import pool_config
 from anchor_cache.task import Method
@@ -41,7 +40,7 @@ def markdown(results: dict) -> str:
     """Per dataset: each candidate's accuracy, auto's, what it chose, how often the estimate's interval
     and the interval for the test's rows cover the test accuracy, and the seconds its
     cross-validation took per seed."""
-    names = [*AUTO_VARIANTS.values(), "auto"]
+    names = [*(c.name for c in CANDIDATES), "auto"]
     lines = ["| dataset | " + " | ".join(names) + " | auto chose | interval covers | interval for the test rows "
              "covers | CV seconds |",
              "|---|" + "---|" * (len(names) + 4)]

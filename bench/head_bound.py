@@ -32,7 +32,15 @@ from sklearn.model_selection import StratifiedKFold
 from anchor_cache.auto import fit_temperature, log_loss, rescaled
 from anchor_cache.classifier import Classifier
 from anchor_cache.data import read_jsonl, sample_rows, seed_demonstrations, training_draw
-from anchor_cache.heads import FeatureLayers, Features, LinearDesign, fit_linear_head, linear_choices, linear_layers
+from anchor_cache.heads import (
+    FeatureLayers,
+    Features,
+    LinearDesign,
+    fit_linear_head,
+    linear_choices,
+    linear_layers,
+    select,
+)
 from anchor_cache.models import load_model
 from anchor_cache.reweighting import pool_config, train_reweighting
 from anchor_cache.task import PRESETS, Method, TaskSpec
@@ -78,10 +86,9 @@ def run_seed(lm, data_root: Path, name: str, seed: int) -> dict[str, float]:
     depth, n_classes = lm.num_layers, len(labels)
     every = FeatureLayers(tuple(range(depth + 1)), tuple(range(depth + 1)))
     pool_f, test_f = (clf.features(t, Method.HIDDEN_ANCHOR, every, beta) for t in (texts, test_texts))
-    width = lm.model.config.hidden_size
 
     def part(features: Features, layers: FeatureLayers) -> Features:
-        return Features(features.hidden[:, every.columns(layers, width)], features.label_logits)
+        return select(features, every, layers)
 
     def accuracy(scores) -> float:
         return 100 * float((np.asarray(scores).argmax(1) == gold).mean())

@@ -6,12 +6,14 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 
 from anchor_cache import Classifier, ValidationError
 from anchor_cache.auto import (
     CANDIDATES,
     COST,
     TIE,
+    _fit_fold,
     choose,
     curve_weight,
     estimate,
@@ -21,7 +23,9 @@ from anchor_cache.auto import (
     learning_curve,
     out_of_fold,
 )
+from anchor_cache.heads import linear_layers
 from anchor_cache.reweighting import TrainConfig
+from anchor_cache.task import Method
 from tests.conftest import ADMIN, sentiment_task, wait_finished
 
 POOL = [("a fine film", 1), ("a dull mess", 0), ("warm and funny", 1), ("tedious and long", 0),
@@ -170,6 +174,30 @@ def test_choose_scores_every_candidate_and_picks_the_best_or_a_cheaper_tie(tiny_
         assert choice.scores[name]["log_loss"] == choice.scores[name]["cv_log_loss"]
 
 
+def test_every_candidate_is_evaluated_as_the_method_it_serves():
+    from anchor_cache.evaluate import VARIANTS
+
+    for candidate in CANDIDATES:
+        variant = VARIANTS[candidate.name]
+        served = variant.head or (Method.MANY_SHOT if variant.many_shot else variant.base)
+        assert (served, variant.reweighted) == (candidate.method, candidate.reweight), candidate.name
+
+
+def test_a_fold_scores_the_beta_free_heads_as_a_task_fitted_on_its_rows_would(tiny_lm):
+    """The β-free heads are fitted per fold on columns of the pool's features read once; a task
+    whose pool is the fold's rows fits and scores them from its own forwards."""
+    clf = Classifier(tiny_lm, sentiment_task())
+    texts, gold = [t for t, _ in POOL], np.array([c for _, c in POOL])
+    train, held = np.array([0, 1, 2, 3, 5, 6]), np.array([4, 7])
+    free = clf.features(texts, Method.HIDDEN_ANCHOR, linear_layers(tiny_lm.num_layers))
+    fold = _fit_fold(clf, texts, gold, TrainConfig(batch_size=4, epochs=1), None, free, train, held)
+    rows, part = [texts[i] for i in train], [texts[i] for i in held]
+    for name, method in (("linear_head", Method.LINEAR_HEAD), ("knn", Method.KNN)):
+        head = clf.fit_head(method, rows, gold[train])
+        scores = head.scores(clf.features(part, Method.HIDDEN_ANCHOR, head.layers))
+        np.testing.assert_allclose(fold[name], torch.log_softmax(scores, -1).numpy(), atol=1e-4, err_msg=name)
+
+
 def test_choose_needs_two_rows_of_every_class(tiny_lm):
     clf = Classifier(tiny_lm, sentiment_task())
     with pytest.raises(ValidationError, match="at least 2"):
@@ -207,7 +235,7 @@ def test_a_task_with_method_auto_serves_its_choice_and_keeps_it_across_a_restart
 
 
 def test_the_eval_reports_what_auto_chose_with_every_candidate_beside_it(tiny_lm, dataset_dir):
-    from anchor_cache.evaluate import AUTO_VARIANTS, EvalConfig, evaluate, markdown_table
+    from anchor_cache.evaluate import EvalConfig, evaluate, markdown_table
 
     if tiny_lm.model.config.model_type != "llama":
         pytest.skip("one family is enough for its cost")
@@ -216,9 +244,9 @@ def test_the_eval_reports_what_auto_chose_with_every_candidate_beside_it(tiny_lm
                      reweight=TrainConfig(epochs=2, batch_size=4), priors=["pool", "adapt"])
     results = evaluate(tiny_lm, cfg, progress=False)
     methods = results["methods"]
-    assert set(AUTO_VARIANTS.values()) | {"auto", "vanilla"} == set(methods)
+    assert {c.name for c in CANDIDATES} | {"auto", "vanilla"} == set(methods)
     seed = methods["auto"]["per_seed"][0]
-    assert seed["accuracy"] == methods[AUTO_VARIANTS[seed["chosen"]]]["per_seed"][0]["accuracy"]
+    assert seed["accuracy"] == methods[seed["chosen"]]["per_seed"][0]["accuracy"]
     assert seed["estimate_covers"] == (seed["estimate"]["low"] <= seed["accuracy"] / 100 <= seed["estimate"]["high"])
     low, high = seed["test_rows_interval"]
     assert low <= seed["estimate"]["low"] and seed["estimate"]["high"] <= high  # the test rows' own spread added
