@@ -46,15 +46,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from anchor_cache.classifier import Classifier
 from anchor_cache.errors import ValidationError
-from anchor_cache.heads import (
-    Features,
-    final_layer,
-    fit_knn_head,
-    fit_linear_head,
-    linear_choices,
-    linear_layers,
-    select,
-)
+from anchor_cache.heads import FeatureLayers, Features, fit_head, head_layers, select_layers
 from anchor_cache.many_shot import many_shot_cache
 from anchor_cache.reweighting import TrainConfig, train_reweighting
 from anchor_cache.task import Demonstration, Method
@@ -272,31 +264,48 @@ def _log_softmax(scores: torch.Tensor) -> np.ndarray:
     return torch.log_softmax(scores.float(), -1).cpu().numpy()
 
 
-def _fit_fold(clf: Classifier, texts: list[str], gold: np.ndarray, cfg: TrainConfig,
-              should_stop: Callable[[], bool] | None, free: Features,
+UNWEIGHTED_HEADS = {"linear_head": Method.LINEAR_HEAD, "knn": Method.KNN}  # candidates scored on β-free features
+
+
+def unweighted_layers(num_layers: int) -> FeatureLayers:
+    """Every layer the β-free heads read."""
+    return head_layers(Method.LINEAR_HEAD, num_layers).union(head_layers(Method.KNN, num_layers))
+
+
+@dataclass(frozen=True)
+class FoldInputs:
+    """What every fold of one pool shares."""
+
+    clf: Classifier
+    texts: list[str]
+    gold: np.ndarray
+    cfg: TrainConfig  # β training's
+    unweighted: Features  # the pool's features without β, at `unweighted_layers`: the same in every fold
+
+
+def _fit_fold(pool: FoldInputs, should_stop: Callable[[], bool] | None,
               train: np.ndarray, held: np.ndarray) -> dict[str, np.ndarray]:
-    """The candidates that learn from the pool, fitted on the rows `train`: log-probabilities of the
-    rows `held`. `free`: the pool's β-free features of every layer a head reads (`linear_layers`)."""
+    """The candidates that learn from the pool, fitted on the rows `train`: log-probabilities of the rows `held`."""
+    clf, texts, gold = pool.clf, pool.texts, pool.gold
     rows, labels, part = [texts[i] for i in train], gold[train], [texts[i] for i in held]
-    task, depth, n_classes = clf.task, clf.lm.num_layers, len(clf.task.labels)
-    beta = train_reweighting(clf, rows, labels.tolist(), cfg, progress=False, should_stop=should_stop).beta
+    task, depth = clf.task, clf.lm.num_layers
+    beta = train_reweighting(clf, rows, labels.tolist(), pool.cfg, progress=False, should_stop=should_stop).beta
     linear = clf.fit_head(Method.LINEAR_HEAD, rows, labels, beta)
-    # the β-free heads read features that are the same for every fold: the pool's were computed once
-    layers, final = linear_layers(depth), final_layer(depth)
-    free_linear = fit_linear_head(_rows(free, train), labels, n_classes, layers, linear_choices(depth))
-    knn = fit_knn_head(select(_rows(free, train), layers, final), labels, n_classes, final)
+    read = unweighted_layers(depth)
+    fitted, held_unweighted = _rows(pool.unweighted, train), _rows(pool.unweighted, held)
+    heads = {name: fit_head(method, select_layers(fitted, read, head_layers(method, depth)), labels,
+                            len(task.labels), depth) for name, method in UNWEIGHTED_HEADS.items()}
     many = Classifier(clf.lm, task, demonstrations=clf.prompt.demonstrations)
     many.install_cache(Method.HIDDEN_ANCHOR, many_shot_cache(
         clf.lm, task, [Demonstration(text=t, label=task.labels[y]) for t, y in zip(rows, labels, strict=True)]))
     with torch.inference_mode():
         # one forward under β gives the head's features and β + Hidden_anchor's label logits
         under_beta = clf.features(part, Method.HIDDEN_ANCHOR, linear.layers, beta)
-        held_free = _rows(free, held)
         return {"hidden_anchor_reweighted": _log_softmax(under_beta.label_logits),
-                "knn": _log_softmax(knn.scores(select(held_free, layers, final))),
-                "linear_head": _log_softmax(free_linear.scores(select(held_free, layers, free_linear.layers))),
                 "linear_head_reweighted": _log_softmax(linear.scores(under_beta)),
-                "many_shot": _log_softmax(many.label_logits(part, Method.HIDDEN_ANCHOR))}
+                "many_shot": _log_softmax(many.label_logits(part, Method.HIDDEN_ANCHOR))} | {
+            name: _log_softmax(head.scores(select_layers(held_unweighted, read, head.layers)))
+            for name, head in heads.items()}
 
 
 def choose(clf: Classifier, texts: Sequence[str], classes: Sequence[int], cfg: TrainConfig | None = None,
@@ -308,14 +317,13 @@ def choose(clf: Classifier, texts: Sequence[str], classes: Sequence[int], cfg: T
     fold_designs(gold, len(clf.task.labels))  # a pool too small fails before any forward
     with torch.inference_mode():
         # one β-free Hidden_anchor forward gives the β-free heads' features and Hidden_anchor's label logits
-        free = clf.features(texts, Method.HIDDEN_ANCHOR, linear_layers(clf.lm.num_layers))
+        unweighted = clf.features(texts, Method.HIDDEN_ANCHOR, unweighted_layers(clf.lm.num_layers))
         fixed = {"zero_shot": _log_softmax(clf.label_logits(texts, Method.ZERO_SHOT)),
-                 "hidden_anchor": _log_softmax(free.label_logits)}
-
-    cfg = cfg or TrainConfig()
+                 "hidden_anchor": _log_softmax(unweighted.label_logits)}
+    pool = FoldInputs(clf, texts, gold, cfg or TrainConfig(), unweighted)
 
     def fit_fold(train: np.ndarray, held: np.ndarray) -> dict[str, np.ndarray]:
-        return _fit_fold(clf, texts, gold, cfg, should_stop, free, train, held)
+        return _fit_fold(pool, should_stop, train, held)
 
     learned = learning_curve(fit_fold, gold, len(clf.task.labels), seed, on_fold)
     curve = Curve(learned.folds, learned.most | fixed, learned.fewest | fixed)

@@ -22,17 +22,7 @@ from anchor_cache.cache import AnchorCache, build_anchor_cache
 from anchor_cache.data import load_demonstrations
 from anchor_cache.errors import ValidationError
 from anchor_cache.forward import Prefix, last_hidden
-from anchor_cache.heads import (
-    FeatureLayers,
-    Features,
-    KnnHead,
-    LinearHead,
-    final_layer,
-    fit_knn_head,
-    fit_linear_head,
-    linear_choices,
-    linear_layers,
-)
+from anchor_cache.heads import FeatureLayers, Features, KnnHead, LinearHead, fit_head, head_layers
 from anchor_cache.keep import anchor_keep, random_keep
 from anchor_cache.many_shot import many_shot_cache
 from anchor_cache.models import LoadedModel
@@ -193,13 +183,9 @@ class Classifier:
     ) -> LinearHead | KnnHead:
         """`method`'s head fitted on labelled texts, featurised in the Hidden_anchor context (under
         `beta` when given: the features a forward under that β gives)."""
-        method, depth, n_classes = Method(method), self.lm.num_layers, len(self.task.labels)
-        if method == Method.LINEAR_HEAD:
-            layers = linear_layers(depth)
-            features = self.features(texts, Method.HIDDEN_ANCHOR, layers, beta)
-            return fit_linear_head(features, labels, n_classes, layers, choices=linear_choices(depth))
-        layers = final_layer(depth)
-        return fit_knn_head(self.features(texts, Method.HIDDEN_ANCHOR, layers, beta), labels, n_classes, layers)
+        method, depth = Method(method), self.lm.num_layers
+        features = self.features(texts, Method.HIDDEN_ANCHOR, head_layers(method, depth), beta)
+        return fit_head(method, features, labels, len(self.task.labels), depth)
 
     def features(
         self, texts: Sequence[str], method: Method | str, layers: FeatureLayers, beta: torch.Tensor | None = None,

@@ -39,6 +39,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.preprocessing import StandardScaler
 
 from anchor_cache.errors import ValidationError
+from anchor_cache.task import Method
 
 LINEAR_C = 0.01  # inverse L2 strength: a few rows per class in thousands of dimensions need a strong prior
 LABEL_WEIGHTS = (0.0, 3.0, 10.0)  # scales of the label log-probs against unit-variance hidden features
@@ -103,9 +104,14 @@ class Features:
     label_logits: torch.Tensor  # (N, C) the task's label-word logits of the same forward
 
 
-def select(features: Features, layers: FeatureLayers, subset: FeatureLayers) -> Features:
+def select_layers(features: Features, layers: FeatureLayers, subset: FeatureLayers) -> Features:
     """The columns of `subset`'s layers among `features`, which read `layers` (as `read_features` lays them out)."""
-    width = features.hidden.shape[1] // (len(layers.last) + len(layers.mean))
+    blocks = len(layers.last) + len(layers.mean)
+    width = features.hidden.shape[1] // blocks
+    if width * blocks != features.hidden.shape[1] or not (set(subset.last) <= set(layers.last)
+                                                          and set(subset.mean) <= set(layers.mean)):
+        raise ValueError(f"features of {features.hidden.shape[1]} columns do not read {layers}, or {subset} is not "
+                         "among them")
     at = torch.as_tensor(layers.columns(subset, width), device=features.hidden.device)
     return Features(features.hidden[:, at], features.label_logits)
 
@@ -214,6 +220,20 @@ def fit_linear_head(
     full[0][model.classes_], full[1][model.classes_], full[2][model.classes_] = on_hidden, on_labels, bias
     weight, label_w, full_bias = (torch.tensor(a, dtype=torch.float32) for a in full)
     return LinearHead(choices[i], weight, label_w, full_bias, w)
+
+
+def head_layers(method: Method, num_layers: int) -> FeatureLayers:
+    """The layers `method`'s head is fitted on, for a model `num_layers` deep."""
+    return linear_layers(num_layers) if method == Method.LINEAR_HEAD else final_layer(num_layers)
+
+
+def fit_head(method: Method, features: Features, labels: np.ndarray, n_classes: int,
+             num_layers: int) -> LinearHead | KnnHead:
+    """`method`'s head (LINEAR_HEAD or KNN) on a pool's features read at `head_layers(method, num_layers)`."""
+    layers = head_layers(method, num_layers)
+    if method == Method.LINEAR_HEAD:
+        return fit_linear_head(features, labels, n_classes, layers, choices=linear_choices(num_layers))
+    return fit_knn_head(features, labels, n_classes, layers)
 
 
 @dataclass(frozen=True)

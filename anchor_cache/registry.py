@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from anchor_cache.arguments import one_line
-from anchor_cache.auto import choose
+from anchor_cache.auto import CANDIDATES, choose
 from anchor_cache.blobs import (
     BlobStore,
     beta_blob,
@@ -229,8 +229,9 @@ class TaskRegistry:
         except CacheMismatchError as exc:
             self._quarantine(choice_blob(key), exc, f"task {spec.name}: choosing its method again")
             info = None
-        if info is not None and info.get("pool") != pool_hash(clf):
-            info = None  # chosen on another pool
+        if info is not None and (info.get("pool") != pool_hash(clf)
+                                 or set(info.get("candidates", ())) != {c.name for c in CANDIDATES}):
+            info = None  # chosen on another pool, or among other candidates
         served = self._prepare(resolved(spec, info) if info is not None else provisional(spec), revision)
         return dataclasses.replace(served, auto=AutoState(stored=spec, info=info or {"status": "choosing"}, key=key))
 
@@ -274,7 +275,9 @@ class TaskRegistry:
                 save_cache(self.store, clf.prefix(spec.method).cache, identity, self.lm.name)
         beta, info = None, None
         try:
-            beta, info = find_beta(self.store, key, self.lm) or (None, None)
+            # `reweight: false` serves without β even where one is stored under the same key (learned
+            # while the task, or a method: auto choice, asked for it)
+            beta, info = (spec.reweight and find_beta(self.store, key, self.lm)) or (None, None)
         except CacheMismatchError as exc:
             moved = self._quarantine(beta_blob(key), exc, f"task {spec.name}: serving without β")
             info = {"lost": f"{exc}; moved to {moved}"}

@@ -111,15 +111,16 @@ def latency(lm, data_root: Path, repeats: int, pool: int) -> dict:
     spec = TaskSpec(name="sst2", template=template, labels=labels, demonstrations=demos, examples=examples)
     clf = Classifier(lm, spec)
     beta, _ = learn_pool_beta(clf)
-    served = {c.name: (c.method, beta if c.reweight else None) for c in CANDIDATES}
+    # a classifier per candidate: one keeps one head per method, fitted again whenever β changes
+    served = {c.name: (Classifier(lm, spec), c.method, beta if c.reweight else None) for c in CANDIDATES}
     queries = clf.encode([r.text for r in sample_rows(read_jsonl(data_root / "sst2" / "test.jsonl", labels), 32, 7)])
     sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
 
     def run(name: str) -> float:
-        method, b = served[name]
+        own, method, b = served[name]
         start = time.perf_counter()
         for q in queries:
-            packed_label_logits(lm, [clf.packed_row(q, method, b)])
+            packed_label_logits(lm, [own.packed_row(q, method, b)])
         sync()
         return 1000 * (time.perf_counter() - start) / len(queries)
 

@@ -39,7 +39,7 @@ from anchor_cache.heads import (
     fit_linear_head,
     linear_choices,
     linear_layers,
-    select,
+    select_layers,
 )
 from anchor_cache.models import load_model
 from anchor_cache.reweighting import pool_config, train_reweighting
@@ -88,7 +88,7 @@ def run_seed(lm, data_root: Path, name: str, seed: int) -> dict[str, float]:
     pool_f, test_f = (clf.features(t, Method.HIDDEN_ANCHOR, every, beta) for t in (texts, test_texts))
 
     def part(features: Features, layers: FeatureLayers) -> Features:
-        return select(features, every, layers)
+        return select_layers(features, every, layers)
 
     def accuracy(scores) -> float:
         return 100 * float((np.asarray(scores).argmax(1) == gold).mean())

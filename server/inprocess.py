@@ -28,7 +28,7 @@ import torch
 
 from anchor_cache.classifier import CACHED_METHODS
 from anchor_cache.cpus import ThreadFit, torch_threads, usable_cpus
-from anchor_cache.errors import UnavailableError
+from anchor_cache.errors import ConflictError, UnavailableError
 from anchor_cache.graphs import PackedGraphs
 from anchor_cache.models import LoadedModel, load_model, resolve_model_dir
 from anchor_cache.packed import packed_label_logits
@@ -203,7 +203,11 @@ class InProcessEngine:
         return {d.text for d in served.classifier.prompt.demonstrations}
 
     def check_reweightable(self, served: ServedTask) -> None:
-        """Fails unless the task's method has demonstration label words for β to weight."""
+        """Fails unless the task serves β (a β trained for a `reweight: false` task would be dropped
+        when it is loaded again) and its method has demonstration label words for β to weight."""
+        if not served.spec.reweight:
+            raise ConflictError(f"task {served.spec.name!r} serves without β (`reweight: false`, or `method: auto` "
+                                "chose or is choosing a method without it); set `reweight: true` to train β")
         served.classifier.label_keys(served.spec.method)
 
     def track(self, served: ServedTask) -> None:

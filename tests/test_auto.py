@@ -13,6 +13,8 @@ from anchor_cache.auto import (
     CANDIDATES,
     COST,
     TIE,
+    UNWEIGHTED_HEADS,
+    FoldInputs,
     _fit_fold,
     choose,
     curve_weight,
@@ -22,10 +24,13 @@ from anchor_cache.auto import (
     fold_designs,
     learning_curve,
     out_of_fold,
+    unweighted_layers,
 )
-from anchor_cache.heads import linear_layers
-from anchor_cache.reweighting import TrainConfig
+from anchor_cache.blobs import save_choice
+from anchor_cache.registry import TaskRegistry, provisional, resolved
+from anchor_cache.reweighting import TrainConfig, pool_hash
 from anchor_cache.task import Method
+from server.store.local import LocalStore
 from tests.conftest import ADMIN, sentiment_task, wait_finished
 
 POOL = [("a fine film", 1), ("a dull mess", 0), ("warm and funny", 1), ("tedious and long", 0),
@@ -174,28 +179,47 @@ def test_choose_scores_every_candidate_and_picks_the_best_or_a_cheaper_tie(tiny_
         assert choice.scores[name]["log_loss"] == choice.scores[name]["cv_log_loss"]
 
 
-def test_every_candidate_is_evaluated_as_the_method_it_serves():
+def test_every_candidate_is_evaluated_as_the_task_its_choice_serves():
     from anchor_cache.evaluate import VARIANTS
 
+    spec = sentiment_task(method="auto", examples=[{"text": t, "label": ["Negative", "Positive"][c]} for t, c in POOL])
     for candidate in CANDIDATES:
+        served = resolved(spec, {"method": candidate.method, "reweight": candidate.reweight})
         variant = VARIANTS[candidate.name]
-        served = variant.head or (Method.MANY_SHOT if variant.many_shot else variant.base)
-        assert (served, variant.reweighted) == (candidate.method, candidate.reweight), candidate.name
+        evaluated = variant.head or (Method.MANY_SHOT if variant.many_shot else variant.base)
+        assert (evaluated, variant.reweighted) == (served.method, served.reweight), candidate.name
 
 
 def test_a_fold_scores_the_beta_free_heads_as_a_task_fitted_on_its_rows_would(tiny_lm):
     """The β-free heads are fitted per fold on columns of the pool's features read once; a task
     whose pool is the fold's rows fits and scores them from its own forwards."""
+    if tiny_lm.model.config.model_type != "llama":
+        pytest.skip("one family is enough: the heads do not depend on it")
     clf = Classifier(tiny_lm, sentiment_task())
     texts, gold = [t for t, _ in POOL], np.array([c for _, c in POOL])
     train, held = np.array([0, 1, 2, 3, 5, 6]), np.array([4, 7])
-    free = clf.features(texts, Method.HIDDEN_ANCHOR, linear_layers(tiny_lm.num_layers))
-    fold = _fit_fold(clf, texts, gold, TrainConfig(batch_size=4, epochs=1), None, free, train, held)
+    unweighted = clf.features(texts, Method.HIDDEN_ANCHOR, unweighted_layers(tiny_lm.num_layers))
+    pool = FoldInputs(clf, texts, gold, TrainConfig(batch_size=4, epochs=1), unweighted)
+    fold = _fit_fold(pool, None, train, held)
     rows, part = [texts[i] for i in train], [texts[i] for i in held]
-    for name, method in (("linear_head", Method.LINEAR_HEAD), ("knn", Method.KNN)):
+    for name, method in UNWEIGHTED_HEADS.items():
         head = clf.fit_head(method, rows, gold[train])
         scores = head.scores(clf.features(part, Method.HIDDEN_ANCHOR, head.layers))
         np.testing.assert_allclose(fold[name], torch.log_softmax(scores, -1).numpy(), atol=1e-4, err_msg=name)
+
+
+def test_a_stored_choice_made_among_other_candidates_is_made_again(tiny_lm, tmp_path):
+    reg = TaskRegistry(tiny_lm, LocalStore(tmp_path), max_tasks=4, max_demo_tokens=512)
+    pool = [{"text": t, "label": ["Negative", "Positive"][c]} for t, c in POOL]
+    spec = sentiment_task(name="picky", method="auto", examples=pool)
+    clf = Classifier(tiny_lm, provisional(spec))
+    info = {"chosen": "linear_head", "method": "linear_head", "reweight": False, "pool": pool_hash(clf),
+            "candidates": {c.name: {} for c in CANDIDATES}}
+    save_choice(reg.store, reg.choice_key(spec, clf), info)
+    served = reg.prepare(spec)
+    assert not reg.needs_choice(served) and (served.spec.method, served.spec.reweight) == (Method.LINEAR_HEAD, False)
+    save_choice(reg.store, reg.choice_key(spec, clf), info | {"candidates": {c.name: {} for c in CANDIDATES[1:]}})
+    assert reg.needs_choice(reg.prepare(spec))
 
 
 def test_choose_needs_two_rows_of_every_class(tiny_lm):

@@ -27,7 +27,7 @@ from anchor_cache.heads import (
     fit_knn_head,
     fit_linear_head,
     read_features,
-    select,
+    select_layers,
 )
 from anchor_cache.many_shot import groups_of, many_shot_cache
 from anchor_cache.packed import PackedRow, packed_label_logits
@@ -130,11 +130,15 @@ def test_features_read_the_last_token_and_the_mean_of_each_row():
 def test_selecting_layers_from_a_wider_read_equals_reading_them():
     states = [torch.randn(6, 4) for _ in range(4)]
     first, last = torch.tensor([0, 2]), torch.tensor([1, 5])
-    wide, narrow = FeatureLayers(last=(1, 2, 3), mean=(0, 2)), FeatureLayers(last=(3,), mean=(2,))
-    logits = torch.randn(2, 2)
-    picked = select(Features(read_features(states, first, last, wide), logits), wide, narrow)
-    torch.testing.assert_close(picked.hidden, read_features(states, first, last, narrow))
-    assert picked.label_logits is logits
+    wide, logits = FeatureLayers(last=(1, 2, 3), mean=(0, 2, 3)), torch.randn(2, 2)
+    read = Features(read_features(states, first, last, wide), logits)
+    narrows = (FeatureLayers(last=(3,), mean=(2,)), FeatureLayers(last=(1,), mean=(0, 3)), FeatureLayers(mean=(2,)))
+    for narrow in narrows:
+        picked = select_layers(read, wide, narrow)
+        torch.testing.assert_close(picked.hidden, read_features(states, first, last, narrow))
+        assert picked.label_logits is logits
+    with pytest.raises(ValueError, match="not among them"):
+        select_layers(read, wide, FeatureLayers(last=(0,)))
 
 
 def test_knn_head_votes_among_the_nearest_rows():

@@ -141,6 +141,15 @@ def test_beta_survives_a_restart_and_a_damaged_one_is_quarantined(tiny_lm, tmp_p
                                                         "sentiment"))
 
 
+def test_a_task_that_says_reweight_false_serves_without_the_beta_stored_under_its_key(tiny_lm, tmp_path):
+    reg = registry(tiny_lm, tmp_path, [sentiment_task()])
+    served = reg.get("sentiment")
+    reg.save_beta(reg.with_beta(served, served.classifier.zero_beta() + 0.25, {}))
+    assert reg.prepare(sentiment_task()).beta is not None
+    unweighted = reg.prepare(sentiment_task(reweight=False))
+    assert unweighted.key == served.key and unweighted.beta is None and unweighted.reweighting is None
+
+
 def test_a_shipped_beta_serves_only_for_its_weights_task_and_pool(tiny_lm, tmp_path, caplog):
     """The built-in task's β ships with the server: it serves in any dtype of the same weights, but
     not for another pool (that learns again) nor another task, and a damaged file is skipped."""

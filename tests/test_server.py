@@ -330,6 +330,10 @@ def test_reweighting_refuses_bad_training_input(serve, tmp_path):
     assert "outside" in error_of(client.post(url, headers=ADMIN, json={"data": {"path": "../../etc"}}), 422,
                                  "validation")
     error_of(client.post("/admin/tasks/nope/reweighting", headers=ADMIN, json={"examples": TRAIN}), 404, "not_found")
+    plain = sentiment_task(name="plain", reweight=False).model_dump(mode="json")
+    assert client.post("/admin/tasks", headers=ADMIN, json=plain).status_code == 201
+    assert "reweight: true" in error_of(client.post("/admin/tasks/plain/reweighting", headers=ADMIN,
+                                                    json={"examples": TRAIN}), 409, "conflict")
 
 
 def test_reweighting_from_a_dataset_under_the_data_root(serve, dataset_dir):
