@@ -13,7 +13,6 @@ from anchor_cache.auto import (
     CANDIDATES,
     COST,
     TIE,
-    UNWEIGHTED_HEADS,
     FoldInputs,
     _fit_fold,
     choose,
@@ -24,11 +23,11 @@ from anchor_cache.auto import (
     fold_designs,
     learning_curve,
     out_of_fold,
-    unweighted_layers,
 )
 from anchor_cache.blobs import save_choice
+from anchor_cache.heads import head_layers
 from anchor_cache.registry import TaskRegistry, provisional, resolved
-from anchor_cache.reweighting import TrainConfig, pool_hash
+from anchor_cache.reweighting import TrainConfig, pool_hash, train_reweighting
 from anchor_cache.task import Method
 from server.store.local import LocalStore
 from tests.conftest import ADMIN, sentiment_task, wait_finished
@@ -190,21 +189,22 @@ def test_every_candidate_is_evaluated_as_the_task_its_choice_serves():
         assert (evaluated, variant.reweighted) == (served.method, served.reweight), candidate.name
 
 
-def test_a_fold_scores_the_beta_free_heads_as_a_task_fitted_on_its_rows_would(tiny_lm):
-    """The β-free heads are fitted per fold on columns of the pool's features read once; a task
-    whose pool is the fold's rows fits and scores them from its own forwards."""
+def test_a_fold_scores_its_heads_as_a_task_fitted_on_its_rows_would(tiny_lm):
+    """kNN is fitted per fold on the pool's features read once, the head under β on the fold's own
+    forwards; a task whose pool is the fold's rows (and β the fold's) scores the held rows alike."""
     if tiny_lm.model.config.model_type != "llama":
         pytest.skip("one family is enough: the heads do not depend on it")
     clf = Classifier(tiny_lm, sentiment_task())
     texts, gold = [t for t, _ in POOL], np.array([c for _, c in POOL])
     train, held = np.array([0, 1, 2, 3, 5, 6]), np.array([4, 7])
-    unweighted = clf.features(texts, Method.HIDDEN_ANCHOR, unweighted_layers(tiny_lm.num_layers))
-    pool = FoldInputs(clf, texts, gold, TrainConfig(batch_size=4, epochs=1), unweighted)
-    fold = _fit_fold(pool, None, train, held)
+    knn_features = clf.features(texts, Method.HIDDEN_ANCHOR, head_layers(Method.KNN, tiny_lm.num_layers))
+    cfg = TrainConfig(batch_size=4, epochs=1)
+    fold = _fit_fold(FoldInputs(clf, texts, gold, cfg, knn_features), None, train, held)
     rows, part = [texts[i] for i in train], [texts[i] for i in held]
-    for name, method in UNWEIGHTED_HEADS.items():
-        head = clf.fit_head(method, rows, gold[train])
-        scores = head.scores(clf.features(part, Method.HIDDEN_ANCHOR, head.layers))
+    beta = train_reweighting(clf, rows, gold[train].tolist(), cfg, progress=False).beta
+    for name, method, b in (("knn", Method.KNN, None), ("linear_head_reweighted", Method.LINEAR_HEAD, beta)):
+        head = clf.fit_head(method, rows, gold[train], b)
+        scores = head.scores(clf.features(part, Method.HIDDEN_ANCHOR, head.layers, b))
         np.testing.assert_allclose(fold[name], torch.log_softmax(scores, -1).numpy(), atol=1e-4, err_msg=name)
 
 
@@ -213,11 +213,11 @@ def test_a_stored_choice_made_among_other_candidates_is_made_again(tiny_lm, tmp_
     pool = [{"text": t, "label": ["Negative", "Positive"][c]} for t, c in POOL]
     spec = sentiment_task(name="picky", method="auto", examples=pool)
     clf = Classifier(tiny_lm, provisional(spec))
-    info = {"chosen": "linear_head", "method": "linear_head", "reweight": False, "pool": pool_hash(clf),
+    info = {"chosen": "knn", "method": "knn", "reweight": False, "pool": pool_hash(clf),
             "candidates": {c.name: {} for c in CANDIDATES}}
     save_choice(reg.store, reg.choice_key(spec, clf), info)
     served = reg.prepare(spec)
-    assert not reg.needs_choice(served) and (served.spec.method, served.spec.reweight) == (Method.LINEAR_HEAD, False)
+    assert not reg.needs_choice(served) and served.spec.method == Method.KNN
     save_choice(reg.store, reg.choice_key(spec, clf), info | {"candidates": {c.name: {} for c in CANDIDATES[1:]}})
     assert reg.needs_choice(reg.prepare(spec))
 
