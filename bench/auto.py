@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 
 from anchor_cache.auto import CANDIDATES, Estimate
 from anchor_cache.models import load_model
@@ -48,7 +49,7 @@ def markdown(results: dict) -> str:
         methods = result["methods"]
         cells = [cell([s["accuracy"] for s in methods[n]["per_seed"]], 1) for n in names]
         seeds = methods["auto"]["per_seed"]
-        chose = ", ".join(s["chosen"] for s in seeds)
+        chose = ", ".join(f"{name} ×{n}" for name, n in Counter(s["chosen"] for s in seeds).most_common())
         covers = f"{sum(s['estimate_covers'] for s in seeds)}/{len(seeds)}"
         covers_rows = f"{sum(map(_covers_test_rows, seeds))}/{len(seeds)}"
         seconds = cell([s["cv_seconds"] for s in seeds], 1)
