@@ -110,8 +110,8 @@ def select_layers(features: Features, layers: FeatureLayers, subset: FeatureLaye
     width = features.hidden.shape[1] // blocks
     if width * blocks != features.hidden.shape[1] or not (set(subset.last) <= set(layers.last)
                                                           and set(subset.mean) <= set(layers.mean)):
-        raise ValueError(f"features of {features.hidden.shape[1]} columns do not read {layers}, or {subset} is not "
-                         "among them")
+        raise ValidationError(f"features of {features.hidden.shape[1]} columns do not read {layers}, or {subset} is "
+                              "not among them")
     at = torch.as_tensor(layers.columns(subset, width), device=features.hidden.device)
     return Features(features.hidden[:, at], features.label_logits)
 
@@ -186,15 +186,10 @@ def fit_linear_head(
     _check(len(features.hidden), y, n_classes)
     choices = list(choices) if choices is not None else [layers]
     weights = list(LABEL_WEIGHTS) if label_weight is None else [label_weight]
-    blocks = len(layers.last) + len(layers.mean)
-    width = features.hidden.shape[1] // blocks
-    if width * blocks != features.hidden.shape[1] or any(not set(choice.last) <= set(layers.last) or not set(
-            choice.mean) <= set(layers.mean) or not (choice.last or choice.mean) for choice in choices):
-        raise ValidationError(f"features of {features.hidden.shape[1]} columns do not read {layers}, or a choice "
-                              "is empty or reads other layers")
-    hidden = features.hidden.float().cpu().numpy()
+    if not all(choice.last or choice.mean for choice in choices):
+        raise ValidationError(f"a choice of layers among {layers} is empty")
     logprobs = torch.log_softmax(features.label_logits.float(), dim=-1).cpu().numpy()
-    parts = [hidden[:, layers.columns(choice, width)] for choice in choices]
+    parts = [select_layers(features, layers, choice).hidden.float().cpu().numpy() for choice in choices]
     designs = [LinearDesign.fit(part) for part in parts]
     coordinates = [design.coordinates(part) for design, part in zip(designs, parts, strict=True)]
 
