@@ -112,6 +112,17 @@ class Estimate:
 
 
 @dataclass(frozen=True)
+class OutOfFold:
+    """A candidate's (N, C) out-of-fold log-probabilities of the pool's rows at the most folds and at
+    the fewest, the rows' classes, and the weight that extrapolates from them (`curve_weight`)."""
+
+    most: np.ndarray
+    fewest: np.ndarray
+    gold: np.ndarray
+    weight: float
+
+
+@dataclass(frozen=True)
 class Choice:
     chosen: Candidate
     # candidate name -> log_loss and accuracy (extrapolated), cv_log_loss and cv_accuracy (at the most
@@ -120,6 +131,7 @@ class Choice:
     estimate: Estimate
     folds: tuple[int, ...]  # the cross-validations run, fewest folds first
     seconds: float  # how long choosing took
+    out_of_fold: OutOfFold  # the chosen candidate's: what its estimate was made from
 
     def info(self) -> dict:
         return {"chosen": self.chosen.name, "method": str(self.chosen.method), "reweight": self.chosen.reweight,
@@ -321,6 +333,6 @@ def choose(clf: Classifier, texts: Sequence[str], classes: Sequence[int], cfg: T
     scores = {c.name: curve.score(c.name, gold) | {"cost": COST[c.name]} for c in CANDIDATES}
     best = min(s["log_loss"] for s in scores.values())
     chosen = min((c for c in CANDIDATES if scores[c.name]["log_loss"] <= best + TIE), key=lambda c: COST[c.name])
-    found = estimate(curve.most[chosen.name], gold, curve.fewest[chosen.name], curve_weight(curve.folds))
-    return Choice(chosen=chosen, scores=scores, estimate=found, folds=curve.folds,
-                  seconds=time.perf_counter() - start)
+    held = OutOfFold(curve.most[chosen.name], curve.fewest[chosen.name], gold, curve_weight(curve.folds))
+    return Choice(chosen=chosen, scores=scores, estimate=estimate(held.most, gold, held.fewest, held.weight),
+                  folds=curve.folds, seconds=time.perf_counter() - start, out_of_fold=held)

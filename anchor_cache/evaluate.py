@@ -185,15 +185,24 @@ def prior_predictions(logprobs: np.ndarray, prior: Prior, base: np.ndarray, batc
     return np.concatenate(preds)
 
 
-def _chosen(choice: Choice, accuracy: float, rows: int) -> dict[str, Any]:
-    """What auto chose on this seed, its estimate, whether the estimate's interval holds the test
-    accuracy (measured on `rows` rows) and whether the interval for that many rows does, and the
-    folds and seconds its cross-validation took."""
-    est = choice.estimate
+def _rounded(logprobs: np.ndarray) -> list[list[float]]:
+    return np.round(logprobs, 4).tolist()
+
+
+def _chosen(choice: Choice, test: np.ndarray, gold: np.ndarray) -> dict[str, Any]:
+    """What auto chose on this seed, its estimate, whether the estimate's interval holds the accuracy
+    of the test log-probabilities `test` and whether the interval for that many rows does, the folds
+    and seconds its cross-validation took, and the predictions behind all of it (the chosen
+    candidate's out-of-fold ones on the pool, its test ones) for estimates made afterwards."""
+    est, held = choice.estimate, choice.out_of_fold
+    accuracy, rows = float((test.argmax(1) == gold).mean()), len(gold)
     return {"chosen": choice.chosen.name, "candidates": choice.scores, "estimate": asdict(est),
             "estimate_covers": est.covers(accuracy), "test_rows_interval": list(est.for_rows(rows)),
             "test_rows_interval_covers": est.covers(accuracy, rows), "folds": list(choice.folds),
-            "cv_seconds": round(choice.seconds, 1)}
+            "cv_seconds": round(choice.seconds, 1),
+            "predictions": {"pool_gold": held.gold.tolist(), "pool_most": _rounded(held.most),
+                            "pool_fewest": _rounded(held.fewest), "curve_weight": held.weight,
+                            "test_gold": gold.tolist(), "test": _rounded(test)}}
 
 
 def _jaccard(a: set[int], b: set[int]) -> float:
@@ -255,7 +264,7 @@ def evaluate(lm: LoadedModel, cfg: EvalConfig, progress: bool = True) -> dict[st
                     "tokens_per_request": run.tokens_per_request,
                     "kv_cache_bytes": run.kv_cache_bytes,
                     "n": len(texts),
-                } | (_chosen(choices[method], float((preds == gold).mean()), len(gold)) if method in choices else {})
+                } | (_chosen(choices[method], run.logprobs, gold) if method in choices else {})
             )
     bar.close()
     summary = {}
