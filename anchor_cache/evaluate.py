@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from anchor_cache.auto import CANDIDATES, Choice, choose
+from anchor_cache.auto import CANDIDATES, Choice, Estimate, choose, rescaled
 from anchor_cache.cache import kv_bytes_per_token
 from anchor_cache.classifier import Classifier, calibrate
 from anchor_cache.data import Example, read_jsonl, sample_rows, seed_demonstrations, training_draw
@@ -39,6 +39,7 @@ from anchor_cache.models import LoadedModel
 from anchor_cache.priors import Prior, PriorShift, class_frequencies
 from anchor_cache.reweighting import TrainConfig, train_reweighting
 from anchor_cache.task import Demonstration, Method, TaskSpec
+from anchor_cache.traffic import interval
 
 WORD_LOYALTY_TOP_K = 5
 
@@ -189,16 +190,28 @@ def _rounded(logprobs: np.ndarray) -> list[list[float]]:
     return np.round(logprobs, 4).tolist()
 
 
+def on_traffic(logprobs: np.ndarray, est: Estimate) -> tuple[float, float, float]:
+    """(accuracy, low, high) a server serving `auto`'s choice estimates on traffic whose (N, C)
+    log-probabilities before its temperature are `logprobs` (traffic.py; the class prior `pool`)."""
+    top = np.exp(rescaled(logprobs, est.temperature)).max(1)
+    return interval(top, est.accuracy - est.low, est.high - est.accuracy)
+
+
 def _chosen(choice: Choice, test: np.ndarray, gold: np.ndarray) -> dict[str, Any]:
     """What auto chose on this seed, its estimate, whether the estimate's interval holds the accuracy
-    of the test log-probabilities `test` and whether the interval for that many rows does, the folds
+    of the test log-probabilities `test` and whether the interval for that many rows does, the
+    estimate from the test rows' served probabilities as a server makes it on its traffic
+    (traffic.py) and whether its interval holds the test accuracy, the folds
     and seconds its cross-validation took, and the predictions behind all of it (the chosen
     candidate's out-of-fold ones on the pool, its test ones) for estimates made afterwards."""
     est, held = choice.estimate, choice.out_of_fold
     accuracy, rows = float((test.argmax(1) == gold).mean()), len(gold)
+    on_test = on_traffic(test, est)
     return {"chosen": choice.chosen.name, "candidates": choice.scores, "estimate": asdict(est),
             "estimate_covers": est.covers(accuracy), "test_rows_interval": list(est.for_rows(rows)),
-            "test_rows_interval_covers": est.covers(accuracy, rows), "folds": list(choice.folds),
+            "test_rows_interval_covers": est.covers(accuracy, rows),
+            "traffic_estimate": list(on_test), "traffic_covers": on_test[1] <= accuracy <= on_test[2],
+            "folds": list(choice.folds),
             "cv_seconds": round(choice.seconds, 1),
             "predictions": {"pool_gold": held.gold.tolist(), "pool_most": _rounded(held.most),
                             "pool_fewest": _rounded(held.fewest), "curve_weight": held.weight,
@@ -304,6 +317,8 @@ def markdown_table(results: dict[str, Any]) -> str:
                              f"estimated accuracy {100 * est['accuracy']:.1f}% [{100 * est['low']:.1f}, "
                              f"{100 * est['high']:.1f}] on {est['rows']} pool rows, ECE {est['ece']:.3f}, "
                              f"temperature {est['temperature']:.2f}; on the {s['n']} test rows {s['accuracy']:.1f}% "
-                             f"(interval for {s['n']} rows: [{100 * low:.1f}, {100 * high:.1f}])")
+                             f"(interval for {s['n']} rows: [{100 * low:.1f}, {100 * high:.1f}]), estimated from "
+                             "their served probabilities " + "{:.1f}% [{:.1f}, {:.1f}]".format(
+                                 *(100 * x for x in s["traffic_estimate"])))
     return "\n".join(lines)
 

@@ -50,6 +50,7 @@ from anchor_cache.models import LoadedModel
 from anchor_cache.priors import PriorShift, class_frequencies
 from anchor_cache.reweighting import learn_pool_beta, pool_config, pool_hash, pool_rows
 from anchor_cache.task import AUTO, HEAD_METHODS, Method, TaskSpec, preview
+from anchor_cache.traffic import TrafficAccuracy
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ class ServedTask:
     content_free: torch.Tensor | None = None  # (C,) log content-free probabilities when spec.calibrate
     prior: PriorShift | None = None  # the spec's class prior for its own method; adapt's state lives here
     auto: AutoState | None = None  # set for a `method: auto` task
+    traffic: TrafficAccuracy | None = None  # a chosen `method: auto` task's: its accuracy on recent rows
     # the same for the other label-word methods a request may ask for, made on first use (model thread)
     _other_content_free: dict[Method, torch.Tensor] = dataclasses.field(default_factory=dict, init=False, compare=False,
                                                                         repr=False)
@@ -131,14 +133,17 @@ class ServedTask:
 
     def logprobs(self, logits: torch.Tensor, method: Method) -> torch.Tensor:
         """The served log-probabilities: `scores`, then for the task's own method moved to its class
-        prior (`adapt` first observes the rows, so a batch already counts towards its estimate)."""
+        prior (`adapt` first observes the rows, so a batch already counts towards its estimate); what
+        is served also counts towards the accuracy estimated on the task's traffic."""
         if method != self.spec.method:
             return torch.log_softmax(self.scores(logits, method), -1)
         logprobs = torch.log_softmax(self.scores(logits, method) / self.temperature, -1)
-        if self.prior is None:
-            return logprobs
-        self.prior.observe(logprobs)
-        return torch.log_softmax(self.prior.correct(logprobs), -1)
+        if self.prior is not None:
+            self.prior.observe(logprobs)
+            logprobs = torch.log_softmax(self.prior.correct(logprobs), -1)
+        if self.traffic is not None:
+            self.traffic.observe(logprobs)
+        return logprobs
 
 
 def provisional(spec: TaskSpec) -> TaskSpec:
@@ -167,9 +172,11 @@ def _log_progress(name: str, what: str, then: Callable[[int, int], None] | None)
 
 class TaskRegistry:
     def __init__(self, lm: LoadedModel, store: BlobStore, max_tasks: int, max_demo_tokens: int,
-                 shipped_betas: Path | None = None, prior_window: int = 2000, prior_min_samples: int = 200) -> None:
+                 shipped_betas: Path | None = None, prior_window: int = 2000, prior_min_samples: int = 200,
+                 traffic_window: int = 2000, traffic_min_samples: int = 200) -> None:
         self.lm = lm
         self.prior_window, self.prior_min_samples = prior_window, prior_min_samples  # `prior: adapt`'s
+        self.traffic_window, self.traffic_min_samples = traffic_window, traffic_min_samples  # TrafficAccuracy's
         self.store = store
         self.shipped_betas = shipped_betas  # β files shipped with the server, read when the store has none
         self.max_tasks = max_tasks
@@ -233,7 +240,13 @@ class TaskRegistry:
                                  or set(info.get("candidates", ())) != {c.name for c in CANDIDATES}):
             info = None  # chosen on another pool, or among other candidates
         served = self._prepare(resolved(spec, info) if info is not None else provisional(spec), revision)
-        return dataclasses.replace(served, auto=AutoState(stored=spec, info=info or {"status": "choosing"}, key=key))
+        traffic = None
+        if info is not None:
+            est = info["estimate"]
+            traffic = TrafficAccuracy(est["accuracy"] - est["low"], est["high"] - est["accuracy"], self.traffic_window,
+                                      self.traffic_min_samples)
+        return dataclasses.replace(served, auto=AutoState(stored=spec, info=info or {"status": "choosing"}, key=key),
+                                   traffic=traffic)
 
     @staticmethod
     def needs_choice(served: ServedTask) -> bool:

@@ -7,7 +7,9 @@ Per dataset and seed (the eval's own code, anchor_cache/evaluate.py): one demons
 a pool of 16 labelled rows per class (β learned on the same rows, 16 a step), and every candidate
 of `auto` scored on `--limit` test rows. `auto` is the candidate cross-validation on the pool chose;
 its estimate's 95% interval is checked against the test accuracy, and so is the interval for as
-many rows as the test has (`Estimate.for_rows`: the test rows' own spread added), and the time the choice took
+many rows as the test has (`Estimate.for_rows`: the test rows' own spread added), and so is the
+estimate a server makes from the test rows' served probabilities as its traffic (anchor_cache/traffic.py;
+recorded from the runs that keep their predictions), and the time the choice took
 (its cross-validation: what a task created with `method: auto` waits for in its build job) is
 recorded per seed. Class priors: bench/priors.py.
 """
@@ -38,13 +40,13 @@ def _covers_test_rows(seed: dict) -> bool:
 
 
 def markdown(results: dict) -> str:
-    """Per dataset: each candidate's accuracy, auto's, what it chose, how often the estimate's interval
-    and the interval for the test's rows cover the test accuracy, and the seconds its
+    """Per dataset: each candidate's accuracy, auto's, what it chose, how often the estimate's interval,
+    the interval for the test's rows and the estimate on the test rows cover the test accuracy, and the seconds its
     cross-validation took per seed."""
     names = [*(c.name for c in CANDIDATES), "auto"]
     lines = ["| dataset | " + " | ".join(names) + " | auto chose | interval covers | interval for the test rows "
-             "covers | CV seconds |",
-             "|---|" + "---|" * (len(names) + 4)]
+             "covers | estimate on the test rows covers | CV seconds |",
+             "|---|" + "---|" * (len(names) + 5)]
     for dataset, result in results.items():
         methods = result["methods"]
         cells = [cell([s["accuracy"] for s in methods[n]["per_seed"]], 1) for n in names]
@@ -52,8 +54,11 @@ def markdown(results: dict) -> str:
         chose = ", ".join(f"{name} ×{n}" for name, n in Counter(s["chosen"] for s in seeds).most_common())
         covers = f"{sum(s['estimate_covers'] for s in seeds)}/{len(seeds)}"
         covers_rows = f"{sum(map(_covers_test_rows, seeds))}/{len(seeds)}"
+        on_test = [s["traffic_covers"] for s in seeds if "traffic_covers" in s]
+        covers_traffic = f"{sum(on_test)}/{len(on_test)}" if on_test else "–"
         seconds = cell([s["cv_seconds"] for s in seeds], 1)
-        lines.append(f"| {dataset} | " + " | ".join(cells) + f" | {chose} | {covers} | {covers_rows} | {seconds} |")
+        lines.append(f"| {dataset} | " + " | ".join(cells) + f" | {chose} | {covers} | {covers_rows} | "
+                     f"{covers_traffic} | {seconds} |")
     return "\n".join(lines)
 
 

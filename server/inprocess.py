@@ -140,7 +140,7 @@ class InProcessEngine:
                 self.graphs = PackedGraphs(self.lm)
             self._max_token_bytes = 4 * max(len(token) for token in self.lm.tokenizer.get_vocab())
             self._registry = TaskRegistry(self.lm, self.store, s.max_tasks, s.max_demo_tokens, SHIPPED_BETAS,
-                                          s.prior_window, s.prior_min_samples)
+                                          s.prior_window, s.prior_min_samples, s.traffic_window, s.traffic_min_samples)
             await load_tasks()
         except Exception as exc:  # tasks fail one by one as they load; this is the model or the state store
             log.error("start-up failed: %s", exc)
@@ -318,14 +318,23 @@ class InProcessEngine:
 
         return collect
 
-    @staticmethod
-    def _scored(work: list[Work], widths: list[int], host: torch.Tensor) -> list[torch.Tensor]:
+    def _scored(self, work: list[Work], widths: list[int], host: torch.Tensor) -> list[torch.Tensor]:
         """The batch's flat host logits split into its parts (a part's rows share their task's
         label count, `widths`), scored."""
         sizes = [len(w.queries) * width for w, width in zip(work, widths, strict=True)]
         parts = [part.view(len(w.queries), width)
                  for part, w, width in zip(host.split(sizes), work, widths, strict=True)]
-        return score_parts(work, parts)
+        scored = score_parts(work, parts)
+        self._track_traffic(work)
+        return scored
+
+    def _track_traffic(self, work: list[Work]) -> None:
+        """Each `method: auto` task's accuracy estimated on its traffic, as scored so far, as a metric."""
+        for served in {id(w.task): w.task for w in work}.values():
+            found = served.traffic.estimate() if served.traffic is not None else None
+            if found is not None:
+                for bound, value in zip(("estimate", "low", "high"), found, strict=True):
+                    self.metrics.traffic_accuracy.labels(served.spec.name, bound).set(value)
 
     # --- building tasks -------------------------------------------------------------------------
 

@@ -60,7 +60,12 @@ class Metrics:
         self.estimated_accuracy = Gauge(
             "anchorserve_task_estimated_accuracy", "A `method: auto` task's cross-validated accuracy on its pool, with "
             "the bounds of its 95% interval", ["task", "bound"], registry=r, multiprocess_mode="mostrecent")
-        self._per_task = (self.requests, self.cache_bytes, self.task_loads, self.estimated_accuracy)
+        self.traffic_accuracy = Gauge(
+            "anchorserve_task_traffic_accuracy", "A `method: auto` task's accuracy on its latest inputs, estimated "
+            "without labels from its served probabilities, with the bounds of its 95% interval", ["task", "bound"],
+            registry=r, multiprocess_mode="mostrecent")
+        self._per_task = (self.requests, self.cache_bytes, self.task_loads, self.estimated_accuracy,
+                          self.traffic_accuracy)
 
     def exposition(self) -> bytes:
         """The text /metrics serves: this app's registry, or every process's values in multiprocess mode."""

@@ -357,6 +357,10 @@ class TaskInfo(BaseModel):
     prior: dict[str, Any] | None = Field(None, description="the class prior: mode, the pool's class frequencies "
                                          "(base); for adapt the rows seen, whether it corrects (active), its estimate, "
                                          "the shift's p_value and distance, and acts_when (the thresholds)")
+    traffic: dict[str, Any] | None = Field(None, description="for a `method: auto` task once chosen: the accuracy on "
+                                           "its latest inputs (samples of window; from min_samples on), estimated "
+                                           "without labels as the mean of the served top probabilities, with a 95% "
+                                           "interval (anchor_cache/traffic.py)")
     revision: int = Field(description="the state-store revision this replica serves (the ETag; If-Match takes it)")
     learning: Learning | None = Field(None, description="what a job is still learning from the task's pool while "
                                       "it serves (shown by the replica that runs the job); null when nothing")

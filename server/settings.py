@@ -204,6 +204,10 @@ class Settings(BaseSettings):
     prior_window: int = Field(2000, ge=10, description="a `prior: adapt` task estimates its traffic's class "
                               "frequencies from this many of its latest inputs (memory: this many × classes floats)")
     prior_min_samples: int = Field(200, ge=1, description="inputs a `prior: adapt` task sees before it corrects")
+    traffic_window: int = Field(2000, ge=10, description="a `method: auto` task estimates its accuracy on traffic "
+                                "from this many of its latest inputs' served probabilities (anchor_cache/traffic.py)")
+    traffic_min_samples: int = Field(200, ge=1, description="inputs a `method: auto` task serves before it "
+                                     "estimates its accuracy on them")
     data_root: Path | None = Field(None, description="datasets admin jobs may read (no path outside it)")
     max_train_examples: int = Field(512, ge=1, description="training examples per re-weighting job")
     max_analysis_jobs: int = Field(1, ge=1, description="analysis jobs pending or running at once; more get 429")
@@ -230,6 +234,8 @@ class Settings(BaseSettings):
             raise ValueError("max_input_tokens must not exceed max_batch_tokens, or long inputs could never run")
         if self.prior_min_samples > self.prior_window:
             raise ValueError("prior_min_samples must not exceed prior_window, or `prior: adapt` could never act")
+        if self.traffic_min_samples > self.traffic_window:
+            raise ValueError("traffic_min_samples must not exceed traffic_window, or no estimate could be made")
         return self
 
     @classmethod

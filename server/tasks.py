@@ -82,6 +82,7 @@ class TaskService:
             revision=served.revision,
             reweighting=served.reweighting, prior=served.prior.info() if served.prior is not None else None,
             auto=served.auto.info if served.auto is not None else None, learning=self.learning(served),
+            traffic=served.traffic.info() if served.traffic is not None else None,
             **self.engine.task_facts(served),
         )
 

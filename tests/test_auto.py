@@ -214,7 +214,8 @@ def test_a_stored_choice_made_among_other_candidates_is_made_again(tiny_lm, tmp_
     spec = sentiment_task(name="picky", method="auto", examples=pool)
     clf = Classifier(tiny_lm, provisional(spec))
     info = {"chosen": "knn", "method": "knn", "reweight": False, "pool": pool_hash(clf),
-            "candidates": {c.name: {} for c in CANDIDATES}}
+            "candidates": {c.name: {} for c in CANDIDATES},
+            "estimate": {"accuracy": 0.8, "low": 0.7, "high": 0.9, "temperature": 1.0}}
     save_choice(reg.store, reg.choice_key(spec, clf), info)
     served = reg.prepare(spec)
     assert not reg.needs_choice(served) and served.spec.method == Method.KNN
@@ -235,7 +236,7 @@ def test_a_task_with_method_auto_serves_its_choice_and_keeps_it_across_a_restart
     caplog.set_level(logging.INFO, logger="anchor_cache.registry")
     pool = [{"text": t, "label": ["Negative", "Positive"][c]} for t, c in POOL]
     spec = sentiment_task(name="picky", method="auto", examples=pool).model_dump(mode="json")
-    client = serve(admin_api_key="admin-secret")
+    client = serve(admin_api_key="admin-secret", traffic_window=10, traffic_min_samples=3)
     created = client.post("/admin/tasks", json=spec, headers=ADMIN)
     assert created.status_code in (201, 202), created.text
     if created.status_code == 202:
@@ -249,11 +250,20 @@ def test_a_task_with_method_auto_serves_its_choice_and_keeps_it_across_a_restart
     assert set(auto["candidates"]) == {c.name for c in CANDIDATES}
     assert auto["estimate"]["low"] <= auto["estimate"]["accuracy"] <= auto["estimate"]["high"]
     assert client.app.state.anchor.store.record("picky").spec["method"] == "auto"
+    assert info["traffic"]["samples"] == 0 and info["traffic"]["accuracy"] is None
     answer = client.post("/v1/classify", json={"task": "picky", "input": "a fine film"})
     assert answer.status_code == 200 and sum(answer.json()["data"][0]["probs"]) == pytest.approx(1.0, abs=1e-5)
+    served = [max(answer.json()["data"][0]["probs"])]
+    assert client.get("/v1/tasks/picky").json()["traffic"]["accuracy"] is None  # 1 of min_samples
+    answer = client.post("/v1/classify", json={"task": "picky", "input": [t for t, _ in POOL[:4]]})
+    served += [max(row["probs"]) for row in answer.json()["data"]]
+    traffic = client.get("/v1/tasks/picky").json()["traffic"]
+    assert traffic["samples"] == 5 and traffic["accuracy"] == pytest.approx(np.mean(served), abs=1e-3)
+    assert traffic["low"] <= traffic["accuracy"] <= traffic["high"]
     metrics = client.get("/metrics").text
     assert f'anchorserve_task_estimated_accuracy{{bound="estimate",task="picky"}} {auto["estimate"]["accuracy"]}' \
         in metrics
+    assert 'anchorserve_task_traffic_accuracy{bound="low",task="picky"}' in metrics
     restarted = serve(admin_api_key="admin-secret")
     assert restarted.get("/v1/tasks/picky").json()["auto"] == auto  # the same `chosen_at`: not chosen again
 
@@ -275,5 +285,8 @@ def test_the_eval_reports_what_auto_chose_with_every_candidate_beside_it(tiny_lm
     low, high = seed["test_rows_interval"]
     assert low <= seed["estimate"]["low"] and seed["estimate"]["high"] <= high  # the test rows' own spread added
     assert seed["test_rows_interval_covers"] == (low <= seed["accuracy"] / 100 <= high)
+    accuracy, low, high = seed["traffic_estimate"]
+    assert low <= accuracy <= high and seed["traffic_covers"] == (low <= seed["accuracy"] / 100 <= high)
+    assert len(seed["predictions"]["test"]) == len(seed["predictions"]["test_gold"]) == seed["n"]
     assert set(seed["accuracy_by_prior"]) == {"pool", "adapt"}
     assert f"auto, seed 42: chose {seed['chosen']}" in markdown_table(results)
