@@ -32,7 +32,8 @@ and it is an interval for the accuracy on rows like the pool's, so traffic unlik
 outside it; an accuracy measured on a given number of rows has its own interval (`Estimate.for_rows`),
 wider by those rows' binomial spread. On the development sets' test files, which differ from the
 pools (a class mix, a source of questions), it held the test accuracy in only 30 of 40 (dataset,
-seed) pairs (docs/RESULTS.md).
+seed) pairs (docs/RESULTS.md). The temperature also makes the served probabilities an estimate of
+the accuracy on the traffic itself, which a server makes without labels (traffic.py).
 """
 
 from __future__ import annotations
