@@ -11,8 +11,10 @@ prior correction, so the estimate follows the answers users get.
 
 Its 95% interval adds, in quadrature, two spreads: the rows' own (each row right with its
 probability, as a Poisson binomial), and the pool estimate's half-widths, because the pool confirms
-the calibration only as closely as it measures an accuracy. What it cannot see: traffic on which the
-method is confidently wrong in a way the pool never showed it.
+the calibration only as closely as it measures an accuracy. With the development sets' test rows as
+traffic it held their accuracy in 36 of 40 (dataset, seed) pairs, where the pool's interval for as
+many rows, as wide, held it in 32 (docs/RESULTS.md). What it cannot see: traffic on which the method
+is confidently wrong in a way the pool never showed it.
 """
 
 from __future__ import annotations
