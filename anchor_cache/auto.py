@@ -60,6 +60,7 @@ FOLDS = 8  # each fold's method learns from 7/8 of the pool
 CURVE_FOLDS = 2  # the learning curve's other point: half the pool
 TIE = 0.01  # nats of mean log loss within which the cheaper candidate wins
 ECE_BINS = 10
+Z95 = float(norm.ppf(0.975))  # a 95% interval's half-width in standard errors
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ class Estimate:
         carries several points of noise of its own, which this one includes."""
         if rows < 1:
             raise ValueError(f"an accuracy is measured on at least one row, not {rows}")
-        spread = float(norm.ppf(0.975) * np.sqrt(self.accuracy * (1 - self.accuracy) / rows))
+        spread = float(Z95 * np.sqrt(self.accuracy * (1 - self.accuracy) / rows))
         return (max(0.0, self.accuracy - float(np.hypot(self.accuracy - self.low, spread))),
                 min(1.0, self.accuracy + float(np.hypot(self.high - self.accuracy, spread))))
 
@@ -132,7 +133,7 @@ class Choice:
     estimate: Estimate
     folds: tuple[int, ...]  # the cross-validations run, fewest folds first
     seconds: float  # how long choosing took
-    out_of_fold: OutOfFold  # the chosen candidate's: what its estimate was made from
+    predictions: OutOfFold  # the chosen candidate's: what its estimate was made from
 
     def info(self) -> dict:
         return {"chosen": self.chosen.name, "method": str(self.chosen.method), "reweight": self.chosen.reweight,
@@ -199,7 +200,7 @@ def extrapolated_accuracy(logprobs: np.ndarray, gold: np.ndarray, fewer: np.ndar
         return float(correct.mean()), 0.0, 0.0
     gain = correct - _row_correct(fewer, gold)  # per row: what learning from more rows changed
     correction = weight * float(gain.mean())
-    spread = float(norm.ppf(0.975) * weight * gain.std(ddof=1) / np.sqrt(len(gold)))
+    spread = float(Z95 * weight * gain.std(ddof=1) / np.sqrt(len(gold)))
     return float(np.clip(correct.mean() + correction, 0.0, 1.0)), correction, spread
 
 
@@ -336,4 +337,4 @@ def choose(clf: Classifier, texts: Sequence[str], classes: Sequence[int], cfg: T
     chosen = min((c for c in CANDIDATES if scores[c.name]["log_loss"] <= best + TIE), key=lambda c: COST[c.name])
     held = OutOfFold(curve.most[chosen.name], curve.fewest[chosen.name], gold, curve_weight(curve.folds))
     return Choice(chosen=chosen, scores=scores, estimate=estimate(held.most, gold, held.fewest, held.weight),
-                  folds=curve.folds, seconds=time.perf_counter() - start, out_of_fold=held)
+                  folds=curve.folds, seconds=time.perf_counter() - start, predictions=held)

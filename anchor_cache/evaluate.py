@@ -39,7 +39,7 @@ from anchor_cache.models import LoadedModel
 from anchor_cache.priors import Prior, PriorShift, class_frequencies
 from anchor_cache.reweighting import TrainConfig, train_reweighting
 from anchor_cache.task import Demonstration, Method, TaskSpec
-from anchor_cache.traffic import interval
+from anchor_cache.traffic import of_rows
 
 WORD_LOYALTY_TOP_K = 5
 
@@ -194,7 +194,7 @@ def on_traffic(logprobs: np.ndarray, est: Estimate) -> tuple[float, float, float
     """(accuracy, low, high) a server serving `auto`'s choice estimates on traffic whose (N, C)
     log-probabilities before its temperature are `logprobs` (traffic.py; the class prior `pool`)."""
     top = np.exp(rescaled(logprobs, est.temperature)).max(1)
-    return interval(top, est.accuracy - est.low, est.high - est.accuracy)
+    return of_rows(top, est.accuracy - est.low, est.high - est.accuracy)
 
 
 def _chosen(choice: Choice, test: np.ndarray, gold: np.ndarray) -> dict[str, Any]:
@@ -204,7 +204,7 @@ def _chosen(choice: Choice, test: np.ndarray, gold: np.ndarray) -> dict[str, Any
     (traffic.py) and whether its interval holds the test accuracy, the folds
     and seconds its cross-validation took, and the predictions behind all of it (the chosen
     candidate's out-of-fold ones on the pool, its test ones) for estimates made afterwards."""
-    est, held = choice.estimate, choice.out_of_fold
+    est, held = choice.estimate, choice.predictions
     accuracy, rows = float((test.argmax(1) == gold).mean()), len(gold)
     on_test = on_traffic(test, est)
     return {"chosen": choice.chosen.name, "candidates": choice.scores, "estimate": asdict(est),

@@ -240,13 +240,13 @@ class TaskRegistry:
                                  or set(info.get("candidates", ())) != {c.name for c in CANDIDATES}):
             info = None  # chosen on another pool, or among other candidates
         served = self._prepare(resolved(spec, info) if info is not None else provisional(spec), revision)
-        traffic = None
-        if info is not None:
-            est = info["estimate"]
-            traffic = TrafficAccuracy(est["accuracy"] - est["low"], est["high"] - est["accuracy"], self.traffic_window,
+        auto = AutoState(stored=spec, info=info or {"status": "choosing"}, key=key)
+        pool_estimate, traffic = auto.estimate, None
+        if pool_estimate is not None:
+            traffic = TrafficAccuracy(pool_estimate["accuracy"] - pool_estimate["low"],
+                                      pool_estimate["high"] - pool_estimate["accuracy"], self.traffic_window,
                                       self.traffic_min_samples)
-        return dataclasses.replace(served, auto=AutoState(stored=spec, info=info or {"status": "choosing"}, key=key),
-                                   traffic=traffic)
+        return dataclasses.replace(served, auto=auto, traffic=traffic)
 
     @staticmethod
     def needs_choice(served: ServedTask) -> bool:
@@ -336,11 +336,13 @@ class TaskRegistry:
             return None
 
     def with_beta(self, served: ServedTask, beta: torch.Tensor | None, info: dict[str, Any] | None) -> ServedTask:
-        """The task with β applied; calibration is recomputed under it (computed once, then cached)."""
+        """The task with β applied; calibration is recomputed under it (computed once, then cached),
+        and the accuracy on traffic starts again: rows served under another β are another method's."""
         content_free = None
         if served.spec.calibrate:
             content_free = served.classifier.content_free_logprobs(served.spec.method, beta)
-        return dataclasses.replace(served, beta=beta, reweighting=info, content_free=content_free)
+        traffic = served.traffic.emptied() if served.traffic is not None else None
+        return dataclasses.replace(served, beta=beta, reweighting=info, content_free=content_free, traffic=traffic)
 
     def save_beta(self, served: ServedTask) -> None:
         """Store the task's β and training info as one blob."""

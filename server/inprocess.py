@@ -214,6 +214,7 @@ class InProcessEngine:
         name = served.spec.name
         self.metrics.cache_bytes.labels(name).set(served.cache_bytes)
         self.metrics.task_loads.labels(name, "disk" if served.loaded_from_disk else "built").inc()
+        self.metrics.traffic_accuracy.remove_by_labels({"task": name})  # this version's traffic starts afresh
         estimate = served.auto.estimate if served.auto is not None else None
         if estimate is not None:
             for bound, key in (("estimate", "accuracy"), ("low", "low"), ("high", "high")):
@@ -320,7 +321,8 @@ class InProcessEngine:
 
     def _scored(self, work: list[Work], widths: list[int], host: torch.Tensor) -> list[torch.Tensor]:
         """The batch's flat host logits split into its parts (a part's rows share their task's
-        label count, `widths`), scored."""
+        label count, `widths`), scored; the tasks' accuracy on traffic, which scoring moved, is
+        published."""
         sizes = [len(w.queries) * width for w, width in zip(work, widths, strict=True)]
         parts = [part.view(len(w.queries), width)
                  for part, w, width in zip(host.split(sizes), work, widths, strict=True)]
@@ -329,9 +331,10 @@ class InProcessEngine:
         return scored
 
     def _track_traffic(self, work: list[Work]) -> None:
-        """Each `method: auto` task's accuracy estimated on its traffic, as scored so far, as a metric."""
-        for served in {id(w.task): w.task for w in work}.values():
-            found = served.traffic.estimate() if served.traffic is not None else None
+        """Each `method: auto` task's accuracy estimated on its traffic, as scored so far, as a metric
+        (only a part scored in the task's own method counts towards it)."""
+        for served in {id(w.task): w.task for w in work if w.method == w.task.spec.method}.values():
+            found = served.traffic.reading()[1] if served.traffic is not None else None
             if found is not None:
                 for bound, value in zip(("estimate", "low", "high"), found, strict=True):
                     self.metrics.traffic_accuracy.labels(served.spec.name, bound).set(value)

@@ -334,6 +334,18 @@ class Learning(BaseModel):
     progress: dict[str, float] | None = Field(description="folds_done of folds, or done of total steps")
 
 
+class TrafficAccuracyInfo(BaseModel):
+    """The mean of the served top probabilities of a task's latest inputs, with a 95% interval
+    (anchor_cache/traffic.py)."""
+
+    accuracy: float | None = Field(description="null until min_samples inputs were served")
+    low: float | None
+    high: float | None
+    samples: int = Field(description="inputs in the window")
+    min_samples: int
+    window: int
+
+
 class TaskInfo(BaseModel):
     name: str
     labels: list[str]
@@ -357,10 +369,8 @@ class TaskInfo(BaseModel):
     prior: dict[str, Any] | None = Field(None, description="the class prior: mode, the pool's class frequencies "
                                          "(base); for adapt the rows seen, whether it corrects (active), its estimate, "
                                          "the shift's p_value and distance, and acts_when (the thresholds)")
-    traffic: dict[str, Any] | None = Field(None, description="for a `method: auto` task once chosen: the accuracy on "
-                                           "its latest inputs (samples of window; from min_samples on), estimated "
-                                           "without labels as the mean of the served top probabilities, with a 95% "
-                                           "interval (anchor_cache/traffic.py)")
+    traffic: TrafficAccuracyInfo | None = Field(None, description="for a `method: auto` task once chosen: its "
+                                                "accuracy on its latest inputs, estimated without labels")
     revision: int = Field(description="the state-store revision this replica serves (the ETag; If-Match takes it)")
     learning: Learning | None = Field(None, description="what a job is still learning from the task's pool while "
                                       "it serves (shown by the replica that runs the job); null when nothing")

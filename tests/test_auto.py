@@ -23,6 +23,7 @@ from anchor_cache.auto import (
     fold_designs,
     learning_curve,
     out_of_fold,
+    rescaled,
 )
 from anchor_cache.blobs import save_choice
 from anchor_cache.heads import head_layers
@@ -223,6 +224,23 @@ def test_a_stored_choice_made_among_other_candidates_is_made_again(tiny_lm, tmp_
     assert reg.needs_choice(reg.prepare(spec))
 
 
+def test_the_accuracy_on_traffic_starts_again_when_beta_changes(tiny_lm, tmp_path):
+    """Rows served under one β say nothing of the method under another."""
+    reg = TaskRegistry(tiny_lm, LocalStore(tmp_path), max_tasks=4, max_demo_tokens=512, traffic_window=10,
+                       traffic_min_samples=1)
+    pool = [{"text": t, "label": ["Negative", "Positive"][c]} for t, c in POOL]
+    spec = sentiment_task(name="picky", method="auto", examples=pool)
+    clf = Classifier(tiny_lm, provisional(spec))
+    save_choice(reg.store, reg.choice_key(spec, clf),
+                {"chosen": "hidden_anchor", "method": "hidden_anchor", "reweight": False, "pool": pool_hash(clf),
+                 "candidates": {c.name: {} for c in CANDIDATES},
+                 "estimate": {"accuracy": 0.8, "low": 0.7, "high": 0.9, "temperature": 1.0}})
+    served = reg.prepare(spec)
+    served.logprobs(torch.tensor([[2.0, 0.0], [0.0, 1.0]]), served.spec.method)
+    assert served.traffic.reading()[0] == 2
+    assert reg.with_beta(served, None, None).traffic.reading() == (0, None)
+
+
 def test_choose_needs_two_rows_of_every_class(tiny_lm):
     clf = Classifier(tiny_lm, sentiment_task())
     with pytest.raises(ValidationError, match="at least 2"):
@@ -257,9 +275,10 @@ def test_a_task_with_method_auto_serves_its_choice_and_keeps_it_across_a_restart
     assert client.get("/v1/tasks/picky").json()["traffic"]["accuracy"] is None  # 1 of min_samples
     answer = client.post("/v1/classify", json={"task": "picky", "input": [t for t, _ in POOL[:4]]})
     served += [max(row["probs"]) for row in answer.json()["data"]]
+    other = {"task": "picky", "input": "a dull mess", "method": "vanilla"}  # not the task's own: not its traffic
+    assert client.post("/v1/classify", json=other).status_code == 200
     traffic = client.get("/v1/tasks/picky").json()["traffic"]
     assert traffic["samples"] == 5 and traffic["accuracy"] == pytest.approx(np.mean(served), abs=1e-3)
-    assert traffic["low"] <= traffic["accuracy"] <= traffic["high"]
     metrics = client.get("/metrics").text
     assert f'anchorserve_task_estimated_accuracy{{bound="estimate",task="picky"}} {auto["estimate"]["accuracy"]}' \
         in metrics
@@ -285,8 +304,9 @@ def test_the_eval_reports_what_auto_chose_with_every_candidate_beside_it(tiny_lm
     low, high = seed["test_rows_interval"]
     assert low <= seed["estimate"]["low"] and seed["estimate"]["high"] <= high  # the test rows' own spread added
     assert seed["test_rows_interval_covers"] == (low <= seed["accuracy"] / 100 <= high)
-    accuracy, low, high = seed["traffic_estimate"]
-    assert low <= accuracy <= high and seed["traffic_covers"] == (low <= seed["accuracy"] / 100 <= high)
-    assert len(seed["predictions"]["test"]) == len(seed["predictions"]["test_gold"]) == seed["n"]
+    predictions = seed["predictions"]
+    assert len(predictions["test"]) == len(predictions["test_gold"]) == seed["n"]
+    served = np.exp(rescaled(np.array(predictions["test"]), seed["estimate"]["temperature"])).max(1)
+    assert seed["traffic_estimate"][0] == pytest.approx(served.mean(), abs=1e-3)  # the rows' served top probabilities
     assert set(seed["accuracy_by_prior"]) == {"pool", "adapt"}
     assert f"auto, seed 42: chose {seed['chosen']}" in markdown_table(results)
